@@ -1,0 +1,1 @@
+"""The typer command-line front end of onnxzip (installed as ``onnxzip.cli``)."""

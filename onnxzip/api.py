@@ -1,0 +1,210 @@
+"""The Python API: merge() runs load -> align -> zip -> emit -> verify and writes the file atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .align import align, input_reps
+from .calib import count_samples, iter_batches, load_labeled
+from .canonical import import_network
+from .emit import merged_model
+from .errors import OnnxZipError
+from .ir import Network
+from .options import MergeOptions
+from .plan import SharingPlan
+from .runtime import resolve_device
+from .verify import MergedRunner, TaskCheck, accuracies, check_task
+from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
+
+META_PREFIX = "onnxzip."
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One row of the merge table."""
+
+    name: str
+    units: tuple[int, ...]
+    shared: int
+    params_saved: int
+    cost: float
+    rel_error: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge did and measured."""
+
+    output: str
+    plan: SharingPlan
+    layers: tuple[LayerReport, ...]
+    checks: tuple[TaskCheck, ...]
+    params_inputs: tuple[int, ...]
+    params_merged: int
+    bytes_inputs: tuple[int, ...]
+    bytes_merged: int
+    seconds: dict
+    device: str
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict: the plan and every figure."""
+        out = asdict(self)
+        out["plan"] = json.loads(self.plan.to_json())
+        return out
+
+
+def task_names(paths: Sequence[Path], given: Sequence[str]) -> tuple[str, ...]:
+    """Task names: as given, else the files' stems made identifier-safe and unique."""
+    if given:
+        if len(given) != len(paths) or len(set(given)) != len(given):
+            raise OnnxZipError(f"--tasks needs {len(paths)} distinct names, got {', '.join(given)}")
+        names = list(given)
+    else:
+        names = [re.sub(r"\W", "_", p.stem) or "task" for p in paths]
+        if len(set(names)) != len(names):
+            names = [f"{n}_{i}" for i, n in enumerate(names)]
+    for n in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n):
+            raise OnnxZipError(f"task name '{n}' must be a letter or '_' followed by letters, digits or '_'")
+    return tuple(names)
+
+
+def _per_task(value, tasks: Sequence[str], what: str) -> list[Path]:
+    """One folder per task from a single folder or a {task: folder} mapping."""
+    if not isinstance(value, Mapping):
+        return [Path(value)] * len(tasks)
+    unknown = set(value) - set(tasks)
+    if unknown:
+        raise OnnxZipError(f"{what} names unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(tasks)}")
+    missing = [t for t in tasks if t not in value]
+    if missing:
+        raise OnnxZipError(f"{what} gives no folder for task(s) {', '.join(missing)}")
+    return [Path(value[t]) for t in tasks]
+
+
+def _params(net: Network) -> int:
+    return int(sum(l.W.size + l.b.size for l in net.layers))
+
+
+def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
+    """Per layer: shared units and parameters saved (a shared block is stored once, not twice)."""
+    reps, rows = input_reps(net), []
+    for k, lp in enumerate(plan.layers):
+        shared_in = net.layers[0].in_features if k == 0 else plan.layers[k - 1].n_shared * reps[k]
+        saved = lp.n_shared * (shared_in + 1)
+        rows.append(LayerReport(lp.name, lp.units, lp.n_shared, saved, lp.cost, lp.rel_error))
+    return tuple(rows)
+
+
+def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) -> dict[str, str]:
+    sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": n.params, "bytes": n.file_bytes,
+                   "output": n.output.name}
+               for t, n in zip(plan.tasks, nets)}
+    sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
+    return {META_PREFIX + "version": __version__, META_PREFIX + "tasks": json.dumps(list(plan.tasks)),
+            META_PREFIX + "sources": json.dumps(sources), META_PREFIX + "layout": opts.layout,
+            META_PREFIX + "sharing": sharing, META_PREFIX + "plan": plan.to_json()}
+
+
+def _write_atomically(model: onnx.ModelProto, output: Path, check) -> None:
+    """Save next to the target, run ``check`` on the saved file, then rename; no partial file stays."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        check(Path(tmp))
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOptions):
+    streams, counts = [], []
+    for folder, net in zip(folders, nets):
+        n = count_samples(folder, net.input, opts.calib_samples, opts.image)
+        streams.append(partial(iter_batches, folder, net.input, opts.batch_size, opts.calib_samples, opts.image))
+        counts.append(-(-n // opts.batch_size))
+    return streams, counts
+
+
+def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | Path], output: str | Path,
+          options: MergeOptions = MergeOptions(), evals: Mapping[str, str | Path] | None = None,
+          progress: ProgressFn = no_progress) -> MergeResult:
+    """Zip the models into one multi-task ONNX model at ``output`` and return what was measured.
+
+    ``calib`` is one folder for every task or a {task: folder} mapping; ``evals`` optionally maps
+    tasks to folders of labelled .npz files for an accuracy report. Raises OnnxZipError on any
+    problem a user can cause; then no output file is written.
+    """
+    timer = StageTimer()
+    paths, output = [Path(m) for m in models], Path(output)
+    if any(output.resolve() == p.resolve() for p in paths):
+        raise OnnxZipError(f"{output}: the output would overwrite an input model")
+    tasks = task_names(paths, options.tasks)
+    opts = replace(options, tasks=tasks)
+    with timer("load"):
+        nets = [import_network(p) for p in paths]
+        align(nets)
+        _check_layer_names(opts, nets[0])
+        folders = _per_task(calib, tasks, "--calib")
+        eval_dirs = _eval_folders(evals, tasks)
+        streams, counts = _streams(folders, nets, opts)
+    providers, device = resolve_device(opts.device)
+    plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer)
+    with timer("emit"):
+        model = merged_model(plan, tied, opts.layout, _metadata(plan, nets, opts))
+    checks: list[TaskCheck] = []
+
+    def verify(path: Path) -> None:
+        with timer("verify"):
+            runner = MergedRunner(path, tasks, opts.layout, providers)
+            for t in range(len(tasks)):
+                check = check_task(runner, t, tied[t], nets[t], streams[t](), opts.verify_samples, providers)
+                if tasks[t] in eval_dirs:
+                    x, y = load_labeled(eval_dirs[tasks[t]], nets[t].input)
+                    acc_o, acc_m = accuracies(runner, t, nets[t], x, y, opts.batch_size, providers)
+                    check = replace(check, accuracy_original=acc_o, accuracy_merged=acc_m)
+                checks.append(check)
+
+    _write_atomically(model, output, verify)
+    merged_params = weight_params(model)
+    return MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
+                       tuple(_params(n) for n in nets), merged_params, tuple(n.file_bytes for n in nets),
+                       output.stat().st_size, dict(timer.seconds), device)
+
+
+def weight_params(model: onnx.ModelProto) -> int:
+    """Number of layer weights and biases stored in a written model (helper constants excluded)."""
+    return int(sum(np.prod(t.dims) for t in model.graph.initializer if not t.name.startswith("const.")))
+
+
+def _eval_folders(evals: Mapping[str, str | Path] | None, tasks: Sequence[str]) -> dict[str, Path]:
+    """Labelled folders for some or all tasks."""
+    if not evals:
+        return {}
+    unknown = set(evals) - set(tasks)
+    if unknown:
+        raise OnnxZipError(f"--eval names unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(tasks)}")
+    return {t: Path(p) for t, p in evals.items()}
+
+
+def _check_layer_names(opts: MergeOptions, net: Network) -> None:
+    names = [l.name for l in net.layers]
+    for name, _ in opts.share_layers:
+        if name not in names:
+            raise OnnxZipError(f"--share-layer names unknown layer '{name}'; layers are {', '.join(names)}")
+        if name == names[-1]:
+            raise OnnxZipError(f"--share-layer {name}: '{name}' is a task head, which is never shared")

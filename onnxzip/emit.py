@@ -1,0 +1,321 @@
+"""Write ONNX models from canonical networks and a sharing plan (DESIGN.md section 3, step 4).
+
+One builder serves every model the tool writes: a single task's tied model, the calibration
+segments (a slice of steps with intermediate tensors exposed), and the merged model. Per layer a
+task's units fall into groups (shared, own); each weight block from an input group to an output
+group is one initializer; a task's layer output is a sum of per-block Conv/Gemm results. Building
+every task over the same blocks and reusing identical nodes (common-subexpression elimination)
+yields the shared trunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .ir import CONV, Layer, Network, Op, unit_features
+from .plan import SharingPlan, unshared_plan
+
+MIN_OPSET = 13
+LAYOUTS = ("multi", "gated")
+TASK_INPUT = "task"
+GATED_OUTPUT = "output"
+
+
+@dataclass
+class _Group:
+    owners: frozenset
+    tensor: str
+    units: np.ndarray | None  # the task's unit indices in the previous layer; None: all features
+
+
+@dataclass
+class _NodeRec:
+    op: str
+    inputs: tuple[str, ...]
+    attrs: dict
+    base: str
+    out: str
+    users: set = field(default_factory=set)
+
+
+class _Builder:
+    """Collects nodes (deduplicated by op, inputs and attributes) and initializers (one per name)."""
+
+    def __init__(self, plan: SharingPlan):
+        self.plan = plan
+        self.nodes: dict[tuple, _NodeRec] = {}
+        self.consts: dict[str, np.ndarray] = {}
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        value = np.ascontiguousarray(value)
+        if not np.isfinite(value).all():
+            raise ValueError(f"internal error: initializer '{name}' has non-finite values")
+        known = self.consts.get(name)
+        if known is None:
+            self.consts[name] = value
+        elif known.shape != value.shape or not np.array_equal(known, value):
+            raise ValueError(f"internal error: tied block '{name}' differs between tasks")
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], attrs: dict, base: str, task: int) -> str:
+        key = (op, tuple(inputs), repr(sorted(attrs.items())))
+        rec = self.nodes.get(key)
+        if rec is None:
+            rec = _NodeRec(op, tuple(inputs), dict(attrs), base, f"%{len(self.nodes)}")
+            self.nodes[key] = rec
+        rec.users.add(task)
+        return rec.out
+
+
+def _layer_node(b: _Builder, layer: Layer, x: str, w: str, bias: str | None, base: str, task: int) -> str:
+    inputs = [x, w] + ([bias] if bias else [])
+    if layer.kind == CONV:
+        attrs = {"kernel_shape": list(layer.kernel), "strides": list(layer.strides),
+                 "pads": list(layer.pads), "dilations": list(layer.dilations)}
+        return b.node("Conv", inputs, attrs, base + ".Conv", task)
+    return b.node("Gemm", inputs, {"transB": 1}, base + ".Gemm", task)
+
+
+def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: int, task: int) -> list[_Group]:
+    """Task ``task``'s layer ``k`` as per-block nodes; returns its output groups (pre-activation)."""
+    lp, plan = b.plan.layers[k], b.plan
+    Wm = layer.matrix()
+    out = []
+    for owners, units in lp.groups(task):
+        hname = plan.group_name(owners)
+        terms = []
+        for g in groups:
+            cols = np.arange(Wm.shape[1]) if g.units is None else unit_features(g.units, rep)
+            block = Wm[units][:, cols]
+            if layer.kind == CONV:
+                block = block.reshape(len(units), -1, *layer.kernel)
+            gname = plan.group_name(g.owners)
+            suffix = "" if g.owners == owners else f"_from_{gname}"
+            w = b.const(f"{layer.name}.{hname}.W{suffix}", block)
+            bias = b.const(f"{layer.name}.{hname}.B", layer.b[units]) if not terms else None
+            terms.append(_layer_node(b, layer, g.tensor, w, bias, f"{layer.name}.{hname}{suffix}", task))
+        y = terms[0] if len(terms) == 1 else b.node("Sum", terms, {}, f"{layer.name}.{hname}.Sum", task)
+        out.append(_Group(owners, y, units))
+    return out
+
+
+def _op_inputs(b: _Builder, op: Op) -> tuple[list[str], dict]:
+    attrs = op.attr_dict()
+    if op.op_type == "Clip":
+        names = [b.const(f"const.clip_{k}_{attrs[k]!r}", np.array(attrs[k], np.float32))
+                 if attrs[k] is not None else "" for k in ("min", "max")]
+        while names and not names[-1]:
+            names.pop()
+        return names, {}
+    return [], {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
+
+
+def _emit_op(b: _Builder, op: Op, where: str, groups: list[_Group], task: int) -> list[_Group]:
+    extra, attrs = _op_inputs(b, op)
+    return [_Group(g.owners, b.node(op.op_type, [g.tensor] + extra, attrs,
+                                    f"{where}.{b.plan.group_name(g.owners)}.{op.op_type}", task), g.units)
+            for g in groups]
+
+
+def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, stop: int | None = None,
+               taps: Sequence[tuple[str, int]] = ()) -> tuple[str | None, dict]:
+    """Emit steps [start, stop) of one task from tensor x; returns (final tensor, taps -> tensors)."""
+    all_tasks = frozenset(range(len(b.plan.tasks)))
+    groups = [_Group(all_tasks, x, None)]
+    k = sum(1 for s in net.steps[:start] if isinstance(s, Layer))
+    where, found = (net.layers[k - 1].name if k else "input"), {}
+    for step in net.steps[start:stop]:
+        if isinstance(step, Layer):
+            if ("in", k) in taps:
+                found[("in", k)] = [g.tensor for g in groups]
+            prev = net.layers[k - 1].out_units if k else None
+            rep = step.in_features // prev if prev and groups[0].units is not None else 1
+            groups = _emit_layer(b, step, k, groups, rep, task)
+            if ("pre", k) in taps:
+                found[("pre", k)] = [g.tensor for g in groups]
+            where, k = step.name, k + 1
+        else:
+            groups = _emit_op(b, step, where, groups, task)
+    if ("in", k) in taps:  # the segment stops right before layer k
+        found[("in", k)] = [g.tensor for g in groups]
+    final = groups[0].tensor if len(groups) == 1 else None
+    return final, found
+
+
+def _finalise_names(b: _Builder) -> dict[str, str]:
+    """Readable unique tensor names: the node's base name, with its tasks added where needed."""
+    counts: dict[str, int] = {}
+    for rec in b.nodes.values():
+        counts[rec.base] = counts.get(rec.base, 0) + 1
+    names, used = {}, set(b.consts)
+    for rec in b.nodes.values():
+        name = rec.base
+        if counts[rec.base] > 1:
+            name += "@" + "+".join(b.plan.tasks[t] for t in sorted(rec.users))
+        while name in used:
+            name += "_"
+        used.add(name)
+        names[rec.out] = name
+    return names
+
+
+class _GsGraph:
+    """Turns builder records into onnx-graphsurgeon objects: one gs.Constant per initializer."""
+
+    def __init__(self, b: _Builder, names: dict[str, str], fixed: dict[str, gs.Variable]):
+        self.b, self.names = b, names
+        self.tensors: dict[str, gs.Tensor] = dict(fixed)
+        for name, value in b.consts.items():
+            self.tensors[name] = gs.Constant(name, value)
+
+    def tensor(self, ref: str) -> gs.Tensor:
+        if ref == "":
+            return gs.Variable.empty()
+        if ref not in self.tensors:
+            self.tensors[ref] = gs.Variable(self.names[ref], dtype=np.float32)
+        return self.tensors[ref]
+
+    def nodes(self, recs: Sequence[_NodeRec]) -> list[gs.Node]:
+        return [gs.Node(r.op, self.names[r.out], dict(r.attrs), inputs=[self.tensor(i) for i in r.inputs],
+                        outputs=[self.tensor(r.out)]) for r in recs]
+
+
+def _input_var(name: str, shape) -> gs.Variable:
+    return gs.Variable(name, dtype=np.float32, shape=None if shape is None else
+                       [d if d is not None else "N" for d in shape])
+
+
+def _output_var(var: gs.Tensor, name: str, shape) -> gs.Variable:
+    var.name = name
+    var.shape = None if shape is None else [d if d is not None else "N" for d in shape]
+    var.dtype = np.float32
+    return var
+
+
+def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
+    """Move initializers of If branches into the main graph, so each one is stored exactly once."""
+    main = model.graph
+    seen = {t.name for t in main.initializer}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    sub = attr.g
+                    for t in sub.initializer:
+                        if t.name not in seen:
+                            main.initializer.append(t)
+                            seen.add(t.name)
+                    del sub.initializer[:]
+                    visit(sub)
+
+    visit(main)
+
+
+def _export(graph: gs.Graph, opset: int, ir_version: int, meta: dict[str, str], doc: str) -> onnx.ModelProto:
+    graph.tensors(check_duplicates=True)
+    model = gs.export_onnx(graph)
+    _hoist_subgraph_initializers(model)
+    model.ir_version = ir_version
+    model.producer_name = "onnxzip"
+    model.doc_string = doc
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def ir_version_for(opset: int, sources: Sequence[int]) -> int:
+    """The IR version to write: the newest of the inputs', but at least what the opset needs."""
+    need = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
+    return max(need, min(max(sources), onnx.IR_VERSION))
+
+
+def target_opset(nets: Sequence[Network]) -> int:
+    """The one opset every written model uses: the newest of the inputs', at least MIN_OPSET."""
+    return max([MIN_OPSET] + [n.opset for n in nets])
+
+
+def task_model(net: Network, start: int = 0, stop: int | None = None,
+               taps: Sequence[tuple[str, int]] = (), opset: int | None = None) -> onnx.ModelProto:
+    """A single task's model over steps [start, stop), exposing ``taps`` (("in"|"pre", layer)) as outputs.
+
+    With start=0 and no stop this is the task's whole (tied) model with its own output.
+    """
+    plan = unshared_plan(("t",), [(l.name, l.kind, (l.out_units,)) for l in net.layers])
+    b = _Builder(plan)
+    x_name = net.input.name if start == 0 else "x"
+    final, found = _emit_task(b, net, 0, x_name, start, stop, taps)
+    names = _finalise_names(b)
+    x = _input_var(x_name, net.input.shape if start == 0 else None)
+    g = _GsGraph(b, names, {x_name: x})
+    nodes = g.nodes(list(b.nodes.values()))
+    outputs = [_output_var(g.tensor(found[tap][0]), f"{tap[0]}{tap[1]}", None) for tap in taps]
+    if stop is None:
+        outputs.append(_output_var(g.tensor(final), net.output.name, net.output.shape))
+    opset = opset or target_opset([net])
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=opset)
+    return _export(graph, opset, ir_version_for(opset, [net.ir_version]), {}, "")
+
+
+def _gated_graph(b: _Builder, g: _GsGraph, tasks: list[int], finals: dict[int, str], placed: frozenset,
+                 out: gs.Variable, head_shape) -> list[gs.Node]:
+    """Nodes for the tasks still possible here: what all of them need, then an If on the task input."""
+    here = [r for r in b.nodes.values() if r.out not in placed and set(tasks) <= r.users]
+    placed = placed | {r.out for r in here}
+    nodes = g.nodes(here)
+    if len(tasks) == 1:
+        return nodes + [gs.Node("Identity", f"{b.plan.tasks[tasks[0]]}.output",
+                                inputs=[g.tensor(finals[tasks[0]])], outputs=[out])]
+    first = tasks[0]
+    index = g.tensors.setdefault(f"const.task_{first}", gs.Constant(f"const.task_{first}", np.array(first, np.int64)))
+    cond = gs.Variable(f"task.is_{b.plan.tasks[first]}", dtype=np.bool_, shape=[])
+    nodes.append(gs.Node("Equal", f"task.is_{b.plan.tasks[first]}", inputs=[g.tensors[TASK_INPUT], index],
+                         outputs=[cond]))
+    branches = []
+    for part in ([first], tasks[1:]):
+        bout = gs.Variable(f"{'+'.join(b.plan.tasks[t] for t in part)}.branch_out", dtype=np.float32,
+                           shape=head_shape)
+        branches.append(gs.Graph(nodes=_gated_graph(b, g, part, finals, placed, bout, head_shape),
+                                 outputs=[bout], name="branch_" + "_".join(b.plan.tasks[t] for t in part)))
+    nodes.append(gs.Node("If", f"select_{b.plan.tasks[first]}", {"then_branch": branches[0],
+                                                                  "else_branch": branches[1]},
+                         inputs=[cond], outputs=[out]))
+    return nodes
+
+
+def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
+                 meta: dict[str, str]) -> onnx.ModelProto:
+    """The merged model of the tied networks under ``plan``, in the 'multi' or 'gated' layout."""
+    b = _Builder(plan)
+    x_name = nets[0].input.name
+    finals = {t: _emit_task(b, net, t, x_name)[0] for t, net in enumerate(nets)}
+    names = _finalise_names(b)
+    x = _input_var(x_name, nets[0].input.shape)
+    fixed = {x_name: x}
+    if layout == "gated":
+        fixed[TASK_INPUT] = gs.Variable(TASK_INPUT, dtype=np.int64, shape=[])
+    g = _GsGraph(b, names, fixed)
+    shapes = [n.output.shape for n in nets]
+    if layout == "multi":
+        nodes = g.nodes(list(b.nodes.values()))
+        outputs = [_output_var(g.tensor(finals[t]), plan.tasks[t], shapes[t]) for t in range(len(nets))]
+        inputs = [x]
+    else:
+        same = all(s == shapes[0] for s in shapes)
+        head_shape = list(shapes[0]) if same else [shapes[0][0], "classes"]
+        head_shape = [d if d is not None else "N" for d in head_shape]
+        out = gs.Variable(GATED_OUTPUT, dtype=np.float32, shape=head_shape)
+        nodes = _gated_graph(b, g, list(range(len(nets))), finals, frozenset(), out, head_shape)
+        outputs, inputs = [out], [x, fixed[TASK_INPUT]]
+    opset = target_opset(nets)
+    graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset, name="onnxzip_merged")
+    doc = "Multi-task model merged by onnxzip from: " + ", ".join(n.path for n in nets)
+    model = _export(graph, opset, ir_version_for(opset, [n.ir_version for n in nets]), meta, doc)
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -1,0 +1,127 @@
+"""The canonical network: a chain of layers (Conv/FC with weights) and unit-wise ops between them.
+
+Every model is brought into this form on import; tied models, calibration segments and the merged
+model are all written from it, so nothing downstream looks at the source graph again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+import numpy as np
+
+CONV = "conv"
+FC = "fc"
+# A weight matrix with at least this fraction of exact zeros is treated as pruned (kept sparse).
+SPARSE_MIN_ZERO_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (None for a symbolic dimension) and numpy dtype of a graph input or output."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """A weight layer: Conv (W is [O, C, kh, kw]) or fully connected (W is [O, I]), with bias [O]."""
+
+    name: str
+    kind: str
+    W: np.ndarray
+    b: np.ndarray
+    source: str
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+
+    @property
+    def out_units(self) -> int:
+        """Number of output units (neurons or conv kernels)."""
+        return int(self.W.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        """Length of one unit's incoming weight vector, bias excluded."""
+        return int(np.prod(self.W.shape[1:]))
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """Spatial kernel shape of a conv layer; () for a fully connected one."""
+        return tuple(int(k) for k in self.W.shape[2:])
+
+    def matrix(self) -> np.ndarray:
+        """The weights as a [O, in_features] matrix (a view where possible)."""
+        return self.W.reshape(self.out_units, -1)
+
+    def with_matrix(self, Wm: np.ndarray, b: np.ndarray) -> "Layer":
+        """A copy of this layer with new weights given in matrix form, reshaped to the layer's own."""
+        W = np.ascontiguousarray(Wm, dtype=self.W.dtype).reshape(self.W.shape)
+        return replace(self, W=W, b=np.ascontiguousarray(b, dtype=self.b.dtype))
+
+
+@dataclass(frozen=True)
+class Op:
+    """A unit-wise op between layers (Relu, MaxPool, Flatten, ...) or the head's Softmax."""
+
+    op_type: str
+    attrs: tuple[tuple[str, Any], ...] = ()
+    source: str = ""
+
+    def attr_dict(self) -> dict[str, Any]:
+        """The attributes as a dict."""
+        return dict(self.attrs)
+
+
+Step = Union[Layer, Op]
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """One imported model in canonical form: input -> steps -> output."""
+
+    path: str
+    sha256: str
+    input: TensorSpec
+    output: TensorSpec
+    steps: tuple[Step, ...]
+    opset: int
+    ir_version: int
+    params: int = 0
+    file_bytes: int = 0
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layer_steps(self) -> tuple[int, ...]:
+        """Indices into steps of the weight layers, in order."""
+        return tuple(i for i, s in enumerate(self.steps) if isinstance(s, Layer))
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """The weight layers, in order."""
+        return tuple(s for s in self.steps if isinstance(s, Layer))
+
+    def with_layer(self, index: int, layer: Layer) -> "Network":
+        """A copy with layer number ``index`` (among layers) replaced."""
+        steps = list(self.steps)
+        steps[self.layer_steps[index]] = layer
+        return replace(self, steps=tuple(steps))
+
+
+def unit_features(units: np.ndarray, rep: int) -> np.ndarray:
+    """Column indices of the input features that belong to the given input units.
+
+    A unit owns ``rep`` consecutive features: the k*k taps of a conv kernel over one channel, or
+    the H*W positions of one channel after a channel-major Flatten, or just itself (rep 1).
+    """
+    units = np.asarray(units, dtype=np.int64)
+    return (units[:, None] * rep + np.arange(rep, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def is_sparse(Wm: np.ndarray) -> bool:
+    """True for a pruned weight matrix (see SPARSE_MIN_ZERO_FRACTION)."""
+    return Wm.size > 0 and float(np.mean(Wm == 0)) >= SPARSE_MIN_ZERO_FRACTION

@@ -1,0 +1,75 @@
+"""MergeOptions: the one options object that both the CLI and the Python API use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .calib import ImageOptions
+from .cost import COSTS
+from .emit import LAYOUTS
+from .errors import OnnxZipError
+from .match import SOLVERS
+from .runtime import DEVICES
+
+# Relative damping of the layer-wise Hessians: lambda = DEFAULT_DAMPING * mean(diag H) (as GPTQ's).
+DEFAULT_DAMPING = 1e-2
+# Relative ridge of the label-free correction's least squares, towards the current weights.
+DEFAULT_CORRECT_DAMPING = 1e-3
+DEFAULT_BATCH_SIZE = 64
+# Calibration samples per task for the final check that the written model equals the tied one.
+DEFAULT_VERIFY_SAMPLES = 512
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge: how much to share, how to score and match, how to emit and verify."""
+
+    share: float = 1.0
+    share_layers: tuple[tuple[str, float | int], ...] = ()
+    max_cost: float | None = None
+    alpha: float = 0.5
+    cost: str = "hessian"
+    solver: str = "optimal"
+    correct: bool = True
+    damping: float = DEFAULT_DAMPING
+    correct_damping: float = DEFAULT_CORRECT_DAMPING
+    layout: str = "multi"
+    tasks: tuple[str, ...] = ()
+    calib_samples: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    image: ImageOptions = field(default_factory=ImageOptions)
+    verify_samples: int = DEFAULT_VERIFY_SAMPLES
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.share <= 1.0, f"--share must lie in [0, 1], got {self.share}"),
+            (0.0 < self.alpha < 1.0, f"--alpha must lie strictly between 0 and 1, got {self.alpha}"),
+            (self.cost in COSTS, f"--cost must be one of {', '.join(COSTS)}, got '{self.cost}'"),
+            (self.solver in SOLVERS, f"--solver must be one of {', '.join(SOLVERS)}, got '{self.solver}'"),
+            (self.layout in LAYOUTS, f"--layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
+            (self.damping > 0 and self.correct_damping > 0, "damping factors must be positive"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.calib_samples is None or self.calib_samples >= 1,
+             f"--calib-samples must be at least 1, got {self.calib_samples}"),
+            (self.max_cost is None or self.max_cost > 0, f"--max-cost must be positive, got {self.max_cost}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OnnxZipError(message)
+        for name, value in self.share_layers:
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+                raise OnnxZipError(f"--share-layer {name}={value}: a fraction must lie in [0, 1]")
+            if isinstance(value, int) and value < 0:
+                raise OnnxZipError(f"--share-layer {name}={value}: a count must not be negative")
+
+    def shared_count(self, layer: str, widths: tuple[int, ...]) -> int:
+        """How many units of this layer to share, from --share-layer or --share."""
+        value = dict(self.share_layers).get(layer, self.share)
+        most = min(widths)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value > most:
+                raise OnnxZipError(f"--share-layer {layer}={value}: the layer has only {most} units to share")
+            return value
+        return int(round(value * most))

@@ -1,0 +1,87 @@
+"""The sharing plan: which units of which tasks are one unit, per layer. Plain data, JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Sharing in one layer's output unit space.
+
+    ``shared[k][t]`` is the index, in task t's own layer, of shared unit k. Units of a task that are
+    not shared keep their original order after the shared ones.
+    """
+
+    name: str
+    kind: str
+    units: tuple[int, ...]
+    shared: tuple[tuple[int, ...], ...] = ()
+    cost: float = 0.0
+    rel_error: tuple[float, ...] = ()
+    corrected: bool = False
+
+    @property
+    def n_shared(self) -> int:
+        """Number of shared units."""
+        return len(self.shared)
+
+    def shared_units(self, t: int) -> np.ndarray:
+        """Task t's indices of the shared units, in shared order."""
+        return np.array([s[t] for s in self.shared], dtype=np.int64)
+
+    def own_units(self, t: int) -> np.ndarray:
+        """Task t's units that are not shared, ascending."""
+        mask = np.ones(self.units[t], dtype=bool)
+        mask[self.shared_units(t)] = False
+        return np.flatnonzero(mask)
+
+    def groups(self, t: int) -> list[tuple[frozenset, np.ndarray]]:
+        """Task t's output unit groups: (set of owning tasks, t's unit indices); empty ones left out."""
+        out = []
+        if self.shared:
+            out.append((frozenset(range(len(self.units))), self.shared_units(t)))
+        own = self.own_units(t)
+        if own.size:
+            out.append((frozenset([t]), own))
+        return out
+
+
+@dataclass(frozen=True)
+class SharingPlan:
+    """Tasks and per-layer sharing; everything the emitter needs besides the tied weights."""
+
+    tasks: tuple[str, ...]
+    layers: tuple[LayerPlan, ...]
+    meta: dict = field(default_factory=dict)
+
+    def group_name(self, owners: frozenset) -> str:
+        """Readable name of a unit group: 'shared' or 'task_<name>'."""
+        if len(owners) == len(self.tasks):
+            return SHARED
+        return "task_" + "_".join(self.tasks[t] for t in sorted(owners))
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string."""
+        return json.dumps({"tasks": list(self.tasks), "layers": [asdict(l) for l in self.layers],
+                           "meta": self.meta})
+
+    @staticmethod
+    def from_json(text: str) -> "SharingPlan":
+        """Parse the JSON written by to_json."""
+        raw = json.loads(text)
+        layers = tuple(LayerPlan(name=l["name"], kind=l["kind"], units=tuple(l["units"]),
+                                 shared=tuple(tuple(s) for s in l["shared"]), cost=l["cost"],
+                                 rel_error=tuple(l["rel_error"]), corrected=l.get("corrected", False))
+                       for l in raw["layers"])
+        return SharingPlan(tuple(raw["tasks"]), layers, raw.get("meta", {}))
+
+
+def unshared_plan(tasks: tuple[str, ...], widths: list[tuple[str, str, tuple[int, ...]]]) -> SharingPlan:
+    """A plan that shares nothing, for layers given as (name, kind, units per task)."""
+    return SharingPlan(tasks, tuple(LayerPlan(n, k, u) for n, k, u in widths))

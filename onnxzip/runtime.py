@@ -1,0 +1,70 @@
+"""ONNX Runtime sessions: the CUDA provider when asked for and present, the CPU provider otherwise."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import OnnxZipError
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+ORT_LOG_ERRORS_ONLY = 3
+ORT_LOG_FATAL_ONLY = 4
+
+
+def _probe_model() -> bytes:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)],
+                                  ir_version=8).SerializeToString()
+
+
+@lru_cache(maxsize=None)
+def cuda_usable() -> bool:
+    """True when ONNX Runtime has the CUDA provider and a CUDA device answers."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    ort.set_default_logger_severity(ORT_LOG_FATAL_ONLY)  # a missing CUDA library is expected here
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = ORT_LOG_FATAL_ONLY
+        sess = ort.InferenceSession(_probe_model(), opts, providers=[CUDA, CPU])
+        return CUDA in sess.get_providers()
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(ORT_LOG_ERRORS_ONLY)
+
+
+def resolve_device(device: str) -> tuple[list[str], str]:
+    """Providers to use for a device request, and a one-line note on where the work runs."""
+    if device not in DEVICES:
+        raise OnnxZipError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    if device != "cpu" and cuda_usable():
+        return [CUDA, CPU], "running on the GPU (ONNX Runtime CUDA provider)"
+    if device == "cuda":
+        return [CPU], "CUDA was asked for but no usable CUDA device was found; running on the CPU"
+    return [CPU], "running on the CPU (ONNX Runtime CPU provider)"
+
+
+def session(model: onnx.ModelProto | bytes, providers: list[str], profile_prefix: str | None = None,
+            ) -> ort.InferenceSession:
+    """An inference session for an in-memory model."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = ORT_LOG_ERRORS_ONLY
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=providers)
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a session on float32 feeds and return all outputs."""
+    return sess.run(None, feeds)

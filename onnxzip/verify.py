@@ -1,0 +1,94 @@
+"""Check the written model: each task's output equals its tied model's; fidelity to the originals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .emit import TASK_INPUT, task_model
+from .errors import OnnxZipError
+from .ir import Network
+from .runtime import session
+
+# Emitted vs tied outputs may differ by float reassociation only (sums of per-block products).
+VERIFY_RTOL = 1e-4
+VERIFY_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """Per task: samples checked, emitted-vs-tied difference, agreement with the original model."""
+
+    task: str
+    samples: int
+    max_diff_vs_tied: float
+    top1_agreement: float
+    rel_output_error: float
+    accuracy_original: float | None = None
+    accuracy_merged: float | None = None
+
+
+class MergedRunner:
+    """Runs one task of a merged model file (either layout)."""
+
+    def __init__(self, path: Path, tasks: Sequence[str], layout: str, providers: list[str]):
+        self.sess = session(Path(path).read_bytes(), providers)
+        self.input = [i.name for i in self.sess.get_inputs() if i.name != TASK_INPUT][0]
+        self.tasks, self.layout = list(tasks), layout
+
+    def __call__(self, t: int, x: np.ndarray) -> np.ndarray:
+        if self.layout == "gated":
+            return self.sess.run(None, {self.input: x, TASK_INPUT: np.array(t, np.int64)})[0]
+        return self.sess.run([self.tasks[t]], {self.input: x})[0]
+
+
+def _model_runner(model_bytes: bytes, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    sess = session(model_bytes, providers)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def _take(batches: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:
+    seen = 0
+    for x in batches:
+        if seen >= limit:
+            return
+        x = x[: limit - seen]
+        seen += len(x)
+        yield x
+
+
+def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
+               batches: Iterator[np.ndarray], limit: int, providers: list[str]) -> TaskCheck:
+    """Compare task t of the merged model with its tied and original models on calibration batches."""
+    run_tied = _model_runner(task_model(tied).SerializeToString(), providers)
+    run_orig = _model_runner(Path(original.path).read_bytes(), providers)
+    worst, agree, n, err2, ref2 = 0.0, 0, 0, 0.0, 0.0
+    for x in _take(batches, limit):
+        y, y_tied, y_orig = merged(t, x), run_tied(x), run_orig(x)
+        bound = VERIFY_ATOL + VERIFY_RTOL * float(np.abs(y_tied).max())
+        diff = float(np.abs(y - y_tied).max())
+        if not np.isfinite(y).all() or diff > bound:
+            raise OnnxZipError(f"task '{merged.tasks[t]}': the written model differs from its tied model by "
+                               f"{diff:.3g} (allowed {bound:.3g}); the merge was not written")
+        worst = max(worst, diff)
+        agree += int((y.argmax(1) == y_orig.argmax(1)).sum())
+        err2 += float(((y - y_orig) ** 2).sum())
+        ref2 += float((y_orig ** 2).sum())
+        n += len(x)
+    return TaskCheck(merged.tasks[t], n, worst, agree / max(n, 1), float(np.sqrt(err2 / max(ref2, 1e-30))))
+
+
+def accuracies(merged: MergedRunner, t: int, original: Network, x: np.ndarray, labels: np.ndarray,
+               batch_size: int, providers: list[str]) -> tuple[float, float]:
+    """Top-1 accuracy of the original and of the merged model for task t on labelled data."""
+    run_orig = _model_runner(Path(original.path).read_bytes(), providers)
+    hits_o = hits_m = 0
+    for s in range(0, len(x), batch_size):
+        xb, yb = x[s:s + batch_size], labels[s:s + batch_size]
+        hits_o += int((run_orig(xb).argmax(1) == yb).sum())
+        hits_m += int((merged(t, xb).argmax(1) == yb).sum())
+    return hits_o / len(x), hits_m / len(x)

@@ -1,0 +1,210 @@
+"""Zip layer by layer (MTZ Algorithm 1): calibrate, correct, score and match, tie; then the heads.
+
+The state after each layer is the tied networks (each task's own chain, shared blocks set to their
+merged values) and the plan so far. Layer l+1's statistics come from running the partially merged
+models; to avoid rerunning whole prefixes, each task's layer inputs are cached on disk batch by
+batch and the next layer's inputs are computed by running only the segment between the two.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .align import input_reps
+from .correct import refit, relative_error, with_bias_column
+from .cost import interaction, merged_weights, pair_costs
+from .emit import task_model
+from .hessian import MomentAccumulator, damp, layer_rows, output_rows
+from .ir import Network, is_sparse, unit_features
+from .match import match
+from .options import MergeOptions
+from .plan import LayerPlan, SharingPlan
+from .runtime import session
+
+ProgressFn = Callable[[str, int], Callable[[], None]]
+
+
+def no_progress(label: str, total: int) -> Callable[[], None]:
+    """A progress reporter that reports nothing."""
+    return lambda: None
+
+
+@dataclass
+class StageTimer:
+    """Wall time per pipeline stage, in seconds."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+class _DiskBatches:
+    """Activation batches of one task kept on disk, so memory holds one batch at a time."""
+
+    def __init__(self, root: Path, tag: str):
+        self.root, self.tag, self.files, self.generation = root, tag, [], 0
+
+    def replace(self, batches: list[Path]) -> None:
+        for f in self.files:
+            f.unlink(missing_ok=True)
+        self.files = batches
+
+    def writer(self) -> Callable[[np.ndarray], Path]:
+        self.generation += 1
+        gen, count = self.generation, iter(range(1 << 62))
+
+        def write(arr: np.ndarray) -> Path:
+            path = self.root / f"{self.tag}-{gen}-{next(count)}.npy"
+            np.save(path, arr, allow_pickle=False)
+            return path
+        return write
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for f in self.files:
+            yield np.load(f, allow_pickle=False)
+
+
+@dataclass
+class _Task:
+    """One task's networks, data stream and caches during zipping."""
+
+    original: Network
+    tied: Network
+    batches: Callable[[], Iterator[np.ndarray]]
+    n_batches: int
+    reps: list[int]
+    tied_cache: _DiskBatches
+    orig_cache: _DiskBatches
+
+
+def _runner(net: Network, start: int, stop: int | None, taps, providers):
+    """A callable running steps [start, stop) of net on one batch, returning the taps."""
+    if start == stop:
+        return lambda x: [x]
+    sess = session(task_model(net, start, stop, taps), providers)
+    name = sess.get_inputs()[0].name
+    n = len(taps)
+    return lambda x: sess.run(None, {name: x})[:n]
+
+
+def _calibrate(task: _Task, k: int, n_layers: int, providers, tick) -> MomentAccumulator:
+    """One pass: layer k's inputs in the tied model, the original's pre-activations and next inputs."""
+    ls = task.original.layer_steps
+    stop = ls[k + 1] if k + 1 < n_layers else None
+    orig_taps = [("pre", k)] + ([("in", k + 1)] if k + 1 < n_layers else [])
+    run_orig = _runner(task.original, ls[k], stop, orig_taps, providers)
+    if k == 0:
+        run_tied = _runner(task.tied, 0, ls[0], [("in", 0)], providers)
+        source = ((x, None) for x in task.batches())
+    else:
+        run_tied = _runner(task.tied, ls[k - 1], ls[k], [("in", k)], providers)
+        source = zip(task.tied_cache, task.orig_cache)
+    layer = task.tied.layers[k]
+    acc = MomentAccumulator(layer.in_features, layer.out_units)
+    write_tied, write_orig = task.tied_cache.writer(), task.orig_cache.writer()
+    tied_files, orig_files = [], []
+    for prev_tied, orig_in in source:
+        x_tied = run_tied(prev_tied)[0]
+        outs = run_orig(x_tied if orig_in is None else orig_in)
+        acc.add(layer_rows(layer, x_tied), output_rows(layer, outs[0]))
+        tied_files.append(write_tied(x_tied))
+        if len(outs) > 1:
+            orig_files.append(write_orig(outs[1]))
+        tick()
+    task.tied_cache.replace(tied_files)
+    task.orig_cache.replace(orig_files)
+    return acc
+
+
+def _shared_features(plan_layers: list[LayerPlan], k: int, t: int, task: _Task) -> np.ndarray:
+    """Task t's input feature indices of layer k that come from shared units, bias column last."""
+    layer = task.tied.layers[k]
+    if k == 0:
+        feats = np.arange(layer.in_features)
+    else:
+        feats = unit_features(plan_layers[k - 1].shared_units(t), task.reps[k])
+    return np.append(feats, layer.in_features)
+
+
+def _apply_masks(w: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Paper Sec. 3.6: each merged column keeps the zero pattern of the denser of its two sources."""
+    denser = np.where((A[:-1] != 0).sum(0) >= (B[:-1] != 0).sum(0), 0, 1)
+    mask = np.where(denser[None, :] == 0, A[:-1] != 0, B[:-1] != 0)
+    w = w.copy()
+    w[:-1] *= mask
+    return w
+
+
+def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list[MomentAccumulator],
+               plan_layers: list[LayerPlan], opts: MergeOptions, timer: StageTimer) -> tuple[np.ndarray, ...]:
+    """Choose the shared pairs of hidden layer k and write their merged weights into ``weights``."""
+    name = tasks[0].tied.layers[k].name
+    feats = [_shared_features(plan_layers, k, t, task) for t, task in enumerate(tasks)]
+    scale = (opts.alpha, 1.0 - opts.alpha)
+    with timer("score+match"):
+        H = [damp(s * acc.gram[np.ix_(f, f)], opts.damping) for s, acc, f in zip(scale, accs, feats)]
+        A, B = (W[:, f].T for W, f in zip(weights, feats))
+        D = pair_costs(interaction(H[0], H[1], opts.cost, name), A, B)
+        count = opts.shared_count(name, tuple(W.shape[0] for W in weights))
+        rows, cols = match(D, count, opts.solver, opts.max_cost)
+    with timer("tie"):
+        w = merged_weights(H[0], H[1], A[:, rows], B[:, cols], name)
+        if is_sparse(weights[0][:, :-1]) or is_sparse(weights[1][:, :-1]):
+            w = _apply_masks(w, A[:, rows], B[:, cols])
+        w = w.astype(np.float32).astype(np.float64)  # both tasks get bit-identical float32 values
+        weights[0][np.ix_(rows, feats[0])] = w.T
+        weights[1][np.ix_(cols, feats[1])] = w.T
+    return rows, cols, D[rows, cols]
+
+
+def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
+                 n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
+                 progress: ProgressFn = no_progress, timer: StageTimer | None = None,
+                 ) -> tuple[SharingPlan, list[Network]]:
+    """Zip the hidden layers of two aligned networks in order, then refit the heads.
+
+    Returns the sharing plan and the tied networks (same topology as the inputs).
+    """
+    timer = timer or StageTimer()
+    names = opts.tasks
+    n_layers = len(nets[0].layers)
+    plan_layers: list[LayerPlan] = []
+    with tempfile.TemporaryDirectory(prefix="onnxzip-") as tmp:
+        tasks = [_Task(n, n, b, c, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
+                 for t, (n, b, c) in enumerate(zip(nets, batches, n_batches))]
+        for k in range(n_layers):
+            layer_name = nets[0].layers[k].name
+            tick = progress(f"layer {layer_name}", sum(n_batches))
+            with timer("calibrate"):
+                accs = [_calibrate(task, k, n_layers, providers, tick) for task in tasks]
+            weights = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
+            upstream = any(p.n_shared for p in plan_layers)
+            if opts.correct and upstream:
+                with timer("tie"):
+                    weights = [refit(W, acc, opts.correct_damping) for W, acc in zip(weights, accs)]
+            shared, cost = (), 0.0
+            if k < n_layers - 1:
+                rows, cols, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
+                shared, cost = tuple(zip(rows.tolist(), cols.tolist())), float(costs.sum())
+            for task, W in zip(tasks, weights):
+                layer = task.tied.layers[k]
+                task.tied = task.tied.with_layer(k, layer.with_matrix(W[:, :-1], W[:, -1]))
+            errors = tuple(relative_error(W, acc) for W, acc in zip(weights, accs))
+            plan_layers.append(LayerPlan(layer_name, nets[0].layers[k].kind,
+                                         tuple(n.layers[k].out_units for n in nets), shared, cost, errors,
+                                         corrected=bool(opts.correct and upstream)))
+    return SharingPlan(tuple(names), tuple(plan_layers)), [t.tied for t in tasks]
