@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -24,6 +22,7 @@ from .ir import Network
 from .options import MergeOptions
 from .plan import SharingPlan
 from .runtime import resolve_device
+from .save import save_atomically
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
 from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
 
@@ -117,20 +116,6 @@ def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) ->
             META_PREFIX + "sharing": sharing, META_PREFIX + "plan": plan.to_json()}
 
 
-def _write_atomically(model: onnx.ModelProto, output: Path, check) -> None:
-    """Save next to the target, run ``check`` on the saved file, then rename; no partial file stays."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        check(Path(tmp))
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOptions):
     streams, counts = [], []
     for folder, net in zip(folders, nets):
@@ -179,7 +164,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                     check = replace(check, accuracy_original=acc_o, accuracy_merged=acc_m)
                 checks.append(check)
 
-    _write_atomically(model, output, verify)
+    save_atomically(model, output, verify)
     merged_params = weight_params(model)
     return MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
                        tuple(_params(n) for n in nets), merged_params, tuple(n.file_bytes for n in nets),

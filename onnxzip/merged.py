@@ -1,0 +1,114 @@
+"""Read a merged model back: what it holds (inspect) and one task as a standalone model (split)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from .api import META_PREFIX, weight_params
+from .emit import TASK_INPUT
+from .errors import OnnxZipError
+from .load import load_model
+from .plan import SharingPlan
+from .save import save_atomically
+
+
+@dataclass(frozen=True)
+class MergedInfo:
+    """What `onnxzip inspect` reports."""
+
+    path: str
+    version: str
+    layout: str
+    plan: SharingPlan
+    sources: dict
+    params_per_task: dict
+    params_total: int
+    bytes_total: int
+
+
+def _meta(model: onnx.ModelProto, path: Path) -> dict[str, str]:
+    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    if "plan" not in meta or "tasks" not in meta:
+        raise OnnxZipError(f"{path}: not a model written by onnxzip (no onnxzip metadata)")
+    return meta
+
+
+def _inline_gated(model: onnx.ModelProto, t: int) -> str:
+    """Replace the task-selecting If nodes by task t's branch, in place; returns t's result tensor."""
+    graph = model.graph
+    consts = {i.name: int(numpy_helper.to_array(i)) for i in graph.initializer if i.name.startswith("const.task_")}
+    chooses = {n.output[0]: consts[n.input[1]] for n in graph.node if n.op_type == "Equal" and n.input[0] == TASK_INPUT}
+    result = ""
+
+    def expand(nodes) -> list[onnx.NodeProto]:
+        nonlocal result
+        out = []
+        for node in nodes:
+            if node.op_type == "Equal" and node.input[0] == TASK_INPUT:
+                continue
+            if node.op_type == "If" and node.input[0] in chooses:
+                branches = {a.name: a.g for a in node.attribute}
+                branch = branches["then_branch" if chooses[node.input[0]] == t else "else_branch"]
+                out += expand(branch.node)
+                out.append(onnx.helper.make_node("Identity", [branch.output[0].name], [node.output[0]],
+                                                 name=node.name + ".selected"))
+                result = node.output[0] if not result else result
+                continue
+            out.append(node)
+        return out
+
+    nodes = expand(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.remove(next(i for i in graph.input if i.name == TASK_INPUT))
+    return graph.output[0].name
+
+
+def split(path: str | Path, task: str, output: str | Path) -> Path:
+    """Write task ``task`` of a merged model as a standalone model with its original output name."""
+    path, output = Path(path), Path(output)
+    model, _ = load_model(path)
+    meta = _meta(model, path)
+    tasks = json.loads(meta["tasks"])
+    if task not in tasks:
+        raise OnnxZipError(f"{path}: has no task '{task}'; its tasks are {', '.join(tasks)}")
+    t = tasks.index(task)
+    result = _inline_gated(model, t) if meta.get("layout") == "gated" else task
+    x = [i.name for i in model.graph.input if i.name != TASK_INPUT][0]
+    part = onnx.utils.Extractor(model).extract_model([x], [result])
+    name = json.loads(meta["sources"])[task]["output"]
+    for node in part.graph.node:
+        node.output[:] = [name if o == result else o for o in node.output]
+    part.graph.output[0].name = name
+    part.graph.output[0].type.CopyFrom(next(o for o in model.graph.output if o.name in (result, "output")).type)
+    part.ir_version = model.ir_version
+    del part.opset_import[:]
+    part.opset_import.extend(model.opset_import)
+    part.producer_name = "onnxzip"
+    for key, value in (("task", task), ("split_from", path.name), ("version", meta.get("version", ""))):
+        part.metadata_props.add(key=META_PREFIX + key, value=value)
+    onnx.checker.check_model(part, full_check=True)
+    save_atomically(part, output)
+    return output
+
+
+def inspect(path: str | Path) -> MergedInfo:
+    """Tasks, per-layer sharing, parameters per task and in total, and bytes, of a merged model."""
+    path = Path(path)
+    model, size = load_model(path)
+    meta = _meta(model, path)
+    plan = SharingPlan.from_json(meta["plan"])
+    per_task = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in plan.tasks:
+            part, _ = load_model(split(path, task, Path(tmp) / f"{task}.onnx"))
+            per_task[task] = weight_params(part)
+    return MergedInfo(str(path), meta.get("version", "?"), meta.get("layout", "multi"), plan,
+                      json.loads(meta.get("sources", "{}")), per_task, weight_params(model), size)
+
