@@ -1,0 +1,133 @@
+"""End-to-end merges of tiny models built in code, asserting DESIGN.md's invariants."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import builders as B
+from onnxzip.api import merge, weight_params
+from onnxzip.canonical import import_network
+from onnxzip.emit import merged_model, task_model
+from onnxzip.options import MergeOptions
+from onnxzip.zipper import zip_networks
+from onnxzip.calib import iter_batches
+
+TOL = 1e-5
+
+
+def _pair(tmp_path, kind, permuted, seed_b=1):
+    if kind == "mlp":
+        layers, shape, model = B.mlp_weights([64, 32, 16, 10], 0), (1, 8, 8), B.mlp_model
+        other = B.mlp_weights([64, 32, 16, 10], seed_b)
+    else:
+        layers, shape, model = B.cnn_weights(0), (1, 12, 12), B.cnn_model
+        other = B.cnn_weights(seed_b)
+    perms = None
+    if permuted:
+        other, perms = B.permute_hidden(layers, seed_b)
+    a = B.save(model(layers), tmp_path / "a.onnx")
+    b = B.save(model(other), tmp_path / "b.onnx")
+    calib = B.calib_folder(tmp_path / "calib", shape, n=256)
+    return a, b, calib, shape, perms
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("layout", ["multi", "gated"])
+def test_permuted_copy_is_recovered_exactly(tmp_path, kind, layout):
+    a, b, calib, shape, perms = _pair(tmp_path, kind, permuted=True)
+    out = tmp_path / "m.onnx"
+    result = merge([a, b], calib, out, MergeOptions(layout=layout))
+    for lp, perm in zip(result.plan.layers, perms):
+        pairs = np.array(lp.shared)
+        assert len(pairs) == lp.units[0]
+        # unit i of A is unit j of B exactly when B's unit j was A's unit i before permuting
+        np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
+    x = np.random.default_rng(9).random((16, *shape), dtype=np.float32)
+    ya = B.run(a, x)[0]
+    for t in range(2):
+        feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
+        y = B.run(out, x, feeds)[0 if layout == "gated" else t]
+        np.testing.assert_allclose(y, ya, rtol=TOL, atol=TOL)
+    # about half: everything but the two heads is stored once
+    head = import_network(a).layers[-1]
+    assert result.params_merged == result.params_inputs[0] + head.W.size + head.b.size
+    assert result.params_merged == sum(result.params_inputs) - sum(r.params_saved for r in result.layers)
+
+
+@pytest.mark.parametrize("layout", ["multi", "gated"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_share_zero_reproduces_both_originals(tmp_path, layout, kind):
+    a, b, calib, shape, _ = _pair(tmp_path, kind, permuted=False)
+    out = tmp_path / "m.onnx"
+    result = merge([a, b], calib, out, MergeOptions(share=0.0, layout=layout))
+    assert all(lp.n_shared == 0 for lp in result.plan.layers)
+    assert result.params_merged == sum(result.params_inputs)
+    x = np.random.default_rng(3).random((8, *shape), dtype=np.float32)
+    for t, src in enumerate((a, b)):
+        feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
+        y = B.run(out, x, feeds)[0 if layout == "gated" else t]
+        np.testing.assert_allclose(y, B.run(src, x)[0], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("layout", ["multi", "gated"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_emitted_equals_tied_at_half_sharing(tmp_path, layout, kind):
+    a, b, calib, shape, _ = _pair(tmp_path, kind, permuted=False, seed_b=7)
+    nets = [import_network(a), import_network(b)]
+    opts = MergeOptions(share=0.5, layout=layout, tasks=("a", "b"))
+    streams = [lambda n=n: iter_batches(calib, n.input, 64) for n in nets]
+    plan, tied = zip_networks(nets, streams, [4, 4], opts, ["CPUExecutionProvider"])
+    assert [lp.n_shared for lp in plan.layers[:-1]] == [round(0.5 * u) for u in plan.layers[0].units[:1]] + \
+        [round(0.5 * lp.units[0]) for lp in plan.layers[1:-1]]
+    model = merged_model(plan, tied, layout, {})
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).random((32, *shape), dtype=np.float32)
+    for t in range(2):
+        feeds = {"input": x, **({"task": np.array(t, np.int64)} if layout == "gated" else {})}
+        y = sess.run(None, feeds)[0 if layout == "gated" else t]
+        tied_sess = ort.InferenceSession(task_model(tied[t]).SerializeToString(), providers=["CPUExecutionProvider"])
+        y_tied = tied_sess.run(None, {"input": x})[0]
+        np.testing.assert_allclose(y, y_tied, rtol=TOL, atol=TOL)
+        assert not np.allclose(y, B.run((a, b)[t], x)[0], atol=1e-3)  # sharing did change the function
+    # every weight block is one initializer; nothing concatenated, sliced or gathered at run time
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"Concat", "Slice", "Gather", "Split"}
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names))
+
+
+def test_gated_layout_runs_only_the_chosen_branch(tmp_path):
+    a, b, calib, shape, _ = _pair(tmp_path, "mlp", permuted=False, seed_b=3)
+    out = tmp_path / "m.onnx"
+    merge([a, b], calib, out, MergeOptions(share=0.5, layout="gated"))
+    x = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
+    for t, (mine, other) in enumerate((("task_a", "task_b"), ("task_b", "task_a"))):
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp_path / f"prof{t}")
+        sess = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+        sess.run(None, {"input": x, "task": np.array(t, np.int64)})
+        events = json.load(open(sess.end_profiling()))
+        ran = {e["args"].get("node_name", e["name"]) for e in events if e.get("cat") == "Node"}
+        assert any(mine in n for n in ran), ran
+        assert not any(other in n for n in ran), ran
+
+
+def test_metadata_names_and_checker(tmp_path):
+    a, b, calib, _, _ = _pair(tmp_path, "cnn", permuted=False, seed_b=2)
+    out = tmp_path / "m.onnx"
+    merge([a, b], calib, out, MergeOptions(share=0.5))
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["onnxzip.tasks"]) == ["a", "b"]
+    sources = json.loads(meta["onnxzip.sources"])
+    assert sources["a"]["file"] == "a.onnx" and len(sources["b"]["sha256"]) == 64
+    assert "conv1: 3/6x6" in meta["onnxzip.sharing"]
+    names = {i.name for i in model.graph.initializer}
+    assert {"conv1.shared.W", "conv1.task_a.W_from_shared", "conv2.shared.W", "conv2.task_b.W",
+            "conv2.shared.W_from_task_a", "fc2.task_a.W"} <= names
+    assert model.ir_version <= 8 and weight_params(model) < 2 * 1542

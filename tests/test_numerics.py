@@ -1,0 +1,125 @@
+"""The numerical kernels against direct, slow formulas."""
+
+import itertools
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxzip.correct import refit, relative_error
+from onnxzip.cost import interaction, merged_weights, pair_costs
+from onnxzip.hessian import MomentAccumulator, layer_rows, output_rows
+from onnxzip.ir import CONV, Layer
+from onnxzip.match import match
+
+
+def _spd(rng, d):
+    X = rng.standard_normal((3 * d, d))
+    return X.T @ X / (3 * d) + 0.1 * np.eye(d)
+
+
+def test_interaction_is_harmonic_sum_of_hessians():
+    rng = np.random.default_rng(0)
+    HA, HB = _spd(rng, 6), _spd(rng, 6)
+    expected = np.linalg.inv(np.linalg.inv(HA) + np.linalg.inv(HB))
+    np.testing.assert_allclose(interaction(HA, HB, "hessian", "x"), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(interaction(HA, HB, "l2", "x"), np.eye(6))
+
+
+def test_pair_costs_match_the_definition():
+    rng = np.random.default_rng(1)
+    M = _spd(rng, 5)
+    A, B = rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    D = pair_costs(M, A, B)
+    for i, j in itertools.product(range(4), range(3)):
+        d = A[:, i] - B[:, j]
+        assert D[i, j] == pytest.approx(0.5 * d @ M @ d, rel=1e-10)
+
+
+def test_merged_weights_minimise_the_summed_quadratic_loss():
+    rng = np.random.default_rng(2)
+    HA, HB = _spd(rng, 5), _spd(rng, 5)
+    a, b = rng.standard_normal((5, 1)), rng.standard_normal((5, 1))
+    w = merged_weights(HA, HB, a, b, "x")
+    np.testing.assert_allclose(w, np.linalg.solve(HA + HB, HA @ a + HB @ b), rtol=1e-10)
+    # its loss equals the pair cost d(a, b) with M = (H_A^-1 + H_B^-1)^-1 (Eq. 12)
+    loss = 0.5 * ((w - a).T @ HA @ (w - a) + (w - b).T @ HB @ (w - b)).item()
+    assert loss == pytest.approx(pair_costs(interaction(HA, HB, "hessian", "x"), a, b).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape,k", [((5, 5), 3), ((6, 4), 2), ((4, 7), 4), ((5, 5), 5), ((3, 3), 0)])
+def test_optimal_matching_is_the_best_exactly_k(shape, k):
+    rng = np.random.default_rng(sum(shape) + k)
+    D = rng.random(shape)
+    rows, cols = match(D, k)
+    assert len(rows) == k and len(set(rows)) == k and len(set(cols)) == k
+    best = min((sum(D[r, c] for r, c in zip(rs, cs))
+                for rs in itertools.combinations(range(shape[0]), k)
+                for cs in itertools.permutations(range(shape[1]), k)), default=0.0)
+    assert D[rows, cols].sum() == pytest.approx(best)
+
+
+def test_greedy_and_threshold():
+    D = np.array([[0.0, 1.0], [0.1, 5.0]])
+    rows, cols = match(D, 2, "greedy")
+    assert list(zip(rows, cols)) == [(0, 0), (1, 1)]  # greedy takes 0 first, then is stuck with 5
+    rows, cols = match(D, 2, "optimal")
+    assert list(zip(rows, cols)) == [(0, 1), (1, 0)]
+    rows, cols = match(D, 2, "optimal", max_cost=0.5)
+    assert list(zip(rows, cols)) == [(1, 0)]
+
+
+def test_moments_stream_equals_one_shot():
+    rng = np.random.default_rng(3)
+    X, Z = rng.standard_normal((1000, 7)), rng.standard_normal((1000, 2))
+    acc = MomentAccumulator(7, 2)
+    for s in range(0, 1000, 137):
+        acc.add(X[s:s + 137], Z[s:s + 137])
+    Xb = np.hstack([X, np.ones((1000, 1))])
+    np.testing.assert_allclose(acc.gram, Xb.T @ Xb / 1000, rtol=1e-12)
+    np.testing.assert_allclose(acc.cross, Z.T @ Xb / 1000, rtol=1e-12)
+    assert acc.zz == pytest.approx((Z ** 2).sum() / 1000)
+
+
+def test_refit_recovers_a_linear_map_and_reports_its_error():
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((2000, 6))
+    W_true = rng.standard_normal((3, 7))
+    Z = np.hstack([X, np.ones((2000, 1))]) @ W_true.T
+    acc = MomentAccumulator(6, 3)
+    acc.add(X, Z)
+    W = refit(np.zeros((3, 7)) + 0.5, acc, 1e-9)
+    np.testing.assert_allclose(W, W_true, atol=1e-6)
+    assert relative_error(W, acc) < 1e-6
+    assert relative_error(np.zeros((3, 7)), acc) == pytest.approx(1.0)
+
+
+def test_refit_keeps_pruned_weights_zero():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((500, 10))
+    acc = MomentAccumulator(10, 4)
+    acc.add(X, rng.standard_normal((500, 4)))
+    W0 = rng.standard_normal((4, 11)) * (rng.random((4, 11)) < 0.4)
+    W0[:, -1] = 0.3
+    W = refit(W0, acc, 1e-3)
+    assert np.all(W[:, :-1][W0[:, :-1] == 0] == 0)
+
+
+@pytest.mark.parametrize("strides,pads,dilations", [((1, 1), (0, 0, 0, 0), (1, 1)), ((2, 1), (1, 2, 0, 1), (1, 1)),
+                                                    ((1, 2), (2, 2, 2, 2), (2, 1))])
+def test_conv_patches_reproduce_onnxruntime_conv(strides, pads, dilations):
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    layer = Layer("conv1", CONV, W, b, "c", strides, pads, dilations)
+    node = helper.make_node("Conv", ["x", "W", "b"], ["y"], kernel_shape=[3, 2], strides=list(strides),
+                            pads=list(pads), dilations=list(dilations))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    rows = layer_rows(layer, x)
+    np.testing.assert_allclose(rows @ layer.matrix().T + b, output_rows(layer, z), rtol=1e-5, atol=1e-5)
