@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..api import MergeResult, merge as run_merge
 from ..calib import ImageOptions
 from ..errors import OnnxZipError
 from ..merged import inspect as read_merged, split as split_task
+from ..runtime import resolve_device
 from ..options import DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_VERIFY_SAMPLES, MergeOptions
 
 EXIT_USER_ERROR = 2
@@ -23,8 +25,10 @@ IMAGE_LAYOUTS = ("NCHW", "NHWC")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge pre-trained ONNX networks into one multi-task model (Multi-Task Zipping).")
-out = Console()
-err = Console(stderr=True)
+# Piped output (logs, CI) gets a fixed width wide enough that table headers do not wrap.
+PIPED_WIDTH = 140
+out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 
 def _pairs(values: List[str], flag: str) -> dict[str, str]:
@@ -81,6 +85,19 @@ def _calib(values: List[str]) -> str | dict[str, str]:
     return _pairs(values, "--calib")
 
 
+def _user_errors(command: Callable) -> Callable:
+    """Turn OnnxZipError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OnnxZipError as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+    return wrapper
+
+
 class _Bars:
     """Rich progress bars, one per stage and layer."""
 
@@ -126,6 +143,7 @@ def _print_result(result: MergeResult) -> None:
 
 
 @app.command()
+@_user_errors
 def merge(
     models: List[Path] = typer.Argument(..., help="Two ONNX models to merge (tasks are named after the files)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the merged model."),
@@ -163,16 +181,17 @@ def merge(
         batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device)
     if report is not None and report.exists() and report.is_dir():
         raise OnnxZipError(f"{report}: --report must be a file path")
+    err.print(resolve_device(opts.device)[1])
     bars = _Bars()
     with bars.progress:
         result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars)
-    err.print(result.device)
     _print_result(result)
     if report is not None:
         report.write_text(json.dumps(result.to_json(), indent=2))
 
 
 @app.command()
+@_user_errors
 def inspect(model: Path = typer.Argument(..., help="A model written by onnxzip merge.")) -> None:
     """Show the tasks, per-layer sharing, parameters and bytes of a merged model."""
     info = read_merged(model)
@@ -195,6 +214,7 @@ def inspect(model: Path = typer.Argument(..., help="A model written by onnxzip m
 
 
 @app.command()
+@_user_errors
 def split(model: Path = typer.Argument(..., help="A model written by onnxzip merge."),
           task: str = typer.Option(..., help="The task to extract."),
           output: Path = typer.Option(..., "-o", "--output", help="Where to write the standalone model.")) -> None:
@@ -204,20 +224,8 @@ def split(model: Path = typer.Argument(..., help="A model written by onnxzip mer
 
 
 def main() -> None:
-    """Console entry point: user errors print one line and exit with code 2."""
-    try:
-        app(standalone_mode=False)
-    except OnnxZipError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(EXIT_USER_ERROR)
-    except (typer.Exit, typer.Abort) as exc:
-        sys.exit(getattr(exc, "exit_code", 1))
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(EXIT_USER_ERROR)
-        raise
+    """Console entry point (usage errors exit with code 2, as user errors do)."""
+    app()
 
 
 if __name__ == "__main__":

@@ -53,15 +53,15 @@ def resolve_device(device: str) -> tuple[list[str], str]:
     return [CPU], "running on the CPU (ONNX Runtime CPU provider)"
 
 
-def session(model: onnx.ModelProto | bytes, providers: list[str], profile_prefix: str | None = None,
+def session(model: onnx.ModelProto | bytes | str, providers: list[str], profile_prefix: str | None = None,
             ) -> ort.InferenceSession:
-    """An inference session for an in-memory model."""
+    """An inference session for an in-memory model or a model file (path given as str)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = ORT_LOG_ERRORS_ONLY
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=providers)
 
 

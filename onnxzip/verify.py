@@ -35,7 +35,7 @@ class MergedRunner:
     """Runs one task of a merged model file (either layout)."""
 
     def __init__(self, path: Path, tasks: Sequence[str], layout: str, providers: list[str]):
-        self.sess = session(Path(path).read_bytes(), providers)
+        self.sess = session(str(path), providers)
         self.input = [i.name for i in self.sess.get_inputs() if i.name != TASK_INPUT][0]
         self.tasks, self.layout = list(tasks), layout
 
@@ -45,8 +45,8 @@ class MergedRunner:
         return self.sess.run([self.tasks[t]], {self.input: x})[0]
 
 
-def _model_runner(model_bytes: bytes, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
-    sess = session(model_bytes, providers)
+def _model_runner(model: bytes | str, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    sess = session(model, providers)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
 
@@ -65,7 +65,7 @@ def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
                batches: Iterator[np.ndarray], limit: int, providers: list[str]) -> TaskCheck:
     """Compare task t of the merged model with its tied and original models on calibration batches."""
     run_tied = _model_runner(task_model(tied).SerializeToString(), providers)
-    run_orig = _model_runner(Path(original.path).read_bytes(), providers)
+    run_orig = _model_runner(str(original.path), providers)
     worst, agree, n, err2, ref2 = 0.0, 0, 0, 0.0, 0.0
     for x in _take(batches, limit):
         y, y_tied, y_orig = merged(t, x), run_tied(x), run_orig(x)
@@ -85,7 +85,7 @@ def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
 def accuracies(merged: MergedRunner, t: int, original: Network, x: np.ndarray, labels: np.ndarray,
                batch_size: int, providers: list[str]) -> tuple[float, float]:
     """Top-1 accuracy of the original and of the merged model for task t on labelled data."""
-    run_orig = _model_runner(Path(original.path).read_bytes(), providers)
+    run_orig = _model_runner(str(original.path), providers)
     hits_o = hits_m = 0
     for s in range(0, len(x), batch_size):
         xb, yb = x[s:s + batch_size], labels[s:s + batch_size]

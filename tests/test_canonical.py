@@ -1,0 +1,162 @@
+"""Canonicalisation of what exporters write: folding, bias Adds, flattening, heads, sparse layers."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import builders as B
+from onnxzip.api import merge
+from onnxzip.canonical import import_network
+from onnxzip.emit import task_model
+from onnxzip.errors import OnnxZipError
+from onnxzip.options import MergeOptions
+
+TOL = 1e-5
+
+
+def _run_model(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def _graph_model(nodes, inits, in_shape, out_shape, opset=17):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *out_shape])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _bn_cnn(seed: int) -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> BatchNorm -> Relu -> Gemm."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    pos = lambda n: (rng.random(n) + 0.5).astype(np.float32)
+    inits = {"W1": f(5, 1, 3, 3), "b1": f(5), "g1": pos(5), "be1": f(5), "m1": f(5), "v1": pos(5),
+             "W2": f(7, 5), "b2": f(7), "g2": pos(7), "be2": f(7), "m2": f(7), "v2": pos(7), "W3": f(3, 7)}
+    nodes = [helper.make_node("Conv", ["input", "W1", "b1"], ["c"], name="conv", kernel_shape=[3, 3], auto_pad="SAME_UPPER",
+                              strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "g1", "be1", "m1", "v1"], ["bn"], name="bn1", epsilon=1e-3),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["gp"], name="gap"),
+             helper.make_node("Flatten", ["gp"], ["fl"], name="flat"),
+             helper.make_node("Gemm", ["fl", "W2", "b2"], ["g"], name="fc", transB=1),
+             helper.make_node("BatchNormalization", ["g", "g2", "be2", "m2", "v2"], ["bn2"], name="bn2"),
+             helper.make_node("Relu", ["bn2"], ["r2"], name="relu2"),
+             helper.make_node("Dropout", ["r2"], ["d2"], name="drop"),
+             helper.make_node("Gemm", ["d2", "W3"], ["logits"], name="head", transB=1)]
+    return _graph_model(nodes, inits, (1, 9, 9), (3,))
+
+
+def test_batchnorm_folding_is_exact(tmp_path):
+    path = B.save(_bn_cnn(0), tmp_path / "bn.onnx")
+    net = import_network(path)
+    assert [type(s).__name__ for s in net.steps].count("Layer") == 3
+    assert not any(getattr(s, "op_type", "") in ("BatchNormalization", "Dropout") for s in net.steps)
+    x = np.random.default_rng(1).standard_normal((6, 1, 9, 9)).astype(np.float32)
+    np.testing.assert_allclose(_run_model(task_model(net), x), B.run(path, x)[0], rtol=TOL, atol=TOL)
+
+
+def test_bias_as_separate_add_merges_with_gemm_form(tmp_path):
+    layers = B.mlp_weights([64, 20, 12, 10], 4)
+    permuted, perms = B.permute_hidden(layers, 2)
+    a = B.save(B.mlp_model(layers, bias_as_add=True), tmp_path / "a.onnx")
+    b = B.save(B.mlp_model(permuted), tmp_path / "b.onnx")
+    calib = B.calib_folder(tmp_path / "c", (1, 8, 8), 200)
+    result = merge([a, b], calib, tmp_path / "m.onnx")
+    for lp, perm in zip(result.plan.layers, perms):
+        np.testing.assert_array_equal(perm[np.array(lp.shared)[:, 1]], np.array(lp.shared)[:, 0])
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(B.run(tmp_path / "m.onnx", x)[1], B.run(a, x)[0], rtol=TOL, atol=TOL)
+
+
+def _computed_flatten_cnn(layers) -> onnx.ModelProto:
+    """The test CNN with Flatten replaced by Shape/Gather/Unsqueeze/Concat/Reshape and a Softmax head."""
+    model = B.cnn_model(layers)
+    nodes = [n for n in model.graph.node if n.op_type != "Flatten"]
+    at = [i for i, n in enumerate(nodes) if n.name == "fc1"][0]
+    chain = [helper.make_node("Shape", ["p2"], ["shp"], name="shape"),
+             helper.make_node("Gather", ["shp", "zero"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsq"),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["p2", "target"], ["f"], name="reshape")]
+    nodes = nodes[:at] + chain + nodes[at:]
+    nodes[-1].output[0] = "z"
+    nodes.append(helper.make_node("Softmax", ["z"], ["logits"], name="softmax", axis=-1))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits.update(zero=np.array(0, np.int64), axes0=np.array([0], np.int64), minus1=np.array([-1], np.int64))
+    return _graph_model(nodes, inits, (1, 12, 12), (10,))
+
+
+def test_computed_reshape_flatten_and_softmax_head(tmp_path):
+    layers = B.cnn_weights(3)
+    permuted, _ = B.permute_hidden(layers, 5)
+    a = B.save(_computed_flatten_cnn(layers), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(permuted), tmp_path / "b.onnx")
+    net = import_network(a)
+    assert [s.op_type for s in net.steps if hasattr(s, "op_type")][-1] == "Softmax"
+    calib = B.calib_folder(tmp_path / "c", (1, 12, 12), 128)
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(layout="gated"))
+    assert all(lp.n_shared == lp.units[0] for lp in result.plan.layers[:-1])
+    x = np.random.default_rng(0).random((5, 1, 12, 12), dtype=np.float32)
+    y = B.run(tmp_path / "m.onnx", x, {"task": np.array(0, np.int64)})[0]
+    np.testing.assert_allclose(y, B.run(a, x)[0], rtol=TOL, atol=TOL)
+
+
+def test_unit_wise_ops_are_kept(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = {"W1": rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "lo": np.array(0.1, np.float32),
+             "W2": rng.standard_normal((6, 64)).astype(np.float32), "W3": rng.standard_normal((3, 6)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["input", "W1"], ["c"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("Clip", ["c", "lo"], ["cl"], name="clip"),
+             helper.make_node("AveragePool", ["cl"], ["ap"], name="avg", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Identity", ["ap"], ["id"], name="ident"),
+             helper.make_node("Flatten", ["id"], ["fl"], name="flat"),
+             helper.make_node("MatMul", ["fl", "W2T"], ["mm"], name="mm"),
+             helper.make_node("LeakyRelu", ["mm"], ["lr"], name="leaky", alpha=0.2),
+             helper.make_node("Tanh", ["lr"], ["th"], name="tanh"),
+             helper.make_node("Sigmoid", ["th"], ["sg"], name="sig"),
+             helper.make_node("Gemm", ["sg", "W3"], ["z"], name="head", transB=1),
+             helper.make_node("LogSoftmax", ["z"], ["logits"], name="lsm", axis=1)]
+    inits["W2T"] = inits.pop("W2").T.copy()
+    path = B.save(_graph_model(nodes, inits, (1, 10, 10), (3,)), tmp_path / "ops.onnx")
+    net = import_network(path)
+    assert [getattr(s, "op_type", s.__class__.__name__) for s in net.steps] == \
+        ["Layer", "Clip", "AveragePool", "Flatten", "Layer", "LeakyRelu", "Tanh", "Sigmoid", "Layer", "LogSoftmax"]
+    x = np.random.default_rng(1).standard_normal((3, 1, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(_run_model(task_model(net), x), B.run(path, x)[0], rtol=TOL, atol=TOL)
+
+
+def test_sparse_pair_stays_sparse(tmp_path):
+    rng = np.random.default_rng(0)
+    models, pruned = [], []
+    for seed in (1, 2):
+        layers = B.mlp_weights([64, 40, 20, 10], seed)
+        layers = [((W * (rng.random(W.shape) < 0.3)).astype(np.float32), b) for W, b in layers]
+        pruned.append(layers)
+        models.append(B.save(B.mlp_model(layers), tmp_path / f"{'ab'[seed - 1]}.onnx"))
+    calib = B.calib_folder(tmp_path / "c", (1, 8, 8), 256)
+    result = merge(models, calib, tmp_path / "m.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    for k, lp in enumerate(result.plan.layers[:-1]):
+        W = inits[f"{lp.name}.shared.W"]
+        for row, (i, j) in zip(W, lp.shared):
+            nnz_a, nnz_b = (pruned[0][k][0][i] != 0).sum(), (pruned[1][k][0][j] != 0).sum()
+            assert (row != 0).sum() <= max(nnz_a, nnz_b)
+        assert np.mean(W == 0) >= 0.6
+    # the heads are refit on their support only
+    assert np.mean(inits["fc3.task_a.W_from_shared"] == 0) == pytest.approx(np.mean(pruned[0][2][0] == 0))
+
+
+def test_unsupported_and_grouped_conv_are_refused_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "W"], ["c"], name="my_conv", kernel_shape=[3, 3]),
+             helper.make_node("Erf", ["c"], ["e"], name="my_erf"),
+             helper.make_node("GlobalAveragePool", ["e"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["logits"], name="flat")]
+    path = B.save(_graph_model(nodes, {"W": W}, (1, 6, 6), (4,)), tmp_path / "erf.onnx")
+    with pytest.raises(OnnxZipError, match=r"erf\.onnx: node 'my_erf' \(Erf\) is not supported"):
+        import_network(path)

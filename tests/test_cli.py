@@ -1,0 +1,68 @@
+"""The command line: merge with a report, inspect, split, and the README's demo command."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import builders as B
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxzip.cli.main", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_merge_report_inspect_split(tmp_path):
+    layers = B.cnn_weights(0)
+    a = B.save(B.cnn_model(layers), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp_path / "b.onnx")
+    calib_a = B.calib_folder(tmp_path / "ca", (1, 12, 12), 96, seed=1)
+    calib_b = B.calib_folder(tmp_path / "cb", (1, 12, 12), 96, seed=2)
+    labels = np.random.default_rng(0).integers(0, 10, 64)
+    ev = B.calib_folder(tmp_path / "ev", (1, 12, 12), 64, seed=3, labels=labels)
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    proc = _cli("merge", a, b, "--calib", f"a={calib_a}", "--calib", f"b={calib_b}", "-o", out, "--layout", "gated",
+                "--share-layer", "conv1=4", "--share-layer", "conv2=0.5", "--share", "0.25", "--eval", f"b={ev}",
+                "--report", report, "--solver", "greedy", "--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"conv1 .*6/6 .* 4 ", proc.stdout) and "fc1" in proc.stdout
+    data = json.loads(report.read_text())
+    assert [l["shared"] for l in data["layers"]] == [4, 4, 6, 0]
+    assert data["checks"][1]["accuracy_merged"] is not None and data["checks"][0]["accuracy_merged"] is None
+    assert data["plan"]["tasks"] == ["a", "b"]
+
+    proc = _cli("inspect", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "layout gated" in proc.stdout and "task b:" in proc.stdout and "1,542 params" in proc.stdout
+
+    x = np.random.default_rng(4).random((5, 1, 12, 12), dtype=np.float32)
+    merged_b = B.run(out, x, {"task": np.array(1, np.int64)})[0]
+    proc = _cli("split", out, "--task", "b", "-o", tmp_path / "b_only.onnx")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(B.run(tmp_path / "b_only.onnx", x)[0], merged_b, rtol=1e-5, atol=1e-5)
+    proc = _cli("split", out, "--task", "zzz", "-o", tmp_path / "z.onnx")
+    assert proc.returncode == 2 and "no task 'zzz'" in proc.stderr
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```(?:bash|sh)\n(.*?)```", text, re.S).group(1)
+    return [l for l in block.splitlines() if l.strip() and not l.startswith("#")]
+
+
+def test_readme_main_job_runs_as_written():
+    """The README's first command (the real merge) runs from the repo root, minus its install step."""
+    main_job = _readme_commands()[0]
+    steps = [s.strip() for s in main_job.split("&&")]
+    assert steps[0].startswith("pip install") and any(s.startswith("onnxzip merge") for s in steps)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(" && ".join(steps[1:]), shell=True, cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "accuracy merged" in proc.stdout and (REPO / "demo" / "merged.onnx").exists()

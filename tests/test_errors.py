@@ -1,0 +1,131 @@
+"""Errors a user can cause: one line on stderr naming the culprit, exit code 2, no output file."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import builders as B
+
+SHAPE = (1, 8, 8)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxzip.cli.main", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def _good_pair(tmp_path):
+    a = B.save(B.mlp_model(B.mlp_weights([64, 16, 10], 0)), tmp_path / "a.onnx")
+    b = B.save(B.mlp_model(B.mlp_weights([64, 16, 10], 1)), tmp_path / "b.onnx")
+    return a, b
+
+
+def _assert_user_error(proc, out, *needles):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*"))
+
+
+def _calib_with(tmp_path, x):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.savez(folder / "bad.npz", input=x)
+    return folder
+
+
+def test_corrupt_model_file(tmp_path):
+    a, _ = _good_pair(tmp_path)
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 50)
+    calib = B.calib_folder(tmp_path / "c", SHAPE, 32)
+    out = tmp_path / "m.onnx"
+    _assert_user_error(_cli("merge", a, bad, "--calib", calib, "-o", out), out, "broken.onnx")
+
+
+def test_unsupported_op(tmp_path):
+    a, _ = _good_pair(tmp_path)
+    model = B.mlp_model(B.mlp_weights([64, 16, 10], 1))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.name = "Softplus", "strange_act"
+    b = B.save(model, tmp_path / "b.onnx")
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, b, "--calib", B.calib_folder(tmp_path / "c", SHAPE, 32), "-o", out)
+    _assert_user_error(proc, out, "b.onnx", "strange_act", "Softplus")
+
+
+def test_different_depths(tmp_path):
+    a, _ = _good_pair(tmp_path)
+    b = B.save(B.mlp_model(B.mlp_weights([64, 16, 12, 10], 1)), tmp_path / "deep.onnx")
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, b, "--calib", B.calib_folder(tmp_path / "c", SHAPE, 32), "-o", out)
+    _assert_user_error(proc, out, "deep.onnx", "same depth")
+
+
+@pytest.mark.parametrize("case,x,needle", [
+    ("shape", np.zeros((4, 1, 7, 7), np.float32), "shape"),
+    ("dtype", np.zeros((4, 1, 8, 8), np.float64), "float64"),
+    ("nan", np.where(np.arange(256).reshape(4, 1, 8, 8) == 70, np.nan, 0.5).astype(np.float32), "NaN"),
+])
+def test_bad_calibration_arrays(tmp_path, case, x, needle):
+    a, b = _good_pair(tmp_path)
+    out = tmp_path / "m.onnx"
+    _assert_user_error(_cli("merge", a, b, "--calib", _calib_with(tmp_path, x), "-o", out), out, "bad.npz", needle)
+
+
+def test_empty_calibration_folder(tmp_path):
+    a, b = _good_pair(tmp_path)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "m.onnx"
+    _assert_user_error(_cli("merge", a, b, "--calib", tmp_path / "empty", "-o", out), out, "empty")
+
+
+def test_external_data_outside_the_model_folder(tmp_path):
+    a, _ = _good_pair(tmp_path)
+    inner = tmp_path / "models"
+    inner.mkdir()
+    model = B.mlp_model(B.mlp_weights([64, 16, 10], 1))
+    onnx.save(model, str(inner / "b.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="b.data", size_threshold=0)
+    (inner / "b.data").rename(tmp_path / "stolen.data")
+    model = onnx.load(str(inner / "b.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../stolen.data"
+    onnx.save(model, str(inner / "b.onnx"))
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, inner / "b.onnx", "--calib", B.calib_folder(tmp_path / "c", SHAPE, 32), "-o", out)
+    _assert_user_error(proc, out, "b.onnx", "outside the model's folder")
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    a, _ = _good_pair(tmp_path)
+    model = B.mlp_model(B.mlp_weights([64, 16, 10], 1))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, tmp_path / "ext.onnx", "--calib", B.calib_folder(tmp_path / "c", SHAPE, 32), "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()
+
+
+def test_bad_options_and_usage(tmp_path):
+    a, b = _good_pair(tmp_path)
+    calib = B.calib_folder(tmp_path / "c", SHAPE, 32)
+    out = tmp_path / "m.onnx"
+    _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", out, "--share", "1.5"), out, "--share")
+    _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", out, "--share-layer", "fc9=0.5"), out, "fc9")
+    _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", out, "--share-layer", "fc2=0.5"), out, "head")
+    _assert_user_error(_cli("merge", a, b, "--calib", "x=" + str(calib), "-o", out), out, "unknown task")
+    _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", a), a.parent / "none.onnx", "overwrite")
+    assert a.exists()
+    proc = _cli("merge", a, b, "--calib", calib, "--no-such-flag", "-o", out)
+    assert proc.returncode == 2 and not out.exists()
