@@ -181,7 +181,7 @@ def merge(
         batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device)
     if report is not None and report.exists() and report.is_dir():
         raise OnnxZipError(f"{report}: --report must be a file path")
-    err.print(resolve_device(opts.device)[1])
+    out.print(resolve_device(opts.device)[1])
     bars = _Bars()
     with bars.progress:
         result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars)
