@@ -127,14 +127,14 @@ def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOption
 
 def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | Path], output: str | Path,
           options: MergeOptions = MergeOptions(), evals: Mapping[str, str | Path] | None = None,
-          progress: ProgressFn = no_progress) -> MergeResult:
+          progress: ProgressFn = no_progress, timer: StageTimer | None = None) -> MergeResult:
     """Zip the models into one multi-task ONNX model at ``output`` and return what was measured.
 
     ``calib`` is one folder for every task or a {task: folder} mapping; ``evals`` optionally maps
-    tasks to folders of labelled .npz files for an accuracy report. Raises OnnxZipError on any
-    problem a user can cause; then no output file is written.
+    tasks to folders of labelled .npz files for an accuracy report; ``timer`` collects seconds per
+    stage. Raises OnnxZipError on any problem a user can cause; then no output file is written.
     """
-    timer = StageTimer()
+    timer = timer or StageTimer()
     paths, output = [Path(m) for m in models], Path(output)
     if any(output.resolve() == p.resolve() for p in paths):
         raise OnnxZipError(f"{output}: the output would overwrite an input model")

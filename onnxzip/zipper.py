@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .align import input_reps
-from .correct import refit, relative_error, with_bias_column
+from .correct import refit_update, relative_error, with_bias_column
 from .cost import interaction, merged_weights, pair_costs
 from .emit import task_model
 from .hessian import MomentAccumulator, damp, layer_rows, output_rows
@@ -114,13 +114,15 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick) -> MomentAcc
         run_tied = _runner(task.tied, ls[k - 1], ls[k], [("in", k)], providers)
         source = zip(task.tied_cache, task.orig_cache)
     layer = task.tied.layers[k]
+    W0, b0 = layer.matrix(), layer.b
     acc = MomentAccumulator(layer.in_features, layer.out_units)
     write_tied, write_orig = task.tied_cache.writer(), task.orig_cache.writer()
     tied_files, orig_files = [], []
     for prev_tied, orig_in in source:
         x_tied = run_tied(prev_tied)[0]
         outs = run_orig(x_tied if orig_in is None else orig_in)
-        acc.add(layer_rows(layer, x_tied), output_rows(layer, outs[0]))
+        rows, z = layer_rows(layer, x_tied), output_rows(layer, outs[0])
+        acc.add(rows, z - (rows @ W0.T + b0), z)
         tied_files.append(write_tied(x_tied))
         if len(outs) > 1:
             orig_files.append(write_orig(outs[1]))
@@ -191,11 +193,12 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
             tick = progress(f"layer {layer_name}", sum(n_batches))
             with timer("calibrate"):
                 accs = [_calibrate(task, k, n_layers, providers, tick) for task in tasks]
-            weights = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
+            before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
+            weights = [W.copy() for W in before]
             upstream = any(p.n_shared for p in plan_layers)
             if opts.correct and upstream:
                 with timer("tie"):
-                    weights = [refit(W, acc, opts.correct_damping) for W, acc in zip(weights, accs)]
+                    weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
             shared, cost = (), 0.0
             if k < n_layers - 1:
                 rows, cols, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
@@ -203,7 +206,7 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
             for task, W in zip(tasks, weights):
                 layer = task.tied.layers[k]
                 task.tied = task.tied.with_layer(k, layer.with_matrix(W[:, :-1], W[:, -1]))
-            errors = tuple(relative_error(W, acc) for W, acc in zip(weights, accs))
+            errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(weights, before, accs))
             plan_layers.append(LayerPlan(layer_name, nets[0].layers[k].kind,
                                          tuple(n.layers[k].out_units for n in nets), shared, cost, errors,
                                          corrected=bool(opts.correct and upstream)))

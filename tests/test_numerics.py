@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxzip.correct import refit, relative_error
+from onnxzip.correct import refit_update, relative_error
 from onnxzip.cost import interaction, merged_weights, pair_costs
 from onnxzip.hessian import MomentAccumulator, layer_rows, output_rows
 from onnxzip.ir import CONV, Layer
@@ -75,34 +75,39 @@ def test_moments_stream_equals_one_shot():
     X, Z = rng.standard_normal((1000, 7)), rng.standard_normal((1000, 2))
     acc = MomentAccumulator(7, 2)
     for s in range(0, 1000, 137):
-        acc.add(X[s:s + 137], Z[s:s + 137])
+        acc.add(X[s:s + 137], Z[s:s + 137], 2 * Z[s:s + 137])
     Xb = np.hstack([X, np.ones((1000, 1))])
-    np.testing.assert_allclose(acc.gram, Xb.T @ Xb / 1000, rtol=1e-12)
-    np.testing.assert_allclose(acc.cross, Z.T @ Xb / 1000, rtol=1e-12)
-    assert acc.zz == pytest.approx((Z ** 2).sum() / 1000)
+    # chunk products are float32 GEMMs, the running mean is float64
+    np.testing.assert_allclose(acc.gram, Xb.T @ Xb / 1000, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc.cross, Z.T @ Xb / 1000, rtol=1e-5, atol=1e-6)
+    assert acc.rr == pytest.approx((Z.astype(np.float32) ** 2).sum() / 1000, rel=1e-6)
+    assert acc.zz == pytest.approx(4 * acc.rr, rel=1e-6)
 
 
 def test_refit_recovers_a_linear_map_and_reports_its_error():
     rng = np.random.default_rng(4)
     X = rng.standard_normal((2000, 6))
     W_true = rng.standard_normal((3, 7))
-    Z = np.hstack([X, np.ones((2000, 1))]) @ W_true.T
+    Xb = np.hstack([X, np.ones((2000, 1))])
+    Z = Xb @ W_true.T
+    W0 = np.zeros((3, 7)) + 0.5
     acc = MomentAccumulator(6, 3)
-    acc.add(X, Z)
-    W = refit(np.zeros((3, 7)) + 0.5, acc, 1e-9)
-    np.testing.assert_allclose(W, W_true, atol=1e-6)
-    assert relative_error(W, acc) < 1e-6
-    assert relative_error(np.zeros((3, 7)), acc) == pytest.approx(1.0)
+    acc.add(X, Z - Xb @ W0.T, Z)
+    dW = refit_update(W0, acc, 1e-9)
+    np.testing.assert_allclose(W0 + dW, W_true, atol=1e-4)
+    assert relative_error(dW, acc) < 1e-3
+    assert relative_error(-W0, acc) == pytest.approx(1.0, rel=1e-4)  # W = 0 misses everything
 
 
 def test_refit_keeps_pruned_weights_zero():
     rng = np.random.default_rng(5)
     X = rng.standard_normal((500, 10))
     acc = MomentAccumulator(10, 4)
-    acc.add(X, rng.standard_normal((500, 4)))
+    Z = rng.standard_normal((500, 4))
+    acc.add(X, Z, Z)
     W0 = rng.standard_normal((4, 11)) * (rng.random((4, 11)) < 0.4)
     W0[:, -1] = 0.3
-    W = refit(W0, acc, 1e-3)
+    W = W0 + refit_update(W0, acc, 1e-3)
     assert np.all(W[:, :-1][W0[:, :-1] == 0] == 0)
 
 

@@ -1,0 +1,246 @@
+"""Merge speed and memory, by stage, against one ONNX Runtime pass of the same data (issue 2).
+
+For each reference architecture (LeNet-300-100, LeNet-5, a VGG-style CNN with 512-channel convs
+and a 4096-unit FC layer) two independently initialised models are built in code and fully merged
+on real MNIST images. Each pair runs in its own process so memory figures are its own.
+
+    python benchmarks/merge_speed.py [--calib-samples 1024] [--batch-size 64] [--only vgg]
+
+Reports, per pair: the merge's wall time and the seconds of each stage; the ratio of the merge's
+wall time to one ONNX Runtime pass of the calibration data through both original models, timed in
+the same process; the peak resident memory above the process's level before the merge, per stage,
+against a budget of the two models + the two largest Hessians + one batch of activations.
+Writes benchmarks/RESULTS.md (section "merge_speed") and benchmarks/merge_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = Path(__file__).resolve().parent
+DATASETS = Path(os.environ.get("ONNXZIP_DATASETS", HERE.parent.parent / "shared" / "datasets"))
+RSS_SAMPLE_SECONDS = 0.005
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1 << 20
+
+# (name, layer specs): ("conv", out, k, pad) | ("pool",) | ("flatten",) | ("fc", out)
+ARCHS = {
+    "lenet300": [("flatten",), ("fc", 300), ("fc", 100), ("fc", 10)],
+    "lenet5": [("conv", 20, 5, 0), ("pool",), ("conv", 50, 5, 0), ("pool",), ("flatten",), ("fc", 500), ("fc", 10)],
+    "vgg": [("conv", 64, 3, 1), ("conv", 64, 3, 1), ("pool",), ("conv", 128, 3, 1), ("conv", 128, 3, 1), ("pool",),
+            ("conv", 256, 3, 1), ("pool",), ("conv", 512, 3, 1), ("flatten",), ("fc", 4096), ("fc", 10)],
+}
+
+
+def build_model(arch: str, seed: int) -> tuple[onnx.ModelProto, list[int]]:
+    """A He-initialised model of the architecture on [N,1,28,28]; also each layer's input features."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x, ch, size, feats, n = [], [], "input", 1, 28, [], 0
+    specs = ARCHS[arch]
+    for spec in specs:
+        n += 1
+        if spec[0] == "conv":
+            _, out, k, pad = spec
+            W = (rng.standard_normal((out, ch, k, k)) * np.sqrt(2 / (ch * k * k))).astype(np.float32)
+            inits += [numpy_helper.from_array(W, f"W{n}"), numpy_helper.from_array(np.zeros(out, np.float32), f"b{n}")]
+            nodes += [helper.make_node("Conv", [x, f"W{n}", f"b{n}"], [f"c{n}"], kernel_shape=[k, k], pads=[pad] * 4),
+                      helper.make_node("Relu", [f"c{n}"], [f"r{n}"])]
+            feats.append(ch * k * k)
+            x, ch, size = f"r{n}", out, size + 2 * pad - k + 1
+        elif spec[0] == "pool":
+            nodes.append(helper.make_node("MaxPool", [x], [f"p{n}"], kernel_shape=[2, 2], strides=[2, 2]))
+            x, size = f"p{n}", size // 2
+        elif spec[0] == "flatten":
+            nodes.append(helper.make_node("Flatten", [x], [f"f{n}"]))
+            x, ch, size = f"f{n}", ch * size * size, 1
+        else:
+            out = spec[1]
+            W = (rng.standard_normal((out, ch)) * np.sqrt(2 / ch)).astype(np.float32)
+            inits += [numpy_helper.from_array(W, f"W{n}"), numpy_helper.from_array(np.zeros(out, np.float32), f"b{n}")]
+            nodes.append(helper.make_node("Gemm", [x, f"W{n}", f"b{n}"], [f"g{n}"], transB=1))
+            feats.append(ch)
+            x, ch = f"g{n}", out
+            if spec is not specs[-1]:
+                nodes.append(helper.make_node("Relu", [x], [f"r{n}"]))
+                x = f"r{n}"
+    nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(nodes, arch, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model, feats
+
+
+def mnist_images(n: int) -> np.ndarray:
+    """The first n MNIST training images as float32 [n,1,28,28] in [0,1]."""
+    raw = gzip.decompress((DATASETS / "mnist" / "train-images-idx3-ubyte.gz").read_bytes())
+    return (np.frombuffer(raw, np.uint8, offset=16)[: n * 784].reshape(n, 1, 28, 28) / 255.0).astype(np.float32)
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE
+
+
+class ProbeTimer:
+    """A StageTimer that also records the peak resident memory while each stage runs."""
+
+    def __init__(self, base_timer):
+        self.timer, self.stage, self.peak, self.stop = base_timer, "other", {}, False
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def seconds(self):
+        return self.timer.seconds
+
+    def _sample(self):
+        while not self.stop:
+            self.peak[self.stage] = max(self.peak.get(self.stage, 0), rss())
+            time.sleep(RSS_SAMPLE_SECONDS)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        previous, self.stage = self.stage, stage
+        try:
+            with self.timer(stage):
+                yield
+        finally:
+            self.peak[stage] = max(self.peak.get(stage, 0), rss())
+            self.stage = previous
+
+
+def ort_pass(paths, x: np.ndarray, batch: int) -> float:
+    """Seconds for one ONNX Runtime pass of x through each model (sessions made beforehand)."""
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in paths]
+    for s in sessions:
+        s.run(None, {"input": x[:batch]})
+    start = time.perf_counter()
+    for s in sessions:
+        for i in range(0, len(x), batch):
+            s.run(None, {"input": x[i:i + batch]})
+    return time.perf_counter() - start
+
+
+def run_pair(arch: str, samples: int, batch: int, queue) -> None:
+    """Measure one pair in this (child) process and put the figures on the queue."""
+    from onnxzip.api import merge
+    from onnxzip.options import MergeOptions
+    from onnxzip.zipper import StageTimer
+
+    x = mnist_images(samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = []
+        for seed, name in ((1, "a"), (2, "b")):
+            model, feats = build_model(arch, seed)
+            onnx.save(model, str(tmp / f"{name}.onnx"))
+            paths.append(tmp / f"{name}.onnx")
+        (tmp / "calib").mkdir()
+        np.save(tmp / "calib" / "x.npy", x)
+        baseline = ort_pass(paths, x, batch)
+        probe = ProbeTimer(StageTimer())
+        before = rss()
+        probe.thread.start()
+        start = time.perf_counter()
+        result = merge(paths, tmp / "calib", tmp / "m.onnx", MergeOptions(batch_size=batch), timer=probe)
+        wall = time.perf_counter() - start
+        probe.stop = True
+        weights = sum(p.stat().st_size for p in paths)
+        act = max(batch * int(np.prod(o.shape[1:])) * 4 for o in _activation_shapes(paths[0], x[:1]))
+        hessians = 2 * (max(feats) + 1) ** 2 * 8
+        queue.put({
+            "arch": arch, "samples": samples, "batch": batch, "params_in": sum(result.params_inputs),
+            "params_merged": result.params_merged, "wall_s": wall, "ort_pass_s": baseline, "ratio": wall / baseline,
+            "stages_s": dict(result.seconds), "peak_mib": {k: (v - before) / MIB for k, v in probe.peak.items()},
+            "budget_mib": (weights + hessians + act) / MIB, "budget_parts_mib":
+                {"models": weights / MIB, "two_hessians": hessians / MIB, "one_batch_activations": act / MIB},
+            "agreement": [c.top1_agreement for c in result.checks],
+        })
+
+
+def _activation_shapes(path: Path, x1: np.ndarray):
+    """Every intermediate tensor of a model for one sample (to size one batch of activations)."""
+    model = onnx.load(str(path))
+    names = [o for n in model.graph.node for o in n.output]
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x1})
+
+
+def table(rows) -> str:
+    """The Markdown table of the measured figures."""
+    stages = ["load", "calibrate", "score+match", "tie", "emit", "verify"]
+    head = ("| pair | params in -> merged | samples | merge s | ORT pass s | ratio | "
+            + " | ".join(f"{s} s" for s in stages) + " | peak MiB | budget MiB | within |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        peak = max(r["peak_mib"].values())
+        lines.append(f"| {r['arch']} | {r['params_in']:,} -> {r['params_merged']:,} | {r['samples']} | "
+                     f"{r['wall_s']:.2f} | {r['ort_pass_s']:.2f} | {r['ratio']:.1f} | "
+                     + " | ".join(f"{r['stages_s'].get(s, 0):.2f}" for s in stages)
+                     + f" | {peak:.0f} | {r['budget_mib']:.0f} | {'yes' if peak <= r['budget_mib'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def write_results(rows, command: str) -> None:
+    """Write merge_speed.json and the merge_speed section of RESULTS.md."""
+    (HERE / "merge_speed.json").write_text(json.dumps(rows, indent=2))
+    section = (f"## merge_speed\n\nCommand: `{command}`  \nMachine: {os.cpu_count()} cores, "
+               f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__} (CPU provider)\n\n"
+               + table(rows) + "\n\nPeak memory per stage (MiB above the level before the merge): "
+               + "; ".join(f"{r['arch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mib"].items())
+                           for r in rows)
+               + "\n\nBudget parts (MiB): " + "; ".join(
+                   f"{r['arch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["budget_parts_mib"].items()) for r in rows)
+               + "\n")
+    results = HERE / "RESULTS.md"
+    text = results.read_text() if results.exists() else "# Benchmark results\n\n"
+    start = text.find("## merge_speed")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+
+
+def main() -> None:
+    """Run every pair in its own process, print the table, write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib-samples", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--only", choices=sorted(ARCHS), action="append")
+    args = parser.parse_args()
+    rows = []
+    for arch in args.only or ARCHS:
+        queue = mp.get_context("spawn").Queue()
+        proc = mp.get_context("spawn").Process(target=run_pair, args=(arch, args.calib_samples, args.batch_size, queue))
+        proc.start()
+        rows.append(queue.get())
+        proc.join()
+        print(table(rows[-1:]), flush=True)
+    print(table(rows))
+    extra = "".join(f" --only {a}" for a in args.only or [])
+    write_results(rows, f"python benchmarks/merge_speed.py --calib-samples {args.calib_samples} "
+                        f"--batch-size {args.batch_size}{extra}")
+
+
+if __name__ == "__main__":
+    main()
