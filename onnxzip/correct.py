@@ -21,10 +21,15 @@ def with_bias_column(Wm: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def relative_error(dW: np.ndarray, acc: MomentAccumulator) -> float:
-    """sqrt(E||(W0 + dW) x - z||^2 / E||z||^2) from the moments, without another pass over the data."""
+    """sqrt(E||(W0 + dW) x - z||^2 / E||z||^2) from the moments, without another pass over the data.
+
+    A reported figure, not used by any decision: the d^2 n product runs in float32.
+    """
     if acc.cross is None or acc.zz <= 0.0:
         return 0.0
-    err = float(np.einsum("ij,ij->", dW @ acc.gram, dW) - 2.0 * np.einsum("ij,ij->", dW, acc.cross) + acc.rr)
+    d32 = dW.astype(np.float32)
+    quad = float(np.einsum("ij,ij->", d32 @ acc.gram.astype(np.float32), d32, dtype=np.float64))
+    err = quad - 2.0 * float(np.einsum("ij,ij->", dW, acc.cross)) + acc.rr
     return float(np.sqrt(max(err, 0.0) / acc.zz))
 
 

@@ -22,24 +22,44 @@ def _factor(H: np.ndarray, where: str):
                            "use more calibration samples or a larger damping") from None
 
 
-def interaction(HA: np.ndarray, HB: np.ndarray, kind: str, where: str) -> np.ndarray:
-    """The metric M of the functional difference: Eq. 12, M = (H_A^-1 + H_B^-1)^-1 = H_A (H_A+H_B)^-1 H_B.
+class PairMetric:
+    """The damped Hessians of one layer for two tasks, with H_A + H_B factored once."""
 
-    For kind 'l2' M is the identity (plain weight distance).
-    """
-    if kind == "l2":
-        return np.eye(HA.shape[0])
-    M = HA @ cho_solve(_factor(HA + HB, where), HB)
-    return 0.5 * (M + M.T)
+    def __init__(self, HA: np.ndarray, HB: np.ndarray, where: str):
+        self.HA, self.HB, self.where = HA, HB, where
+        self.factor = _factor(HA + HB, where)
+
+    def interaction(self, kind: str) -> np.ndarray:
+        """The metric M of the functional difference, Eq. 12: M = (H_A^-1 + H_B^-1)^-1 = H_A (H_A+H_B)^-1 H_B.
+
+        For kind 'l2' M is the identity (plain weight distance).
+        """
+        if kind == "l2":
+            return np.eye(self.HA.shape[0])
+        M = self.HA @ cho_solve(self.factor, self.HB)
+        M += M.T
+        M *= 0.5
+        return M
+
+    def merged_weights(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """Merged columns w = (H_A + H_B)^-1 (H_A a + H_B b) for matched columns of A and B (Eq. 10/11)."""
+        rhs = self.HA @ A
+        rhs += self.HB @ B
+        return cho_solve(self.factor, rhs, overwrite_b=True)
 
 
 def pair_costs(M: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """All pair costs d(i, j) = 1/2 (a_i - b_j)^T M (a_i - b_j) as [n_A, n_B], by two GEMMs (Eq. 12)."""
-    MA, MB = M @ A, M @ B
-    D = 0.5 * (np.einsum("di,di->i", A, MA)[:, None] + np.einsum("dj,dj->j", B, MB)[None, :]) - A.T @ MB
-    return np.maximum(D, 0.0)
+    """All pair costs d(i, j) = 1/2 (a_i - b_j)^T M (a_i - b_j) as [n_A, n_B], by GEMMs (Eq. 12).
 
-
-def merged_weights(HA: np.ndarray, HB: np.ndarray, A: np.ndarray, B: np.ndarray, where: str) -> np.ndarray:
-    """Merged columns w = (H_A + H_B)^-1 (H_A a + H_B b) for matched columns of A and B (Eq. 10/11)."""
-    return cho_solve(_factor(HA + HB, where), HA @ A + HB @ B)
+    The products run in float32: the costs only rank pairs, and a pair of identical columns still
+    costs float noise against O(1) for any other pair.
+    """
+    M32, A32, B32 = (np.asarray(v, dtype=np.float32) for v in (M, A, B))
+    MB = M32 @ B32
+    aa = np.einsum("di,di->i", A32, M32 @ A32, dtype=np.float64)
+    bb = np.einsum("dj,dj->j", B32, MB, dtype=np.float64)
+    D = (A32.T @ MB).astype(np.float64)
+    D *= -1.0
+    D += 0.5 * aa[:, None]
+    D += 0.5 * bb[None, :]
+    return np.maximum(D, 0.0, out=D)

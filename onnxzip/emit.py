@@ -23,6 +23,7 @@ from .plan import SharingPlan, unshared_plan
 MIN_OPSET = 13
 LAYOUTS = ("multi", "gated")
 TASK_INPUT = "task"
+BATCH_DIM = "N"
 GATED_OUTPUT = "output"
 
 
@@ -185,14 +186,19 @@ class _GsGraph:
                         outputs=[self.tensor(r.out)]) for r in recs]
 
 
+def _batched(shape) -> list | None:
+    """A shape with a symbolic batch dimension (written models take any batch size)."""
+    return None if shape is None else [BATCH_DIM] + [d if d is not None else f"d{i}" for i, d in
+                                                     enumerate(shape[1:], 1)]
+
+
 def _input_var(name: str, shape) -> gs.Variable:
-    return gs.Variable(name, dtype=np.float32, shape=None if shape is None else
-                       [d if d is not None else "N" for d in shape])
+    return gs.Variable(name, dtype=np.float32, shape=_batched(shape))
 
 
 def _output_var(var: gs.Tensor, name: str, shape) -> gs.Variable:
     var.name = name
-    var.shape = None if shape is None else [d if d is not None else "N" for d in shape]
+    var.shape = _batched(shape)
     var.dtype = np.float32
     return var
 
@@ -308,8 +314,7 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
         inputs = [x]
     else:
         same = all(s == shapes[0] for s in shapes)
-        head_shape = list(shapes[0]) if same else [shapes[0][0], "classes"]
-        head_shape = [d if d is not None else "N" for d in head_shape]
+        head_shape = _batched(shapes[0] if same else (None, "classes"))
         out = gs.Variable(GATED_OUTPUT, dtype=np.float32, shape=head_shape)
         nodes = _gated_graph(b, g, list(range(len(nets))), finals, frozenset(), out, head_shape)
         outputs, inputs = [out], [x, fixed[TASK_INPUT]]

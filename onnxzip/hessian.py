@@ -123,9 +123,9 @@ def damping_value(H: np.ndarray, rel: float) -> float:
     return lam if lam > 0.0 else rel
 
 
-def damp(H: np.ndarray, rel: float) -> np.ndarray:
+def damp(H: np.ndarray, rel: float, inplace: bool = False) -> np.ndarray:
     """H + lambda I (see damping_value); dead inputs (zero diagonal) get lambda too, so solves work."""
     lam = damping_value(H, rel)
-    out = H.copy()
+    out = H if inplace else H.copy()
     out[np.diag_indices_from(out)] += lam
     return out

@@ -51,6 +51,13 @@ def _model_runner(model: bytes | str, providers: list[str]) -> Callable[[np.ndar
     return lambda x: sess.run(None, {name: x})[0]
 
 
+def original_runner(net: Network, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """Runs the original model file; one exported for a fixed batch size runs in its canonical form."""
+    if net.input.shape and net.input.shape[0] is not None:
+        return _model_runner(task_model(net).SerializeToString(), providers)
+    return _model_runner(str(net.path), providers)
+
+
 def _take(batches: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:
     seen = 0
     for x in batches:
@@ -65,7 +72,7 @@ def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
                batches: Iterator[np.ndarray], limit: int, providers: list[str]) -> TaskCheck:
     """Compare task t of the merged model with its tied and original models on calibration batches."""
     run_tied = _model_runner(task_model(tied).SerializeToString(), providers)
-    run_orig = _model_runner(str(original.path), providers)
+    run_orig = original_runner(original, providers)
     worst, agree, n, err2, ref2 = 0.0, 0, 0, 0.0, 0.0
     for x in _take(batches, limit):
         y, y_tied, y_orig = merged(t, x), run_tied(x), run_orig(x)
@@ -85,7 +92,7 @@ def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
 def accuracies(merged: MergedRunner, t: int, original: Network, x: np.ndarray, labels: np.ndarray,
                batch_size: int, providers: list[str]) -> tuple[float, float]:
     """Top-1 accuracy of the original and of the merged model for task t on labelled data."""
-    run_orig = _model_runner(str(original.path), providers)
+    run_orig = original_runner(original, providers)
     hits_o = hits_m = 0
     for s in range(0, len(x), batch_size):
         xb, yb = x[s:s + batch_size], labels[s:s + batch_size]

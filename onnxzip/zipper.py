@@ -20,7 +20,7 @@ import numpy as np
 
 from .align import input_reps
 from .correct import refit_update, relative_error, with_bias_column
-from .cost import interaction, merged_weights, pair_costs
+from .cost import PairMetric, pair_costs
 from .emit import task_model
 from .hessian import MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
@@ -158,19 +158,26 @@ def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list
     feats = [_shared_features(plan_layers, k, t, task) for t, task in enumerate(tasks)]
     scale = (opts.alpha, 1.0 - opts.alpha)
     with timer("score+match"):
-        H = [damp(s * acc.gram[np.ix_(f, f)], opts.damping) for s, acc, f in zip(scale, accs, feats)]
+        H = []
+        for s, acc, f in zip(scale, accs, feats):
+            Ht = acc.gram[np.ix_(f, f)]
+            Ht *= s
+            H.append(damp(Ht, opts.damping, inplace=True))
+        metric = PairMetric(H[0], H[1], name)
         A, B = (W[:, f].T for W, f in zip(weights, feats))
-        D = pair_costs(interaction(H[0], H[1], opts.cost, name), A, B)
+        D = pair_costs(metric.interaction(opts.cost), A, B)
         count = opts.shared_count(name, tuple(W.shape[0] for W in weights))
         rows, cols = match(D, count, opts.solver, opts.max_cost)
+        costs = D[rows, cols]
+        del D
     with timer("tie"):
-        w = merged_weights(H[0], H[1], A[:, rows], B[:, cols], name)
+        w = metric.merged_weights(A[:, rows], B[:, cols])
         if is_sparse(weights[0][:, :-1]) or is_sparse(weights[1][:, :-1]):
             w = _apply_masks(w, A[:, rows], B[:, cols])
         w = w.astype(np.float32).astype(np.float64)  # both tasks get bit-identical float32 values
         weights[0][np.ix_(rows, feats[0])] = w.T
         weights[1][np.ix_(cols, feats[1])] = w.T
-    return rows, cols, D[rows, cols]
+    return rows, cols, costs
 
 
 def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],

@@ -160,3 +160,52 @@ def test_unsupported_and_grouped_conv_are_refused_by_name(tmp_path):
     path = B.save(_graph_model(nodes, {"W": W}, (1, 6, 6), (4,)), tmp_path / "erf.onnx")
     with pytest.raises(OnnxZipError, match=r"erf\.onnx: node 'my_erf' \(Erf\) is not supported"):
         import_network(path)
+
+
+def _conv_add_reshape_model(layers, opset: int, batch) -> onnx.ModelProto:
+    """The test CNN with conv biases as separate Adds of [1,C,1,1] and Flatten as Reshape [0, -1]."""
+    model = B.cnn_model(layers)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            bias = node.input.pop()
+            inits[bias] = inits[bias].reshape(1, -1, 1, 1)
+            out = node.output[0]
+            node.output[0] = out + "_nobias"
+            nodes += [node, helper.make_node("Add", [out + "_nobias", bias], [out], name=node.name + "_bias")]
+        elif node.op_type == "Flatten":
+            nodes.append(helper.make_node("Reshape", [node.input[0], "flat_shape"], node.output, name="reshape"))
+        else:
+            nodes.append(node)
+    inits["flat_shape"] = np.array([0, -1], np.int64)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 12, 12])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def test_mixed_opsets_bias_adds_constant_reshape_and_fixed_batch(tmp_path):
+    layers = B.cnn_weights(2)
+    permuted, perms = B.permute_hidden(layers, 4)
+    a = B.save(_conv_add_reshape_model(layers, 13, 1), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(permuted), tmp_path / "b.onnx")
+    calib = B.calib_folder(tmp_path / "c", (1, 12, 12), 128)
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(batch_size=32))
+    for lp, perm in zip(result.plan.layers, perms):
+        np.testing.assert_array_equal(perm[np.array(lp.shared)[:, 1]], np.array(lp.shared)[:, 0])
+    merged = onnx.load(str(tmp_path / "m.onnx"))
+    assert merged.opset_import[0].version == B.OPSET and merged.ir_version == 8
+    x = np.random.default_rng(0).random((1, 1, 12, 12), dtype=np.float32)
+    np.testing.assert_allclose(B.run(tmp_path / "m.onnx", np.repeat(x, 3, 0))[0][:1], B.run(a, x)[0],
+                               rtol=TOL, atol=TOL)
+
+
+def test_different_input_shapes_are_refused(tmp_path):
+    a = B.save(B.mlp_model(B.mlp_weights([64, 16, 10], 0)), tmp_path / "a.onnx")
+    b = B.save(B.mlp_model(B.mlp_weights([49, 16, 10], 1), in_shape=(1, 7, 7)), tmp_path / "b.onnx")
+    with pytest.raises(OnnxZipError, match=r"b\.onnx: input 'input' has shape \['N', 1, 7, 7\]|b\.onnx: input"):
+        merge([a, b], B.calib_folder(tmp_path / "c", (1, 8, 8), 16), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
