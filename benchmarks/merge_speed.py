@@ -137,7 +137,7 @@ def ort_pass(paths, x: np.ndarray, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def run_pair(arch: str, samples: int, batch: int, queue) -> None:
+def run_pair(arch: str, samples: int, batch: int, max_patches: int | None, queue) -> None:
     """Measure one pair in this (child) process and put the figures on the queue."""
     from onnxzip.api import merge
     from onnxzip.options import MergeOptions
@@ -158,14 +158,15 @@ def run_pair(arch: str, samples: int, batch: int, queue) -> None:
         before = rss()
         probe.thread.start()
         start = time.perf_counter()
-        result = merge(paths, tmp / "calib", tmp / "m.onnx", MergeOptions(batch_size=batch), timer=probe)
+        opts = MergeOptions(batch_size=batch, max_patches=max_patches)
+        result = merge(paths, tmp / "calib", tmp / "m.onnx", opts, timer=probe)
         wall = time.perf_counter() - start
         probe.stop = True
         weights = sum(p.stat().st_size for p in paths)
         act = max(batch * int(np.prod(o.shape[1:])) * 4 for o in _activation_shapes(paths[0], x[:1]))
         hessians = 2 * (max(feats) + 1) ** 2 * 8
         queue.put({
-            "arch": arch, "samples": samples, "batch": batch, "params_in": sum(result.params_inputs),
+            "arch": arch, "max_patches": max_patches, "samples": samples, "batch": batch, "params_in": sum(result.params_inputs),
             "params_merged": result.params_merged, "wall_s": wall, "ort_pass_s": baseline, "ratio": wall / baseline,
             "stages_s": dict(result.seconds), "peak_mib": {k: (v - before) / MIB for k, v in probe.peak.items()},
             "budget_mib": (weights + hessians + act) / MIB, "budget_parts_mib":
@@ -187,16 +188,21 @@ def _activation_shapes(path: Path, x1: np.ndarray):
 def table(rows) -> str:
     """The Markdown table of the measured figures."""
     stages = ["load", "calibrate", "score+match", "tie", "emit", "verify"]
-    head = ("| pair | params in -> merged | samples | merge s | ORT pass s | ratio | "
+    head = ("| pair | max patches | params in -> merged | samples | merge s | ORT pass s | ratio | "
             + " | ".join(f"{s} s" for s in stages) + " | peak MiB | budget MiB | within |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         peak = max(r["peak_mib"].values())
-        lines.append(f"| {r['arch']} | {r['params_in']:,} -> {r['params_merged']:,} | {r['samples']} | "
+        lines.append(f"| {r['arch']} | {r['max_patches'] or 'all'} | {r['params_in']:,} -> {r['params_merged']:,} | "
+                     f"{r['samples']} | "
                      f"{r['wall_s']:.2f} | {r['ort_pass_s']:.2f} | {r['ratio']:.1f} | "
                      + " | ".join(f"{r['stages_s'].get(s, 0):.2f}" for s in stages)
                      + f" | {peak:.0f} | {r['budget_mib']:.0f} | {'yes' if peak <= r['budget_mib'] else 'no'} |")
     return "\n".join(lines)
+
+
+def _label(row) -> str:
+    return row["arch"] + (f" (max patches {row['max_patches']})" if row["max_patches"] else "")
 
 
 def write_results(rows, command: str) -> None:
@@ -205,10 +211,10 @@ def write_results(rows, command: str) -> None:
     section = (f"## merge_speed\n\nCommand: `{command}`  \nMachine: {os.cpu_count()} cores, "
                f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__} (CPU provider)\n\n"
                + table(rows) + "\n\nPeak memory per stage (MiB above the level before the merge): "
-               + "; ".join(f"{r['arch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mib"].items())
+               + "; ".join(f"{_label(r)}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mib"].items())
                            for r in rows)
                + "\n\nBudget parts (MiB): " + "; ".join(
-                   f"{r['arch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["budget_parts_mib"].items()) for r in rows)
+                   f"{_label(r)}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["budget_parts_mib"].items()) for r in rows)
                + "\n")
     results = HERE / "RESULTS.md"
     text = results.read_text() if results.exists() else "# Benchmark results\n\n"
@@ -227,17 +233,22 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--only", choices=sorted(ARCHS), action="append")
+    parser.add_argument("--max-patches", type=int, nargs="*", default=[0, 64],
+                        help="patch settings to measure for conv pairs (0: every position)")
     args = parser.parse_args()
     rows = []
     for arch in args.only or ARCHS:
-        queue = mp.get_context("spawn").Queue()
-        proc = mp.get_context("spawn").Process(target=run_pair, args=(arch, args.calib_samples, args.batch_size, queue))
-        proc.start()
-        rows.append(queue.get())
-        proc.join()
-        print(table(rows[-1:]), flush=True)
+        has_conv = any(spec[0] == "conv" for spec in ARCHS[arch])
+        for patches in (args.max_patches if has_conv else [0]):
+            queue = mp.get_context("spawn").Queue()
+            proc = mp.get_context("spawn").Process(
+                target=run_pair, args=(arch, args.calib_samples, args.batch_size, patches or None, queue))
+            proc.start()
+            rows.append(queue.get())
+            proc.join()
+            print(table(rows[-1:]), flush=True)
     print(table(rows))
-    extra = "".join(f" --only {a}" for a in args.only or [])
+    extra = "".join(f" --only {a}" for a in args.only or []) + " --max-patches " + " ".join(map(str, args.max_patches))
     write_results(rows, f"python benchmarks/merge_speed.py --calib-samples {args.calib_samples} "
                         f"--batch-size {args.batch_size}{extra}")
 

@@ -160,6 +160,8 @@ def merge(
     tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (default: file stems)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Use at most N samples per task."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size"),
+    max_patches: Optional[int] = typer.Option(None, "--max-patches",
+                                              help="Conv Hessians from at most N positions per sample (default: all)."),
     resize: Optional[str] = typer.Option(None, help="Resize calibration images to HxW."),
     mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255), e.g. 0.485,0.456,0.406."),
     std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255)."),
@@ -178,6 +180,7 @@ def merge(
                                         _pairs(share_layer, "--share-layer").items()),
         max_cost=max_cost, alpha=alpha, cost=cost, solver=solver, correct=correct, layout=emit_layout,
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (), calib_samples=calib_samples,
+        max_patches=max_patches,
         batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device)
     if report is not None and report.exists() and report.is_dir():
         raise OnnxZipError(f"{report}: --report must be a file path")

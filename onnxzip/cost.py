@@ -42,10 +42,14 @@ class PairMetric:
         return M
 
     def merged_weights(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
-        """Merged columns w = (H_A + H_B)^-1 (H_A a + H_B b) for matched columns of A and B (Eq. 10/11)."""
-        rhs = self.HA @ A
-        rhs += self.HB @ B
-        return cho_solve(self.factor, rhs, overwrite_b=True)
+        """Merged columns w = (H_A + H_B)^-1 (H_A a + H_B b) for matched columns of A and B (Eq. 10/11).
+
+        Computed as w = a + (H_A + H_B)^-1 H_B (b - a): one product with H instead of two, and
+        exactly a when a = b.
+        """
+        step = cho_solve(self.factor, self.HB @ (B - A), overwrite_b=True)
+        step += A
+        return step
 
 
 def pair_costs(M: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:

@@ -12,10 +12,21 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .ir import CONV, Layer
 
 # Bytes of input rows (and targets) buffered before one GEMM folds them into the moments.
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 
-def layer_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+def patch_subset(oh: int, ow: int, max_patches: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A fixed random subset of at most max_patches output positions (None: every position).
+
+    The subset depends only on the output size, so every task and batch uses the same positions.
+    """
+    if max_patches is None or oh * ow <= max_patches:
+        return None
+    flat = np.sort(np.random.default_rng(oh * ow).choice(oh * ow, max_patches, replace=False))
+    return flat // ow, flat % ow
+
+
+def layer_rows(layer: Layer, x: np.ndarray, max_patches: int | None = None) -> np.ndarray:
     """The inputs of a layer as rows [n, in_features]: patches for conv, samples for fc."""
     if layer.kind != CONV:
         return x.reshape(x.shape[0], -1)
@@ -25,14 +36,20 @@ def layer_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, oh, ow, kh, kw]
     b, c, oh, ow = win.shape[:4]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw)
+    keep = patch_subset(oh, ow, max_patches)
+    if keep is None:
+        return win.transpose(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw)
+    return win[:, :, keep[0], keep[1]].transpose(0, 2, 1, 3, 4).reshape(-1, c * kh * kw)
 
 
-def output_rows(layer: Layer, z: np.ndarray) -> np.ndarray:
+def output_rows(layer: Layer, z: np.ndarray, max_patches: int | None = None) -> np.ndarray:
     """A layer's pre-activations as rows [n, out_units], in the order of layer_rows."""
     if layer.kind != CONV:
         return z.reshape(z.shape[0], -1)
-    return z.transpose(0, 2, 3, 1).reshape(-1, z.shape[1])
+    keep = patch_subset(z.shape[2], z.shape[3], max_patches)
+    if keep is None:
+        return z.transpose(0, 2, 3, 1).reshape(-1, z.shape[1])
+    return z[:, :, keep[0], keep[1]].transpose(0, 2, 1).reshape(-1, z.shape[1])
 
 
 def with_bias(rows: np.ndarray) -> np.ndarray:

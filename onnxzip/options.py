@@ -36,6 +36,7 @@ class MergeOptions:
     layout: str = "multi"
     tasks: tuple[str, ...] = ()
     calib_samples: int | None = None
+    max_patches: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     image: ImageOptions = field(default_factory=ImageOptions)
     verify_samples: int = DEFAULT_VERIFY_SAMPLES
@@ -54,6 +55,8 @@ class MergeOptions:
             (self.calib_samples is None or self.calib_samples >= 1,
              f"--calib-samples must be at least 1, got {self.calib_samples}"),
             (self.max_cost is None or self.max_cost > 0, f"--max-cost must be positive, got {self.max_cost}"),
+            (self.max_patches is None or self.max_patches >= 1,
+             f"--max-patches must be at least 1, got {self.max_patches}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -101,7 +101,7 @@ def _runner(net: Network, start: int, stop: int | None, taps, providers):
     return lambda x: sess.run(None, {name: x})[:n]
 
 
-def _calibrate(task: _Task, k: int, n_layers: int, providers, tick) -> MomentAccumulator:
+def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches: int | None) -> MomentAccumulator:
     """One pass: layer k's inputs in the tied model, the original's pre-activations and next inputs."""
     ls = task.original.layer_steps
     stop = ls[k + 1] if k + 1 < n_layers else None
@@ -121,7 +121,7 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick) -> MomentAcc
     for prev_tied, orig_in in source:
         x_tied = run_tied(prev_tied)[0]
         outs = run_orig(x_tied if orig_in is None else orig_in)
-        rows, z = layer_rows(layer, x_tied), output_rows(layer, outs[0])
+        rows, z = layer_rows(layer, x_tied, max_patches), output_rows(layer, outs[0], max_patches)
         acc.add(rows, z - (rows @ W0.T + b0), z)
         tied_files.append(write_tied(x_tied))
         if len(outs) > 1:
@@ -199,7 +199,7 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
             layer_name = nets[0].layers[k].name
             tick = progress(f"layer {layer_name}", sum(n_batches))
             with timer("calibrate"):
-                accs = [_calibrate(task, k, n_layers, providers, tick) for task in tasks]
+                accs = [_calibrate(task, k, n_layers, providers, tick, opts.max_patches) for task in tasks]
             before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
             weights = [W.copy() for W in before]
             upstream = any(p.n_shared for p in plan_layers)

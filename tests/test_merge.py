@@ -131,3 +131,12 @@ def test_metadata_names_and_checker(tmp_path):
     assert {"conv1.shared.W", "conv1.task_a.W_from_shared", "conv2.shared.W", "conv2.task_b.W",
             "conv2.shared.W_from_task_a", "fc2.task_a.W"} <= names
     assert model.ir_version <= 8 and weight_params(model) < 2 * 1542
+
+
+def test_permuted_cnn_with_subsampled_patches_is_still_recovered(tmp_path):
+    a, b, calib, shape, perms = _pair(tmp_path, "cnn", permuted=True)
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(max_patches=5))
+    for lp, perm in zip(result.plan.layers, perms):
+        np.testing.assert_array_equal(perm[np.array(lp.shared)[:, 1]], np.array(lp.shared)[:, 0])
+    x = np.random.default_rng(2).random((4, *shape), dtype=np.float32)
+    np.testing.assert_allclose(B.run(tmp_path / "m.onnx", x)[1], B.run(a, x)[0], rtol=TOL, atol=TOL)

@@ -130,3 +130,16 @@ def test_conv_patches_reproduce_onnxruntime_conv(strides, pads, dilations):
     z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     rows = layer_rows(layer, x)
     np.testing.assert_allclose(rows @ layer.matrix().T + b, output_rows(layer, z), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_subset_selects_the_same_positions_from_inputs_and_outputs():
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    layer = Layer("conv1", CONV, W, np.zeros(3, np.float32), "c", (1, 1), (1, 1, 1, 1), (1, 1))
+    x = rng.standard_normal((2, 2, 6, 5)).astype(np.float32)
+    full_rows, sub_rows = layer_rows(layer, x), layer_rows(layer, x, max_patches=7)
+    z = (full_rows @ layer.matrix().T).reshape(2, 6, 5, 3).transpose(0, 3, 1, 2)
+    assert sub_rows.shape == (14, 18)
+    np.testing.assert_allclose(sub_rows @ layer.matrix().T, output_rows(layer, z, max_patches=7), rtol=1e-5, atol=1e-5)
+    assert {tuple(r) for r in sub_rows} <= {tuple(r) for r in full_rows}
+    np.testing.assert_array_equal(layer_rows(layer, x, max_patches=30), full_rows)
