@@ -140,8 +140,12 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         raise OnnxZipError(f"{output}: the output would overwrite an input model")
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
+    tick = progress("load", len(paths))
     with timer("load"):
-        nets = [import_network(p) for p in paths]
+        nets = []
+        for p in paths:
+            nets.append(import_network(p))
+            tick()
         align(nets)
         _check_layer_names(opts, nets[0])
         folders = _per_task(calib, tasks, "--calib")
@@ -149,11 +153,14 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         streams, counts = _streams(folders, nets, opts)
     providers, device = resolve_device(opts.device)
     plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer)
+    tick = progress("emit", 1)
     with timer("emit"):
         model = merged_model(plan, tied, opts.layout, _metadata(plan, nets, opts))
+    tick()
     checks: list[TaskCheck] = []
 
     def verify(path: Path) -> None:
+        tick = progress("verify", len(tasks))
         with timer("verify"):
             runner = MergedRunner(path, tasks, opts.layout, providers)
             for t in range(len(tasks)):
@@ -163,6 +170,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                     acc_o, acc_m = accuracies(runner, t, nets[t], x, y, opts.batch_size, providers)
                     check = replace(check, accuracy_original=acc_o, accuracy_merged=acc_m)
                 checks.append(check)
+                tick()
 
     save_atomically(model, output, verify)
     merged_params = weight_params(model)

@@ -180,6 +180,29 @@ def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list
     return rows, cols, costs
 
 
+def _step(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers: list[LayerPlan],
+          opts: MergeOptions, timer: StageTimer) -> LayerPlan:
+    """Correct layer k (once anything upstream is shared), zip it unless it is a head, tie it."""
+    before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
+    weights = [W.copy() for W in before]
+    corrected = bool(opts.correct and any(p.n_shared for p in plan_layers))
+    if corrected:
+        with timer("tie"):
+            weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
+    shared, cost = (), 0.0
+    if k < len(tasks[0].tied.layers) - 1:
+        rows, cols, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
+        shared, cost = tuple(zip(rows.tolist(), cols.tolist())), float(costs.sum())
+    for task, W in zip(tasks, weights):
+        layer = task.tied.layers[k]
+        task.tied = task.tied.with_layer(k, layer.with_matrix(W[:, :-1], W[:, -1]))
+    with timer("tie"):
+        errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(weights, before, accs))
+    first = tasks[0].original.layers[k]
+    return LayerPlan(first.name, first.kind, tuple(t.original.layers[k].out_units for t in tasks), shared, cost,
+                     errors, corrected=corrected)
+
+
 def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
                  n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
                  progress: ProgressFn = no_progress, timer: StageTimer | None = None,
@@ -196,25 +219,8 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
         tasks = [_Task(n, n, b, c, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b, c) in enumerate(zip(nets, batches, n_batches))]
         for k in range(n_layers):
-            layer_name = nets[0].layers[k].name
-            tick = progress(f"layer {layer_name}", sum(n_batches))
+            tick = progress(f"layer {nets[0].layers[k].name}", sum(n_batches))
             with timer("calibrate"):
                 accs = [_calibrate(task, k, n_layers, providers, tick, opts.max_patches) for task in tasks]
-            before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
-            weights = [W.copy() for W in before]
-            upstream = any(p.n_shared for p in plan_layers)
-            if opts.correct and upstream:
-                with timer("tie"):
-                    weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
-            shared, cost = (), 0.0
-            if k < n_layers - 1:
-                rows, cols, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
-                shared, cost = tuple(zip(rows.tolist(), cols.tolist())), float(costs.sum())
-            for task, W in zip(tasks, weights):
-                layer = task.tied.layers[k]
-                task.tied = task.tied.with_layer(k, layer.with_matrix(W[:, :-1], W[:, -1]))
-            errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(weights, before, accs))
-            plan_layers.append(LayerPlan(layer_name, nets[0].layers[k].kind,
-                                         tuple(n.layers[k].out_units for n in nets), shared, cost, errors,
-                                         corrected=bool(opts.correct and upstream)))
+            plan_layers.append(_step(k, tasks, accs, plan_layers, opts, timer))
     return SharingPlan(tuple(names), tuple(plan_layers)), [t.tied for t in tasks]
