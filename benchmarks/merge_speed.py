@@ -195,7 +195,7 @@ def table(rows) -> str:
         peak = max(r["peak_mib"].values())
         lines.append(f"| {r['arch']} | {r['max_patches'] or 'all'} | {r['params_in']:,} -> {r['params_merged']:,} | "
                      f"{r['samples']} | "
-                     f"{r['wall_s']:.2f} | {r['ort_pass_s']:.2f} | {r['ratio']:.1f} | "
+                     f"{r['wall_s']:.2f} | {r['ort_pass_s']:.3f} | {r['ratio']:.1f} | "
                      + " | ".join(f"{r['stages_s'].get(s, 0):.2f}" for s in stages)
                      + f" | {peak:.0f} | {r['budget_mib']:.0f} | {'yes' if peak <= r['budget_mib'] else 'no'} |")
     return "\n".join(lines)
@@ -207,14 +207,14 @@ def _label(row) -> str:
 
 def write_results(rows, command: str) -> None:
     """Write merge_speed.json and the merge_speed section of RESULTS.md."""
-    (HERE / "merge_speed.json").write_text(json.dumps(rows, indent=2))
+    (HERE / "merge_speed.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     section = (f"## merge_speed\n\nCommand: `{command}`  \nMachine: {os.cpu_count()} cores, "
                f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__} (CPU provider)\n\n"
                + table(rows) + "\n\nPeak memory per stage (MiB above the level before the merge): "
                + "; ".join(f"{_label(r)}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mib"].items())
                            for r in rows)
                + "\n\nBudget parts (MiB): " + "; ".join(
-                   f"{_label(r)}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["budget_parts_mib"].items()) for r in rows)
+                   f"{_label(r)}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["budget_parts_mib"].items()) for r in rows)
                + "\n")
     results = HERE / "RESULTS.md"
     text = results.read_text() if results.exists() else "# Benchmark results\n\n"
@@ -235,7 +235,12 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(ARCHS), action="append")
     parser.add_argument("--max-patches", type=int, nargs="*", default=[0, 64],
                         help="patch settings to measure for conv pairs (0: every position)")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite RESULTS.md from merge_speed.json")
     args = parser.parse_args()
+    if args.rewrite:
+        saved = json.loads((HERE / "merge_speed.json").read_text())
+        write_results(saved["rows"], saved["command"])
+        return
     rows = []
     for arch in args.only or ARCHS:
         has_conv = any(spec[0] == "conv" for spec in ARCHS[arch])
