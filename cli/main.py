@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .. import __version__
 from ..api import MergeResult, merge as run_merge
 from ..calib import ImageOptions
 from ..errors import OnnxZipError
@@ -83,6 +84,18 @@ def _calib(values: List[str]) -> str | dict[str, str]:
     if len(values) == 1 and "=" not in values[0]:
         return values[0]
     return _pairs(values, "--calib")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        out.print(f"onnxzip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Merge pre-trained ONNX networks into one multi-task model (Multi-Task Zipping)."""
 
 
 def _user_errors(command: Callable) -> Callable:

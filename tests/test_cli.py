@@ -66,3 +66,21 @@ def test_readme_main_job_runs_as_written():
     proc = subprocess.run(" && ".join(steps[1:]), shell=True, cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "accuracy merged" in proc.stdout and (REPO / "demo" / "merged.onnx").exists()
+
+
+def test_merge_with_png_calibration_images(tmp_path):
+    from PIL import Image
+    a = B.save(B.cnn_model(B.cnn_weights(0)), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp_path / "b.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), mode="L").save(images / f"{i:03d}.png")
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, b, "--calib", images, "--resize", "12x12", "--mean", "0.5", "--std", "0.25",
+                "--layout", "NCHW", "--share", "0.5", "-o", out, "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\|\s+a\s+\|\s+24\s+\|", proc.stdout.replace("│", "|")), proc.stdout
+    proc = _cli("merge", a, b, "--calib", images, "--resize", "12", "-o", tmp_path / "x.onnx")
+    assert proc.returncode == 2 and "--resize" in proc.stderr and not (tmp_path / "x.onnx").exists()

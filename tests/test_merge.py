@@ -140,3 +140,30 @@ def test_permuted_cnn_with_subsampled_patches_is_still_recovered(tmp_path):
         np.testing.assert_array_equal(perm[np.array(lp.shared)[:, 1]], np.array(lp.shared)[:, 0])
     x = np.random.default_rng(2).random((4, *shape), dtype=np.float32)
     np.testing.assert_allclose(B.run(tmp_path / "m.onnx", x)[1], B.run(a, x)[0], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("layout", ["multi", "gated"])
+def test_different_widths_and_head_sizes(tmp_path, layout):
+    """A has units of its own in layer 1, B in layer 2; the heads have 10 and 4 classes."""
+    a = B.save(B.mlp_model(B.mlp_weights([64, 32, 16, 10], 0)), tmp_path / "a.onnx")
+    b = B.save(B.mlp_model(B.mlp_weights([64, 24, 20, 4], 1)), tmp_path / "b.onnx")
+    calib = B.calib_folder(tmp_path / "calib", (1, 8, 8), n=200)
+    nets = [import_network(a), import_network(b)]
+    opts = MergeOptions(layout=layout, tasks=("a", "b"))
+    streams = [lambda n=n: iter_batches(calib, n.input, 50) for n in nets]
+    plan, tied = zip_networks(nets, streams, [4, 4], opts, ["CPUExecutionProvider"])
+    assert [lp.n_shared for lp in plan.layers] == [24, 16, 0]
+    model = merged_model(plan, tied, layout, {})
+    names = {i.name for i in model.graph.initializer}
+    assert {"fc2.shared.W_from_task_a", "fc2.task_b.W_from_shared", "fc1.task_a.W_from_shared"} <= names
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).random((6, 1, 8, 8), dtype=np.float32)
+    for t, classes in ((0, 10), (1, 4)):
+        feeds = {"input": x, **({"task": np.array(t, np.int64)} if layout == "gated" else {})}
+        y = sess.run(None, feeds)[0 if layout == "gated" else t]
+        y_tied = ort.InferenceSession(task_model(tied[t]).SerializeToString(),
+                                      providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        assert y.shape == (6, classes)
+        np.testing.assert_allclose(y, y_tied, rtol=TOL, atol=TOL)
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(layout=layout))
+    assert result.params_merged == sum(result.params_inputs) - sum(r.params_saved for r in result.layers)
