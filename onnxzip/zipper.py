@@ -167,6 +167,8 @@ def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list
         A, B = (W[:, f].T for W, f in zip(weights, feats))
         D = pair_costs(metric.interaction(opts.cost), A, B)
         count = opts.shared_count(name, tuple(W.shape[0] for W in weights))
+        if k > 0 and plan_layers[k - 1].n_shared == 0:
+            count = 0  # with no shared inputs a pair could only share its bias: nothing to share
         rows, cols = match(D, count, opts.solver, opts.max_cost)
         costs = D[rows, cols]
         del D

@@ -167,3 +167,11 @@ def test_different_widths_and_head_sizes(tmp_path, layout):
         np.testing.assert_allclose(y, y_tied, rtol=TOL, atol=TOL)
     result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(layout=layout))
     assert result.params_merged == sum(result.params_inputs) - sum(r.params_saved for r in result.layers)
+
+
+def test_a_layer_after_an_unshared_one_shares_nothing(tmp_path):
+    a, b, calib, shape, _ = _pair(tmp_path, "mlp", permuted=True)
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(share_layers=(("fc1", 0),)))
+    assert [lp.n_shared for lp in result.plan.layers] == [0, 0, 0]
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(share_layers=(("fc2", 0.25),)))
+    assert [lp.n_shared for lp in result.plan.layers] == [32, 4, 0]
