@@ -73,13 +73,14 @@ class _Builder:
         return rec.out
 
 
-def _layer_node(b: _Builder, layer: Layer, x: str, w: str, bias: str | None, base: str, task: int) -> str:
+def _layer_node(b: _Builder, layer: Layer, x: str, w: str, bias: str | None, base: str, suffix: str,
+                task: int) -> str:
     inputs = [x, w] + ([bias] if bias else [])
     if layer.kind == CONV:
         attrs = {"kernel_shape": list(layer.kernel), "strides": list(layer.strides),
                  "pads": list(layer.pads), "dilations": list(layer.dilations)}
-        return b.node("Conv", inputs, attrs, base + ".Conv", task)
-    return b.node("Gemm", inputs, {"transB": 1}, base + ".Gemm", task)
+        return b.node("Conv", inputs, attrs, f"{base}.Conv{suffix}", task)
+    return b.node("Gemm", inputs, {"transB": 1}, f"{base}.Gemm{suffix}", task)
 
 
 def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: int, task: int) -> list[_Group]:
@@ -99,7 +100,7 @@ def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: in
             suffix = "" if g.owners == owners else f"_from_{gname}"
             w = b.const(f"{layer.name}.{hname}.W{suffix}", block)
             bias = b.const(f"{layer.name}.{hname}.B", layer.b[units]) if not terms else None
-            terms.append(_layer_node(b, layer, g.tensor, w, bias, f"{layer.name}.{hname}{suffix}", task))
+            terms.append(_layer_node(b, layer, g.tensor, w, bias, f"{layer.name}.{hname}", suffix, task))
         y = terms[0] if len(terms) == 1 else b.node("Sum", terms, {}, f"{layer.name}.{hname}.Sum", task)
         out.append(_Group(owners, y, units))
     return out
