@@ -93,6 +93,7 @@ def _per_task(value, tasks: Sequence[str], what: str) -> list[Path]:
 
 
 def _params(net: Network) -> int:
+    """Weights and biases of a model's layers after canonicalisation (BatchNorm folded)."""
     return int(sum(l.W.size + l.b.size for l in net.layers))
 
 
@@ -107,7 +108,7 @@ def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
 
 
 def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) -> dict[str, str]:
-    sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": n.params, "bytes": n.file_bytes,
+    sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": _params(n), "bytes": n.file_bytes,
                    "output": n.output.name}
                for t, n in zip(plan.tasks, nets)}
     sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
@@ -149,7 +150,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         align(nets)
         _check_layer_names(opts, nets[0])
         folders = _per_task(calib, tasks, "--calib")
-        eval_dirs = _eval_folders(evals, tasks)
+        labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input)
+                    for t, d in _eval_folders(evals, tasks).items()}
         streams, counts = _streams(folders, nets, opts)
     providers, device = resolve_device(opts.device)
     plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer)
@@ -165,9 +167,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
             runner = MergedRunner(path, tasks, opts.layout, providers)
             for t in range(len(tasks)):
                 check = check_task(runner, t, tied[t], nets[t], streams[t](), opts.verify_samples, providers)
-                if tasks[t] in eval_dirs:
-                    x, y = load_labeled(eval_dirs[tasks[t]], nets[t].input)
-                    acc_o, acc_m = accuracies(runner, t, nets[t], x, y, opts.batch_size, providers)
+                if t in labelled:
+                    acc_o, acc_m = accuracies(runner, t, nets[t], *labelled[t], opts.batch_size, providers)
                     check = replace(check, accuracy_original=acc_o, accuracy_merged=acc_m)
                 checks.append(check)
                 tick()

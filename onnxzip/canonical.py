@@ -303,10 +303,6 @@ def _check_all_visited(p: _Parse) -> None:
             raise p.fail(node, f"is not on the chain from the input to the output (supported: {SUPPORTED_SUMMARY})")
 
 
-def _param_count(graph: onnx.GraphProto) -> int:
-    return int(sum(np.prod(t.dims) for t in graph.initializer))
-
-
 def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Network:
     """Parse a loaded, shape-inferred model into a canonical Network, or refuse it precisely."""
     graph = model.graph
@@ -334,8 +330,7 @@ def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Net
         if not (np.isfinite(layer.W).all() and np.isfinite(layer.b).all()):
             raise OnnxZipError(f"{path}: layer '{layer.source}' has non-finite weights")
     return Network(str(path), file_sha256(path), spec, _spec(graph.output[0]), tuple(p.steps),
-                   opset=opset, ir_version=model.ir_version, params=_param_count(graph),
-                   file_bytes=file_bytes)
+                   opset=opset, ir_version=model.ir_version, file_bytes=file_bytes)
 
 
 def import_network(path: str | Path) -> Network:

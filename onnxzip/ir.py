@@ -6,7 +6,7 @@ model are all written from it, so nothing downstream looks at the source graph a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Union
 
 import numpy as np
@@ -91,9 +91,7 @@ class Network:
     steps: tuple[Step, ...]
     opset: int
     ir_version: int
-    params: int = 0
     file_bytes: int = 0
-    meta: dict[str, str] = field(default_factory=dict)
 
     @property
     def layer_steps(self) -> tuple[int, ...]:

@@ -129,3 +129,12 @@ def test_bad_options_and_usage(tmp_path):
     assert a.exists()
     proc = _cli("merge", a, b, "--calib", calib, "--no-such-flag", "-o", out)
     assert proc.returncode == 2 and not out.exists()
+
+
+def test_bad_eval_folder_is_refused_before_merging(tmp_path):
+    a, b = _good_pair(tmp_path)
+    calib = B.calib_folder(tmp_path / "c", SHAPE, 32)
+    no_labels = B.calib_folder(tmp_path / "ev", SHAPE, 16)
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, b, "--calib", calib, "--eval", f"a={no_labels}", "-o", out)
+    _assert_user_error(proc, out, "part0.npz", "labels")
