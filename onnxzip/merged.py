@@ -44,10 +44,8 @@ def _inline_gated(model: onnx.ModelProto, t: int) -> str:
     graph = model.graph
     consts = {i.name: int(numpy_helper.to_array(i)) for i in graph.initializer if i.name.startswith("const.task_")}
     chooses = {n.output[0]: consts[n.input[1]] for n in graph.node if n.op_type == "Equal" and n.input[0] == TASK_INPUT}
-    result = ""
 
     def expand(nodes) -> list[onnx.NodeProto]:
-        nonlocal result
         out = []
         for node in nodes:
             if node.op_type == "Equal" and node.input[0] == TASK_INPUT:
@@ -58,7 +56,6 @@ def _inline_gated(model: onnx.ModelProto, t: int) -> str:
                 out += expand(branch.node)
                 out.append(onnx.helper.make_node("Identity", [branch.output[0].name], [node.output[0]],
                                                  name=node.name + ".selected"))
-                result = node.output[0] if not result else result
                 continue
             out.append(node)
         return out
