@@ -15,8 +15,9 @@ COSTS = ("hessian", "l2")
 
 
 def _factor(H: np.ndarray, where: str):
+    """Cholesky factor of H, overwriting H (callers pass a temporary)."""
     try:
-        return cho_factor(H, lower=True, check_finite=True)
+        return cho_factor(H, lower=True, overwrite_a=True, check_finite=True)
     except (LinAlgError, ValueError) as exc:
         raise OnnxZipError(f"layer '{where}': the calibration Hessian is not positive definite ({exc}); "
                            "use more calibration samples or a larger damping") from None
