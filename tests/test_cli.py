@@ -84,3 +84,20 @@ def test_merge_with_png_calibration_images(tmp_path):
     assert re.search(r"\|\s+a\s+\|\s+24\s+\|", proc.stdout.replace("│", "|")), proc.stdout
     proc = _cli("merge", a, b, "--calib", images, "--resize", "12", "-o", tmp_path / "x.onnx")
     assert proc.returncode == 2 and "--resize" in proc.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_split_multi_layout_and_inspect_foreign_model(tmp_path):
+    a = B.save(B.mlp_model(B.mlp_weights([64, 16, 8, 10], 0)), tmp_path / "a.onnx")
+    b = B.save(B.mlp_model(B.mlp_weights([64, 16, 8, 3], 1)), tmp_path / "b.onnx")
+    out = tmp_path / "m.onnx"
+    assert _cli("merge", a, b, "--calib", B.calib_folder(tmp_path / "c", (1, 8, 8), 64), "-o", out).returncode == 0
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    merged = B.run(out, x)
+    for t, task in enumerate("ab"):
+        part = tmp_path / f"{task}_only.onnx"
+        assert _cli("split", out, "--task", task, "-o", part).returncode == 0
+        y = B.run(part, x)
+        assert len(y) == 1 and y[0].shape == merged[t].shape
+        np.testing.assert_allclose(y[0], merged[t], rtol=1e-6, atol=1e-6)
+    proc = _cli("inspect", a)
+    assert proc.returncode == 2 and "not a model written by onnxzip" in proc.stderr
