@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -58,7 +58,6 @@ class SharingPlan:
 
     tasks: tuple[str, ...]
     layers: tuple[LayerPlan, ...]
-    meta: dict = field(default_factory=dict)
 
     def group_name(self, owners: frozenset) -> str:
         """Readable name of a unit group: 'shared' or 'task_<name>'."""
@@ -68,8 +67,7 @@ class SharingPlan:
 
     def to_json(self) -> str:
         """Serialise to a JSON string."""
-        return json.dumps({"tasks": list(self.tasks), "layers": [asdict(l) for l in self.layers],
-                           "meta": self.meta})
+        return json.dumps({"tasks": list(self.tasks), "layers": [asdict(l) for l in self.layers]})
 
     @staticmethod
     def from_json(text: str) -> "SharingPlan":
@@ -79,7 +77,7 @@ class SharingPlan:
                                  shared=tuple(tuple(s) for s in l["shared"]), cost=l["cost"],
                                  rel_error=tuple(l["rel_error"]), corrected=l.get("corrected", False))
                        for l in raw["layers"])
-        return SharingPlan(tuple(raw["tasks"]), layers, raw.get("meta", {}))
+        return SharingPlan(tuple(raw["tasks"]), layers)
 
 
 def unshared_plan(tasks: tuple[str, ...], widths: list[tuple[str, str, tuple[int, ...]]]) -> SharingPlan:

@@ -53,21 +53,13 @@ def resolve_device(device: str) -> tuple[list[str], str]:
     return [CPU], "running on the CPU (ONNX Runtime CPU provider)"
 
 
-def session(model: onnx.ModelProto | bytes | str, providers: list[str], profile_prefix: str | None = None,
-            ) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes | str, providers: list[str]) -> ort.InferenceSession:
     """An inference session for an in-memory model or a model file (path given as str)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = ORT_LOG_ERRORS_ONLY
     # onnxzip alternates ONNX Runtime calls with numpy BLAS work; spinning ORT threads would
     # steal the cores the GEMMs need (measured: both ran about 3x slower on 2 cores).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
     data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=providers)
 
-
-def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a session on float32 feeds and return all outputs."""
-    return sess.run(None, feeds)

@@ -85,7 +85,6 @@ class _Task:
     original: Network
     tied: Network
     batches: Callable[[], Iterator[np.ndarray]]
-    n_batches: int
     reps: list[int]
     tied_cache: _DiskBatches
     orig_cache: _DiskBatches
@@ -218,8 +217,8 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     n_layers = len(nets[0].layers)
     plan_layers: list[LayerPlan] = []
     with tempfile.TemporaryDirectory(prefix="onnxzip-") as tmp:
-        tasks = [_Task(n, n, b, c, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
-                 for t, (n, b, c) in enumerate(zip(nets, batches, n_batches))]
+        tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
+                 for t, (n, b) in enumerate(zip(nets, batches))]
         for k in range(n_layers):
             tick = progress(f"layer {nets[0].layers[k].name}", sum(n_batches))
             with timer("calibrate"):
