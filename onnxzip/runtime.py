@@ -58,7 +58,7 @@ def session(model: onnx.ModelProto | bytes | str, providers: list[str]) -> ort.I
     opts = ort.SessionOptions()
     opts.log_severity_level = ORT_LOG_ERRORS_ONLY
     # onnxzip alternates ONNX Runtime calls with numpy BLAS work; spinning ORT threads would
-    # steal the cores the GEMMs need (measured: both ran about 3x slower on 2 cores).
+    # steal the cores the GEMMs need (VGG pair, 256 images: calibration 13.1 s with spinning, 9.5 s without).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=providers)
