@@ -117,7 +117,7 @@ class MomentAccumulator:
 
     @property
     def cross(self) -> np.ndarray | None:
-        """E[z x^T], or None when no targets are tracked."""
+        """E[r x^T] of the residual rows, or None when no targets are tracked."""
         self._flush()
         return self._cross
 
@@ -140,9 +140,7 @@ def damping_value(H: np.ndarray, rel: float) -> float:
     return lam if lam > 0.0 else rel
 
 
-def damp(H: np.ndarray, rel: float, inplace: bool = False) -> np.ndarray:
-    """H + lambda I (see damping_value); dead inputs (zero diagonal) get lambda too, so solves work."""
-    lam = damping_value(H, rel)
-    out = H if inplace else H.copy()
-    out[np.diag_indices_from(out)] += lam
-    return out
+def damp(H: np.ndarray, rel: float) -> np.ndarray:
+    """Add lambda I to H in place and return it (see damping_value); dead inputs get lambda too."""
+    H[np.diag_indices_from(H)] += damping_value(H, rel)
+    return H

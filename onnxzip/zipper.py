@@ -154,6 +154,11 @@ def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list
                plan_layers: list[LayerPlan], opts: MergeOptions, timer: StageTimer) -> tuple[np.ndarray, ...]:
     """Choose the shared pairs of hidden layer k and write their merged weights into ``weights``."""
     name = tasks[0].tied.layers[k].name
+    count = opts.shared_count(name, tuple(W.shape[0] for W in weights))
+    if count == 0 or (k > 0 and plan_layers[k - 1].n_shared == 0):
+        # nothing asked for, or no shared inputs (a pair could only share its bias)
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0)
     feats = [_shared_features(plan_layers, k, t, task) for t, task in enumerate(tasks)]
     scale = (opts.alpha, 1.0 - opts.alpha)
     with timer("score+match"):
@@ -161,13 +166,10 @@ def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list
         for s, acc, f in zip(scale, accs, feats):
             Ht = acc.gram[np.ix_(f, f)]
             Ht *= s
-            H.append(damp(Ht, opts.damping, inplace=True))
+            H.append(damp(Ht, opts.damping))
         metric = PairMetric(H[0], H[1], name)
         A, B = (W[:, f].T for W, f in zip(weights, feats))
         D = pair_costs(metric.interaction(opts.cost), A, B)
-        count = opts.shared_count(name, tuple(W.shape[0] for W in weights))
-        if k > 0 and plan_layers[k - 1].n_shared == 0:
-            count = 0  # with no shared inputs a pair could only share its bias: nothing to share
         rows, cols = match(D, count, opts.solver, opts.max_cost)
         costs = D[rows, cols]
         del D
@@ -185,11 +187,12 @@ def _step(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers
           opts: MergeOptions, timer: StageTimer) -> LayerPlan:
     """Correct layer k (once anything upstream is shared), zip it unless it is a head, tie it."""
     before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
-    weights = [W.copy() for W in before]
     corrected = bool(opts.correct and any(p.n_shared for p in plan_layers))
     if corrected:
         with timer("tie"):
             weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
+    else:
+        weights = [W.copy() for W in before]
     shared, cost = (), 0.0
     if k < len(tasks[0].tied.layers) - 1:
         rows, cols, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
