@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,23 +66,21 @@ def _inline_gated(model: onnx.ModelProto, t: int) -> str:
     return graph.output[0].name
 
 
-def split(path: str | Path, task: str, output: str | Path) -> Path:
-    """Write task ``task`` of a merged model as a standalone model with its original output name."""
-    path, output = Path(path), Path(output)
-    model, _ = load_model(path)
-    meta = _meta(model, path)
+def _task_part(model: onnx.ModelProto, meta: dict[str, str], path: Path, task: str) -> onnx.ModelProto:
+    """Task ``task`` of a loaded merged model as a standalone, checked model (the input is not modified)."""
     tasks = json.loads(meta["tasks"])
     if task not in tasks:
         raise OnnxZipError(f"{path}: has no task '{task}'; its tasks are {', '.join(tasks)}")
-    t = tasks.index(task)
-    result = _inline_gated(model, t) if meta.get("layout") == "gated" else task
-    x = [i.name for i in model.graph.input if i.name != TASK_INPUT][0]
-    part = onnx.utils.Extractor(model).extract_model([x], [result])
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    result = _inline_gated(work, tasks.index(task)) if meta.get("layout") == "gated" else task
+    x = [i.name for i in work.graph.input if i.name != TASK_INPUT][0]
+    part = onnx.utils.Extractor(work).extract_model([x], [result])
     name = json.loads(meta["sources"])[task]["output"]
     for node in part.graph.node:
         node.output[:] = [name if o == result else o for o in node.output]
     part.graph.output[0].name = name
-    part.graph.output[0].type.CopyFrom(next(o for o in model.graph.output if o.name in (result, "output")).type)
+    part.graph.output[0].type.CopyFrom(next(o for o in work.graph.output if o.name in (result, "output")).type)
     part.ir_version = model.ir_version
     del part.opset_import[:]
     part.opset_import.extend(model.opset_import)
@@ -91,7 +88,14 @@ def split(path: str | Path, task: str, output: str | Path) -> Path:
     for key, value in (("task", task), ("split_from", path.name), ("version", meta.get("version", ""))):
         part.metadata_props.add(key=META_PREFIX + key, value=value)
     onnx.checker.check_model(part, full_check=True)
-    save_atomically(part, output)
+    return part
+
+
+def split(path: str | Path, task: str, output: str | Path) -> Path:
+    """Write task ``task`` of a merged model as a standalone model with its original output name."""
+    path, output = Path(path), Path(output)
+    model, _ = load_model(path)
+    save_atomically(_task_part(model, _meta(model, path), path, task), output)
     return output
 
 
@@ -101,11 +105,7 @@ def inspect(path: str | Path) -> MergedInfo:
     model, size = load_model(path)
     meta = _meta(model, path)
     plan = SharingPlan.from_json(meta["plan"])
-    per_task = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for task in plan.tasks:
-            part, _ = load_model(split(path, task, Path(tmp) / f"{task}.onnx"))
-            per_task[task] = weight_params(part)
+    per_task = {task: weight_params(_task_part(model, meta, path, task)) for task in plan.tasks}
     return MergedInfo(str(path), meta.get("version", "?"), meta.get("layout", "multi"), plan,
                       json.loads(meta.get("sources", "{}")), per_task, weight_params(model), size)
 
