@@ -165,7 +165,10 @@ def merge(
     share_layer: List[str] = typer.Option([], "--share-layer", help="NAME=FRACTION (with a dot) or NAME=COUNT."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Share only pairs whose cost is below this."),
     alpha: float = typer.Option(0.5, help="Weight of the first task's Hessian (the second gets 1 - alpha)."),
-    cost: str = typer.Option("hessian", help="Pair cost: hessian (MTZ) or l2 (weight distance)."),
+    cost: str = typer.Option("hessian", help="How to choose pairs: hessian (MTZ's functional difference), "
+                             "l2 (weight distance, Git Re-Basin style), correlation (pre-activation "
+                             "correlation, ZipIt style; needs one --calib folder) or random (see --seed). "
+                             "Merged weights are MTZ's for all."),
     solver: str = typer.Option("optimal", help="Matching: optimal (exactly k, least total cost) or greedy."),
     correct: bool = typer.Option(True, "--correct/--no-correct", help="Label-free least-squares correction."),
     layout: List[str] = typer.Option([], "--layout",
@@ -183,6 +186,7 @@ def merge(
     damping: float = typer.Option(DEFAULT_DAMPING, help="Relative Hessian damping."),
     verify_samples: int = typer.Option(DEFAULT_VERIFY_SAMPLES, "--verify-samples"),
     device: str = typer.Option("auto", help="auto, cpu or cuda (ONNX Runtime execution provider)."),
+    seed: int = typer.Option(0, help="Seed of --cost random's pairing (the same seed, the same pairs)."),
 ) -> None:
     """Zip two models into one multi-task ONNX model."""
     emit_layout, image_layout = _layouts(layout)
@@ -194,7 +198,8 @@ def merge(
         max_cost=max_cost, alpha=alpha, cost=cost, solver=solver, correct=correct, layout=emit_layout,
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (), calib_samples=calib_samples,
         max_patches=max_patches,
-        batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device)
+        batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device,
+        seed=seed)
     if report is not None and report.exists() and report.is_dir():
         raise OnnxZipError(f"{report}: --report must be a file path")
     out.print(resolve_device(opts.device)[1])

@@ -141,6 +141,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         raise OnnxZipError(f"{output}: the output would overwrite an input model")
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
+    folders = _per_task(calib, tasks, "--calib")
+    _check_same_calibration(opts, tasks, folders)
     tick = progress("load", len(paths))
     with timer("load"):
         nets = []
@@ -149,7 +151,6 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
             tick()
         align(nets)
         _check_layer_names(opts, nets[0])
-        folders = _per_task(calib, tasks, "--calib")
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input)
                     for t, d in _eval_folders(evals, tasks).items()}
         streams, counts = _streams(folders, nets, opts)
@@ -202,3 +203,11 @@ def _check_layer_names(opts: MergeOptions, net: Network) -> None:
             raise OnnxZipError(f"--share-layer names unknown layer '{name}'; layers are {', '.join(names)}")
         if name == names[-1]:
             raise OnnxZipError(f"--share-layer {name}: '{name}' is a task head, which is never shared")
+
+
+def _check_same_calibration(opts: MergeOptions, tasks: Sequence[str], folders: Sequence[Path]) -> None:
+    """--cost correlation compares units on the same samples: every task must read one calibration source."""
+    if opts.cost != "correlation" or len({f.resolve() for f in folders}) == 1:
+        return
+    given = ", ".join(f"{t}={f}" for t, f in zip(tasks, folders))
+    raise OnnxZipError(f"--cost correlation needs the same --calib data for every task (one folder), got {given}")

@@ -2,6 +2,15 @@
 
 Columns of A [d, n_A] and B [d, n_B] are the incoming weights (over the shared inputs, bias last)
 of each task's neurons; H_A and H_B are the tasks' damped, alpha-weighted layer-wise Hessians.
+
+Ways to choose the pairs (``--cost``); the merged weights are MTZ's (Eq. 10/11) for every one:
+
+* ``hessian`` — MTZ's functional difference, Eq. 12 (the default);
+* ``l2`` — the weight-distance baseline (Git Re-Basin style weight matching, layer by layer):
+  squared Euclidean distance of the incoming weights over the shared inputs, bias included;
+* ``correlation`` — the activation baseline (ZipIt style): 1 - Pearson correlation of the two
+  units' pre-activations on the same calibration samples (correlate.py);
+* ``random`` — the paper's random-sharing baseline: k units of each task, paired at random.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
 from .errors import OnnxZipError
 
-COSTS = ("hessian", "l2")
+COSTS = ("hessian", "l2", "correlation", "random")
 
 
 def _factor(H: np.ndarray, where: str):
@@ -33,7 +42,8 @@ class PairMetric:
     def interaction(self, kind: str) -> np.ndarray:
         """The metric M of the functional difference, Eq. 12: M = (H_A^-1 + H_B^-1)^-1 = H_A (H_A+H_B)^-1 H_B.
 
-        For kind 'l2' M is the identity (plain weight distance).
+        For kind 'l2' M is the identity: the pair cost is half the squared Euclidean distance of the
+        incoming weights over the shared inputs, bias included (the weight-distance baseline).
         """
         if kind == "l2":
             return np.eye(self.HA.shape[0])
@@ -68,3 +78,9 @@ def pair_costs(M: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
     D += 0.5 * aa[:, None]
     D += 0.5 * bb[None, :]
     return np.maximum(D, 0.0, out=D)
+
+
+def matched_costs(M: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Costs d(a_i, b_i) = 1/2 (a_i - b_i)^T M (a_i - b_i) of already matched columns only, [k]."""
+    diff = A - B
+    return 0.5 * np.einsum("di,di->i", diff, M @ diff)

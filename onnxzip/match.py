@@ -1,4 +1,4 @@
-"""One-to-one matching of neurons from a pair-cost matrix: optimal exactly-k, or greedy."""
+"""One-to-one matching of neurons: from a pair-cost matrix (optimal exactly-k, or greedy), or at random."""
 
 from __future__ import annotations
 
@@ -52,3 +52,16 @@ def match(D: np.ndarray, k: int, solver: str = "optimal", max_cost: float | None
         rows, cols = rows[keep], cols[keep]
     order = np.argsort(rows)
     return np.asarray(rows)[order].astype(np.int64), np.asarray(cols)[order].astype(np.int64)
+
+
+def random_pairs(n_a: int, n_b: int, k: int, seed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """k units of A and k of B drawn uniformly without replacement and paired in random order.
+
+    The paper's random-sharing baseline; ``seed`` seeds a fresh generator, so the same seed gives
+    the same pairs. Returns row and column indices sorted by row, like match().
+    """
+    k = int(min(k, n_a, n_b))
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.choice(n_a, k, replace=False), rng.choice(n_b, k, replace=False)
+    order = np.argsort(rows)
+    return rows[order].astype(np.int64), cols[order].astype(np.int64)

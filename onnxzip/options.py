@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 
 from .calib import ImageOptions
 from .cost import COSTS
@@ -28,6 +29,8 @@ class MergeOptions:
     share_layers: tuple[tuple[str, float | int], ...] = ()
     max_cost: float | None = None
     alpha: float = 0.5
+    # How pairs are chosen: hessian (MTZ), l2 (weight distance), correlation (pre-activations on the
+    # same samples), random (seeded by ``seed``); see cost.py. Merged weights are MTZ's for all.
     cost: str = "hessian"
     solver: str = "optimal"
     correct: bool = True
@@ -41,6 +44,8 @@ class MergeOptions:
     image: ImageOptions = field(default_factory=ImageOptions)
     verify_samples: int = DEFAULT_VERIFY_SAMPLES
     device: str = "auto"
+    # Seed of the random pairing of cost "random" (layer k draws from a generator seeded (seed, k)).
+    seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +60,10 @@ class MergeOptions:
             (self.calib_samples is None or self.calib_samples >= 1,
              f"--calib-samples must be at least 1, got {self.calib_samples}"),
             (self.max_cost is None or self.max_cost > 0, f"--max-cost must be positive, got {self.max_cost}"),
+            (self.max_cost is None or self.cost != "random",
+             "--max-cost needs a pair cost to threshold; --cost random chooses pairs without one"),
+            (isinstance(self.seed, Integral) and not isinstance(self.seed, bool) and self.seed >= 0,
+             f"--seed must be a non-negative integer, got {self.seed!r}"),
             (self.max_patches is None or self.max_patches >= 1,
              f"--max-patches must be at least 1, got {self.max_patches}"),
         ]

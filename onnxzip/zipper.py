@@ -20,11 +20,13 @@ import numpy as np
 
 from .align import input_reps
 from .correct import refit_update, relative_error, with_bias_column
-from .cost import PairMetric, pair_costs
+from .correlate import correlation_costs
+from .cost import PairMetric, matched_costs, pair_costs
 from .emit import task_model
+from .errors import OnnxZipError
 from .hessian import MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
-from .match import match
+from .match import match, random_pairs
 from .options import MergeOptions
 from .plan import LayerPlan, SharingPlan
 from .runtime import session
@@ -150,6 +152,31 @@ def _apply_masks(w: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return w
 
 
+def _paired_inputs(tasks: list[_Task]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The two tasks' cached layer inputs batch by batch, in lockstep (batch i: the same samples)."""
+    caches = [t.tied_cache for t in tasks]
+    if len(caches[0].files) != len(caches[1].files):
+        raise OnnxZipError(f"--cost correlation needs the same calibration samples for every task; got "
+                           f"{len(caches[0].files)} batches against {len(caches[1].files)}")
+    return zip(*caches)
+
+
+def _choose_pairs(k: int, tasks: list[_Task], weights: list[np.ndarray], metric: PairMetric,
+                  A: np.ndarray, B: np.ndarray, count: int, opts: MergeOptions,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of layer k by opts.cost, with each pair's cost (MTZ's cost for random pairs)."""
+    if opts.cost == "random":
+        rows, cols = random_pairs(A.shape[1], B.shape[1], count, (opts.seed, k))
+        return rows, cols, matched_costs(metric.interaction("hessian"), A[:, rows], B[:, cols])
+    if opts.cost == "correlation":
+        layers = (tasks[0].tied.layers[k], tasks[1].tied.layers[k])
+        D = correlation_costs(layers, (weights[0], weights[1]), _paired_inputs(tasks), opts.max_patches)
+    else:
+        D = pair_costs(metric.interaction(opts.cost), A, B)
+    rows, cols = match(D, count, opts.solver, opts.max_cost)
+    return rows, cols, D[rows, cols]
+
+
 def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list[MomentAccumulator],
                plan_layers: list[LayerPlan], opts: MergeOptions, timer: StageTimer) -> tuple[np.ndarray, ...]:
     """Choose the shared pairs of hidden layer k and write their merged weights into ``weights``."""
@@ -169,10 +196,7 @@ def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list
             H.append(damp(Ht, opts.damping))
         metric = PairMetric(H[0], H[1], name)
         A, B = (W[:, f].T for W, f in zip(weights, feats))
-        D = pair_costs(metric.interaction(opts.cost), A, B)
-        rows, cols = match(D, count, opts.solver, opts.max_cost)
-        costs = D[rows, cols]
-        del D
+        rows, cols, costs = _choose_pairs(k, tasks, weights, metric, A, B, count, opts)
     with timer("tie"):
         w = metric.merged_weights(A[:, rows], B[:, cols])
         if is_sparse(weights[0][:, :-1]) or is_sparse(weights[1][:, :-1]):
