@@ -9,6 +9,9 @@ import pytest
 from onnx import helper
 
 import builders as B
+from onnxzip.api import merge
+from onnxzip.errors import OnnxZipError
+from onnxzip.options import MergeOptions
 
 SHAPE = (1, 8, 8)
 
@@ -138,3 +141,30 @@ def test_bad_eval_folder_is_refused_before_merging(tmp_path):
     out = tmp_path / "m.onnx"
     proc = _cli("merge", a, b, "--calib", calib, "--eval", f"a={no_labels}", "-o", out)
     _assert_user_error(proc, out, "part0.npz", "labels")
+
+
+def test_correlation_needs_one_calibration_folder(tmp_path):
+    a, b = _good_pair(tmp_path)
+    ca, cb = B.calib_folder(tmp_path / "ca", SHAPE, 32, seed=1), B.calib_folder(tmp_path / "cb", SHAPE, 32, seed=2)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(OnnxZipError, match="--cost correlation"):
+        merge([a, b], {"a": ca, "b": cb}, out, MergeOptions(cost="correlation"))
+    assert not out.exists()
+    proc = _cli("merge", a, b, "--calib", f"a={ca}", "--calib", f"b={cb}", "--cost", "correlation", "-o", out)
+    _assert_user_error(proc, out, "--cost correlation", "--calib")
+    # one folder, named twice in different spellings, is the same data
+    merge([a, b], {"a": ca, "b": tmp_path / "cb" / ".." / "ca"}, out, MergeOptions(cost="correlation"))
+    assert out.exists()
+
+
+def test_random_cost_options(tmp_path):
+    a, b = _good_pair(tmp_path)
+    calib = B.calib_folder(tmp_path / "c", SHAPE, 32)
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, b, "--calib", calib, "-o", out, "--cost", "random", "--max-cost", "0.1")
+    _assert_user_error(proc, out, "--max-cost", "random")
+    _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", out, "--cost", "best"), out, "--cost")
+    with pytest.raises(OnnxZipError, match="--seed"):
+        MergeOptions(cost="random", seed=-1)
+    proc = _cli("merge", a, b, "--calib", calib, "-o", out, "--cost", "random", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr

@@ -10,6 +10,7 @@ import pytest
 import builders as B
 from onnxzip.api import merge, weight_params
 from onnxzip.canonical import import_network
+from onnxzip.cost import COSTS
 from onnxzip.emit import merged_model, task_model
 from onnxzip.options import MergeOptions
 from onnxzip.zipper import zip_networks
@@ -34,12 +35,13 @@ def _pair(tmp_path, kind, permuted, seed_b=1):
     return a, b, calib, shape, perms
 
 
+@pytest.mark.parametrize("cost", ["hessian", "correlation"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("layout", ["multi", "gated"])
-def test_permuted_copy_is_recovered_exactly(tmp_path, kind, layout):
+def test_permuted_copy_is_recovered_exactly(tmp_path, kind, layout, cost):
     a, b, calib, shape, perms = _pair(tmp_path, kind, permuted=True)
     out = tmp_path / "m.onnx"
-    result = merge([a, b], calib, out, MergeOptions(layout=layout))
+    result = merge([a, b], calib, out, MergeOptions(layout=layout, cost=cost))
     for lp, perm in zip(result.plan.layers, perms):
         pairs = np.array(lp.shared)
         assert len(pairs) == lp.units[0]
@@ -72,12 +74,13 @@ def test_share_zero_reproduces_both_originals(tmp_path, layout, kind):
         np.testing.assert_allclose(y, B.run(src, x)[0], rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("cost", COSTS)
 @pytest.mark.parametrize("layout", ["multi", "gated"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_emitted_equals_tied_at_half_sharing(tmp_path, layout, kind):
+def test_emitted_equals_tied_at_half_sharing(tmp_path, layout, kind, cost):
     a, b, calib, shape, _ = _pair(tmp_path, kind, permuted=False, seed_b=7)
     nets = [import_network(a), import_network(b)]
-    opts = MergeOptions(share=0.5, layout=layout, tasks=("a", "b"))
+    opts = MergeOptions(share=0.5, layout=layout, tasks=("a", "b"), cost=cost)
     streams = [lambda n=n: iter_batches(calib, n.input, 64) for n in nets]
     plan, tied = zip_networks(nets, streams, [4, 4], opts, ["CPUExecutionProvider"])
     assert [lp.n_shared for lp in plan.layers[:-1]] == [round(0.5 * u) for u in plan.layers[0].units[:1]] + \
@@ -97,6 +100,26 @@ def test_emitted_equals_tied_at_half_sharing(tmp_path, layout, kind):
     assert not ops & {"Concat", "Slice", "Gather", "Split"}
     names = [i.name for i in model.graph.initializer]
     assert len(names) == len(set(names))
+
+
+def test_random_pairs_are_seeded_and_do_not_find_the_permutation(tmp_path):
+    a, b, calib, shape, perms = _pair(tmp_path, "mlp", permuted=True)
+
+    def pairs(seed):
+        result = merge([a, b], calib, tmp_path / f"m{seed}.onnx", MergeOptions(cost="random", seed=seed))
+        return [np.array(lp.shared) for lp in result.plan.layers[:-1]], result
+
+    first, result = pairs(0)
+    again, _ = pairs(0)
+    other, _ = pairs(1)
+    for lp, p, perm in zip(result.plan.layers, first, perms):
+        assert len(p) == lp.units[0]  # share 1.0: every unit of the 32- and 16-unit layers is paired
+        assert np.mean(perm[p[:, 1]] == p[:, 0]) < 0.5  # nowhere near the permutation
+        assert lp.cost > 0.0  # MTZ's cost of the random pairs is reported
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not all(np.array_equal(x, y) for x, y in zip(first, other))
+    x = np.random.default_rng(4).random((16, *shape), dtype=np.float32)
+    assert not np.allclose(B.run(tmp_path / "m0.onnx", x)[0], B.run(a, x)[0], atol=1e-3)
 
 
 def test_gated_layout_runs_only_the_chosen_branch(tmp_path):
@@ -133,9 +156,10 @@ def test_metadata_names_and_checker(tmp_path):
     assert model.ir_version <= 8 and weight_params(model) < 2 * 1542
 
 
-def test_permuted_cnn_with_subsampled_patches_is_still_recovered(tmp_path):
+@pytest.mark.parametrize("cost", ["hessian", "correlation"])
+def test_permuted_cnn_with_subsampled_patches_is_still_recovered(tmp_path, cost):
     a, b, calib, shape, perms = _pair(tmp_path, "cnn", permuted=True)
-    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(max_patches=5))
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(max_patches=5, cost=cost))
     for lp, perm in zip(result.plan.layers, perms):
         np.testing.assert_array_equal(perm[np.array(lp.shared)[:, 1]], np.array(lp.shared)[:, 0])
     x = np.random.default_rng(2).random((4, *shape), dtype=np.float32)

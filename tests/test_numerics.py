@@ -8,10 +8,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxzip.correct import refit_update, relative_error
+from onnxzip.correlate import CrossMoments
 from onnxzip.cost import PairMetric, pair_costs
 from onnxzip.hessian import MomentAccumulator, layer_rows, output_rows
 from onnxzip.ir import CONV, Layer
-from onnxzip.match import match
+from onnxzip.match import match, random_pairs
 
 
 def _spd(rng, d):
@@ -143,3 +144,25 @@ def test_patch_subset_selects_the_same_positions_from_inputs_and_outputs():
     np.testing.assert_allclose(sub_rows @ layer.matrix().T, output_rows(layer, z, max_patches=7), rtol=1e-5, atol=1e-5)
     assert {tuple(r) for r in sub_rows} <= {tuple(r) for r in full_rows}
     np.testing.assert_array_equal(layer_rows(layer, x, max_patches=30), full_rows)
+
+
+def test_cross_moments_give_pearson_correlation_over_batches():
+    rng = np.random.default_rng(0)
+    za = rng.standard_normal((300, 5)) * 3.0 + 10.0
+    zb = np.concatenate([za[:, :2] * -2.0 + 1.0, rng.standard_normal((300, 3))], axis=1)
+    za[:, 4] = 7.0  # a constant (dead) unit: correlation 0 with everything, not NaN
+    moments = CrossMoments(5, 5)
+    for part in np.array_split(np.arange(300), 4):
+        moments.add(za[part].astype(np.float32), zb[part].astype(np.float32))
+    corr = moments.correlation()
+    expected = np.corrcoef(za[:, :4].T, zb.T)[:4, 4:]
+    np.testing.assert_allclose(corr[:4], expected, atol=1e-5)
+    np.testing.assert_allclose(np.diag(corr)[:2], [-1.0, -1.0], atol=1e-6)
+    assert np.all(corr[4] == 0.0) and np.all(np.isfinite(corr))
+
+
+def test_random_pairs_are_one_to_one_and_seeded():
+    rows, cols = random_pairs(20, 12, 8, (5, 1))
+    assert len(set(rows)) == len(set(cols)) == 8 and np.all(np.diff(rows) > 0) and cols.max() < 12
+    assert all(np.array_equal(x, y) for x, y in zip((rows, cols), random_pairs(20, 12, 8, (5, 1))))
+    assert not np.array_equal(cols, random_pairs(20, 12, 8, (6, 1))[1])
