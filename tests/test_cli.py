@@ -58,14 +58,20 @@ def _readme_commands() -> list[str]:
 
 
 def test_readme_main_job_runs_as_written():
-    """The README's first command (the real merge) runs from the repo root, minus its install step."""
+    """The README's first command (install, demo data, the real merge) runs exactly as written."""
     main_job = _readme_commands()[0]
     steps = [s.strip() for s in main_job.split("&&")]
     assert steps[0].startswith("pip install") and any(s.startswith("onnxzip merge") for s in steps)
+    assert "../shared" not in main_job
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(" && ".join(steps[1:]), shell=True, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run(main_job, shell=True, cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "accuracy merged" in proc.stdout and (REPO / "demo" / "merged.onnx").exists()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == _readme_commands()[1]
 
 
 def test_merge_with_png_calibration_images(tmp_path):
