@@ -40,7 +40,7 @@ MANIFEST = "manifest.json"
 COMMITTED = ("lenet300_a", "lenet300_b")
 
 RECIPES = {"lenet300": Recipe(epochs=20), "lenet5": Recipe(epochs=12), "vgg": Recipe(epochs=4)}
-FINETUNE = {"lenet300": Recipe(epochs=10, lr=3e-4), "lenet5": Recipe(epochs=6, lr=3e-4)}
+FINETUNE = {"lenet300": Recipe(epochs=10), "lenet5": Recipe(epochs=6)}
 # Per-layer densities of the sparse LeNets: Deep Compression's per-layer profile, scaled so the
 # whole network keeps about what the paper's L-OBS step keeps (7% of LeNet-300-100, 8% of LeNet-5).
 DENSITIES = {"lenet300": (0.066, 0.09, 0.26), "lenet5": (0.66, 0.12, 0.075, 0.19)}
@@ -156,7 +156,8 @@ class Builder:
                  "train_images": len(self._split(spec.dataset)["train"][0]),
                  "export": refexport.check(net, path, x_test), "sha256": refexport.sha256(path),
                  "bytes": path.stat().st_size, "committed": spec.name in COMMITTED and not self.quick,
-                 "torch": torch.__version__, **extra}
+                 "torch": torch.__version__, "train_device": "cpu", "torch_threads": torch.get_num_threads(),
+                 **extra}
         self.manifest["models"][spec.name] = entry
         self._write_manifest()
         self.log(f"  {spec.name}: test error {error:.2f}%, {nonzero}/{total} parameters, "
