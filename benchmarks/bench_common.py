@@ -28,6 +28,7 @@ import build_reference  # noqa: E402
 import refdata  # noqa: E402
 from onnxzip.api import MergeResult, merge  # noqa: E402
 from onnxzip.options import MergeOptions  # noqa: E402
+from onnxzip.runtime import cuda_usable  # noqa: E402
 
 # Calibration images per task, drawn (seeded) from the task's training split.
 DEFAULT_CALIB = 2000
@@ -116,8 +117,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def machine() -> str:
     """One line describing where the benchmark ran."""
-    return (f"{os.cpu_count()} cores, {platform.machine()}, onnxruntime {ort.__version__} "
-            f"({', '.join(p for p in ort.get_available_providers() if p != 'AzureExecutionProvider')})")
+    provider = "CUDA provider" if cuda_usable() else "CPU provider"
+    return f"{os.cpu_count()} cores, {platform.machine()}, onnxruntime {ort.__version__} ({provider})"
 
 
 def write_section(name: str, command: str, body: str) -> None:
