@@ -136,6 +136,24 @@ def load_labeled(
     return x, labels
 
 
+def has_labels(folder: str | Path) -> bool:
+    """True when every file of the folder is an .npz holding a `labels` array (read from the file lists only).
+
+    Raises OnnxZipError like iter_batches for a missing, empty or unreadable folder.
+    """
+    listing = _list_folder(folder)
+    if any(path.suffix.lower() != NPZ_SUFFIX for path in listing.files):
+        return False
+    for path in listing.files:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if LABELS_KEY + NPY_SUFFIX not in zf.namelist():
+                    return False
+        except READ_ERRORS as exc:
+            raise _cannot_read(path, exc) from exc
+    return True
+
+
 def count_samples(
     folder: str | Path,
     spec: TensorSpec,

@@ -91,6 +91,25 @@ def _task_part(model: onnx.ModelProto, meta: dict[str, str], path: Path, task: s
     return part
 
 
+def load_merged(path: str | Path) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A model written by onnxzip merge (checked, shapes inferred) and its onnxzip metadata.
+
+    The metadata keys come without the 'onnxzip.' prefix. Raises OnnxZipError naming the file when
+    it is not readable or was not written by onnxzip.
+    """
+    path = Path(path)
+    model, _ = load_model(path)
+    return model, _meta(model, path)
+
+
+def task_part(model: onnx.ModelProto, meta: dict[str, str], path: str | Path, task: str) -> onnx.ModelProto:
+    """Task ``task`` of a loaded merged model (either layout) as a standalone, checked model.
+
+    Its initializers keep their names in the merged model; the model given is not modified.
+    """
+    return _task_part(model, meta, Path(path), task)
+
+
 def split(path: str | Path, task: str, output: str | Path) -> Path:
     """Write task ``task`` of a merged model as a standalone model with its original output name."""
     path, output = Path(path), Path(output)
