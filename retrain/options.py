@@ -1,0 +1,90 @@
+"""RetrainOptions: the one options object of `onnxzip retrain` and of onnxzip.retrain.retrain()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from numbers import Integral
+
+from ..calib import ImageOptions
+from ..errors import OnnxZipError
+from ..runtime import DEVICES
+
+# Per task: cross-entropy on the data's labels, distillation to the original model's outputs, or
+# a weighted mix of both; "auto" takes labels where the task's data has them, distillation elsewhere.
+LABELS, DISTILL, MIX = "labels", "distill", "mix"
+LOSSES = ("auto", LABELS, DISTILL, MIX)
+OPTIMIZERS = ("adam", "sgd")
+DEFAULT_ITERS = 300
+# Light retraining: small steps from a good starting point (Adam's usual fine-tuning rate).
+DEFAULT_LR = 1e-4
+DEFAULT_BATCH_SIZE = 64
+# Softmax temperature of the distillation loss (Hinton et al.); 1 matches the teachers' own outputs.
+DEFAULT_TEMPERATURE = 1.0
+# Weight of the cross-entropy term in --loss mix (the distillation term gets 1 - mix).
+DEFAULT_MIX = 0.5
+# Fraction of each task's --data kept out of training to measure fidelity (and accuracy with labels).
+DEFAULT_HOLDOUT = 0.1
+# Held-out samples per task on which the written model must equal the trained torch module.
+DEFAULT_VERIFY_SAMPLES = 256
+SGD_MOMENTUM = 0.9
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    """How to retrain: steps, optimiser, losses, task balance, data split, device, seed."""
+
+    iters: int = DEFAULT_ITERS
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_BATCH_SIZE
+    alpha: float = 0.5
+    loss: str = "auto"
+    mix: float = DEFAULT_MIX
+    temperature: float = DEFAULT_TEMPERATURE
+    optimizer: str = "adam"
+    holdout: float = DEFAULT_HOLDOUT
+    samples: int | None = None
+    verify_samples: int = DEFAULT_VERIFY_SAMPLES
+    image: ImageOptions = field(default_factory=ImageOptions)
+    device: str = "auto"
+    # PyTorch intra-op threads while retraining (None: torch's default); small models train
+    # fastest on one thread, especially on a busy machine.
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (_is_int(self.iters) and self.iters >= 1, f"--iters must be an integer >= 1, got {self.iters!r}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (_is_int(self.batch_size) and self.batch_size >= 1,
+             f"--batch-size must be an integer >= 1, got {self.batch_size!r}"),
+            (0.0 < self.alpha < 1.0, f"--alpha must lie strictly between 0 and 1, got {self.alpha}"),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'"),
+            (0.0 <= self.mix <= 1.0, f"--mix must lie in [0, 1], got {self.mix}"),
+            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
+            (self.optimizer in OPTIMIZERS,
+             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'"),
+            (0.0 < self.holdout < 1.0, f"--holdout must lie strictly between 0 and 1, got {self.holdout}"),
+            (self.samples is None or (_is_int(self.samples) and self.samples >= 2),
+             f"--samples must be an integer >= 2, got {self.samples!r}"),
+            (_is_int(self.verify_samples) and self.verify_samples >= 1,
+             f"--verify-samples must be an integer >= 1, got {self.verify_samples!r}"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
+            (self.threads is None or (_is_int(self.threads) and self.threads >= 1),
+             f"--threads must be an integer >= 1, got {self.threads!r}"),
+            (_is_int(self.seed) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OnnxZipError(message)
+
+    def task_weights(self, n_tasks: int) -> tuple[float, ...]:
+        """Loss weight per task, summing to the number of tasks: (2 alpha, 2 (1 - alpha)) for two tasks."""
+        if n_tasks == 2:
+            return (2 * self.alpha, 2 * (1 - self.alpha))
+        if self.alpha != 0.5:
+            raise OnnxZipError(f"--alpha balances two tasks; this model has {n_tasks}")
+        return (1.0,) * n_tasks

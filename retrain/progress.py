@@ -1,0 +1,15 @@
+"""How retraining reports progress: per stage a step function that takes the current figures."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+# step(figures): one unit of work done; figures maps "loss" and task names to the latest values.
+StepFn = Callable[[Mapping[str, float]], None]
+# progress(stage label, total units) -> step function for that stage.
+RetrainProgressFn = Callable[[str, int], StepFn]
+
+
+def no_progress(label: str, total: int) -> StepFn:
+    """A progress reporter that reports nothing."""
+    return lambda figures: None
