@@ -1,4 +1,5 @@
-"""`onnxzip merge | inspect | split`: the typer front end over onnxzip.api and onnxzip.merged."""
+"""`onnxzip merge | inspect | split | retrain`: the typer front end over onnxzip.api, onnxzip.merged
+and onnxzip.retrain (which imports PyTorch only when a retraining runs)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +21,9 @@ from ..errors import OnnxZipError
 from ..merged import inspect as read_merged, split as split_task
 from ..runtime import resolve_device
 from ..options import DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_VERIFY_SAMPLES, MergeOptions
+from ..retrain import RetrainOptions, RetrainResult, options as retrain_defaults, retrain as run_retrain
+from ..retrain.api import device_note
+from ..retrain.backend import require_torch
 
 EXIT_USER_ERROR = 2
 IMAGE_LAYOUTS = ("NCHW", "NHWC")
@@ -121,6 +125,24 @@ class _Bars:
     def __call__(self, label: str, total: int) -> Callable[[], None]:
         task = self.progress.add_task(label, total=total)
         return lambda: self.progress.advance(task)
+
+
+class _RetrainBars:
+    """The merge command's bars with the latest figures (loss, per-task agreement with the teacher) beside them."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[figures]}"), console=err,
+                                 transient=False, disable=not err.is_terminal)
+
+    def __call__(self, label: str, total: int) -> Callable[[Mapping[str, float]], None]:
+        task = self.progress.add_task(label, total=total, figures="")
+
+        def step(figures: Mapping[str, float]) -> None:
+            tasks = " ".join(f"{k} {100 * v:.1f}%" for k, v in figures.items() if k != "loss")
+            text = f"loss {figures['loss']:.4g} | fidelity {tasks} (recent training batches)" if figures else ""
+            self.progress.update(task, advance=1, figures=text)
+        return step
 
 
 def _fmt(value: Optional[float], pct: bool = False) -> str:
@@ -242,6 +264,70 @@ def split(model: Path = typer.Argument(..., help="A model written by onnxzip mer
     """Write one task of a merged model as a standalone ONNX model."""
     split_task(model, task, output)
     out.print(f"wrote {output}")
+
+
+def _print_retrain(result: RetrainResult) -> None:
+    table = Table(title=f"onnxzip retrain -> {result.output}")
+    for col in ("task", "loss", "train/held-out", "fidelity before", "fidelity after", "acc. teacher",
+                "acc. before", "acc. after", "max |written - torch|"):
+        table.add_column(col, justify="right")
+    for r in result.tasks:
+        table.add_row(r.task, r.loss, f"{r.train_samples} / {r.heldout_samples}", _fmt(r.fidelity_before, True),
+                      _fmt(r.fidelity_after, True), _fmt(r.accuracy_teacher, True), _fmt(r.accuracy_before, True),
+                      _fmt(r.accuracy_after, True), _fmt(r.max_diff_written))
+    out.print(table)
+    out.print(f"fidelity: top-1 agreement with the teacher on held-out data; {result.iterations} iterations at lr "
+              f"{result.lr:g}, loss {result.loss_first:.4g} -> {result.loss_final:.4g}; {result.params:,} parameters "
+              f"(unchanged); {result.seconds:.1f} s")
+
+
+@app.command()
+@_user_errors
+def retrain(
+    model: Path = typer.Argument(..., help="A model written by onnxzip merge."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the retrained model."),
+    data: List[str] = typer.Option([], "--data", help="Training folder for all tasks, or TASK=DIR (repeat). "
+                                   ".npz files with a 'labels' array allow cross-entropy; none are needed."),
+    teacher: List[str] = typer.Option([], "--teacher", help="TASK=MODEL.onnx: the original model to distil from "
+                                      "(default: the merge's source model, found next to the merged model)."),
+    eval_: List[str] = typer.Option([], "--eval", help="TASK=DIR of .npz files with a 'labels' array."),
+    iters: int = typer.Option(retrain_defaults.DEFAULT_ITERS, help="Training iterations (one batch per task each)."),
+    lr: float = typer.Option(retrain_defaults.DEFAULT_LR, help="Learning rate."),
+    batch_size: int = typer.Option(retrain_defaults.DEFAULT_BATCH_SIZE, "--batch-size"),
+    alpha: float = typer.Option(0.5, help="Weight of the first task's loss (the second gets 1 - alpha), as in merge."),
+    loss: str = typer.Option("auto", help="labels (cross-entropy), distill (to the teacher's outputs), mix, or "
+                             "auto: labels where the data has them, else distill."),
+    mix: float = typer.Option(retrain_defaults.DEFAULT_MIX, help="Weight of the cross-entropy in --loss mix."),
+    temperature: float = typer.Option(retrain_defaults.DEFAULT_TEMPERATURE, help="Distillation temperature."),
+    optimizer: str = typer.Option("adam", help="adam or sgd (momentum 0.9)."),
+    holdout: float = typer.Option(retrain_defaults.DEFAULT_HOLDOUT,
+                                  help="Fraction of each task's data held out to measure fidelity."),
+    samples: Optional[int] = typer.Option(None, help="Use at most N samples per task."),
+    verify_samples: int = typer.Option(retrain_defaults.DEFAULT_VERIFY_SAMPLES, "--verify-samples"),
+    resize: Optional[str] = typer.Option(None, help="Resize image data to HxW."),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255)."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255)."),
+    layout: str = typer.Option("NCHW", help="Layout of the model's image input: NCHW or NHWC."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (PyTorch and ONNX Runtime)."),
+    threads: Optional[int] = typer.Option(None, help="PyTorch threads (default: PyTorch's own)."),
+    seed: int = typer.Option(0, help="Seed of the data split and batch order."),
+) -> None:
+    """Retrain a merged model's weights jointly for all tasks, keeping its sharing (PyTorch needed)."""
+    require_torch()
+    if not data:
+        raise OnnxZipError("--data is required: a folder for all tasks, or TASK=DIR per task")
+    image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
+                         std=_floats(std, "--std", (1.0,)), layout=layout.upper())
+    opts = RetrainOptions(iters=iters, lr=lr, batch_size=batch_size, alpha=alpha, loss=loss, mix=mix,
+                          temperature=temperature, optimizer=optimizer, holdout=holdout, samples=samples,
+                          verify_samples=verify_samples, image=image, device=device, threads=threads, seed=seed)
+    folders = data[0] if len(data) == 1 and "=" not in data[0] else _pairs(data, "--data")
+    out.print(device_note(opts.device))
+    bars = _RetrainBars()
+    with bars.progress:
+        result = run_retrain(model, folders, output, opts, teachers=_pairs(teacher, "--teacher"),
+                             evals=_pairs(eval_, "--eval"), progress=bars)
+    _print_retrain(result)
 
 
 def main() -> None:
