@@ -55,12 +55,12 @@ def _training_images(dataset: str) -> np.ndarray:
     return refdata.load_idx(dataset, "train")[0]
 
 
-def calib_folder(dataset: str, n: int = DEFAULT_CALIB) -> Path:
+def calib_folder(dataset: str, n: int = DEFAULT_CALIB, seed: int = CALIB_SEED) -> Path:
     """A folder of n seeded-random training images of the data set (no labels)."""
-    folder = CACHE / f"{dataset}-calib-{n}"
+    folder = CACHE / f"{dataset}-calib-{n}" if seed == CALIB_SEED else CACHE / f"{dataset}-calib-{n}-seed{seed}"
     if not folder.is_dir():
         x = _training_images(dataset)
-        pick = np.random.default_rng(CALIB_SEED).choice(len(x), n, replace=False)
+        pick = np.random.default_rng(seed).choice(len(x), n, replace=False)
         refdata.write_npz_folder(folder, x[np.sort(pick)])
     return folder
 
