@@ -1,0 +1,524 @@
+"""Cross-task zipping: per-task test error against the fraction of parameters shared, per matching method.
+
+Two CNNs trained on different tasks are merged, task a on MNIST and task b on Fashion-MNIST:
+``vgg_a`` + ``vgg_fashion`` and ``lenet5_a`` + ``lenet5_fashion`` (models/reference/). For every
+pair-choice method (MTZ Hessian with the label-free correction, the tool's default; MTZ without
+correction, the paper's method; weight distance; activation correlation; random) the share
+fraction F, applied uniformly to every hidden layer (the heads are never shared), is swept upward;
+each merge reports the fraction of all parameters shared and each task's error on its data set's
+10,000 test images. No retraining follows any merge.
+
+Then, per arch and method, the largest fraction of parameters shared with at most +0.5 points of
+error on each task: the best passing merge, after bisecting F between the largest passing grid
+share and the next one. The method ``hessian-taper`` (MTZ Hessian with a non-uniform schedule:
+hidden layer k of L shares F^((k+1)/L), so the last hidden layer shares F and earlier layers more)
+asks whether a schedule other than uniform shares more at the same error bound.
+
+    python benchmarks/cross_task.py                  # the full run, both archs, every method
+    python benchmarks/cross_task.py --arch lenet5 --shares 0.5 --methods hessian --bisect-steps 0
+    python benchmarks/cross_task.py --render-only    # tables, section and plot again from cross_task.json
+
+Calibration: hessian, l2 and random read 2,000 training images of each task's own data set;
+correlation compares units on the same samples, so both tasks read one folder of 1,000 MNIST and
+1,000 Fashion-MNIST training images, interleaved. By default each method's sweep stops at its first
+failing share (--full-sweep merges every share). Prints the tables and writes benchmarks/RESULTS.md
+(section "cross_task"), benchmarks/cross_task.md, benchmarks/cross_task.json and
+benchmarks/cross_task.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+from onnxzip.canonical import import_network  # noqa: E402
+from onnxzip.options import MergeOptions  # noqa: E402
+from onnxzip.runtime import resolve_device, session  # noqa: E402
+from onnxzip.verify import MergedRunner  # noqa: E402
+
+NAME = "cross_task"
+PLOT = bc.HERE / f"{NAME}.png"
+JSON = bc.HERE / f"{NAME}.json"
+RENDER_ONLY = "--render-only"
+# Reference model pairs per architecture: (task a on MNIST, task b on Fashion-MNIST).
+PAIRS = {"vgg": ("vgg_a", "vgg_fashion"), "lenet5": ("lenet5_a", "lenet5_fashion")}
+TASKS = ("a", "b")
+DATASETS = {"a": "mnist", "b": "fashion-mnist"}
+TASK_LABELS = {"a": "MNIST", "b": "Fashion-MNIST"}
+# Largest allowed increase of each task's test error, in percentage points.
+ERROR_BOUND = 0.5
+DEFAULT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_BISECT_STEPS = 2
+# Speed knobs of every merge (see README "Speed"); 0 on the command line keeps the tool's default (all).
+DEFAULT_MAX_PATCHES = 64
+DEFAULT_CALIB_SAMPLES = 0  # 0: every sample of the folder
+DEFAULT_BATCH_SIZE = 256
+# Calibration samples per task for the tool's written-vs-tied check (its default is 512).
+VERIFY_SAMPLES = 128
+# Gated: an ``If`` runs only the selected task's branch, so evaluating one task costs one model pass.
+LAYOUT = "gated"
+TEST_INPUT = "input"
+TAPER_TEXT = "hidden layer k of L shares F^((k+1)/L), so the last hidden layer shares F and earlier ones more."
+SWEEP_FULL = "Every share of the grid was merged."
+SWEEP_STOP = ("Each method sweeps the grid upward and stops at its first failing share (blank cells: not "
+              "merged).")
+NOISE_NOTE = (
+    "The margins are thin and partly noise: an error change of a few tenths of a point moves with the "
+    "calibration draw and settings. In development runs, vgg with MTZ Hessian at F = 0.75 cost Fashion-MNIST "
+    "+0.47, +0.84 and +0.45 points with 2,000 calibration samples and 64 patches, 2,000 and 32, 1,000 and 32. "
+    "A method's largest passing F is therefore uncertain by about one grid step, and gaps between methods "
+    "smaller than that are not conclusive.")
+# The paper's VGG-16 pair (ImageNet + CelebA): 39.61% of parameters shared at < 0.5 points, after retraining.
+PAPER_ANCHOR_PERCENT = 39.61
+PERCENT = 100.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to choose what to share: the pair cost, the correction, and the per-layer schedule."""
+
+    key: str
+    label: str
+    cost: str
+    correct: bool = True
+    schedule: str = "uniform"  # "uniform": every hidden layer shares F; "taper": early layers more
+
+
+METHODS = {m.key: m for m in [
+    Method("hessian", "MTZ Hessian + correction (default)", "hessian"),
+    Method("hessian-nocorr", "MTZ Hessian, no correction (paper)", "hessian", correct=False),
+    Method("l2", bc.METHODS["l2"], "l2"),
+    Method("correlation", bc.METHODS["correlation"], "correlation"),
+    Method("random", bc.METHODS["random"], "random"),
+    Method("hessian-taper", "MTZ Hessian + correction, early layers more", "hessian", schedule="taper"),
+]}
+STYLES = {"hessian": ("tab:blue", "o"), "hessian-nocorr": ("tab:orange", "s"), "l2": ("tab:green", "^"),
+          "correlation": ("tab:red", "v"), "random": ("tab:gray", "x"), "hessian-taper": ("tab:purple", "D")}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One merge: method, share F, what it shared and each task's test error (percent)."""
+
+    arch: str
+    method: str
+    share: float
+    source: str  # "grid" or "bisect"
+    param_fraction: float
+    error: dict[str, float]
+    error_original: dict[str, float]
+    layers: dict[str, str]
+    seconds: float
+
+    def delta(self, task: str) -> float:
+        """Test-error increase of the task in percentage points."""
+        return self.error[task] - self.error_original[task]
+
+    def passes(self, bound: float = ERROR_BOUND) -> bool:
+        """Whether every task's error rose by at most the bound."""
+        return all(self.delta(t) <= bound + 1e-9 for t in TASKS)
+
+
+class TestSets:
+    """Each task's 10,000 test images (bench_common.test_folder), loaded once; test error in percent.
+
+    The merges run without ``evals``: the API would re-run both original models on every test
+    image at every merge. Here the originals are evaluated once per arch and each merged (gated)
+    model once per task: the same top-1 error as bench_common.errors, on the same data.
+    """
+
+    def __init__(self, batch_size: int):
+        self.data = {t: _load_test(bc.test_folder(DATASETS[t])) for t in TASKS}
+        self.batch_size, self.providers = batch_size, resolve_device("auto")[0]
+        self._originals: dict[str, dict[str, float]] = {}
+
+    def _error(self, run: Callable[[np.ndarray], np.ndarray], task: str) -> float:
+        x, labels = self.data[task]
+        hits = sum(int((run(x[s:s + self.batch_size]).argmax(1) == labels[s:s + self.batch_size]).sum())
+                   for s in range(0, len(x), self.batch_size))
+        return PERCENT * (1.0 - hits / len(x))
+
+    def merged_errors(self, path: Path) -> dict[str, float]:
+        """Each task's test error of a merged model written with the gated layout."""
+        runner = MergedRunner(path, TASKS, LAYOUT, self.providers)
+        return {t: self._error(partial(runner, k), t) for k, t in enumerate(TASKS)}
+
+    def original_errors(self, arch: str) -> dict[str, float]:
+        """Each task's test error of its original model (computed once per arch)."""
+        if arch not in self._originals:
+            errs = {}
+            for t, model in zip(TASKS, bc.reference(*PAIRS[arch])):
+                sess = session(str(model), self.providers)
+                name = sess.get_inputs()[0].name
+                errs[t] = self._error(lambda x, sess=sess, name=name: sess.run(None, {name: x})[0], t)
+            self._originals[arch] = errs
+        return self._originals[arch]
+
+
+def _load_test(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and labels of a folder of .npz parts as written by bench_common.test_folder."""
+    parts = [np.load(f) for f in sorted(folder.glob("*.npz"))]
+    return np.concatenate([p[TEST_INPUT] for p in parts]), np.concatenate([p["labels"] for p in parts])
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every merge of a run shares: data folders, seed and speed knobs."""
+
+    seed: int
+    max_patches: int | None
+    calib_samples: int | None
+    batch_size: int
+    tests: TestSets | None = field(compare=False, repr=False)  # None when only re-rendering
+
+    def knobs(self) -> dict:
+        """The options that every merge of the run shares (JSON-ready)."""
+        return {"seed": self.seed, "max_patches": self.max_patches, "calib_samples": self.calib_samples,
+                "batch_size": self.batch_size, "layout": LAYOUT, "verify_samples": VERIFY_SAMPLES}
+
+
+def layer_shares(method: Method, share: float, hidden: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """Per-layer shares of a schedule: none for uniform; for taper, hidden layer k of L shares F^((k+1)/L)."""
+    if method.schedule == "uniform":
+        return ()
+    n = len(hidden)
+    return tuple((name, share ** ((k + 1) / n)) for k, name in enumerate(hidden))
+
+
+def calibration(method: Method) -> dict[str, Path]:
+    """Per-task calibration folders; correlation needs one mixed folder that both tasks read."""
+    if method.cost == "correlation":
+        mixed = bc.mixed_calib_folder([DATASETS[t] for t in TASKS])
+        return {t: mixed for t in TASKS}
+    return {t: bc.calib_folder(DATASETS[t]) for t in TASKS}
+
+
+def merge_point(arch: str, method: Method, share: float, hidden: Sequence[str], setup: Setup,
+                source: str = "grid") -> Point:
+    """Merge the arch's pair with the method at share F and measure it on both test sets."""
+    opts = MergeOptions(share=share, share_layers=layer_shares(method, share, hidden), cost=method.cost,
+                        correct=method.correct, tasks=TASKS, seed=setup.seed, max_patches=setup.max_patches,
+                        calib_samples=setup.calib_samples, batch_size=setup.batch_size, layout=LAYOUT,
+                        verify_samples=VERIFY_SAMPLES)
+    tests = setup.tests
+    assert tests is not None, "merging needs the test sets"
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="onnxzip-cross-task-") as tmp:
+        out = Path(tmp) / "merged.onnx"
+        result = bc.run_merge(bc.reference(*PAIRS[arch]), calibration(method), {}, opts, out)
+        error = tests.merged_errors(out)
+    point = Point(arch, method.key, share, source, bc.shared_param_fraction(result), error,
+                  tests.original_errors(arch), {l.name: f"{l.shared}/{min(l.units)}" for l in result.layers},
+                  time.perf_counter() - start)
+    print(f"  {arch:6} {method.key:14} F={share:.4f} params shared {PERCENT * point.param_fraction:5.1f}%  "
+          + "  ".join(f"{t}: {point.error[t]:5.2f}% ({point.delta(t):+.2f})" for t in TASKS)
+          + f"  {point.seconds:.0f} s", flush=True)
+    return point
+
+
+def hidden_layers(arch: str) -> list[str]:
+    """The pair's hidden layer names (every layer but the head), as ``onnxzip inspect`` lists them."""
+    return [layer.name for layer in import_network(bc.reference(PAIRS[arch][0])[0]).layers[:-1]]
+
+
+def sweep(arch: str, method: Method, shares: Sequence[float], hidden: Sequence[str], setup: Setup,
+          zero: dict[str, Point], full: bool) -> list[Point]:
+    """The method's grid points, upward; unless ``full``, the sweep stops at its first failing share.
+
+    F = 0 shares nothing whatever the method or schedule, so that merge runs once per arch (default
+    options) and is reused; ``zero`` caches it.
+    """
+    points = []
+    for share in sorted(shares):
+        if share == 0.0:
+            if arch not in zero:
+                zero[arch] = merge_point(arch, METHODS["hessian"], 0.0, hidden, setup)
+            points.append(Point(**{**asdict(zero[arch]), "method": method.key}))
+        else:
+            points.append(merge_point(arch, method, share, hidden, setup))
+        if not full and not points[-1].passes():
+            break
+    return points
+
+
+def bisect(arch: str, method: Method, points: list[Point], hidden: Sequence[str], setup: Setup,
+           steps: int) -> list[Point]:
+    """Bisect F between the largest passing grid share and the next grid share; return the new points."""
+    grid = sorted(points, key=lambda p: p.share)
+    passing = [i for i, p in enumerate(grid) if p.passes()]
+    if not passing or passing[-1] == len(grid) - 1:
+        return []
+    lo, hi, new = grid[passing[-1]].share, grid[passing[-1] + 1].share, []
+    for _ in range(steps):
+        mid = round((lo + hi) / 2, 6)
+        new.append(merge_point(arch, method, mid, hidden, setup, source="bisect"))
+        lo, hi = (mid, hi) if new[-1].passes() else (lo, mid)
+    return new
+
+
+def best_within_bound(points: Sequence[Point]) -> Point | None:
+    """The passing point with the largest fraction of parameters shared."""
+    ok = [p for p in points if p.passes()]
+    return max(ok, key=lambda p: (p.param_fraction, p.share)) if ok else None
+
+
+def first_failing_above(points: Sequence[Point], best: Point | None) -> Point | None:
+    """The failing point with the smallest share above the best passing one."""
+    floor = best.share if best else -1.0
+    fails = [p for p in points if not p.passes() and p.share > floor]
+    return min(fails, key=lambda p: p.share) if fails else None
+
+
+def _errs(p: Point) -> str:
+    return " / ".join(f"{p.error[t]:.2f}" for t in TASKS)
+
+
+def sweep_table(arch: str, points: Sequence[Point], methods: Sequence[str]) -> str:
+    """Uniform-schedule grid: per share F, the parameters shared and each method's errors (a / b)."""
+    grid = [p for p in points if p.source == "grid" and METHODS[p.method].schedule == "uniform"]
+    shares = sorted({p.share for p in grid})
+    uniform = [m for m in methods if METHODS[m].schedule == "uniform"]
+    rows = []
+    for s in shares:
+        at = {p.method: p for p in grid if p.share == s}
+        frac = next(iter(at.values())).param_fraction
+        rows.append([f"{s:.2f}", f"{PERCENT * frac:.1f}"] + [_errs(at[m]) if m in at else "" for m in uniform])
+    header = ["F", "params shared %"] + [f"{METHODS[m].label}: err a / b %" for m in uniform]
+    return bc.markdown_table(header, rows)
+
+
+def bisection_text(points: Sequence[Point]) -> str:
+    """The bisection merges of uniform methods, one line: method F (params %): errors a / b."""
+    extra = [p for p in sorted(points, key=lambda p: (p.method, p.share))
+             if p.source == "bisect" and METHODS[p.method].schedule == "uniform"]
+    items = [f"{p.method} F={p.share:.4f} ({PERCENT * p.param_fraction:.1f}%): {_errs(p)}" for p in extra]
+    return "Bisection merges (err a / b %): " + ("; ".join(items) if items else "none") + "."
+
+
+def schedule_table(points: Sequence[Point]) -> str:
+    """Every point of non-uniform schedules: F, per-layer sharing, parameters shared, errors."""
+    rows = [[p.method, f"{p.share:.4f}", ", ".join(f"{k} {v}" for k, v in p.layers.items()),
+             f"{PERCENT * p.param_fraction:.1f}", _errs(p)]
+            for p in sorted(points, key=lambda p: (p.method, p.share)) if METHODS[p.method].schedule != "uniform"]
+    return bc.markdown_table(["method", "F", "shared units per layer", "params shared %", "err a / b %"], rows)
+
+
+def summary_rows(arch: str, points: Sequence[Point], methods: Sequence[str]) -> list[list]:
+    """Per method: the largest fraction of parameters shared within the bound, and what bounds it."""
+    rows = []
+    for m in methods:
+        mine = [p for p in points if p.method == m]
+        best, fail = best_within_bound(mine), None
+        fail = first_failing_above(mine, best)
+        cells = ([f"{best.share:.4f}", f"{PERCENT * best.param_fraction:.1f}",
+                  " / ".join(f"{best.error[t]:.2f} ({best.delta(t):+.2f})" for t in TASKS)] if best
+                 else ["-", "0.0", "none passes"])
+        bound = (f"F={fail.share:.4f}: {PERCENT * fail.param_fraction:.1f}%, "
+                 + " / ".join(f"{fail.delta(t):+.2f}" for t in TASKS)) if fail else "-"
+        rows.append([arch, METHODS[m].label] + cells + [bound, len(mine)])
+    return rows
+
+
+def summary_table(rows: Sequence[Sequence]) -> str:
+    """Markdown table of summary_rows."""
+    header = ["arch", "method", "largest F within bound", "params shared %", "err a / b % (delta, points)",
+              "first failing above (params %, deltas)", "merges"]
+    return bc.markdown_table(header, rows)
+
+
+def plot(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str]) -> None:
+    """Per arch and task: test error against the fraction of parameters shared, one line per method."""
+    fig, axes = plt.subplots(len(archs), len(TASKS), figsize=(11, 4.2 * len(archs)), squeeze=False)
+    for row, arch in enumerate(archs):
+        for col, task in enumerate(TASKS):
+            ax = axes[row][col]
+            for m in methods:
+                mine = sorted((p for p in points if p.arch == arch and p.method == m), key=lambda p: p.share)
+                if not mine:
+                    continue
+                color, marker = STYLES[m]
+                ax.plot([PERCENT * p.param_fraction for p in mine], [p.error[task] for p in mine],
+                        color=color, marker=marker, ms=4, lw=1.2, ls="-" if task == "a" else "--",
+                        label=METHODS[m].label)
+                base = mine[0].error_original[task]
+            ax.axhline(base + ERROR_BOUND, color="k", lw=0.8, ls=":", label=f"original + {ERROR_BOUND} points")
+            ax.set_title(f"{arch}: task {task} ({TASK_LABELS[task]}), original {base:.2f}%")
+            ax.set_xlabel("parameters shared (% of both models)")
+            ax.set_ylabel("test error (%)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+def conclusion(summaries: Sequence[Sequence], archs: Sequence[str]) -> str:
+    """A few sentences per arch: the best uniform method against the rest and the default, in numbers."""
+    return "\n\n".join(_arch_conclusion(arch, {r[1]: float(r[3]) for r in summaries if r[0] == arch})
+                       for arch in archs) + "\n\n" + NOISE_NOTE
+
+
+def _arch_conclusion(arch: str, shared: dict[str, float]) -> str:
+    """Sentences for one arch from {method label: largest % of parameters shared within the bound}."""
+    label = {k: m.label for k, m in METHODS.items()}
+    uniform = {k: v for k, v in shared.items() if k != label["hessian-taper"]}
+    best = max(uniform, key=uniform.get)
+    runner_up = max((k for k in uniform if k != best), key=uniform.get, default=None)
+    text = f"**{arch}**: {best} shares the most within +{ERROR_BOUND} points, {uniform[best]:.1f}% of the parameters"
+    text += (f", {uniform[best] - uniform[runner_up]:.1f} points ahead of the next best, {runner_up}, "
+             f"at {uniform[runner_up]:.1f}%." if runner_up else " (the only method run).")
+    default, paper, rand = (shared.get(label[k]) for k in ("hessian", "hessian-nocorr", "random"))
+    if default is not None and best != label["hessian"]:
+        text += (f" The tool's default ({label['hessian']}) is *not* the best here: {default:.1f}% against "
+                 f"{uniform[best]:.1f}%.")
+    if paper is not None and rand is not None:
+        text += f" Without the correction (the paper's method) MTZ shares {paper:.1f}%, against random's {rand:.1f}%"
+        text += f"; the correction adds {default - paper:.1f} points." if default is not None else "."
+    taper = shared.get(label["hessian-taper"])
+    if taper is not None and default is not None:
+        verdict = "more" if taper > default + 0.05 else ("less" if taper < default - 0.05 else "about the same")
+        text += f" The early-layers-more schedule shares {taper:.1f}% against uniform's {default:.1f}% ({verdict})."
+    return text
+
+
+def merge_times(points: Sequence[Point], archs: Sequence[str]) -> str:
+    """Per arch, the range of one merge's seconds (merge, verification and test errors)."""
+    spans = {a: [p.seconds for p in points if p.arch == a] for a in archs}
+    return ", ".join(f"{a} {min(v):.0f}-{max(v):.0f} s" for a, v in spans.items() if v)
+
+
+def setup_text(archs: Sequence[str], setup: Setup, full: bool, elapsed: float, times: str) -> str:
+    """The paragraph under the section title: pairs, measures, calibration, options."""
+    used = f"the first {setup.calib_samples}" if setup.calib_samples else "all"
+    return (
+        f"Task a: MNIST, task b: Fashion-MNIST; errors on each data set's 10,000 test images; no retraining. "
+        f"Pairs: {', '.join(f'{a} = ' + ' + '.join(PAIRS[a]) for a in archs)}. F is the share of every hidden "
+        f"layer's units (the heads are never shared); params shared is the fraction of both models' parameters "
+        f"stored once (bench_common.shared_param_fraction).\n\n"
+        f"Calibration: hessian, l2 and random read each task's own folder of {bc.DEFAULT_CALIB} training "
+        f"images (bench_common.calib_folder). Correlation needs both tasks to see the same samples (the API "
+        f"refuses otherwise), so for it both tasks read one folder of {bc.DEFAULT_CALIB // 2} MNIST + "
+        f"{bc.DEFAULT_CALIB // 2} Fashion-MNIST training images, interleaved (bench_common.mixed_calib_folder). "
+        f"Every merge uses {used} samples of its folder, max_patches={setup.max_patches}, "
+        f"batch_size={setup.batch_size}, layout {LAYOUT}, verify_samples={VERIFY_SAMPLES}, other options at "
+        f"their defaults; random pairs use seed {setup.seed}. Test errors are computed here on each merged "
+        f"model (one pass per task) and once per arch for the originals, not through the API's evals, which "
+        f"re-run both originals at every merge (same top-1 error, checked). F = 0 shares nothing, so it is one "
+        f"merge per arch (default options) reused for every method. {SWEEP_FULL if full else SWEEP_STOP} "
+        f"Total run time {elapsed / 60:.1f} min; one merge with its test errors took {times} (the "
+        f"spread is the machine's other load)."
+    )
+
+
+def report(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str], setup: Setup,
+           elapsed: float, full: bool) -> str:
+    """The section body: setup, sweep tables, the summary, the conclusion."""
+    summaries = [r for arch in archs for r in summary_rows(arch, [p for p in points if p.arch == arch], methods)]
+    parts = [setup_text(archs, setup, full, elapsed, merge_times(points, archs))]
+    for arch in archs:
+        mine = [p for p in points if p.arch == arch]
+        parts.append(f"### {arch}: sweep (uniform share F), test error a / b in %\n\n"
+                     + sweep_table(arch, mine, methods) + "\n\n" + bisection_text(mine))
+        if any(METHODS[p.method].schedule != "uniform" for p in mine):
+            parts.append(f"{arch}, non-uniform schedule: {TAPER_TEXT}\n\n" + schedule_table(mine))
+    parts.append(f"### Largest fraction of parameters shared with at most +{ERROR_BOUND} points on each task\n\n"
+                 "From every merge of the method (grid, and bisection on F between the largest passing grid "
+                 "share and the next one).\n\n" + summary_table(summaries))
+    parts.append(conclusion(summaries, archs))
+    parts.append(f"Paper anchor: MTZ shares {PAPER_ANCHOR_PERCENT}% of two VGG-16 (ImageNet + CelebA) at < 0.5 "
+                 f"points, *after* retraining; the figures here are without any retraining, on much smaller "
+                 f"networks. Uniform sharing per layer is the simplest schedule; the paper tunes each layer.")
+    parts.append(f"![test error against parameters shared, per method]({PLOT.name})")
+    return "\n\n".join(parts)
+
+
+def run(archs: Sequence[str], methods: Sequence[str], shares: Sequence[float], setup: Setup,
+        steps: int, full: bool) -> list[Point]:
+    """Every merge of the benchmark."""
+    points: list[Point] = []
+    zero: dict[str, Point] = {}
+    for arch in archs:
+        hidden = hidden_layers(arch)
+        for key in methods:
+            grid = sweep(arch, METHODS[key], shares, hidden, setup, zero, full)
+            points += grid + bisect(arch, METHODS[key], grid, hidden, setup, steps)
+    return points
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--shares", "--share", nargs="+", type=float, default=list(DEFAULT_SHARES),
+                   help="share fractions F of the sweep")
+    p.add_argument("--full-sweep", action="store_true",
+                   help="merge every share of the grid (default: stop each method at its first failing share)")
+    p.add_argument("--bisect-steps", type=int, default=DEFAULT_BISECT_STEPS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pairing")
+    p.add_argument("--max-patches", type=int, default=DEFAULT_MAX_PATCHES, help="0: every patch")
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, help="0: the whole folder")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument(RENDER_ONLY, action="store_true",
+                   help="rebuild tables, section and plot from benchmarks/cross_task.json without merging")
+    return p.parse_args(argv)
+
+
+def measure(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Point], Setup, float]:
+    """Every merge of the command line's run; also the run's seconds."""
+    args = parse_args(argv)
+    setup = Setup(args.seed, args.max_patches or None, args.calib_samples or None, args.batch_size,
+                  TestSets(args.batch_size))
+    start = time.perf_counter()
+    points = run(args.arch, args.methods, sorted(set(args.shares)), setup, args.bisect_steps, args.full_sweep)
+    return args, points, setup, time.perf_counter() - start
+
+
+def reload() -> tuple[str, argparse.Namespace, list[Point], Setup, float]:
+    """The command, options, merges, setup and seconds of the run recorded in benchmarks/cross_task.json."""
+    data = json.loads(JSON.read_text())
+    args = parse_args(shlex.split(data["command"])[2:])
+    setup = Setup(args.seed, args.max_patches or None, args.calib_samples or None, args.batch_size, None)
+    return data["command"], args, [Point(**p) for p in data["points"]], setup, data["elapsed_s"]
+
+
+def publish(command: str, args: argparse.Namespace, points: list[Point], setup: Setup, elapsed: float) -> None:
+    """Print the tables; write the RESULTS.md section, benchmarks/cross_task.md, .json and .png."""
+    body = report(points, args.arch, args.methods, setup, elapsed, args.full_sweep)
+    print("\n" + body)
+    plot(points, args.arch, args.methods)
+    bc.write_section(NAME, command, body)
+    bc.write_json(NAME, {"command": command, "elapsed_s": elapsed, "bound_points": ERROR_BOUND,
+                         "setup": setup.knobs(), "pairs": {a: PAIRS[a] for a in args.arch},
+                         "shares": sorted(set(args.shares)), "points": [asdict(p) for p in points]})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark (or, with --render-only, re-render the recorded run) and write the results."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if RENDER_ONLY in argv:
+        publish(*reload())
+        return
+    args, points, setup, elapsed = measure(argv)
+    publish("python benchmarks/cross_task.py" + (" " + shlex.join(argv) if argv else ""), args, points, setup,
+            elapsed)
+
+
+if __name__ == "__main__":
+    main()
