@@ -82,12 +82,12 @@ def _layouts(values: List[str]) -> tuple[str, str]:
     return emit, image
 
 
-def _calib(values: List[str]) -> str | dict[str, str]:
+def _calib(values: List[str], flag: str = "--calib") -> str | dict[str, str]:
     if not values:
-        raise OnnxZipError("--calib is required: a folder for all models, or TASK=DIR per model")
+        raise OnnxZipError(f"{flag} is required: a folder for all models, or TASK=DIR per model")
     if len(values) == 1 and "=" not in values[0]:
         return values[0]
-    return _pairs(values, "--calib")
+    return _pairs(values, flag)
 
 
 def _show_version(value: bool) -> None:
@@ -177,6 +177,32 @@ def _print_result(result: MergeResult) -> None:
               f"vs {sum(result.bytes_inputs):,}; {sum(result.seconds.values()):.1f} s")
 
 
+def _retrain_options(iters: int, lr: float, optimizer: str, batch_size: int, alpha: float, image: ImageOptions,
+                     device: str, seed: int) -> Optional[RetrainOptions]:
+    """The per-layer retraining options of `merge --retrain-iters`, or None for 0 iterations."""
+    if iters < 0:
+        raise OnnxZipError(f"--retrain-iters must be a non-negative integer, got {iters}")
+    if iters == 0:
+        return None
+    return RetrainOptions(iters=iters, lr=lr, optimizer=optimizer, batch_size=batch_size, alpha=alpha, image=image,
+                          device=device, seed=seed)
+
+
+def _print_retraining(result: MergeResult) -> None:
+    if not result.retraining:
+        return
+    tasks = result.plan.tasks
+    table = Table(title="retraining after each zipped layer (fidelity: top-1 agreement with the original, "
+                        "held-out samples)")
+    for col in ["after layer", "iterations"] + [f"fidelity {t}" for t in tasks] + ["final loss", "seconds"]:
+        table.add_column(col, justify="right")
+    for r in result.retraining:
+        table.add_row(r.after_layer, str(r.iterations),
+                      *(f"{_fmt(b, True)} -> {_fmt(a, True)}" for b, a in zip(r.fidelity_before, r.fidelity_after)),
+                      _fmt(r.loss_final), f"{r.seconds:.1f}")
+    out.print(table)
+
+
 @app.command()
 @_user_errors
 def merge(
@@ -208,9 +234,18 @@ def merge(
     damping: float = typer.Option(DEFAULT_DAMPING, help="Relative Hessian damping."),
     verify_samples: int = typer.Option(DEFAULT_VERIFY_SAMPLES, "--verify-samples"),
     device: str = typer.Option("auto", help="auto, cpu or cuda (ONNX Runtime execution provider)."),
-    seed: int = typer.Option(0, help="Seed of --cost random's pairing (the same seed, the same pairs)."),
+    seed: int = typer.Option(0, help="Seed of --cost random's pairing and of retraining (the same seed, the same "
+                             "result)."),
+    retrain_iters: int = typer.Option(0, "--retrain-iters", help="Retrain N iterations after each zipped layer "
+                                      "(MTZ's schedule; needs PyTorch). 0: no retraining."),
+    retrain_lr: float = typer.Option(retrain_defaults.DEFAULT_LR, "--retrain-lr", help="Retraining learning rate."),
+    retrain_optimizer: str = typer.Option("adam", "--retrain-optimizer", help="adam or sgd (momentum 0.9)."),
+    retrain_batch_size: int = typer.Option(retrain_defaults.DEFAULT_BATCH_SIZE, "--retrain-batch-size"),
+    retrain_data: List[str] = typer.Option([], "--retrain-data", help="Retraining folder for all tasks, or TASK=DIR "
+                                           "(repeat); .npz 'labels' give cross-entropy, else distillation to the "
+                                           "originals. Default: the calibration folders."),
 ) -> None:
-    """Zip two models into one multi-task ONNX model."""
+    """Zip two or more models into one multi-task ONNX model."""
     emit_layout, image_layout = _layouts(layout)
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
                          std=_floats(std, "--std", (1.0,)), layout=image_layout)
@@ -221,14 +256,17 @@ def merge(
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (), calib_samples=calib_samples,
         max_patches=max_patches,
         batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device,
-        seed=seed)
+        seed=seed, retrain=_retrain_options(retrain_iters, retrain_lr, retrain_optimizer, retrain_batch_size, alpha,
+                                            image, device, seed))
     if report is not None and report.exists() and report.is_dir():
         raise OnnxZipError(f"{report}: --report must be a file path")
     out.print(resolve_device(opts.device)[1])
     bars = _Bars()
     with bars.progress:
-        result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars)
+        result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars,
+                           retrain_data=_calib(retrain_data, "--retrain-data") if retrain_data else None)
     _print_result(result)
+    _print_retraining(result)
     if report is not None:
         report.write_text(json.dumps(result.to_json(), indent=2))
 

@@ -55,6 +55,8 @@ class MergeResult:
     bytes_merged: int
     seconds: dict
     device: str
+    # One entry per retraining round of --retrain-iters (onnxzip.retrain.schedule.LayerRetrain).
+    retraining: tuple = ()
 
     def to_json(self) -> dict:
         """A JSON-ready dict: the plan and every figure."""
@@ -128,12 +130,15 @@ def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOption
 
 def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | Path], output: str | Path,
           options: MergeOptions = MergeOptions(), evals: Mapping[str, str | Path] | None = None,
-          progress: ProgressFn = no_progress, timer: StageTimer | None = None) -> MergeResult:
+          progress: ProgressFn = no_progress, timer: StageTimer | None = None,
+          retrain_data: str | Path | Mapping[str, str | Path] | None = None) -> MergeResult:
     """Zip the models into one multi-task ONNX model at ``output`` and return what was measured.
 
     ``calib`` is one folder for every task or a {task: folder} mapping; ``evals`` optionally maps
     tasks to folders of labelled .npz files for an accuracy report; ``timer`` collects seconds per
-    stage. Raises OnnxZipError on any problem a user can cause; then no output file is written.
+    stage. With ``options.retrain`` the model is retrained after each zipped layer on
+    ``retrain_data`` (same forms as ``calib``; default: the calibration folders). Raises
+    OnnxZipError on any problem a user can cause; then no output file is written.
     """
     timer = timer or StageTimer()
     paths, output = [Path(m) for m in models], Path(output)
@@ -143,6 +148,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     opts = replace(options, tasks=tasks)
     folders = _per_task(calib, tasks, "--calib")
     _check_same_calibration(opts, tasks, folders)
+    if opts.retrain is None and retrain_data is not None:
+        raise OnnxZipError("--retrain-data is given but no retraining is asked for (--retrain-iters)")
     tick = progress("load", len(paths))
     with timer("load"):
         nets = []
@@ -155,7 +162,9 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                     for t, d in _eval_folders(evals, tasks).items()}
         streams, counts = _streams(folders, nets, opts)
     providers, device = resolve_device(opts.device)
-    plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer)
+    hook = _retrainer(nets, folders if retrain_data is None else _per_task(retrain_data, tasks, "--retrain-data"),
+                      opts, progress)
+    plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook)
     tick = progress("emit", 1)
     with timer("emit"):
         model = merged_model(plan, tied, opts.layout, _metadata(plan, nets, opts))
@@ -178,7 +187,18 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     merged_params = weight_params(model)
     return MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
                        tuple(_params(n) for n in nets), merged_params, tuple(n.file_bytes for n in nets),
-                       output.stat().st_size, dict(timer.seconds), device)
+                       output.stat().st_size, dict(timer.seconds), device, tuple(hook.rounds) if hook else ())
+
+
+def _retrainer(nets: Sequence[Network], folders: Sequence[Path], opts: MergeOptions, progress: ProgressFn):
+    """The after-layer retraining hook of --retrain-iters, or None without retraining."""
+    if opts.retrain is None:
+        return None
+    from .retrain.backend import MERGE_TORCH_HINT, require_torch
+    from .retrain.schedule import LayerRetrainer
+    require_torch(MERGE_TORCH_HINT)
+    meta = partial(_metadata, nets=nets, opts=replace(opts, layout="multi"))
+    return LayerRetrainer(nets, folders, opts.retrain, meta, progress)
 
 
 def weight_params(model: onnx.ModelProto) -> int:

@@ -83,27 +83,90 @@ def _layer_node(b: _Builder, layer: Layer, x: str, w: str, bias: str | None, bas
     return b.node("Gemm", inputs, {"transB": 1}, f"{base}.Gemm{suffix}", task)
 
 
-def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: int, task: int) -> list[_Group]:
-    """Task ``task``'s layer ``k`` as per-block nodes; returns its output groups (pre-activation)."""
-    lp, plan = b.plan.layers[k], b.plan
-    Wm = layer.matrix()
+@dataclass(frozen=True)
+class _Block:
+    """One weight block of a task's layer: output group, its rows and input columns, initializer names."""
+
+    owners: frozenset
+    units: np.ndarray
+    cols: np.ndarray
+    source: _Group
+    weight: str
+    bias: str | None
+    suffix: str
+
+
+def _blocks(plan: SharingPlan, layer: Layer, k: int, groups: list[_Group], rep: int, task: int) -> list[_Block]:
+    """Task ``task``'s weight blocks of layer ``k`` (from each input group to each output group)."""
     out = []
-    for owners, units in lp.groups(task):
+    for owners, units in plan.layers[k].groups(task):
         hname = plan.group_name(owners)
-        terms = []
-        for g in groups:
-            cols = np.arange(Wm.shape[1]) if g.units is None else unit_features(g.units, rep)
-            block = Wm[units][:, cols]
-            if layer.kind == CONV:
-                block = block.reshape(len(units), -1, *layer.kernel)
+        for i, g in enumerate(groups):
+            cols = np.arange(layer.in_features) if g.units is None else unit_features(g.units, rep)
             gname = plan.group_name(g.owners)
             suffix = "" if g.owners == owners else f"_from_{gname}"
-            w = b.const(f"{layer.name}.{hname}.W{suffix}", block)
-            bias = b.const(f"{layer.name}.{hname}.B", layer.b[units]) if not terms else None
-            terms.append(_layer_node(b, layer, g.tensor, w, bias, f"{layer.name}.{hname}", suffix, task))
-        y = terms[0] if len(terms) == 1 else b.node("Sum", terms, {}, f"{layer.name}.{hname}.Sum", task)
-        out.append(_Group(owners, y, units))
+            bias = f"{layer.name}.{hname}.B" if i == 0 else None
+            out.append(_Block(owners, units, cols, g, f"{layer.name}.{hname}.W{suffix}", bias, suffix))
     return out
+
+
+def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: int, task: int) -> list[_Group]:
+    """Task ``task``'s layer ``k`` as per-block nodes; returns its output groups (pre-activation)."""
+    Wm = layer.matrix()
+    terms: dict[frozenset, list[str]] = {}
+    units_of: dict[frozenset, np.ndarray] = {}
+    for blk in _blocks(b.plan, layer, k, groups, rep, task):
+        block = Wm[blk.units][:, blk.cols]
+        if layer.kind == CONV:
+            block = block.reshape(len(blk.units), -1, *layer.kernel)
+        w = b.const(blk.weight, block)
+        bias = b.const(blk.bias, layer.b[blk.units]) if blk.bias else None
+        base = f"{layer.name}.{b.plan.group_name(blk.owners)}"
+        terms.setdefault(blk.owners, []).append(
+            _layer_node(b, layer, blk.source.tensor, w, bias, base, blk.suffix, task))
+        units_of[blk.owners] = blk.units
+    out = []
+    for owners, ts in terms.items():
+        y = ts[0] if len(ts) == 1 else b.node("Sum", ts, {}, f"{layer.name}.{b.plan.group_name(owners)}.Sum", task)
+        out.append(_Group(owners, y, units_of[owners]))
+    return out
+
+
+def _layer_rep(net: Network, k: int, groups: list[_Group]) -> int:
+    """Input features per unit of the previous layer (spatial positions after a Flatten), 1 for the input."""
+    prev = net.layers[k - 1].out_units if k else None
+    return net.layers[k].in_features // prev if prev and groups[0].units is not None else 1
+
+
+def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[str, np.ndarray]) -> list[Network]:
+    """The tied networks with every layer's blocks read from ``values`` (initializer name -> array).
+
+    The inverse of the emitter's weight layout: a merged model's initializers, possibly changed
+    (by retraining), give back each task's own layers, still tied where the plan shares units.
+    """
+    out = []
+    for t, net in enumerate(nets):
+        groups = [_Group(frozenset(range(len(plan.tasks))), "", None)]
+        for k, layer in enumerate(net.layers):
+            Wm, bias = layer.matrix().copy(), layer.b.copy()
+            blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, groups), t)
+            for blk in blocks:
+                Wm[np.ix_(blk.units, blk.cols)] = _value(values, blk.weight).reshape(len(blk.units), -1)
+                if blk.bias:
+                    bias[blk.units] = _value(values, blk.bias)
+            net = net.with_layer(k, layer.with_matrix(Wm, bias))
+            groups = [_Group(blk.owners, "", blk.units) for blk in blocks if blk.bias]
+        out.append(net)
+    return out
+
+
+def _value(values: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in values:
+        raise ValueError(f"internal error: the merged model has no initializer '{name}'")
+    value = values[name]
+    if not np.isfinite(value).all():
+        raise ValueError(f"internal error: initializer '{name}' has non-finite values")
+    return value
 
 
 def _op_inputs(b: _Builder, op: Op) -> tuple[list[str], dict]:
@@ -135,9 +198,7 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
         if isinstance(step, Layer):
             if ("in", k) in taps:
                 found[("in", k)] = [g.tensor for g in groups]
-            prev = net.layers[k - 1].out_units if k else None
-            rep = step.in_features // prev if prev and groups[0].units is not None else 1
-            groups = _emit_layer(b, step, k, groups, rep, task)
+            groups = _emit_layer(b, step, k, groups, _layer_rep(net, k, groups), task)
             if ("pre", k) in taps:
                 found[("pre", k)] = [g.tensor for g in groups]
             where, k = step.name, k + 1

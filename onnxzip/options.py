@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from numbers import Integral
+from typing import TYPE_CHECKING
 
 from .calib import ImageOptions
 from .cost import COSTS
@@ -11,6 +12,9 @@ from .emit import LAYOUTS
 from .errors import OnnxZipError
 from .match import SOLVERS
 from .runtime import DEVICES
+
+if TYPE_CHECKING:  # the retraining bridge's options; onnxzip.retrain is imported only when used
+    from .retrain.options import RetrainOptions
 
 # Relative damping of the layer-wise Hessians: lambda = DEFAULT_DAMPING * mean(diag H) (as GPTQ's).
 DEFAULT_DAMPING = 1e-2
@@ -46,6 +50,9 @@ class MergeOptions:
     device: str = "auto"
     # Seed of the random pairing of cost "random" (layer k draws from a generator seeded (seed, k)).
     seed: int = 0
+    # Retrain after each zipped layer (MTZ Algorithm 1, line 10) with these options, ``iters``
+    # per layer; None: no retraining. Needs PyTorch.
+    retrain: "RetrainOptions | None" = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +71,8 @@ class MergeOptions:
              "--max-cost needs a pair cost to threshold; --cost random chooses pairs without one"),
             (isinstance(self.seed, Integral) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"--seed must be a non-negative integer, got {self.seed!r}"),
+            (self.retrain is None or (hasattr(self.retrain, "iters") and hasattr(self.retrain, "lr")),
+             f"retrain must be a RetrainOptions or None, got {type(self.retrain).__name__}"),
             (self.max_patches is None or self.max_patches >= 1,
              f"--max-patches must be at least 1, got {self.max_patches}"),
         ]

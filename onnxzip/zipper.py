@@ -28,10 +28,13 @@ from .hessian import MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
 from .match import match, random_pairs
 from .options import MergeOptions
-from .plan import LayerPlan, SharingPlan
+from .plan import LayerPlan, SharingPlan, unshared_plan
 from .runtime import session
 
 ProgressFn = Callable[[str, int], Callable[[], None]]
+# Called after each zipped layer with the plan so far (later layers unshared) and the tied networks;
+# returns new tied networks (same plan), e.g. retrained ones (MTZ Algorithm 1, line 10).
+LayerHook = Callable[[SharingPlan, list[Network]], list[Network]]
 
 
 def no_progress(label: str, total: int) -> Callable[[], None]:
@@ -90,6 +93,8 @@ class _Task:
     reps: list[int]
     tied_cache: _DiskBatches
     orig_cache: _DiskBatches
+    # True when the tied network changed upstream of the cached inputs (after a layer hook).
+    stale: bool = False
 
 
 def _runner(net: Network, start: int, stop: int | None, taps, providers):
@@ -111,6 +116,9 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     if k == 0:
         run_tied = _runner(task.tied, 0, ls[0], [("in", 0)], providers)
         source = ((x, None) for x in task.batches())
+    elif task.stale:
+        run_tied = _runner(task.tied, 0, ls[k], [("in", k)], providers)
+        source = zip(task.batches(), task.orig_cache)
     else:
         run_tied = _runner(task.tied, ls[k - 1], ls[k], [("in", k)], providers)
         source = zip(task.tied_cache, task.orig_cache)
@@ -130,6 +138,7 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
         tick()
     task.tied_cache.replace(tied_files)
     task.orig_cache.replace(orig_files)
+    task.stale = False
     return acc
 
 
@@ -231,13 +240,26 @@ def _step(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers
                      errors, corrected=corrected)
 
 
+def _run_hook(hook: LayerHook, names: tuple[str, ...], plan_layers: list[LayerPlan], tasks: list[_Task],
+              timer: StageTimer) -> None:
+    """Give the hook the plan so far and the tied networks; take its networks and mark the caches stale."""
+    rest = [(l.name, l.kind, tuple(t.original.layers[k].out_units for t in tasks))
+            for k, l in enumerate(tasks[0].original.layers) if k >= len(plan_layers)]
+    partial = SharingPlan(tuple(names), tuple(plan_layers) + unshared_plan(tuple(names), rest).layers)
+    with timer("retrain"):
+        nets = hook(partial, [t.tied for t in tasks])
+    for task, net in zip(tasks, nets):
+        task.tied, task.stale = net, True
+
+
 def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
                  n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
                  progress: ProgressFn = no_progress, timer: StageTimer | None = None,
-                 ) -> tuple[SharingPlan, list[Network]]:
+                 after_layer: LayerHook | None = None) -> tuple[SharingPlan, list[Network]]:
     """Zip the hidden layers of two aligned networks in order, then refit the heads.
 
-    Returns the sharing plan and the tied networks (same topology as the inputs).
+    ``after_layer`` runs after each hidden layer that shares units (see LayerHook). Returns the
+    sharing plan and the tied networks (same topology as the inputs).
     """
     timer = timer or StageTimer()
     names = opts.tasks
@@ -251,4 +273,6 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
             with timer("calibrate"):
                 accs = [_calibrate(task, k, n_layers, providers, tick, opts.max_patches) for task in tasks]
             plan_layers.append(_step(k, tasks, accs, plan_layers, opts, timer))
+            if after_layer is not None and k < n_layers - 1 and plan_layers[-1].n_shared:
+                _run_hook(after_layer, names, plan_layers, tasks, timer)
     return SharingPlan(tuple(names), tuple(plan_layers)), [t.tied for t in tasks]

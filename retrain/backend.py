@@ -8,15 +8,17 @@ from typing import Iterator
 
 from ..errors import OnnxZipError
 
-TORCH_HINT = 'onnxzip retrain needs PyTorch: pip install "onnxzip[torch]"'
+INSTALL = 'pip install "onnxzip[torch]"'
+TORCH_HINT = f"onnxzip retrain needs PyTorch: {INSTALL}"
+MERGE_TORCH_HINT = f"onnxzip merge --retrain-iters needs PyTorch: {INSTALL}"
 
 
-def require_torch() -> ModuleType:
-    """The torch module, or OnnxZipError with the install hint when it cannot be imported."""
+def require_torch(hint: str = TORCH_HINT) -> ModuleType:
+    """The torch module, or OnnxZipError with the install ``hint`` when it cannot be imported."""
     try:
         import torch
     except ImportError:
-        raise OnnxZipError(TORCH_HINT) from None
+        raise OnnxZipError(hint) from None
     return torch
 
 

@@ -11,7 +11,7 @@ import builders as B
 from onnxzip.api import merge, weight_params
 from onnxzip.canonical import import_network
 from onnxzip.cost import COSTS
-from onnxzip.emit import merged_model, task_model
+from onnxzip.emit import merged_model, task_model, tied_from_weights
 from onnxzip.options import MergeOptions
 from onnxzip.zipper import zip_networks
 from onnxzip.calib import iter_batches
@@ -199,3 +199,56 @@ def test_a_layer_after_an_unshared_one_shares_nothing(tmp_path):
     assert [lp.n_shared for lp in result.plan.layers] == [0, 0, 0]
     result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(share_layers=(("fc2", 0.25),)))
     assert [lp.n_shared for lp in result.plan.layers] == [32, 4, 0]
+
+
+def _initializers(model):
+    return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_tied_networks_read_back_from_the_merged_initializers(tmp_path, kind):
+    a, b, calib, _, _ = _pair(tmp_path, kind, permuted=False, seed_b=3)
+    nets = [import_network(a), import_network(b)]
+    opts = MergeOptions(share=0.5, tasks=("a", "b"))
+    streams = [lambda n=n: iter_batches(calib, n.input, 64) for n in nets]
+    plan, tied = zip_networks(nets, streams, [4, 4], opts, ["CPUExecutionProvider"])
+    values = _initializers(merged_model(plan, tied, "multi", {}))
+    back = tied_from_weights(plan, nets, values)  # from the ORIGINAL networks: every weight is overwritten
+    for t in range(2):
+        for got, want in zip(back[t].layers, tied[t].layers):
+            assert np.array_equal(got.W, want.W) and np.array_equal(got.b, want.b)
+    # a changed shared block reaches both tasks' own layers, at their own unit indices
+    name = f"{plan.layers[0].name}.shared.W"
+    values[name] = values[name] + 1.0
+    moved = tied_from_weights(plan, tied, values)
+    for t in range(2):
+        rows = plan.layers[0].shared_units(t)
+        delta = moved[t].layers[0].matrix() - tied[t].layers[0].matrix()
+        assert np.allclose(delta[rows], 1.0) and not np.delete(delta, rows, axis=0).any()
+
+
+def test_after_layer_hook_gets_the_partial_plan_and_its_networks_are_used(tmp_path):
+    a, b, calib, shape, _ = _pair(tmp_path, "mlp", permuted=False, seed_b=3)
+    nets = [import_network(a), import_network(b)]
+    opts = MergeOptions(share=0.5, tasks=("a", "b"))
+    streams = [lambda n=n: iter_batches(calib, n.input, 64) for n in nets]
+    seen = []
+
+    def hook(plan, tied):
+        seen.append([lp.n_shared for lp in plan.layers])
+        values = _initializers(merged_model(plan, tied, "multi", {}))
+        return tied_from_weights(plan, tied, {k: v * 0.5 for k, v in values.items()})
+
+    plan, tied = zip_networks(nets, streams, [4, 4], opts, ["CPUExecutionProvider"], after_layer=hook)
+    assert seen == [[16, 0, 0], [16, 8, 0]]  # after each zipped hidden layer, later layers not yet shared
+    # both rounds halved layer 1 (its own units were not touched otherwise), and zipping went on from them
+    for t in range(2):
+        own = plan.layers[0].own_units(t)
+        assert np.array_equal(tied[t].layers[0].matrix()[own], nets[t].layers[0].matrix()[own] * 0.25)
+    model = merged_model(plan, tied, "multi", {})
+    x = np.random.default_rng(2).random((16, *shape), dtype=np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for t in range(2):
+        y_tied = ort.InferenceSession(task_model(tied[t]).SerializeToString(),
+                                      providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        np.testing.assert_allclose(sess.run(None, {"input": x})[t], y_tied, rtol=TOL, atol=TOL)

@@ -325,3 +325,61 @@ def test_cli_without_torch_prints_the_install_hint(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import onnxzip.retrain, onnxzip.cli.main"], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr  # importing needs no torch
+
+
+def test_merge_retrains_after_each_zipped_layer(tmp_path):
+    wa, wb = B.mlp_weights([64, 32, 16, 10], 0), B.mlp_weights([64, 32, 16, 10], 1)
+    for name, w in (("a", wa), ("b", wb)):
+        B.save(B.mlp_model(w), tmp_path / f"{name}.onnx")
+    calib = B.calib_folder(tmp_path / "calib", (1, 8, 8), n=512)
+    models = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    plain = merge(models, calib, tmp_path / "m.onnx", MergeOptions(correct=False))
+    opts = MergeOptions(correct=False, retrain=RetrainOptions(iters=60, lr=3e-3, holdout=0.25, **FAST))
+    result = merge(models, calib, tmp_path / "r.onnx", opts)
+    # one round after each zipped hidden layer, each seeing its layer's sharing
+    assert [r.after_layer for r in result.retraining] == [l.name for l in result.plan.layers[:-1]]
+    assert all(r.iterations == 60 and r.tasks == ("a", "b") for r in result.retraining)
+    assert result.plan.layers == plain.plan.layers[:1] + result.plan.layers[1:]  # layer 1 zipped as without
+    assert result.params_merged == plain.params_merged
+    for check, before in zip(result.checks, plain.checks):
+        assert check.max_diff_vs_tied < 1e-4  # emitted == tied after the retrained rounds
+        assert check.rel_output_error < 0.85 * before.rel_output_error, (check, before)
+        assert check.top1_agreement > before.top1_agreement, (check, before)
+    last = result.retraining[-1]
+    assert all(a > b for a, b in zip(last.fidelity_after, last.fidelity_before))
+    # the sharing is kept: every shared block one tensor that both tasks use
+    assert sorted(_uses(tmp_path / "r.onnx", "a") & _uses(tmp_path / "r.onnx", "b")) == \
+        sorted(_uses(tmp_path / "m.onnx", "a") & _uses(tmp_path / "m.onnx", "b"))
+
+
+def test_cli_merge_retrain_iters(tmp_path):
+    wa, wb = B.mlp_weights([64, 32, 16, 10], 0), B.mlp_weights([64, 32, 16, 10], 1)
+    for name, w in (("a", wa), ("b", wb)):
+        B.save(B.mlp_model(w), tmp_path / f"{name}.onnx")
+    calib = B.calib_folder(tmp_path / "calib", (1, 8, 8), n=256)
+    out = tmp_path / "r.onnx"
+    proc = _cli("merge", tmp_path / "a.onnx", tmp_path / "b.onnx", "--calib", calib, "--retrain-iters", 10,
+                "--retrain-lr", 1e-3, "--share", 0.5, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "retraining after each zipped layer" in proc.stdout and out.exists()
+    proc = _cli("merge", tmp_path / "a.onnx", tmp_path / "b.onnx", "--calib", calib, "--retrain-iters", -1,
+                "-o", tmp_path / "x.onnx")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --retrain-iters must be a non-negative integer, got -1"]
+
+
+def test_cli_merge_retrain_without_torch_prints_the_install_hint(tmp_path):
+    fake = tmp_path / "no_torch"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(fake)}
+    for name, seed in (("a", 0), ("b", 1)):
+        B.save(B.mlp_model(B.mlp_weights([64, 32, 16, 10], seed)), tmp_path / f"{name}.onnx")
+    calib = B.calib_folder(tmp_path / "calib", (1, 8, 8), n=64)
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", tmp_path / "a.onnx", tmp_path / "b.onnx", "--calib", calib, "--retrain-iters", 5,
+                "-o", out, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        'error: onnxzip merge --retrain-iters needs PyTorch: pip install "onnxzip[torch]"']
+    assert not out.exists()
