@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .errors import OnnxZipError
-from .ir import CONV, Network
+from .ir import CONV, Network, Op
 
 
 def input_reps(net: Network) -> list[int]:
@@ -24,6 +24,28 @@ def input_reps(net: Network) -> list[int]:
     return reps
 
 
+NHWC = "NHWC"
+AS_IS = "as is"
+_LAYOUT_WORDS = {NHWC: "channels last (NHWC, transposed to NCHW in the graph)",
+                 AS_IS: "without a leading Transpose (channels first, NCHW, for images)"}
+
+
+def input_layout(net: Network) -> str:
+    """How a model reads its input: NHWC when a Transpose before the first layer makes it NCHW, else AS_IS."""
+    before = net.steps[:net.layer_steps[0]] if net.layer_steps else ()
+    return NHWC if any(isinstance(s, Op) and s.op_type == "Transpose" for s in before) else AS_IS
+
+
+def _same_layout(nets: Sequence[Network]) -> None:
+    first = nets[0]
+    for net in nets[1:]:
+        if input_layout(net) != input_layout(first):
+            raise OnnxZipError(f"{net.path}: reads input '{net.input.name}' {list(net.input.shape)} "
+                               f"{_LAYOUT_WORDS[input_layout(net)]}, but {first.path} reads "
+                               f"{list(first.input.shape)} {_LAYOUT_WORDS[input_layout(first)]}; the models "
+                               "take different input layouts")
+
+
 def _same_input(nets: Sequence[Network]) -> None:
     first = nets[0].input
     for net in nets[1:]:
@@ -39,6 +61,7 @@ def align(nets: Sequence[Network]) -> None:
     """Refuse models whose layers cannot be zipped pairwise; the message names file and layer."""
     if len(nets) != 2:
         raise OnnxZipError(f"got {len(nets)} models; this version zips exactly two models")
+    _same_layout(nets)
     _same_input(nets)
     a, b = nets
     kinds_a = [l.kind for l in a.layers]

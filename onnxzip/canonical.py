@@ -1,7 +1,11 @@
 """Turn a loaded ONNX graph into the canonical chain (ir.Network), folding what can be folded.
 
-Folds BatchNormalization and separate bias Adds into the preceding layer, drops Identity and
-Dropout, turns flattening Reshapes into Flatten, and refuses anything else by node name and op.
+Folds BatchNormalization (also BatchNorm1d's Unsqueeze -> BatchNormalization -> Squeeze) and
+separate bias Adds into the preceding layer, drops Identity and Dropout, turns flattening Reshapes
+into Flatten, folds scalar input scaling (Mul/Div/Add/Sub by a constant in front of the first
+layer) into the first layer, keeps an NHWC input's leading Transpose as a step before the first
+layer, folds a Transpose back to NHWC in front of a flattening into the next FC layer's columns,
+and refuses anything else by node name and op.
 """
 
 from __future__ import annotations
@@ -25,10 +29,21 @@ DROPPED_OPS = ("Identity", "Dropout")
 # Ops allowed off the data path, only to compute the target shape of a flattening Reshape.
 SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "Slice", "Cast",
              "Mul", "Div", "ReduceProd", "ConstantOfShape", "Identity")
+# Scalar input scaling in front of the first layer (x/255, (x-0.5)/0.5, ...), folded into that layer.
+AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+# Steps that commute with a scalar affine map of their input, so the map folds past them.
+AFFINE_COMMUTING_OPS = ("Transpose", "Flatten")
+# An NHWC input's Transpose to NCHW in front of the first layer, kept as a step (the input stays NHWC).
+NHWC_TO_NCHW = (0, 3, 1, 2)
+# A conv stack's output transposed back to NHWC right before flattening (Keras/tf2onnx): folded into
+# the next FC layer as a permutation of its input columns.
+NCHW_TO_NHWC = (0, 2, 3, 1)
+FLATTENING_OPS = ("Flatten", "Reshape")
 POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
               "strides", "count_include_pad")
 SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add), BatchNormalization, " + ", ".join(UNIT_WISE_OPS)
-                     + ", Reshape (flattening), Identity, Dropout, Softmax/LogSoftmax at the end")
+                     + ", Reshape (flattening), Identity, Dropout, Softmax/LogSoftmax at the end, "
+                     "scalar Mul/Div/Add/Sub on the input, Transpose of an NHWC input or before a flattening")
 
 
 @dataclass
@@ -44,6 +59,16 @@ class _Parse:
     steps: list[Step] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     opset: int = 13
+    # Input scaling seen in front of the first layer: the layer reads scale * u + offset.
+    affine: tuple[float, float] = (1.0, 0.0)
+    affine_nodes: list[onnx.NodeProto] = field(default_factory=list)
+    affine_from: int | None = None  # index into steps where the scaling was applied
+    # A Transpose back to NHWC before a flattening, and the column order the next FC layer needs.
+    columns: tuple[onnx.NodeProto, np.ndarray] | None = None
+
+    def has_layer(self) -> bool:
+        """True once a weight layer is on the chain."""
+        return any(isinstance(s, Layer) for s in self.steps)
 
     def fail(self, node: onnx.NodeProto, why: str) -> OnnxZipError:
         return OnnxZipError(f"{self.path}: node '{node.name or node.output[0]}' ({node.op_type}) {why}")
@@ -87,7 +112,7 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
 
 def _next_user(p: _Parse, tensor: str) -> onnx.NodeProto | None:
     """The single node on the data path that reads ``tensor`` (Shape readers are off-path)."""
-    users = [n for n in p.users.get(tensor, []) if n.op_type != "Shape"]
+    users = list({id(n): n for n in p.users.get(tensor, []) if n.op_type != "Shape"}.values())
     if len(users) > 1:
         names = ", ".join(f"'{n.name}' ({n.op_type})" for n in users)
         raise OnnxZipError(f"{p.path}: tensor '{tensor}' feeds several nodes ({names}); "
@@ -184,12 +209,51 @@ def _fold_batchnorm(p: _Parse, layer: Layer, node: onnx.NodeProto) -> Layer:
     return replace(layer, W=W.astype(np.float32), b=b.astype(np.float32))
 
 
+def _axes(p: _Parse, node: onnx.NodeProto) -> list[int] | None:
+    """The axes of an Unsqueeze or Squeeze (attribute before opset 13, constant input since)."""
+    attrs = _attrs(node)
+    if "axes" in attrs:
+        return [int(a) for a in attrs["axes"]]
+    if len(node.input) > 1 and node.input[1]:
+        return [int(a) for a in p.const(node, node.input[1], "axes").reshape(-1)]
+    return None
+
+
+def _fold_unsqueezed_batchnorm(p: _Parse, layer: Layer, node: onnx.NodeProto) -> tuple[Layer, str] | None:
+    """BatchNorm1d as PyTorch exports it after an FC layer: Unsqueeze -> BatchNormalization -> Squeeze.
+
+    Returns the folded layer and the Squeeze's output, or None when ``node`` does not start that pattern.
+    """
+    axes = _axes(p, node)
+    rank = 2 + len(axes or ())
+    trailing = list(range(2, rank))
+    if layer.kind != FC or not axes or sorted(a % rank for a in axes) != trailing:
+        return None
+    bn = _next_user(p, node.output[0])
+    squeeze = _next_user(p, bn.output[0]) if bn is not None and bn.op_type == "BatchNormalization" else None
+    if squeeze is None or squeeze.op_type != "Squeeze":
+        return None
+    squeezed = _axes(p, squeeze)
+    if squeezed is not None and sorted(a % rank for a in squeezed) != trailing:
+        raise p.fail(squeeze, f"squeezes axes {squeezed} after BatchNormalization '{bn.name}', not the axes "
+                              f"{axes} that '{node.name}' added")
+    layer = _fold_batchnorm(p, layer, bn)
+    p.visited.update((id(node), id(bn), id(squeeze)))
+    return layer, squeeze.output[0]
+
+
 def _absorb_followers(p: _Parse, layer: Layer, tensor: str) -> tuple[Layer, str]:
-    """Fold bias Adds and BatchNormalizations that directly follow a layer into it."""
+    """Fold bias Adds and BatchNormalizations (BatchNorm1d too) that directly follow a layer into it."""
     while True:
         node = _next_user(p, tensor)
         if node is None:
             return layer, tensor
+        if node.op_type == "Unsqueeze":
+            folded = _fold_unsqueezed_batchnorm(p, layer, node)
+            if folded is None:
+                return layer, tensor
+            layer, tensor = folded
+            continue
         if node.op_type == "Add":
             folded = _fold_bias_add(p, layer, node)
             if folded is None:
@@ -268,6 +332,81 @@ def _parse_head(p: _Parse, node: onnx.NodeProto) -> Op:
     return Op(node.op_type, (("axis", -1),), node.name)
 
 
+def _absorb_input_affine(p: _Parse, node: onnx.NodeProto, tensor: str) -> None:
+    """Record a scalar Mul/Div/Add/Sub of the data in front of the first layer in p.affine."""
+    others = [name for name in node.input if name != tensor]
+    if len(node.input) != 2 or len(others) != 1 or others[0] not in p.consts:
+        raise p.fail(node, "is only supported in front of the first layer, as input scaling by a constant")
+    value = np.asarray(p.consts[others[0]], dtype=np.float64)
+    rank = len(p.shapes.get(tensor) or ())
+    if value.size != 1 or (rank and value.ndim > rank):
+        raise p.fail(node, f"applies a constant of shape {list(value.shape)} to the input; only scalar input "
+                           "scaling (one scale and offset for every input value) is supported")
+    c, scale, offset = float(value.reshape(-1)[0]), *p.affine
+    data_first = node.input[0] == tensor
+    if node.op_type == "Mul":
+        scale, offset = scale * c, offset * c
+    elif node.op_type == "Add":
+        offset += c
+    elif node.op_type == "Sub":
+        scale, offset = (scale, offset - c) if data_first else (-scale, c - offset)
+    elif not data_first:
+        raise p.fail(node, "divides a constant by the input, which is not an input scaling")
+    elif c == 0.0:
+        raise p.fail(node, "divides the input by zero")
+    else:
+        scale, offset = scale / c, offset / c
+    if scale == 0.0 or not np.isfinite([scale, offset]).all():
+        raise p.fail(node, f"makes the input scaling x = {scale:g} * u + {offset:g}, which cannot be folded")
+    p.affine = (scale, offset)
+    p.affine_nodes.append(node)
+    if p.affine_from is None:
+        p.affine_from = len(p.steps)
+
+
+def _next_data_op(p: _Parse, tensor: str) -> onnx.NodeProto | None:
+    """The next node on the data path after ``tensor``, skipping Identity and Dropout."""
+    node = _next_user(p, tensor)
+    while node is not None and node.op_type in DROPPED_OPS:
+        node = _next_user(p, node.output[0])
+    return node
+
+
+def _parse_transpose(p: _Parse, node: onnx.NodeProto) -> None:
+    """An NHWC input's Transpose to NCHW (kept as a step), or one back to NHWC before a flattening."""
+    perm = tuple(int(a) for a in _attrs(node).get("perm", ()))
+    if perm == NHWC_TO_NCHW and not p.has_layer():
+        p.steps.append(Op("Transpose", (("perm", perm),), node.name))
+        return
+    if perm != NCHW_TO_NHWC or not p.has_layer() or p.columns is not None:
+        raise p.fail(node, f"has perm {list(perm)}; only an NHWC input's Transpose {list(NHWC_TO_NCHW)} in front "
+                           f"of the first layer and a Transpose {list(NCHW_TO_NHWC)} right before a flattening "
+                           "are supported")
+    shape = p.shapes.get(node.input[0])
+    if shape is None or len(shape) != 4 or None in shape[1:]:
+        raise p.fail(node, "transposes a tensor of unknown shape; run shape inference or export with fixed "
+                           "image sizes")
+    follower = _next_data_op(p, node.output[0])
+    if follower is None or follower.op_type not in FLATTENING_OPS:
+        raise p.fail(node, f"transposes to NHWC with perm {list(NCHW_TO_NHWC)} but is not followed by a "
+                           "flattening (Flatten or Reshape); only that form is supported")
+    _, c, h, w = shape
+    # The FC reads NHWC-flattened features; canonical column c*H*W + h*W + w is its column (h*W + w)*C + c.
+    p.columns = (node, np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).reshape(-1))
+
+
+def _with_nhwc_columns(p: _Parse, node: onnx.NodeProto, layer: Layer) -> Layer:
+    """An FC layer after a pending Transpose to NHWC, with its columns reordered to NCHW flattening."""
+    if p.columns is None:
+        return layer
+    transpose, order = p.columns
+    if layer.in_features != order.size:
+        raise p.fail(node, f"reads {layer.in_features} features after Transpose '{transpose.name}', which "
+                           f"yields {order.size}")
+    p.columns = None
+    return replace(layer, W=np.ascontiguousarray(layer.W[:, order]))
+
+
 def _walk(p: _Parse, tensor: str, output: str) -> None:
     while tensor != output:
         node = _next_user(p, tensor)
@@ -277,12 +416,16 @@ def _walk(p: _Parse, tensor: str, output: str) -> None:
         p.visited.add(id(node))
         op = node.op_type
         if op in ("Conv", "Gemm", "MatMul"):
-            layer = _parse_conv(p, node) if op == "Conv" else _parse_fc(p, node)
+            layer = _parse_conv(p, node) if op == "Conv" else _with_nhwc_columns(p, node, _parse_fc(p, node))
             layer, tensor = _absorb_followers(p, layer, node.output[0])
             p.steps.append(layer)
             continue
         if op in DROPPED_OPS:
             pass
+        elif op in AFFINE_OPS and not p.has_layer():
+            _absorb_input_affine(p, node, tensor)
+        elif op == "Transpose":
+            _parse_transpose(p, node)
         elif op == "Reshape":
             p.steps.append(_parse_reshape(p, node))
         elif op in UNIT_WISE_OPS:
@@ -295,12 +438,69 @@ def _walk(p: _Parse, tensor: str, output: str) -> None:
             where = "is only supported right after the last layer" if op in HEAD_OPS else "is not supported"
             raise p.fail(node, f"{where} (supported: {SUPPORTED_SUMMARY})")
         tensor = node.output[0]
+    if p.columns is not None:
+        raise p.fail(p.columns[0], "transposes to NHWC before a flattening that no fully connected layer reads")
 
 
 def _check_all_visited(p: _Parse) -> None:
     for node in p.graph.node:
         if id(node) not in p.visited and not (node.op_type == "Constant" and node.output[0] in p.consts):
             raise p.fail(node, f"is not on the chain from the input to the output (supported: {SUPPORTED_SUMMARY})")
+
+
+def _fold_affine(steps: tuple[Step, ...], scale: float, offset: float, start: int, path: str, what: str,
+                 advice: str) -> tuple[Step, ...]:
+    """Steps whose first layer reads u where it read scale * u + offset (applied at steps[start]).
+
+    ``what`` names the scaling in messages, ``advice`` says what the user can do instead.
+    """
+    first = next(i for i, s in enumerate(steps) if isinstance(s, Layer))
+    for step in steps[start:first]:
+        if step.op_type not in AFFINE_COMMUTING_OPS:
+            raise OnnxZipError(f"{path}: {what} cannot be folded past '{step.source}' ({step.op_type}) into "
+                               f"the first layer; only {', '.join(AFFINE_COMMUTING_OPS)} may lie between; {advice}")
+    layer = steps[first]
+    if offset != 0.0 and layer.kind == CONV and any(layer.pads):
+        raise OnnxZipError(f"{path}: {what} has offset {offset:g}, which cannot be folded exactly into the "
+                           f"zero-padded first convolution '{layer.source}' (its padding would read {offset:g} "
+                           f"instead of 0); {advice}")
+    W = layer.W.astype(np.float64)
+    b = layer.b.astype(np.float64) + offset * W.reshape(layer.out_units, -1).sum(axis=1)
+    W = scale * W
+    if not (np.isfinite(W).all() and np.isfinite(b).all()):
+        raise OnnxZipError(f"{path}: folding {what} into '{layer.source}' gives non-finite weights")
+    folded = replace(layer, W=W.astype(layer.W.dtype), b=b.astype(layer.b.dtype))
+    return steps[:first] + (folded,) + steps[first + 1:]
+
+
+def fold_input_affine(net: Network, scale: float, offset: float) -> Network:
+    """The network taking raw input u, for a model that expects x = scale * u + offset.
+
+    Folds the scaling into the first layer: W' = scale * W, b' = b + offset * (W summed over its
+    inputs). E.g. a model trained on (p/255 - 0.5)/0.5 of pixels p becomes one on raw pixels with
+    scale = 2/255, offset = -1. Exact for a fully connected first layer and for an unpadded first
+    convolution; a non-zero offset with a zero-padded first convolution is refused (the padding
+    would read the offset, not 0). Only Transpose and Flatten steps may lie before the first layer.
+    The input spec, path and hash stay as they were, so the result no longer computes what the
+    file does on the same input. Raises OnnxZipError naming the file.
+    """
+    what = f"the input scaling x = {scale:g} * u {'-' if offset < 0 else '+'} {abs(offset):g}"
+    if not (np.isfinite(scale) and np.isfinite(offset)) or scale == 0.0:
+        raise OnnxZipError(f"{net.path}: {what} needs a finite, non-zero scale and a finite offset")
+    if scale == 1.0 and offset == 0.0:
+        return net
+    advice = "give inputs that are already scaled the way the model expects instead"
+    return replace(net, steps=_fold_affine(net.steps, float(scale), float(offset), 0, net.path, what, advice))
+
+
+def _fold_graph_scaling(p: _Parse) -> tuple[Step, ...]:
+    """The parsed steps with the graph's own input scaling (p.affine) folded into the first layer."""
+    if not p.affine_nodes:
+        return tuple(p.steps)
+    names = ", ".join(f"'{n.name or n.output[0]}' ({n.op_type})" for n in p.affine_nodes)
+    what = f"the input scaling by node(s) {names}"
+    advice = "export the model without its input scaling and give inputs scaled that way"
+    return _fold_affine(tuple(p.steps), *p.affine, p.affine_from, str(p.path), what, advice)
 
 
 def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Network:
@@ -329,7 +529,8 @@ def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Net
     for layer in layers:
         if not (np.isfinite(layer.W).all() and np.isfinite(layer.b).all()):
             raise OnnxZipError(f"{path}: layer '{layer.source}' has non-finite weights")
-    return Network(str(path), file_sha256(path), spec, _spec(graph.output[0]), tuple(p.steps),
+    steps = _fold_graph_scaling(p)
+    return Network(str(path), file_sha256(path), spec, _spec(graph.output[0]), steps,
                    opset=opset, ir_version=model.ir_version, file_bytes=file_bytes)
 
 
