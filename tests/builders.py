@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +126,160 @@ def calib_folder(folder: Path, shape: tuple[int, ...], n: int = 256, seed: int =
     return folder
 
 
+def calib_from_array(folder: Path, x: np.ndarray, files: int = 2) -> Path:
+    """A folder of .npz calibration files holding the given inputs (named 'input')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(len(x)), files)):
+        np.savez(folder / f"part{i}.npz", input=np.ascontiguousarray(x[part], dtype=np.float32))
+    return folder
+
+
 def run(model_path: Path, x: np.ndarray, feeds: dict | None = None) -> list[np.ndarray]:
     """All outputs of a model file on input x, with ONNX Runtime on the CPU."""
     import onnxruntime as ort
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     name = [i.name for i in sess.get_inputs() if i.name != "task"][0]
     return sess.run(None, {name: x, **(feeds or {})})
+
+
+def graph_model(nodes, inits: dict[str, np.ndarray], in_shape, out_shape, batch: int | str = "N",
+                opset: int = OPSET) -> onnx.ModelProto:
+    """A checked model from nodes and {name: array} initializers; input 'input', output 'logits'."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *in_shape])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, *out_shape])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@dataclass(frozen=True)
+class ExportForm:
+    """How an exporter writes the layers of mlp_model/cnn_model (the defaults are their own forms).
+
+    fc: 'gemm' (transB=1), 'gemm_t0' (transB=0, alpha=2, beta=0.5) or 'matmul'; bias: 'inline',
+    'add' (a separate Add, layer output first; conv biases [C,1,1]) or 'add_first' (constant first;
+    conv biases [1,C,1,1]);
+    flatten: 'flatten', 'reshape' ([-1, features]), 'reshape0' ([0, -1]) or 'shape' (Shape ->
+    Gather -> Unsqueeze -> Concat -> Reshape); nhwc: input [N,H,W,C] with a Transpose in front;
+    tf_flatten: a Transpose back to NHWC before the flattening (FC columns in NHWC order);
+    bn1d: {fc index: (gamma, beta, mean, var)} as Unsqueeze -> BatchNormalization -> Squeeze;
+    prefix: input scaling nodes (op, scalar, constant first?) on the input; head: Softmax/LogSoftmax.
+    """
+
+    fc: str = "gemm"
+    bias: str = "inline"
+    flatten: str = "flatten"
+    nhwc: bool = False
+    tf_flatten: bool = False
+    bn1d: dict = field(default_factory=dict)
+    prefix: tuple = ()
+    head: str | None = None
+    batch: int | str = "N"
+    opset: int = OPSET
+    conv_pad: int = 1
+
+
+class _Nodes:
+    """Collects nodes and initializers with fresh names."""
+
+    def __init__(self, form: ExportForm):
+        self.form, self.nodes, self.inits, self.count = form, [], {}, 0
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = f"{hint}_{len(self.inits)}"
+        self.inits[name] = np.asarray(value)
+        return name
+
+    def add(self, op: str, inputs: list[str], **attrs) -> str:
+        self.count += 1
+        out = f"t{self.count}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{op.lower()}{self.count}", **attrs))
+        return out
+
+    def axes_node(self, op: str, x: str, axes: list[int]) -> str:
+        if self.form.opset < 13:
+            return self.add(op, [x], axes=axes)
+        return self.add(op, [x, self.const(np.array(axes, np.int64), "axes")])
+
+
+def _bias(n: _Nodes, y: str, b: np.ndarray, conv: bool) -> str:
+    value = (b.reshape(1, -1, 1, 1) if n.form.bias == "add_first" else b.reshape(-1, 1, 1)) if conv else b
+    c = n.const(value, "bias")
+    return n.add("Add", [c, y] if n.form.bias == "add_first" else [y, c])
+
+
+def _fc(n: _Nodes, x: str, W: np.ndarray, b: np.ndarray) -> str:
+    inline = n.form.bias == "inline"
+    if n.form.fc == "matmul":
+        y = n.add("MatMul", [x, n.const(W.T.copy(), "W")])
+        return n.add("Add", [y, n.const(b, "b")]) if inline else _bias(n, y, b, False)
+    alpha, beta, transB = (2.0, 0.5, 0) if n.form.fc == "gemm_t0" else (1.0, 1.0, 1)
+    B = (W if transB else W.T.copy()) / np.float32(alpha)
+    inputs = [x, n.const(B, "W")] + ([n.const(b / np.float32(beta), "b")] if inline else [])
+    y = n.add("Gemm", inputs, transB=transB, alpha=alpha, beta=beta)
+    return y if inline else _bias(n, y, b, False)
+
+
+def _conv(n: _Nodes, x: str, W: np.ndarray, b: np.ndarray, pad: int) -> str:
+    inline = n.form.bias == "inline"
+    inputs = [x, n.const(W, "W")] + ([n.const(b, "b")] if inline else [])
+    y = n.add("Conv", inputs, kernel_shape=list(W.shape[2:]), pads=[pad] * 4)
+    return y if inline else _bias(n, y, b, True)
+
+
+def _flatten(n: _Nodes, x: str, features: int) -> str:
+    kind = n.form.flatten
+    if kind == "flatten":
+        return n.add("Flatten", [x])
+    if kind in ("reshape", "reshape0"):
+        return n.add("Reshape", [x, n.const(np.array([-1, features] if kind == "reshape" else [0, -1], np.int64), "shape")])
+    first = n.add("Gather", [n.add("Shape", [x]), n.const(np.array(0, np.int64), "zero")], axis=0)
+    target = n.add("Concat", [n.axes_node("Unsqueeze", first, [0]), n.const(np.array([-1], np.int64), "m1")], axis=0)
+    return n.add("Reshape", [x, target])
+
+
+def nhwc_columns(channels: int, height: int, width: int) -> np.ndarray:
+    """Column order turning an FC weight over NCHW-flattened features into one over NHWC-flattened ones."""
+    return np.arange(channels * height * width).reshape(channels, height, width).transpose(1, 2, 0).reshape(-1)
+
+
+def exporter_model(layers: list[tuple[np.ndarray, np.ndarray]], in_shape: tuple[int, ...],
+                   form: ExportForm = ExportForm()) -> onnx.ModelProto:
+    """mlp_model's or cnn_model's network (conv layers are 4-D weights) written the way ``form`` says.
+
+    Conv layers get Relu and MaxPool 2x2 after them, the first one padded by form.conv_pad; FC layers
+    get Relu except the last. in_shape is [C, H, W] (given NCHW also for an NHWC form) or any shape
+    for an MLP.
+    """
+    n = _Nodes(form)
+    x, shape = "input", tuple(in_shape)
+    for op, value, const_first in form.prefix:
+        c = n.const(np.array(value, np.float32), "scale")
+        x = n.add(op, [c, x] if const_first else [x, c])
+    if form.nhwc:
+        x = n.add("Transpose", [x], perm=[0, 3, 1, 2])
+    convs = [(W, b) for W, b in layers if W.ndim == 4]
+    spatial = shape[1:]
+    for k, (W, b) in enumerate(convs):
+        pad = form.conv_pad if k == 0 else 0
+        x = n.add("MaxPool", [n.add("Relu", [_conv(n, x, W, b, pad)])], kernel_shape=[2, 2], strides=[2, 2])
+        spatial = tuple((s + 2 * pad - W.shape[2] + 1) // 2 for s in spatial)
+    fcs = [(W, b) for W, b in layers if W.ndim == 2]
+    if form.tf_flatten:
+        x = n.add("Transpose", [x], perm=[0, 2, 3, 1])
+        W, b = fcs[0]
+        fcs[0] = (W[:, nhwc_columns(convs[-1][0].shape[0], *spatial)].copy(), b)
+    x = _flatten(n, x, fcs[0][0].shape[1])
+    for k, (W, b) in enumerate(fcs):
+        x = _fc(n, x, W, b)
+        if k in form.bn1d:
+            params = [n.const(v, "bn") for v in form.bn1d[k]]
+            x = n.axes_node("Squeeze", n.add("BatchNormalization", [n.axes_node("Unsqueeze", x, [2]), *params]), [2])
+        if k < len(fcs) - 1:
+            x = n.add("Relu", [x])
+    if form.head:
+        x = n.add(form.head, [x], axis=-1)
+    n.nodes[-1].output[0] = "logits"
+    input_shape = (*shape[1:], shape[0]) if form.nhwc else shape
+    return graph_model(n.nodes, n.inits, input_shape, (fcs[-1][0].shape[0],), form.batch, form.opset)
