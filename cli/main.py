@@ -206,7 +206,7 @@ def _print_retraining(result: MergeResult) -> None:
 @app.command()
 @_user_errors
 def merge(
-    models: List[Path] = typer.Argument(..., help="Two ONNX models to merge (tasks are named after the files)."),
+    models: List[Path] = typer.Argument(..., help="Two or more ONNX models to merge (tasks are named after the files)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the merged model."),
     calib: List[str] = typer.Option([], "--calib", help="Calibration folder for all models, or TASK=DIR (repeat)."),
     share: float = typer.Option(1.0, help="Fraction of each hidden layer's units to share."),

@@ -58,12 +58,17 @@ def _same_input(nets: Sequence[Network]) -> None:
 
 
 def align(nets: Sequence[Network]) -> None:
-    """Refuse models whose layers cannot be zipped pairwise; the message names file and layer."""
-    if len(nets) != 2:
-        raise OnnxZipError(f"got {len(nets)} models; this version zips exactly two models")
+    """Refuse models whose layers cannot be zipped with the first one's; the message names file and layer."""
+    if len(nets) < 2:
+        raise OnnxZipError(f"got {len(nets)} model; zipping needs at least two models")
     _same_layout(nets)
     _same_input(nets)
-    a, b = nets
+    for net in nets[1:]:
+        _align_pair(nets[0], net)
+
+
+def _align_pair(a: Network, b: Network) -> None:
+    """Same depth, layer kinds, kernels and spatial sizes in b as in a (widths may differ)."""
     kinds_a = [l.kind for l in a.layers]
     kinds_b = [l.kind for l in b.layers]
     if kinds_a != kinds_b:

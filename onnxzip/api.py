@@ -100,11 +100,11 @@ def _params(net: Network) -> int:
 
 
 def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
-    """Per layer: shared units and parameters saved (a shared block is stored once, not twice)."""
-    reps, rows = input_reps(net), []
+    """Per layer: shared units and parameters saved (a shared block is stored once, not once per task)."""
+    reps, rows, copies = input_reps(net), [], len(plan.tasks) - 1
     for k, lp in enumerate(plan.layers):
         shared_in = net.layers[0].in_features if k == 0 else plan.layers[k - 1].n_shared * reps[k]
-        saved = lp.n_shared * (shared_in + 1)
+        saved = copies * lp.n_shared * (shared_in + 1)
         rows.append(LayerReport(lp.name, lp.units, lp.n_shared, saved, lp.cost, lp.rel_error))
     return tuple(rows)
 
@@ -227,6 +227,9 @@ def _check_layer_names(opts: MergeOptions, net: Network) -> None:
 
 def _check_same_calibration(opts: MergeOptions, tasks: Sequence[str], folders: Sequence[Path]) -> None:
     """--cost correlation compares units on the same samples: every task must read one calibration source."""
+    if opts.cost == "correlation" and len(tasks) > 2:
+        raise OnnxZipError(f"--cost correlation compares the units of two tasks; got {len(tasks)} models "
+                           "(use hessian, l2 or random)")
     if opts.cost != "correlation" or len({f.resolve() for f in folders}) == 1:
         return
     given = ", ".join(f"{t}={f}" for t, f in zip(tasks, folders))

@@ -38,11 +38,23 @@ def _meta(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     return meta
 
 
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and those of its subgraphs (If branches), at any depth."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                nodes += _all_nodes(attr.g)
+    return nodes
+
+
 def _inline_gated(model: onnx.ModelProto, t: int) -> str:
     """Replace the task-selecting If nodes by task t's branch, in place; returns t's result tensor."""
     graph = model.graph
     consts = {i.name: int(numpy_helper.to_array(i)) for i in graph.initializer if i.name.startswith("const.task_")}
-    chooses = {n.output[0]: consts[n.input[1]] for n in graph.node if n.op_type == "Equal" and n.input[0] == TASK_INPUT}
+    chooses = {n.output[0]: consts[n.input[1]] for n in _all_nodes(graph)
+               if n.op_type == "Equal" and n.input[0] == TASK_INPUT}
 
     def expand(nodes) -> list[onnx.NodeProto]:
         out = []

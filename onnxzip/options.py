@@ -85,6 +85,14 @@ class MergeOptions:
             if isinstance(value, int) and value < 0:
                 raise OnnxZipError(f"--share-layer {name}={value}: a count must not be negative")
 
+    def task_scales(self, n_tasks: int) -> tuple[float, ...]:
+        """Weight of each task's Hessian: (alpha, 1 - alpha) for two tasks, 1/n each for more."""
+        if n_tasks == 2:
+            return (self.alpha, 1.0 - self.alpha)
+        if self.alpha != 0.5:
+            raise OnnxZipError(f"--alpha balances two tasks; {n_tasks} models weigh their tasks equally")
+        return (1.0 / n_tasks,) * n_tasks
+
     def shared_count(self, layer: str, widths: tuple[int, ...]) -> int:
         """How many units of this layer to share, from --share-layer or --share."""
         value = dict(self.share_layers).get(layer, self.share)

@@ -171,11 +171,11 @@ def _paired_inputs(tasks: list[_Task]) -> Iterator[tuple[np.ndarray, np.ndarray]
 
 
 def _choose_pairs(k: int, tasks: list[_Task], weights: list[np.ndarray], metric: PairMetric,
-                  A: np.ndarray, B: np.ndarray, count: int, opts: MergeOptions,
+                  A: np.ndarray, B: np.ndarray, count: int, opts: MergeOptions, seed: tuple[int, ...],
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs of layer k by opts.cost, with each pair's cost (MTZ's cost for random pairs)."""
+    """The pairs of columns of A and B by opts.cost, with each pair's cost (MTZ's cost for random pairs)."""
     if opts.cost == "random":
-        rows, cols = random_pairs(A.shape[1], B.shape[1], count, (opts.seed, k))
+        rows, cols = random_pairs(A.shape[1], B.shape[1], count, seed)
         return rows, cols, matched_costs(metric.interaction("hessian"), A[:, rows], B[:, cols])
     if opts.cost == "correlation":
         layers = (tasks[0].tied.layers[k], tasks[1].tied.layers[k])
@@ -186,34 +186,55 @@ def _choose_pairs(k: int, tasks: list[_Task], weights: list[np.ndarray], metric:
     return rows, cols, D[rows, cols]
 
 
+def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: bool) -> np.ndarray:
+    """Merged columns of matched A and B (Eq. 10/11), with the sparse mask rule, as exact float32 values."""
+    w = metric.merged_weights(A, B)
+    if sparse:
+        w = _apply_masks(w, A, B)
+    return w.astype(np.float32).astype(np.float64)  # every task gets bit-identical float32 values
+
+
 def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list[MomentAccumulator],
                plan_layers: list[LayerPlan], opts: MergeOptions, timer: StageTimer) -> tuple[np.ndarray, ...]:
-    """Choose the shared pairs of hidden layer k and write their merged weights into ``weights``."""
+    """Choose the shared units of hidden layer k and write their merged weights into ``weights``.
+
+    Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched and merged; each
+    further task is matched to the merged units with H_acc, the sum of the Hessians merged so far
+    (the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by exactly that pair cost). Units
+    a later task does not match leave the shared set. Returns per task the shared units' indices,
+    and their summed costs.
+    """
     name = tasks[0].tied.layers[k].name
     count = opts.shared_count(name, tuple(W.shape[0] for W in weights))
+    n = len(tasks)
     if count == 0 or (k > 0 and plan_layers[k - 1].n_shared == 0):
         # nothing asked for, or no shared inputs (a pair could only share its bias)
-        empty = np.zeros(0, np.int64)
-        return empty, empty, np.zeros(0)
+        return tuple(np.zeros(0, np.int64) for _ in range(n)) + (np.zeros(0),)
     feats = [_shared_features(plan_layers, k, t, task) for t, task in enumerate(tasks)]
-    scale = (opts.alpha, 1.0 - opts.alpha)
+    sparse = any(is_sparse(W[:, :-1]) for W in weights)
     with timer("score+match"):
         H = []
-        for s, acc, f in zip(scale, accs, feats):
+        for s, acc, f in zip(opts.task_scales(n), accs, feats):
             Ht = acc.gram[np.ix_(f, f)]
             Ht *= s
             H.append(damp(Ht, opts.damping))
+        cols = [W[:, f].T for W, f in zip(weights, feats)]
         metric = PairMetric(H[0], H[1], name)
-        A, B = (W[:, f].T for W, f in zip(weights, feats))
-        rows, cols, costs = _choose_pairs(k, tasks, weights, metric, A, B, count, opts)
+        rows0, rows1, costs = _choose_pairs(k, tasks, weights, metric, cols[0], cols[1], count, opts, (opts.seed, k))
+    units = [rows0, rows1]
     with timer("tie"):
-        w = metric.merged_weights(A[:, rows], B[:, cols])
-        if is_sparse(weights[0][:, :-1]) or is_sparse(weights[1][:, :-1]):
-            w = _apply_masks(w, A[:, rows], B[:, cols])
-        w = w.astype(np.float32).astype(np.float64)  # both tasks get bit-identical float32 values
-        weights[0][np.ix_(rows, feats[0])] = w.T
-        weights[1][np.ix_(cols, feats[1])] = w.T
-    return rows, cols, costs
+        w, H_acc = _merge_columns(metric, cols[0][:, rows0], cols[1][:, rows1], sparse), H[0] + H[1]
+    for t in range(2, n):
+        with timer("score+match"):
+            metric = PairMetric(H_acc, H[t], name)
+            keep, rows_t, more = _choose_pairs(k, tasks, weights, metric, w, cols[t], w.shape[1], opts,
+                                               (opts.seed, k, t))
+        units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
+        with timer("tie"):
+            w, H_acc = _merge_columns(metric, w[:, keep], cols[t][:, rows_t], sparse), H_acc + H[t]
+    for W, u, f in zip(weights, units, feats):
+        W[np.ix_(u, f)] = w.T
+    return (*units, costs)
 
 
 def _step(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers: list[LayerPlan],
@@ -228,8 +249,8 @@ def _step(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers
         weights = [W.copy() for W in before]
     shared, cost = (), 0.0
     if k < len(tasks[0].tied.layers) - 1:
-        rows, cols, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
-        shared, cost = tuple(zip(rows.tolist(), cols.tolist())), float(costs.sum())
+        *units, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
+        shared, cost = tuple(zip(*(u.tolist() for u in units))), float(costs.sum())
     for task, W in zip(tasks, weights):
         layer = task.tied.layers[k]
         task.tied = task.tied.with_layer(k, layer.with_matrix(W[:, :-1], W[:, -1]))
@@ -256,7 +277,7 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
                  n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
                  progress: ProgressFn = no_progress, timer: StageTimer | None = None,
                  after_layer: LayerHook | None = None) -> tuple[SharingPlan, list[Network]]:
-    """Zip the hidden layers of two aligned networks in order, then refit the heads.
+    """Zip the hidden layers of two or more aligned networks in order, then refit the heads.
 
     ``after_layer`` runs after each hidden layer that shares units (see LayerHook). Returns the
     sharing plan and the tied networks (same topology as the inputs).
