@@ -177,6 +177,34 @@ def _print_result(result: MergeResult) -> None:
               f"vs {sum(result.bytes_inputs):,}; {sum(result.seconds.values()):.1f} s")
 
 
+def _input_scales(values: List[str]) -> tuple[tuple[str, float, float], ...]:
+    """--input-scale TASK=SCALE,OFFSET values."""
+    out = []
+    for task, text in _pairs(values, "--input-scale").items():
+        try:
+            scale, offset = (float(v) for v in text.split(","))
+        except ValueError:
+            raise OnnxZipError(f"--input-scale {task}={text}: give SCALE,OFFSET, e.g. {task}=0.00392157,0") from None
+        out.append((task, scale, offset))
+    return tuple(out)
+
+
+def _print_search(result: MergeResult) -> None:
+    s = result.search
+    if s is None:
+        return
+    goal = f"at most {s.goal:g} points per task" if s.mode == "budget" else f"at most {s.goal:,.0f}"
+    table = Table(title=f"--{s.mode}: {goal}; {len(s.probes)} probes, {s.forward_passes:,} sample passes, "
+                        f"{s.seconds:.1f} s")
+    for col in ["chosen"] + list(s.layers) + ["parameters"] + [f"drop {t} ({m})" for t, m in
+                                                               zip(result.plan.tasks, s.measure)]:
+        table.add_column(col, justify="right")
+    for p in s.probes:
+        table.add_row("*" if p == s.chosen else "", *map(str, p.counts), f"{p.params:,}",
+                      *(f"{d:.2f}" for d in p.drops))
+    out.print(table)
+
+
 def _retrain_options(iters: int, lr: float, optimizer: str, batch_size: int, alpha: float, image: ImageOptions,
                      device: str, seed: int) -> Optional[RetrainOptions]:
     """The per-layer retraining options of `merge --retrain-iters`, or None for 0 iterations."""
@@ -236,6 +264,14 @@ def merge(
     device: str = typer.Option("auto", help="auto, cpu or cuda (ONNX Runtime execution provider)."),
     seed: int = typer.Option(0, help="Seed of --cost random's pairing and of retraining (the same seed, the same "
                              "result)."),
+    budget: Optional[float] = typer.Option(None, help="Choose per-layer shares: the most sharing with each task's "
+                                           "fidelity on held-out calibration samples dropping at most this many "
+                                           "points (accuracy where the samples have labels)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="Choose per-layer shares for the best "
+                                              "fidelity at this size: parameters (250000) or bytes (800KB, 1.2MB)."),
+    input_scale: List[str] = typer.Option([], "--input-scale", help="TASK=SCALE,OFFSET: that model expects "
+                                          "SCALE * u + OFFSET of the raw input u; folded into its first layer so "
+                                          "that the merged model takes u (repeat per task)."),
     retrain_iters: int = typer.Option(0, "--retrain-iters", help="Retrain N iterations after each zipped layer "
                                       "(MTZ's schedule; needs PyTorch). 0: no retraining."),
     retrain_lr: float = typer.Option(retrain_defaults.DEFAULT_LR, "--retrain-lr", help="Retraining learning rate."),
@@ -256,6 +292,7 @@ def merge(
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (), calib_samples=calib_samples,
         max_patches=max_patches,
         batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device,
+        budget=budget, target_size=target_size, input_scale=_input_scales(input_scale),
         seed=seed, retrain=_retrain_options(retrain_iters, retrain_lr, retrain_optimizer, retrain_batch_size, alpha,
                                             image, device, seed))
     if report is not None and report.exists() and report.is_dir():
@@ -265,6 +302,7 @@ def merge(
     with bars.progress:
         result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars,
                            retrain_data=_calib(retrain_data, "--retrain-data") if retrain_data else None)
+    _print_search(result)
     _print_result(result)
     _print_retraining(result)
     if report is not None:

@@ -14,13 +14,14 @@ import onnx
 
 from . import __version__
 from .align import align, input_reps
+from .budget import SearchReport, merged_params, search, split_samples
 from .calib import count_samples, iter_batches, load_labeled
-from .canonical import import_network
+from .canonical import fold_input_affine, import_network
 from .emit import merged_model
 from .errors import OnnxZipError
 from .ir import Network
-from .options import MergeOptions
-from .plan import SharingPlan
+from .options import PARAMS, MergeOptions, parse_size
+from .plan import LayerPlan, SharingPlan
 from .runtime import resolve_device
 from .save import save_atomically
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
@@ -57,6 +58,8 @@ class MergeResult:
     device: str
     # One entry per retraining round of --retrain-iters (onnxzip.retrain.schedule.LayerRetrain).
     retraining: tuple = ()
+    # What --budget or --target-size searched and chose (budget.SearchReport), else None.
+    search: SearchReport | None = None
 
     def to_json(self) -> dict:
         """A JSON-ready dict: the plan and every figure."""
@@ -110,8 +113,9 @@ def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
 
 
 def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) -> dict[str, str]:
+    scales = {t: [s, o] for t, s, o in opts.input_scale}
     sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": _params(n), "bytes": n.file_bytes,
-                   "output": n.output.name}
+                   "output": n.output.name, **({"input_scale": scales[t]} if t in scales else {})}
                for t, n in zip(plan.tasks, nets)}
     sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
     return {META_PREFIX + "version": __version__, META_PREFIX + "tasks": json.dumps(list(plan.tasks)),
@@ -156,12 +160,19 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         for p in paths:
             nets.append(import_network(p))
             tick()
+        nets = _rescale(nets, opts)
         align(nets)
         _check_layer_names(opts, nets[0])
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input)
                     for t, d in _eval_folders(evals, tasks).items()}
         streams, counts = _streams(folders, nets, opts)
     providers, device = resolve_device(opts.device)
+    report = None
+    if opts.budget is not None or opts.target_size is not None:
+        tick = progress("search shares", 1)
+        with timer("search"):
+            opts, streams, counts, report = _search_shares(nets, folders, opts, providers)
+        tick()
     hook = _retrainer(nets, folders if retrain_data is None else _per_task(retrain_data, tasks, "--retrain-data"),
                       opts, progress)
     plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook)
@@ -187,7 +198,61 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     merged_params = weight_params(model)
     return MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
                        tuple(_params(n) for n in nets), merged_params, tuple(n.file_bytes for n in nets),
-                       output.stat().st_size, dict(timer.seconds), device, tuple(hook.rounds) if hook else ())
+                       output.stat().st_size, dict(timer.seconds), device, tuple(hook.rounds) if hook else (), report)
+
+
+# Stand-ins for a pair's cost and relative errors when sizing a plan before its pairs are known:
+# the longest repr a float takes, so that the estimated metadata is never shorter than the real one.
+_LONGEST_FLOAT = -1.2345678901234567e-300
+
+
+def _size_plan(nets: Sequence[Network], opts: MergeOptions, counts: tuple[int, ...]) -> SharingPlan:
+    """A plan with these per-layer counts whose unit indices are the largest (longest in the metadata)."""
+    layers = []
+    for k, l in enumerate(nets[0].layers):
+        units = tuple(n.layers[k].out_units for n in nets)
+        n = counts[k] if k < len(counts) and (k == 0 or layers[-1].n_shared) else 0
+        shared = tuple(tuple(u - 1 - i for u in units) for i in range(n))
+        layers.append(LayerPlan(l.name, l.kind, units, shared, _LONGEST_FLOAT, (_LONGEST_FLOAT,) * len(nets), True))
+    return SharingPlan(opts.tasks, tuple(layers))
+
+
+def _size_target(nets: Sequence[Network], opts: MergeOptions):
+    """--target-size as (value, unit, size of per-layer counts): parameters, or bytes of the emitted file."""
+    if opts.target_size is None:
+        return None
+    value, unit = parse_size(opts.target_size)
+    if unit == PARAMS:
+        return value, unit, partial(merged_params, nets)
+
+    zeros = [_zeroed(n) for n in nets]  # any plan ties zero blocks; the stored bytes are the same
+
+    def file_bytes(counts: tuple[int, ...]) -> int:
+        plan = _size_plan(nets, opts, counts)
+        return merged_model(plan, zeros, opts.layout, _metadata(plan, nets, opts)).ByteSize()
+    return value, unit, file_bytes
+
+
+def _zeroed(net: Network) -> Network:
+    """The network with every weight and bias set to zero (for sizing a merged file)."""
+    for k, layer in enumerate(net.layers):
+        net = net.with_layer(k, layer.with_matrix(np.zeros_like(layer.matrix()), np.zeros_like(layer.b)))
+    return net
+
+
+def _search_shares(nets: Sequence[Network], folders: Sequence[Path], opts: MergeOptions, providers: list[str]):
+    """Hold out part of each task's calibration samples, search the shares, and fix them as per-layer counts.
+
+    Returns the options to zip with, the calibrating streams and their batch counts, and the report.
+    """
+    splits = [split_samples(count_samples(f, n.input, opts.calib_samples, opts.image), f)
+              for f, n in zip(folders, nets)]
+    streams = [partial(iter_batches, f, n.input, opts.batch_size, s.calibrate, opts.image)
+               for f, n, s in zip(folders, nets, splits)]
+    counts = [-(-s.calibrate // opts.batch_size) for s in splits]
+    report = search(nets, folders, splits, streams, counts, opts, providers, _size_target(nets, opts))
+    chosen = replace(opts, budget=None, target_size=None, share_layers=tuple(zip(report.layers, report.chosen.counts)))
+    return chosen, streams, counts, report
 
 
 def _retrainer(nets: Sequence[Network], folders: Sequence[Path], opts: MergeOptions, progress: ProgressFn):
@@ -214,6 +279,19 @@ def _eval_folders(evals: Mapping[str, str | Path] | None, tasks: Sequence[str]) 
     if unknown:
         raise OnnxZipError(f"--eval names unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(tasks)}")
     return {t: Path(p) for t, p in evals.items()}
+
+
+def _rescale(nets: list[Network], opts: MergeOptions) -> list[Network]:
+    """Each --input-scale task's network on raw inputs (its scaling folded into its first layer)."""
+    scales = {}
+    for task, scale, offset in opts.input_scale:
+        if task not in opts.tasks:
+            raise OnnxZipError(f"--input-scale names unknown task '{task}'; tasks are {', '.join(opts.tasks)}")
+        scales[task] = (scale, offset)
+    if scales and opts.retrain is not None:
+        raise OnnxZipError("--retrain-iters distils from the original files, which expect the scaled inputs; "
+                           "it cannot be combined with --input-scale yet")
+    return [fold_input_affine(n, *scales[t]) if t in scales else n for t, n in zip(opts.tasks, nets)]
 
 
 def _check_layer_names(opts: MergeOptions, net: Network) -> None:

@@ -490,7 +490,8 @@ def fold_input_affine(net: Network, scale: float, offset: float) -> Network:
     if scale == 1.0 and offset == 0.0:
         return net
     advice = "give inputs that are already scaled the way the model expects instead"
-    return replace(net, steps=_fold_affine(net.steps, float(scale), float(offset), 0, net.path, what, advice))
+    return replace(net, steps=_fold_affine(net.steps, float(scale), float(offset), 0, net.path, what, advice),
+                   rescaled=True)
 
 
 def _fold_graph_scaling(p: _Parse) -> tuple[Step, ...]:

@@ -92,6 +92,8 @@ class Network:
     opset: int
     ir_version: int
     file_bytes: int = 0
+    # True when an input scaling was folded in (--input-scale): the file itself expects other inputs.
+    rescaled: bool = False
 
     @property
     def layer_steps(self) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import re
 from numbers import Integral
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,23 @@ DEFAULT_CORRECT_DAMPING = 1e-3
 DEFAULT_BATCH_SIZE = 64
 # Calibration samples per task for the final check that the written model equals the tied one.
 DEFAULT_VERIFY_SAMPLES = 512
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?i?[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2 ** 10, "MI": 2 ** 20, "GI": 2 ** 30}
+PARAMS, BYTES = "params", "bytes"
+
+
+def parse_size(text: str | int) -> tuple[int, str]:
+    """A --target-size as (value, unit): '250000' parameters, or '800KB', '1.2MB', '1MiB', '500000B' bytes."""
+    if isinstance(text, Integral) and not isinstance(text, bool):
+        return int(text), PARAMS
+    m = _SIZE.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise OnnxZipError(f"--target-size must be a positive parameter count (250000) or a size in bytes (800KB, "
+                           f"1.2MB), got '{text}'")
+    number, unit = float(m.group(1)), (m.group(2) or "")
+    if not unit:
+        return int(number), PARAMS
+    return int(number * _SIZE_UNITS[unit[:-1].upper()]), BYTES
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,14 @@ class MergeOptions:
     # Retrain after each zipped layer (MTZ Algorithm 1, line 10) with these options, ``iters``
     # per layer; None: no retraining. Needs PyTorch.
     retrain: "RetrainOptions | None" = None
+    # Choose the per-layer shares automatically (budget.py): the most sharing with each task's
+    # held-out fidelity dropping at most ``budget`` points, or the best fidelity at ``target_size``
+    # (a parameter count, or bytes as '800KB'). Replaces --share and --share-layer.
+    budget: float | None = None
+    target_size: int | str | None = None
+    # Per task (name, scale, offset): the model expects x = scale * u + offset of the raw input u
+    # the merged model takes; folded into its first layer (canonical.fold_input_affine).
+    input_scale: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,9 +102,17 @@ class MergeOptions:
             (self.max_patches is None or self.max_patches >= 1,
              f"--max-patches must be at least 1, got {self.max_patches}"),
         ]
+        checks += [
+            (self.budget is None or self.budget >= 0, f"--budget must be at least 0 points, got {self.budget}"),
+            (self.budget is None or self.target_size is None, "give --budget or --target-size, not both"),
+            ((self.budget is None and self.target_size is None) or not self.share_layers,
+             "--share-layer sets shares by hand; --budget and --target-size choose them"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise OnnxZipError(message)
+        if self.target_size is not None:
+            parse_size(self.target_size)
         for name, value in self.share_layers:
             if isinstance(value, float) and not 0.0 <= value <= 1.0:
                 raise OnnxZipError(f"--share-layer {name}={value}: a fraction must lie in [0, 1]")

@@ -52,8 +52,9 @@ def _model_runner(model: bytes | str, providers: list[str]) -> Callable[[np.ndar
 
 
 def original_runner(net: Network, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
-    """Runs the original model file; one exported for a fixed batch size runs in its canonical form."""
-    if net.input.shape and net.input.shape[0] is not None:
+    """Runs the original model file; one exported for a fixed batch size, or with an input scaling
+    folded in (--input-scale), runs in its canonical form."""
+    if net.rescaled or (net.input.shape and net.input.shape[0] is not None):
         return _model_runner(task_model(net).SerializeToString(), providers)
     return _model_runner(str(net.path), providers)
 

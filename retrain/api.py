@@ -191,6 +191,10 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
     tasks = tuple(json.loads(meta["tasks"]))
     folders = _per_task(data, tasks, "--data")
     eval_dirs = _eval_folders(evals, tasks)
+    scaled = [t for t, src in json.loads(meta.get("sources", "{}")).items() if "input_scale" in src]
+    if scaled:
+        raise OnnxZipError(f"{merged_path}: task(s) {', '.join(scaled)} were merged with --input-scale; their "
+                           "original models expect scaled inputs, so they cannot be distilled from yet")
     teacher_paths = resolve_teachers(merged_path, meta, tasks, teachers)
     weights = options.task_weights(len(tasks))
     with torch_threads(options.threads):

@@ -1,0 +1,270 @@
+"""Choose per-layer shares automatically: the most sharing within a fidelity budget, or a target size.
+
+Each task's calibration samples are split: the first part calibrates every probe, the last
+BUDGET_HOLDOUT of them only measure. A probe zips the networks with given per-layer counts and
+measures, per task, the drop in points of its fidelity on the held-out samples: 100 minus the
+top-1 agreement (%) with the original model, or, where the calibration folder has labels, the
+original's accuracy minus the tied model's (emitted == tied, so the tied networks stand in for the
+merged model). Searches:
+
+* ``--budget B``: bisect one share for every hidden layer over a grid of UNIFORM_LEVELS steps
+  (the drop grows with sharing, mostly), then refine greedily: each round tries one more step on
+  each hidden layer and keeps the try with the smallest worst drop that stays within B, until no
+  try fits (at most MAX_REFINE_ROUNDS rounds). Cost: about log2(levels) + rounds x layers probes.
+* ``--target-size``: the merged parameter count is a known function of the per-layer counts, so
+  no probe is needed to meet the size. For each tilt in TILTS (more sharing late, uniform, more
+  sharing early), find the smallest share that meets the size, probe it, and keep the allocation
+  with the smallest worst drop. Cost: one probe per tilt.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .align import input_reps
+from .calib import has_labels, iter_batches, load_labeled
+from .emit import task_model
+from .errors import OnnxZipError
+from .ir import Network
+from .options import MergeOptions
+from .runtime import session
+from .verify import original_runner
+from .zipper import zip_networks
+
+# Fraction of each task's calibration samples held out to measure fidelity (never calibrates).
+BUDGET_HOLDOUT = 0.2
+# Held-out samples needed per task for a drop measured in steps of at most 1 point.
+MIN_HOLDOUT_SAMPLES = 100
+# The uniform share is searched on this grid (share = level / UNIFORM_LEVELS); refinement moves one level.
+UNIFORM_LEVELS = 16
+MAX_REFINE_ROUNDS = 8
+# --target-size: per-layer share = s0 + tilt * (position - 1/2), position 0 (first) .. 1 (last hidden layer).
+TILTS = (-0.5, -0.25, 0.0, 0.25, 0.5)
+# Bytes per stored float32 weight (--target-size in bytes).
+FLOAT_BYTES = 4
+@dataclass(frozen=True)
+class Probe:
+    """One zip with given per-layer shared counts: its parameter count and each task's drop in points."""
+
+    counts: tuple[int, ...]
+    params: int
+    drops: tuple[float, ...]
+
+    @property
+    def worst(self) -> float:
+        """The largest drop over the tasks."""
+        return max(self.drops)
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """What a share search tried and chose."""
+
+    mode: str  # "budget" or "target-size"
+    goal: float  # the budget in points, or the target in parameters
+    layers: tuple[str, ...]
+    chosen: Probe
+    probes: tuple[Probe, ...]
+    heldout_samples: tuple[int, ...]
+    measure: tuple[str, ...]  # per task: "agreement" or "accuracy"
+    forward_passes: int  # calibration and held-out samples run through a network segment, all probes
+    seconds: float
+
+
+@dataclass
+class _Problem:
+    """The networks, their calibration streams and held-out data, and the options of one search."""
+
+    nets: Sequence[Network]
+    streams: Sequence[Callable[[], Iterator[np.ndarray]]]
+    counts: Sequence[int]
+    heldout: Sequence[np.ndarray]
+    reference: Sequence[np.ndarray]  # per task: the original's top-1 classes, or labels
+    accuracy_original: Sequence[float | None]
+    opts: MergeOptions
+    providers: list[str]
+    probes: list[Probe]
+
+    @property
+    def hidden(self) -> list[str]:
+        return [l.name for l in self.nets[0].layers[:-1]]
+
+
+def widths(nets: Sequence[Network]) -> list[int]:
+    """Per hidden layer, the most units that can be shared (the narrowest task's width)."""
+    return [min(n.layers[k].out_units for n in nets) for k in range(len(nets[0].layers) - 1)]
+
+
+def merged_params(nets: Sequence[Network], counts: Sequence[int]) -> int:
+    """Weights and biases of the merged model for per-layer shared counts (a block stored once, not per task)."""
+    total = sum(int(l.W.size + l.b.size) for n in nets for l in n.layers)
+    reps, copies, prev = input_reps(nets[0]), len(nets) - 1, None
+    for k, count in enumerate(counts):
+        shared_in = nets[0].layers[0].in_features if k == 0 else prev * reps[k]
+        count = 0 if k and prev == 0 else count
+        total -= copies * count * (shared_in + 1)
+        prev = count
+    return total
+
+
+def _probe(p: _Problem, counts: tuple[int, ...]) -> Probe:
+    """Zip with these counts and measure every task's drop on its held-out samples."""
+    for known in p.probes:
+        if known.counts == counts:
+            return known
+    opts = replace(p.opts, budget=None, target_size=None, share_layers=tuple(zip(p.hidden, counts)))
+    _, tied = zip_networks(p.nets, p.streams, p.counts, opts, p.providers)
+    drops = []
+    for t, net in enumerate(tied):
+        classes = _top1(task_model(net), p.heldout[t], p.opts.batch_size, p.providers)
+        hits = 100.0 * float(np.mean(classes == p.reference[t]))
+        base = 100.0 if p.accuracy_original[t] is None else 100.0 * p.accuracy_original[t]
+        drops.append(round(base - hits, 6))
+    probe = Probe(counts, merged_params(p.nets, counts), tuple(drops))
+    p.probes.append(probe)
+    return probe
+
+
+def _top1(model, x: np.ndarray, batch_size: int, providers: list[str]) -> np.ndarray:
+    sess = session(model.SerializeToString() if hasattr(model, "SerializeToString") else str(model), providers)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[s:s + batch_size]})[0].argmax(1)
+                           for s in range(0, len(x), batch_size)])
+
+
+def _level_counts(levels: Sequence[int], caps: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(round(cap * lv / UNIFORM_LEVELS)) for lv, cap in zip(levels, caps))
+
+
+def _uniform_level(p: _Problem, budget: float, caps: list[int]) -> int:
+    """The largest uniform level within the budget (bisection; level 0 shares nothing, drop 0)."""
+    n = len(caps)
+    if _probe(p, _level_counts([UNIFORM_LEVELS] * n, caps)).worst <= budget:
+        return UNIFORM_LEVELS
+    lo, hi = 0, UNIFORM_LEVELS  # lo fits (nothing shared), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _probe(p, _level_counts([mid] * n, caps)).worst <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _refine(p: _Problem, budget: float, caps: list[int], levels: list[int]) -> list[int]:
+    """Greedy rounds: one more level on the layer whose try has the smallest worst drop within the budget."""
+    for _ in range(MAX_REFINE_ROUNDS):
+        tries = []
+        for k in range(len(levels)):
+            counts = _level_counts(levels, caps)
+            # a layer after one that shares nothing cannot share (its pairs would only share a bias)
+            if levels[k] < UNIFORM_LEVELS and (k == 0 or counts[k - 1] > 0):
+                up = levels[:k] + [levels[k] + 1] + levels[k + 1:]
+                probe = _probe(p, _level_counts(up, caps))
+                if probe.worst <= budget:
+                    tries.append((probe.worst, probe.params, up))
+        if not tries:
+            break
+        levels = min(tries, key=lambda t: (t[0], t[1]))[2]
+    return levels
+
+
+def search_budget(p: _Problem, budget: float) -> Probe:
+    """The per-layer counts with the most sharing found within ``budget`` points for every task."""
+    caps = widths(p.nets)
+    level = _uniform_level(p, budget, caps)
+    levels = _refine(p, budget, caps, [level] * len(caps)) if level < UNIFORM_LEVELS else [level] * len(caps)
+    return _probe(p, _level_counts(levels, caps))
+
+
+def _tilted(caps: list[int], s0: float, tilt: float) -> tuple[int, ...]:
+    n = len(caps)
+    pos = [k / (n - 1) if n > 1 else 0.5 for k in range(n)]
+    return tuple(int(math.ceil(cap * min(1.0, max(0.0, s0 + tilt * (q - 0.5))) - 1e-9)) for cap, q in zip(caps, pos))
+
+
+SizeFn = Callable[[tuple[int, ...]], int]
+BISECTION_STEPS = 30
+
+
+def _smallest_share(size: SizeFn, caps: list[int], tilt: float, target: int) -> tuple[int, ...] | None:
+    """Counts of the smallest s0 (bisection on the size) that meet the target, or None."""
+    lo, hi = -1.0, 2.0
+    if size(_tilted(caps, hi, tilt)) > target:
+        return None
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        if size(_tilted(caps, mid, tilt)) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return _tilted(caps, hi, tilt)
+
+
+def search_size(p: _Problem, target: int, size: SizeFn, unit: str) -> Probe:
+    """Among the tilted allocations whose ``size`` meets ``target``, the one with the smallest worst drop."""
+    caps = widths(p.nets)
+    full = size(tuple(caps))
+    if target < full:
+        raise OnnxZipError(f"--target-size {target:,} {unit} is below the fully shared model's {full:,}; "
+                           "the heads are never shared")
+    candidates = {c for tilt in (TILTS if len(caps) > 1 else (0.0,))
+                  if (c := _smallest_share(size, caps, tilt, target)) is not None}
+    probes = [_probe(p, c) for c in sorted(candidates)]
+    return min(probes, key=lambda q: (q.worst, float(np.mean(q.drops)), q.params))
+
+
+@dataclass(frozen=True)
+class Split:
+    """One task's calibration samples: how many calibrate (the first ones) and how many are held out."""
+
+    calibrate: int
+    heldout: int
+
+
+def split_samples(total: int, folder) -> Split:
+    """The first 1 - BUDGET_HOLDOUT of a task's samples calibrate, the rest measure."""
+    held = max(MIN_HOLDOUT_SAMPLES, int(round(total * BUDGET_HOLDOUT)))
+    if total - held < 1:
+        raise OnnxZipError(f"{folder}: --budget and --target-size hold out {BUDGET_HOLDOUT:.0%} of the calibration "
+                           f"samples (at least {MIN_HOLDOUT_SAMPLES}) to measure fidelity; the folder has only {total}")
+    return Split(total - held, held)
+
+
+def _heldout(folder, net: Network, split: Split, opts: MergeOptions, providers: list[str]):
+    """Held-out inputs, the reference classes (labels or the original's top-1), and the original's accuracy."""
+    total = split.calibrate + split.heldout
+    x = np.concatenate(list(iter_batches(folder, net.input, opts.batch_size, total, opts.image)))[split.calibrate:]
+    run = original_runner(net, providers)
+    original = np.concatenate([run(x[s:s + opts.batch_size]).argmax(1) for s in range(0, len(x), opts.batch_size)])
+    if has_labels(folder):
+        labels = load_labeled(folder, net.input, total)[1][split.calibrate:]
+        return x, labels, float(np.mean(original == labels))
+    return x, original, None
+
+
+def search(nets: Sequence[Network], folders: Sequence, splits: Sequence[Split],
+           streams: Sequence[Callable[[], Iterator[np.ndarray]]], n_batches: Sequence[int], opts: MergeOptions,
+           providers: list[str], target: tuple[int, str, SizeFn] | None = None) -> SearchReport:
+    """Search by opts.budget, else for ``target`` (value, unit, size of per-layer counts in that unit).
+
+    ``streams`` yield the calibrating samples only.
+    """
+    start = time.perf_counter()
+    held = [_heldout(f, n, s, opts, providers) for f, n, s in zip(folders, nets, splits)]
+    p = _Problem(nets, streams, n_batches, [h[0] for h in held], [h[1] for h in held], [h[2] for h in held],
+                 opts, providers, [])
+    if opts.budget is not None:
+        mode, goal, chosen = "budget", opts.budget, search_budget(p, opts.budget)
+    else:
+        goal = float(target[0])
+        mode, chosen = "target-size", search_size(p, target[0], target[2], target[1])
+    per_probe = sum(2 * s.calibrate + s.heldout for s in splits)
+    return SearchReport(mode, goal, tuple(p.hidden), chosen, tuple(p.probes), tuple(s.heldout for s in splits),
+                        tuple("agreement" if h[2] is None else "accuracy" for h in held),
+                        per_probe * len(p.probes), time.perf_counter() - start)
