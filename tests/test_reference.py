@@ -125,9 +125,15 @@ def test_tasks_kmnist_split_and_derived_mnist():
     assert np.array_equal(np.rint(inv[0] * 255), 255 - np.rint(mnist[0] * 255))
 
 
+# The ResNet trains for far fewer iterations here than the reduced build's default (the suite stays short).
+RESNET_TEST_ITERS, RESNET_TEST_TRAIN = 40, 1000
+
+
 @pytest.mark.slow
-def test_reduced_resnet_build_exports_and_imports(tmp_path):
+def test_reduced_resnet_build_exports_and_imports(tmp_path, monkeypatch):
     assert refdata.task_available("kmnist")
+    monkeypatch.setattr(br, "QUICK_ITERS", RESNET_TEST_ITERS)
+    monkeypatch.setattr(br, "QUICK_TRAIN", RESNET_TEST_TRAIN)
     name = "resnet_kmnist"
     builder = br.Builder(tmp_path, quick=True, log=lambda s: None)
     entry = builder.build(br.SPECS[name])
@@ -136,7 +142,7 @@ def test_reduced_resnet_build_exports_and_imports(tmp_path):
     assert entry["recipe"]["iterations"] == br.QUICK_ITERS and entry["train_images"] == br.QUICK_TRAIN
     assert 200_000 <= entry["params"] <= 500_000
     assert set(entry["export"]["ops"]) <= RESNET_ONNX_OPS and "Add" in entry["export"]["ops"]
-    assert entry["test_error_percent"] < 60.0  # trained, even in reduced mode on KMNIST
+    assert entry["test_error_percent"] < 85.0  # better than chance (90%) after a few dozen iterations
     # the exported file computes what the trained, permuted torch module computes
     net = copy.deepcopy(builder.trained[name])
     refnets.permute_hidden(net, br.SPECS[name].permute_seed)
