@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .align import align, input_reps
-from .budget import SearchReport, merged_params, search, split_samples
+from .align import align
+from .budget import SearchReport, merged_params, params_saved, search, split_samples
 from .calib import count_samples, iter_batches, load_labeled
 from .canonical import fold_input_affine, import_network
 from .emit import merged_model
@@ -97,24 +97,16 @@ def _per_task(value, tasks: Sequence[str], what: str) -> list[Path]:
     return [Path(value[t]) for t in tasks]
 
 
-def _params(net: Network) -> int:
-    """Weights and biases of a model's layers after canonicalisation (BatchNorm folded)."""
-    return int(sum(l.W.size + l.b.size for l in net.layers))
-
-
 def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
     """Per layer: shared units and parameters saved (a shared block is stored once, not once per task)."""
-    reps, rows, copies = input_reps(net), [], len(plan.tasks) - 1
-    for k, lp in enumerate(plan.layers):
-        shared_in = net.layers[0].in_features if k == 0 else plan.layers[k - 1].n_shared * reps[k]
-        saved = copies * lp.n_shared * (shared_in + 1)
-        rows.append(LayerReport(lp.name, lp.units, lp.n_shared, saved, lp.cost, lp.rel_error))
-    return tuple(rows)
+    saved = params_saved(net, [lp.n_shared for lp in plan.layers], len(plan.tasks))
+    return tuple(LayerReport(lp.name, lp.units, lp.n_shared, s, lp.cost, lp.rel_error)
+                 for lp, s in zip(plan.layers, saved))
 
 
 def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) -> dict[str, str]:
     scales = {t: [s, o] for t, s, o in opts.input_scale}
-    sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": _params(n), "bytes": n.file_bytes,
+    sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": n.params, "bytes": n.file_bytes,
                    "output": n.output.name, **({"input_scale": scales[t]} if t in scales else {})}
                for t, n in zip(plan.tasks, nets)}
     sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
@@ -197,7 +189,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     save_atomically(model, output, verify)
     merged_params = weight_params(model)
     return MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
-                       tuple(_params(n) for n in nets), merged_params, tuple(n.file_bytes for n in nets),
+                       tuple(n.params for n in nets), merged_params, tuple(n.file_bytes for n in nets),
                        output.stat().st_size, dict(timer.seconds), device, tuple(hook.rounds) if hook else (), report)
 
 

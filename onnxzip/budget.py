@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import onnx
 
 from .align import input_reps
 from .calib import has_labels, iter_batches, load_labeled
@@ -100,16 +101,23 @@ def widths(nets: Sequence[Network]) -> list[int]:
     return [min(n.layers[k].out_units for n in nets) for k in range(len(nets[0].layers) - 1)]
 
 
-def merged_params(nets: Sequence[Network], counts: Sequence[int]) -> int:
-    """Weights and biases of the merged model for per-layer shared counts (a block stored once, not per task)."""
-    total = sum(int(l.W.size + l.b.size) for n in nets for l in n.layers)
-    reps, copies, prev = input_reps(nets[0]), len(nets) - 1, None
+def params_saved(net: Network, counts: Sequence[int], n_tasks: int) -> list[int]:
+    """Per layer, the parameters a merge saves by storing each shared block once instead of once per task.
+
+    ``counts`` are the shared units per layer; a layer after one that shares nothing shares nothing.
+    """
+    reps, saved, prev = input_reps(net), [], 0
     for k, count in enumerate(counts):
-        shared_in = nets[0].layers[0].in_features if k == 0 else prev * reps[k]
+        shared_in = net.layers[0].in_features if k == 0 else prev * reps[k]
         count = 0 if k and prev == 0 else count
-        total -= copies * count * (shared_in + 1)
+        saved.append((n_tasks - 1) * count * (shared_in + 1))
         prev = count
-    return total
+    return saved
+
+
+def merged_params(nets: Sequence[Network], counts: Sequence[int]) -> int:
+    """Weights and biases of the merged model for per-layer shared counts."""
+    return sum(n.params for n in nets) - sum(params_saved(nets[0], counts, len(nets)))
 
 
 def _probe(p: _Problem, counts: tuple[int, ...]) -> Probe:
@@ -130,8 +138,8 @@ def _probe(p: _Problem, counts: tuple[int, ...]) -> Probe:
     return probe
 
 
-def _top1(model, x: np.ndarray, batch_size: int, providers: list[str]) -> np.ndarray:
-    sess = session(model.SerializeToString() if hasattr(model, "SerializeToString") else str(model), providers)
+def _top1(model: onnx.ModelProto, x: np.ndarray, batch_size: int, providers: list[str]) -> np.ndarray:
+    sess = session(model.SerializeToString(), providers)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[s:s + batch_size]})[0].argmax(1)
                            for s in range(0, len(x), batch_size)])
@@ -160,8 +168,8 @@ def _refine(p: _Problem, budget: float, caps: list[int], levels: list[int]) -> l
     """Greedy rounds: one more level on the layer whose try has the smallest worst drop within the budget."""
     for _ in range(MAX_REFINE_ROUNDS):
         tries = []
+        counts = _level_counts(levels, caps)
         for k in range(len(levels)):
-            counts = _level_counts(levels, caps)
             # a layer after one that shares nothing cannot share (its pairs would only share a bias)
             if levels[k] < UNIFORM_LEVELS and (k == 0 or counts[k - 1] > 0):
                 up = levels[:k] + [levels[k] + 1] + levels[k + 1:]

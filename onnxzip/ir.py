@@ -105,6 +105,11 @@ class Network:
         """The weight layers, in order."""
         return tuple(s for s in self.steps if isinstance(s, Layer))
 
+    @property
+    def params(self) -> int:
+        """Weights and biases of the layers (after canonicalisation: BatchNorm folded)."""
+        return int(sum(l.W.size + l.b.size for l in self.layers))
+
     def with_layer(self, index: int, layer: Layer) -> "Network":
         """A copy with layer number ``index`` (among layers) replaced."""
         steps = list(self.steps)
