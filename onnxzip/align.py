@@ -6,21 +6,31 @@ from typing import Sequence
 
 from .errors import OnnxZipError
 from .ir import CONV, Network, Op
+from .spaces import INPUT, unit_spaces
 
 
 def input_reps(net: Network) -> list[int]:
-    """Per layer, how many input features belong to one unit of the previous layer (0 for layer 0)."""
-    reps, prev = [0], net.layers[0].out_units
-    for layer in net.layers[1:]:
+    """Per layer, how many input features belong to one unit of the space it reads (0 for the input)."""
+    spaces, reps = unit_spaces(net), []
+    for k, layer in enumerate(net.layers):
+        source = spaces.source[k]
+        if source == INPUT:
+            reps.append(0)
+            continue
+        prev = net.layers[source].out_units
         if layer.kind == CONV and layer.W.shape[1] != prev:
             raise OnnxZipError(f"{net.path}: layer '{layer.source}' reads {layer.W.shape[1]} channels "
-                               f"but the previous layer writes {prev}")
+                               f"but the layer before it writes {prev}")
         per = layer.in_features // prev if layer.in_features % prev == 0 else 0
         if per == 0:
             raise OnnxZipError(f"{net.path}: layer '{layer.source}' reads {layer.in_features} features, "
                                f"not a multiple of the {prev} units before it")
         reps.append(per)
-        prev = layer.out_units
+    for k, s in enumerate(spaces.space):
+        if net.layers[k].out_units != net.layers[s].out_units:
+            raise OnnxZipError(f"{net.path}: layers '{net.layers[s].source}' and '{net.layers[k].source}' are "
+                               f"added together but write {net.layers[s].out_units} and "
+                               f"{net.layers[k].out_units} units")
     return reps
 
 
@@ -74,6 +84,7 @@ def _align_pair(a: Network, b: Network) -> None:
     if kinds_a != kinds_b:
         raise OnnxZipError(f"{b.path}: layer sequence {'-'.join(kinds_b)} does not match {a.path}'s "
                            f"{'-'.join(kinds_a)}; the models must have the same depth and layer kinds")
+    _same_wiring(a, b)
     reps_a, reps_b = input_reps(a), input_reps(b)
     for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
         if k == 0 and la.in_features != lb.in_features:
@@ -85,3 +96,20 @@ def _align_pair(a: Network, b: Network) -> None:
         if reps_a[k] != reps_b[k]:
             raise OnnxZipError(f"{b.path}: layer '{lb.source}' sees {reps_b[k]} features per input unit, "
                                f"{a.path}'s '{la.source}' sees {reps_a[k]} (different spatial sizes)")
+
+
+def _space_words(net: Network, s: int) -> str:
+    return "the input" if s == INPUT else f"the units of '{net.layers[s].source}'"
+
+
+def _same_wiring(a: Network, b: Network) -> None:
+    """The same residual joins: each layer of b reads and writes the unit spaces its counterpart in a does."""
+    sa, sb = unit_spaces(a), unit_spaces(b)
+    for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
+        if sa.source[k] != sb.source[k]:
+            raise OnnxZipError(f"{b.path}: layer '{lb.source}' reads {_space_words(b, sb.source[k])}, but {a.path}'s "
+                               f"'{la.source}' reads {_space_words(a, sa.source[k])}; the models are wired differently")
+        if sa.space[k] != sb.space[k]:
+            raise OnnxZipError(f"{b.path}: layer '{lb.source}' adds into {_space_words(b, sb.space[k])}, but "
+                               f"{a.path}'s '{la.source}' adds into {_space_words(a, sa.space[k])}; the models "
+                               "are wired differently")

@@ -1,11 +1,13 @@
-"""Turn a loaded ONNX graph into the canonical chain (ir.Network), folding what can be folded.
+"""Turn a loaded ONNX graph into the canonical network (ir.Network), folding what can be folded.
 
 Folds BatchNormalization (also BatchNorm1d's Unsqueeze -> BatchNormalization -> Squeeze) and
 separate bias Adds into the preceding layer, drops Identity and Dropout, turns flattening Reshapes
 into Flatten, folds scalar input scaling (Mul/Div/Add/Sub by a constant in front of the first
 layer) into the first layer, keeps an NHWC input's leading Transpose as a step before the first
 layer, folds a Transpose back to NHWC in front of a flattening into the next FC layer's columns,
-and refuses anything else by node name and op.
+keeps an elementwise Add of two computed tensors (a residual join) as a step, and refuses anything
+else by node name and op. Nodes are read in the graph's topological order; before the first layer
+the data path must be a single chain.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ FLATTENING_OPS = ("Flatten", "Reshape")
 POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
               "strides", "count_include_pad")
 SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add), BatchNormalization, " + ", ".join(UNIT_WISE_OPS)
-                     + ", Reshape (flattening), Identity, Dropout, Softmax/LogSoftmax at the end, "
+                     + ", Reshape (flattening), Identity, Dropout, Add of two tensors (residual), Softmax/LogSoftmax at the end, "
                      "scalar Mul/Div/Add/Sub on the input, Transpose of an NHWC input or before a flattening")
 
 
@@ -110,14 +112,15 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)))
 
 
+def _data_users(p: _Parse, tensor: str) -> list[onnx.NodeProto]:
+    """The nodes on the data path that read ``tensor`` (Shape readers are off-path)."""
+    return list({id(n): n for n in p.users.get(tensor, []) if n.op_type != "Shape"}.values())
+
+
 def _next_user(p: _Parse, tensor: str) -> onnx.NodeProto | None:
-    """The single node on the data path that reads ``tensor`` (Shape readers are off-path)."""
-    users = list({id(n): n for n in p.users.get(tensor, []) if n.op_type != "Shape"}.values())
-    if len(users) > 1:
-        names = ", ".join(f"'{n.name}' ({n.op_type})" for n in users)
-        raise OnnxZipError(f"{p.path}: tensor '{tensor}' feeds several nodes ({names}); "
-                           "only chains of layers are supported")
-    return users[0] if users else None
+    """The only node on the data path that reads ``tensor``; None when none or several do (a fork)."""
+    users = _data_users(p, tensor)
+    return users[0] if len(users) == 1 else None
 
 
 def _bias_vector(p: _Parse, node: onnx.NodeProto, value: np.ndarray, units: int, conv: bool) -> np.ndarray:
@@ -372,12 +375,11 @@ def _next_data_op(p: _Parse, tensor: str) -> onnx.NodeProto | None:
     return node
 
 
-def _parse_transpose(p: _Parse, node: onnx.NodeProto) -> None:
-    """An NHWC input's Transpose to NCHW (kept as a step), or one back to NHWC before a flattening."""
+def _parse_transpose(p: _Parse, node: onnx.NodeProto) -> Op | None:
+    """An NHWC input's Transpose to NCHW (a step), or one back to NHWC before a flattening (None: folded)."""
     perm = tuple(int(a) for a in _attrs(node).get("perm", ()))
     if perm == NHWC_TO_NCHW and not p.has_layer():
-        p.steps.append(Op("Transpose", (("perm", perm),), node.name))
-        return
+        return Op("Transpose", (("perm", perm),), node.name)
     if perm != NCHW_TO_NHWC or not p.has_layer() or p.columns is not None:
         raise p.fail(node, f"has perm {list(perm)}; only an NHWC input's Transpose {list(NHWC_TO_NCHW)} in front "
                            f"of the first layer and a Transpose {list(NCHW_TO_NHWC)} right before a flattening "
@@ -393,6 +395,7 @@ def _parse_transpose(p: _Parse, node: onnx.NodeProto) -> None:
     _, c, h, w = shape
     # The FC reads NHWC-flattened features; canonical column c*H*W + h*W + w is its column (h*W + w)*C + c.
     p.columns = (node, np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).reshape(-1))
+    return None
 
 
 def _with_nhwc_columns(p: _Parse, node: onnx.NodeProto, layer: Layer) -> Layer:
@@ -407,45 +410,107 @@ def _with_nhwc_columns(p: _Parse, node: onnx.NodeProto, layer: Layer) -> Layer:
     return replace(layer, W=np.ascontiguousarray(layer.W[:, order]))
 
 
-def _walk(p: _Parse, tensor: str, output: str) -> None:
-    while tensor != output:
-        node = _next_user(p, tensor)
-        if node is None:
-            raise OnnxZipError(f"{p.path}: tensor '{tensor}' leads nowhere; the graph output '{output}' "
-                               "is not reached by a single chain")
-        p.visited.add(id(node))
-        op = node.op_type
-        if op in ("Conv", "Gemm", "MatMul"):
-            layer = _parse_conv(p, node) if op == "Conv" else _with_nhwc_columns(p, node, _parse_fc(p, node))
-            layer, tensor = _absorb_followers(p, layer, node.output[0])
-            p.steps.append(layer)
+def _layer_step(p: _Parse, node: onnx.NodeProto) -> Layer:
+    """A Conv, Gemm or MatMul with the bias Adds and BatchNorms after it folded in."""
+    layer = _parse_conv(p, node) if node.op_type == "Conv" else _with_nhwc_columns(p, node, _parse_fc(p, node))
+    layer, tensor = _absorb_followers(p, layer, node.output[0])
+    return replace(layer, output=tensor)
+
+
+def _join(p: _Parse, node: onnx.NodeProto, data: list[str]) -> Op:
+    """An elementwise Add of two computed tensors (a residual join), or an error for any other join."""
+    if node.op_type != "Add" or len(data) != 2:
+        hint = " (Concat of branches is not supported yet)" if node.op_type == "Concat" else ""
+        raise p.fail(node, f"joins {len(data)} computed tensors; only an elementwise Add of two tensors after "
+                           f"the first layer is supported{hint}")
+    shapes = [p.shapes.get(name) for name in node.input]
+    if None not in shapes and shapes[0] != shapes[1]:
+        raise p.fail(node, f"adds tensors of shapes {list(shapes[0])} and {list(shapes[1])}; a residual join needs "
+                           "equal shapes (no broadcasting)")
+    return Op("Add", (), node.name)
+
+
+def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step | None:
+    """The step for a node with one computed input ``raw``; None when the node folds away."""
+    op = node.op_type
+    if op in DROPPED_OPS:
+        return None
+    if op in AFFINE_OPS and not p.has_layer():
+        _absorb_input_affine(p, node, raw)
+        return None
+    if op == "Transpose":
+        return _parse_transpose(p, node)
+    if op == "Reshape":
+        return _parse_reshape(p, node)
+    if op in UNIT_WISE_OPS:
+        return _parse_unit_op(p, node)
+    if op in HEAD_OPS and node.output[0] == output:
+        last = p.steps[-1] if p.steps else None
+        if not isinstance(last, Layer) or last.output != raw:
+            raise p.fail(node, "must follow the last layer directly")
+        return _parse_head(p, node)
+    where = "is only supported right after the last layer" if op in HEAD_OPS else "is not supported"
+    raise p.fail(node, f"{where} (supported: {SUPPORTED_SUMMARY})")
+
+
+def _walk(p: _Parse, source: str, output: str) -> str:
+    """Parse every node that computes from the input, in graph (topological) order; returns the output's name.
+
+    ``names`` maps each computed ONNX tensor to the tensor it stands for after folding (a dropped
+    Identity stands for its input). Before the first layer the data path must be a single chain.
+    """
+    names = {source: source}
+    for node in p.graph.node:
+        raw = [i for i in node.input if i in names]
+        if not raw or id(node) in p.visited or node.op_type == "Shape":  # Shape: marked by its Reshape
             continue
-        if op in DROPPED_OPS:
-            pass
-        elif op in AFFINE_OPS and not p.has_layer():
-            _absorb_input_affine(p, node, tensor)
-        elif op == "Transpose":
-            _parse_transpose(p, node)
-        elif op == "Reshape":
-            p.steps.append(_parse_reshape(p, node))
-        elif op in UNIT_WISE_OPS:
-            p.steps.append(_parse_unit_op(p, node))
-        elif op in HEAD_OPS and node.output[0] == output:
-            if not p.steps or not isinstance(p.steps[-1], Layer):
-                raise p.fail(node, "must follow the last layer directly")
-            p.steps.append(_parse_head(p, node))
+        if not p.has_layer() and len(_data_users(p, raw[0])) > 1:
+            users = ", ".join(f"'{n.name}' ({n.op_type})" for n in _data_users(p, raw[0]))
+            raise OnnxZipError(f"{p.path}: tensor '{raw[0]}' feeds several nodes ({users}) before the first "
+                               "layer; the input must reach the first layer by a single path")
+        p.visited.add(id(node))
+        data = [names[i] for i in raw]
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            if node.input[0] != raw[0] or len(raw) > 1:
+                raise p.fail(node, "computes its weight from the input; only constant weights are supported")
+            step = _layer_step(p, node)
+        elif len(raw) > 1 and p.has_layer():
+            step = _join(p, node, raw)
         else:
-            where = "is only supported right after the last layer" if op in HEAD_OPS else "is not supported"
-            raise p.fail(node, f"{where} (supported: {SUPPORTED_SUMMARY})")
-        tensor = node.output[0]
+            step = _data_step(p, node, raw[0], output)
+        if step is None:
+            names[node.output[0]] = data[0]
+            continue
+        if isinstance(step, Layer):
+            step = replace(step, inputs=(data[0],))
+            names[step.output] = step.output
+        else:
+            step = replace(step, inputs=tuple(data), output=node.output[0])
+            names[node.output[0]] = node.output[0]
+        p.steps.append(step)
     if p.columns is not None:
         raise p.fail(p.columns[0], "transposes to NHWC before a flattening that no fully connected layer reads")
+    if output not in names:
+        raise OnnxZipError(f"{p.path}: the graph output '{output}' is not computed from the input '{source}'")
+    return names[output]
+
+
+def _check_wiring(p: _Parse, source: str, final: str) -> None:
+    """Every computed tensor is read later or is the output, and the last step computes the output."""
+    read = {name for step in p.steps for name in step.inputs}
+    for step in p.steps:
+        if step.output not in read and step.output != final:
+            raise OnnxZipError(f"{p.path}: tensor '{step.output}' of '{step.source}' leads nowhere; every branch "
+                               "must reach the graph output")
+    if not p.steps or p.steps[-1].output != final:
+        raise OnnxZipError(f"{p.path}: the graph output is not computed by a layer or an op after the last "
+                           f"layer (it is '{final}', from the input '{source}')")
 
 
 def _check_all_visited(p: _Parse) -> None:
     for node in p.graph.node:
         if id(node) not in p.visited and not (node.op_type == "Constant" and node.output[0] in p.consts):
-            raise p.fail(node, f"is not on the chain from the input to the output (supported: {SUPPORTED_SUMMARY})")
+            raise p.fail(node, f"is not on the data path from the input to the output (supported: {SUPPORTED_SUMMARY})")
 
 
 def _fold_affine(steps: tuple[Step, ...], scale: float, offset: float, start: int, path: str, what: str,
@@ -521,7 +586,8 @@ def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Net
             users[name].append(node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     p = _Parse(path, graph, consts, _shapes(graph), users, opset=opset)
-    _walk(p, spec.name, graph.output[0].name)
+    final = _walk(p, spec.name, graph.output[0].name)
+    _check_wiring(p, spec.name, final)
     _check_all_visited(p)
     layers = [s for s in p.steps if isinstance(s, Layer)]
     if len(layers) < 2:

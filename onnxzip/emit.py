@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .ir import CONV, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
+from .spaces import INPUT, Spaces, unit_spaces
 
 MIN_OPSET = 13
 LAYOUTS = ("multi", "gated")
@@ -132,10 +133,12 @@ def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: in
     return out
 
 
-def _layer_rep(net: Network, k: int, groups: list[_Group]) -> int:
-    """Input features per unit of the previous layer (spatial positions after a Flatten), 1 for the input."""
-    prev = net.layers[k - 1].out_units if k else None
-    return net.layers[k].in_features // prev if prev and groups[0].units is not None else 1
+def _layer_rep(net: Network, k: int, spaces: Spaces, groups: list[_Group]) -> int:
+    """Input features per unit of the space layer k reads (spatial positions after a Flatten), 1 for the input."""
+    source = spaces.source[k]
+    if source == INPUT or groups[0].units is None:
+        return 1
+    return net.layers[k].in_features // net.layers[source].out_units
 
 
 def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[str, np.ndarray]) -> list[Network]:
@@ -146,16 +149,18 @@ def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[s
     """
     out = []
     for t, net in enumerate(nets):
-        groups = [_Group(frozenset(range(len(plan.tasks))), "", None)]
+        spaces = unit_spaces(net)
+        written: dict[int, list[_Group]] = {INPUT: [_Group(frozenset(range(len(plan.tasks))), "", None)]}
         for k, layer in enumerate(net.layers):
+            groups = written[spaces.source[k]]
             Wm, bias = layer.matrix().copy(), layer.b.copy()
-            blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, groups), t)
+            blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, spaces, groups), t)
             for blk in blocks:
                 Wm[np.ix_(blk.units, blk.cols)] = _value(values, blk.weight).reshape(len(blk.units), -1)
                 if blk.bias:
                     bias[blk.units] = _value(values, blk.bias)
             net = net.with_layer(k, layer.with_matrix(Wm, bias))
-            groups = [_Group(blk.owners, "", blk.units) for blk in blocks if blk.bias]
+            written.setdefault(spaces.space[k], [_Group(blk.owners, "", blk.units) for blk in blocks if blk.bias])
         out.append(net)
     return out
 
@@ -187,26 +192,48 @@ def _emit_op(b: _Builder, op: Op, where: str, groups: list[_Group], task: int) -
             for g in groups]
 
 
+def _emit_add(b: _Builder, step: Op, where: str, inputs: list[list[_Group]], task: int) -> list[_Group]:
+    """An elementwise Add of tensors of one unit space: one Add per unit group (the groups line up)."""
+    first = inputs[0]
+    for other in inputs[1:]:
+        if [(g.owners, None if g.units is None else g.units.tolist()) for g in other] != \
+                [(g.owners, None if g.units is None else g.units.tolist()) for g in first]:
+            raise ValueError(f"internal error: the inputs of '{step.source}' have different unit groups")
+    return [_Group(g.owners, b.node("Add", [grp[i].tensor for grp in inputs], {},
+                                    f"{where}.{b.plan.group_name(g.owners)}.Add", task), g.units)
+            for i, g in enumerate(first)]
+
+
 def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, stop: int | None = None,
                taps: Sequence[tuple[str, int]] = ()) -> tuple[str | None, dict]:
-    """Emit steps [start, stop) of one task from tensor x; returns (final tensor, taps -> tensors)."""
+    """Emit steps [start, stop) of one task from tensor x; returns (final tensor, taps -> tensors).
+
+    A segment that starts after step 0 reads x in place of the tensor its first step reads, so it
+    must not need any other tensor computed before it (true in a chain).
+    """
     all_tasks = frozenset(range(len(b.plan.tasks)))
-    groups = [_Group(all_tasks, x, None)]
+    wiring, spaces = net.wiring(), unit_spaces(net)
+    stop = len(net.steps) if stop is None else stop
+    env = {wiring[start][0][0] if start < len(wiring) else net.input.name: [_Group(all_tasks, x, None)]}
     k = sum(1 for s in net.steps[:start] if isinstance(s, Layer))
     where, found = (net.layers[k - 1].name if k else "input"), {}
-    for step in net.steps[start:stop]:
+    for step, (inputs, output) in zip(net.steps[start:stop], wiring[start:stop]):
+        groups = [env[name] for name in inputs]
         if isinstance(step, Layer):
             if ("in", k) in taps:
-                found[("in", k)] = [g.tensor for g in groups]
-            groups = _emit_layer(b, step, k, groups, _layer_rep(net, k, groups), task)
+                found[("in", k)] = [g.tensor for g in groups[0]]
+            env[output] = _emit_layer(b, step, k, groups[0], _layer_rep(net, k, spaces, groups[0]), task)
             if ("pre", k) in taps:
-                found[("pre", k)] = [g.tensor for g in groups]
+                found[("pre", k)] = [g.tensor for g in env[output]]
             where, k = step.name, k + 1
+        elif step.op_type == "Add":
+            env[output] = _emit_add(b, step, where, groups, task)
         else:
-            groups = _emit_op(b, step, where, groups, task)
+            env[output] = _emit_op(b, step, where, groups[0], task)
     if ("in", k) in taps:  # the segment stops right before layer k
-        found[("in", k)] = [g.tensor for g in groups]
-    final = groups[0].tensor if len(groups) == 1 else None
+        found[("in", k)] = [g.tensor for g in env[wiring[net.layer_steps[k]][0][0]]]
+    last = env[wiring[stop - 1][1]] if stop > start else env[next(iter(env))]
+    final = last[0].tensor if len(last) == 1 else None
     return final, found
 
 

@@ -1,7 +1,10 @@
-"""The canonical network: a chain of layers (Conv/FC with weights) and unit-wise ops between them.
+"""The canonical network: layers (Conv/FC with weights) and unit-wise ops, in topological order.
 
 Every model is brought into this form on import; tied models, calibration segments and the merged
-model are all written from it, so nothing downstream looks at the source graph again.
+model are all written from it, so nothing downstream looks at the source graph again. Most
+networks are chains (each step reads the one before); residual networks also fork and join
+tensors with an elementwise Add. Each step names the tensors it reads and writes; a step that
+names none reads the step before it (or the input) and writes a tensor of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Layer:
     strides: tuple[int, ...] = ()
     pads: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
+    inputs: tuple[str, ...] = ()
+    output: str = ""
 
     @property
     def out_units(self) -> int:
@@ -71,6 +76,8 @@ class Op:
     op_type: str
     attrs: tuple[tuple[str, Any], ...] = ()
     source: str = ""
+    inputs: tuple[str, ...] = ()
+    output: str = ""
 
     def attr_dict(self) -> dict[str, Any]:
         """The attributes as a dict."""
@@ -94,6 +101,25 @@ class Network:
     file_bytes: int = 0
     # True when an input scaling was folded in (--input-scale): the file itself expects other inputs.
     rescaled: bool = False
+
+    def wiring(self) -> list[tuple[tuple[str, ...], str]]:
+        """Per step, the tensors it reads and the tensor it writes (defaults resolved, see module doc)."""
+        out, prev = [], self.input.name
+        for i, step in enumerate(self.steps):
+            wires = (step.inputs or (prev,), step.output or f"step{i}")
+            out.append(wires)
+            prev = wires[1]
+        return out
+
+    @property
+    def is_chain(self) -> bool:
+        """True when every step reads exactly the tensor the step before it wrote (no forks or joins)."""
+        prev = self.input.name
+        for inputs, output in self.wiring():
+            if inputs != (prev,):
+                return False
+            prev = output
+        return True
 
     @property
     def layer_steps(self) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ from .ir import Network, is_sparse, unit_features
 from .match import match, random_pairs
 from .options import MergeOptions
 from .plan import LayerPlan, SharingPlan, unshared_plan
+from .spaces import INPUT, Spaces, unit_spaces
 from .runtime import session
 
 ProgressFn = Callable[[str, int], Callable[[], None]]
@@ -107,21 +108,32 @@ def _runner(net: Network, start: int, stop: int | None, taps, providers):
     return lambda x: sess.run(None, {name: x})[:n]
 
 
-def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches: int | None) -> MomentAccumulator:
-    """One pass: layer k's inputs in the tied model, the original's pre-activations and next inputs."""
+def _sources(task: _Task, k: int, n_layers: int, providers):
+    """Runners and batch source of layer k's calibration pass: (tied input, original outputs, batches).
+
+    In a chain, the tied model's layer inputs and the original's are cached batch by batch, so
+    only the segment since the last layer runs. A network with residual joins runs each prefix
+    from the input (a segment may read tensors from before the last layer).
+    """
     ls = task.original.layer_steps
+    if not task.original.is_chain:
+        run_tied = _runner(task.tied, 0, ls[k], [("in", k)], providers)
+        run_orig = _runner(task.original, 0, ls[k] + 1, [("pre", k)], providers)
+        return run_tied, run_orig, ((x, x) for x in task.batches())
     stop = ls[k + 1] if k + 1 < n_layers else None
     orig_taps = [("pre", k)] + ([("in", k + 1)] if k + 1 < n_layers else [])
     run_orig = _runner(task.original, ls[k], stop, orig_taps, providers)
     if k == 0:
-        run_tied = _runner(task.tied, 0, ls[0], [("in", 0)], providers)
-        source = ((x, None) for x in task.batches())
-    elif task.stale:
-        run_tied = _runner(task.tied, 0, ls[k], [("in", k)], providers)
-        source = zip(task.batches(), task.orig_cache)
-    else:
-        run_tied = _runner(task.tied, ls[k - 1], ls[k], [("in", k)], providers)
-        source = zip(task.tied_cache, task.orig_cache)
+        return _runner(task.tied, 0, ls[0], [("in", 0)], providers), run_orig, ((x, None) for x in task.batches())
+    if task.stale:
+        return _runner(task.tied, 0, ls[k], [("in", k)], providers), run_orig, zip(task.batches(), task.orig_cache)
+    return _runner(task.tied, ls[k - 1], ls[k], [("in", k)], providers), run_orig, zip(task.tied_cache,
+                                                                                      task.orig_cache)
+
+
+def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches: int | None) -> MomentAccumulator:
+    """One pass: layer k's inputs in the tied model, the original's pre-activations (and next inputs)."""
+    run_tied, run_orig, source = _sources(task, k, n_layers, providers)
     layer = task.tied.layers[k]
     W0, b0 = layer.matrix(), layer.b
     acc = MomentAccumulator(layer.in_features, layer.out_units)
@@ -142,13 +154,14 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     return acc
 
 
-def _shared_features(plan_layers: list[LayerPlan], k: int, t: int, task: _Task) -> np.ndarray:
+def _shared_features(plan_layers: dict[int, LayerPlan], spaces: Spaces, k: int, t: int, task: _Task) -> np.ndarray:
     """Task t's input feature indices of layer k that come from shared units, bias column last."""
     layer = task.tied.layers[k]
-    if k == 0:
+    source = spaces.source[k]
+    if source == INPUT:
         feats = np.arange(layer.in_features)
     else:
-        feats = unit_features(plan_layers[k - 1].shared_units(t), task.reps[k])
+        feats = unit_features(plan_layers[source].shared_units(t), task.reps[k])
     return np.append(feats, layer.in_features)
 
 
@@ -170,18 +183,53 @@ def _paired_inputs(tasks: list[_Task]) -> Iterator[tuple[np.ndarray, np.ndarray]
     return zip(*caches)
 
 
-def _choose_pairs(k: int, tasks: list[_Task], weights: list[np.ndarray], metric: PairMetric,
-                  A: np.ndarray, B: np.ndarray, count: int, opts: MergeOptions, seed: tuple[int, ...],
+@dataclass
+class _Writer:
+    """A layer writing into the unit space being paired: its weights (bias column last), statistics, columns."""
+
+    k: int
+    name: str
+    before: list[np.ndarray]  # per task, the weights before this step
+    weights: list[np.ndarray]  # per task, corrected; shared columns are written here
+    accs: list[MomentAccumulator]
+    corrected: bool
+    feats: list[np.ndarray] = field(default_factory=list)  # per task, the shared input features, bias last
+    H: list[np.ndarray] = field(default_factory=list)  # per task, damped and scaled Hessian over feats
+
+    def columns(self, t: int) -> np.ndarray:
+        """Task t's incoming weights over the shared inputs, one column per unit."""
+        return self.weights[t][:, self.feats[t]].T
+
+    @property
+    def sparse(self) -> bool:
+        return any(is_sparse(W[:, :-1]) for W in self.weights)
+
+
+def _hessians(w: _Writer, tasks: list[_Task], plan_layers: dict[int, LayerPlan], spaces: Spaces,
+              opts: MergeOptions) -> None:
+    """Fill in the writer's shared input features and damped, task-weighted Hessians over them."""
+    w.feats = [_shared_features(plan_layers, spaces, w.k, t, task) for t, task in enumerate(tasks)]
+    w.H = []
+    for scale, acc, f in zip(opts.task_scales(len(tasks)), w.accs, w.feats):
+        Ht = acc.gram[np.ix_(f, f)]
+        Ht *= scale
+        w.H.append(damp(Ht, opts.damping))
+
+
+def _choose_pairs(tasks: list[_Task], writers: list[_Writer], metrics: list[PairMetric], A: list[np.ndarray],
+                  B: list[np.ndarray], count: int, opts: MergeOptions, seed: tuple[int, ...],
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs of columns of A and B by opts.cost, with each pair's cost (MTZ's cost for random pairs)."""
+    """Pairs of columns of A and B by opts.cost, the pair costs summed over the writers (MTZ's for random)."""
     if opts.cost == "random":
-        rows, cols = random_pairs(A.shape[1], B.shape[1], count, seed)
-        return rows, cols, matched_costs(metric.interaction("hessian"), A[:, rows], B[:, cols])
-    if opts.cost == "correlation":
-        layers = (tasks[0].tied.layers[k], tasks[1].tied.layers[k])
-        D = correlation_costs(layers, (weights[0], weights[1]), _paired_inputs(tasks), opts.max_patches)
+        rows, cols = random_pairs(A[0].shape[1], B[0].shape[1], count, seed)
+        return rows, cols, sum(matched_costs(m.interaction("hessian"), a[:, rows], b[:, cols])
+                               for m, a, b in zip(metrics, A, B))
+    if opts.cost == "correlation":  # chains only (api refuses residual joins), so one writer
+        w = writers[0]
+        layers = (tasks[0].tied.layers[w.k], tasks[1].tied.layers[w.k])
+        D = correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
     else:
-        D = pair_costs(metric.interaction(opts.cost), A, B)
+        D = sum(pair_costs(m.interaction(opts.cost), a, b) for m, a, b in zip(metrics, A, B))
     rows, cols = match(D, count, opts.solver, opts.max_cost)
     return rows, cols, D[rows, cols]
 
@@ -194,81 +242,121 @@ def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: boo
     return w.astype(np.float32).astype(np.float64)  # every task gets bit-identical float32 values
 
 
-def _zip_layer(k: int, tasks: list[_Task], weights: list[np.ndarray], accs: list[MomentAccumulator],
-               plan_layers: list[LayerPlan], opts: MergeOptions, timer: StageTimer) -> tuple[np.ndarray, ...]:
-    """Choose the shared units of hidden layer k and write their merged weights into ``weights``.
+def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: MergeOptions
+                ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Choose the shared units of one unit space from the summed pair costs of all its writers.
 
     Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched and merged; each
     further task is matched to the merged units with H_acc, the sum of the Hessians merged so far
     (the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by exactly that pair cost). Units
-    a later task does not match leave the shared set. Returns per task the shared units' indices,
-    and their summed costs.
+    a later task does not match leave the shared set. Returns per task the shared units' indices
+    and each shared unit's summed cost.
     """
-    name = tasks[0].tied.layers[k].name
-    count = opts.shared_count(name, tuple(W.shape[0] for W in weights))
-    n = len(tasks)
-    if count == 0 or (k > 0 and plan_layers[k - 1].n_shared == 0):
-        # nothing asked for, or no shared inputs (a pair could only share its bias)
-        return tuple(np.zeros(0, np.int64) for _ in range(n)) + (np.zeros(0),)
-    feats = [_shared_features(plan_layers, k, t, task) for t, task in enumerate(tasks)]
-    sparse = any(is_sparse(W[:, :-1]) for W in weights)
-    with timer("score+match"):
-        H = []
-        for s, acc, f in zip(opts.task_scales(n), accs, feats):
-            Ht = acc.gram[np.ix_(f, f)]
-            Ht *= s
-            H.append(damp(Ht, opts.damping))
-        cols = [W[:, f].T for W, f in zip(weights, feats)]
-        metric = PairMetric(H[0], H[1], name)
-        rows0, rows1, costs = _choose_pairs(k, tasks, weights, metric, cols[0], cols[1], count, opts, (opts.seed, k))
+    name, k = writers[0].name, writers[0].k
+    metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in writers]
+    rows0, rows1, costs = _choose_pairs(tasks, writers, metrics, [w.columns(0) for w in writers],
+                                        [w.columns(1) for w in writers], count, opts, (opts.seed, k))
     units = [rows0, rows1]
-    with timer("tie"):
-        w, H_acc = _merge_columns(metric, cols[0][:, rows0], cols[1][:, rows1], sparse), H[0] + H[1]
-    for t in range(2, n):
-        with timer("score+match"):
-            metric = PairMetric(H_acc, H[t], name)
-            keep, rows_t, more = _choose_pairs(k, tasks, weights, metric, w, cols[t], w.shape[1], opts,
-                                               (opts.seed, k, t))
+    if len(tasks) == 2:
+        return units, costs
+    merged = [_merge_columns(m, w.columns(0)[:, rows0], w.columns(1)[:, rows1], w.sparse)
+              for m, w in zip(metrics, writers)]
+    H_acc = [w.H[0] + w.H[1] for w in writers]
+    for t in range(2, len(tasks)):
+        metrics = [PairMetric(Ha, w.H[t], name) for Ha, w in zip(H_acc, writers)]
+        keep, rows_t, more = _choose_pairs(tasks, writers, metrics, merged, [w.columns(t) for w in writers],
+                                           merged[0].shape[1], opts, (opts.seed, k, t))
         units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
-        with timer("tie"):
-            w, H_acc = _merge_columns(metric, w[:, keep], cols[t][:, rows_t], sparse), H_acc + H[t]
-    for W, u, f in zip(weights, units, feats):
-        W[np.ix_(u, f)] = w.T
-    return (*units, costs)
+        merged = [_merge_columns(m, v[:, keep], w.columns(t)[:, rows_t], w.sparse)
+                  for m, v, w in zip(metrics, merged, writers)]
+        H_acc = [Ha + w.H[t] for Ha, w in zip(H_acc, writers)]
+    return units, costs
 
 
-def _step(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers: list[LayerPlan],
-          opts: MergeOptions, timer: StageTimer) -> LayerPlan:
-    """Correct layer k (once anything upstream is shared), zip it unless it is a head, tie it."""
+def _tie_writer(w: _Writer, units: list[np.ndarray], opts: MergeOptions) -> np.ndarray:
+    """Write the merged columns of the given shared units into every task's weights; per-unit costs."""
+    kind = "hessian" if opts.cost in ("random", "correlation") else opts.cost
+    metric = PairMetric(w.H[0], w.H[1], w.name)
+    A, B = w.columns(0)[:, units[0]], w.columns(1)[:, units[1]]
+    costs, H_acc = matched_costs(metric.interaction(kind), A, B), w.H[0] + w.H[1]
+    merged = _merge_columns(metric, A, B, w.sparse)
+    for t in range(2, len(units)):
+        metric = PairMetric(H_acc, w.H[t], w.name)
+        C = w.columns(t)[:, units[t]]
+        costs = costs + matched_costs(metric.interaction(kind), merged, C)
+        merged, H_acc = _merge_columns(metric, merged, C, w.sparse), H_acc + w.H[t]
+    for W, u, f in zip(w.weights, units, w.feats):
+        W[np.ix_(u, f)] = merged.T
+    return costs
+
+
+def _writer(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers: dict[int, LayerPlan],
+            opts: MergeOptions, timer: StageTimer) -> _Writer:
+    """Layer k with its weights corrected (once anything upstream is shared), ready to be paired and tied."""
     before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
-    corrected = bool(opts.correct and any(p.n_shared for p in plan_layers))
+    corrected = bool(opts.correct and any(p.n_shared for p in plan_layers.values()))
     if corrected:
         with timer("tie"):
             weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
     else:
         weights = [W.copy() for W in before]
-    shared, cost = (), 0.0
-    if k < len(tasks[0].tied.layers) - 1:
-        *units, costs = _zip_layer(k, tasks, weights, accs, plan_layers, opts, timer)
-        shared, cost = tuple(zip(*(u.tolist() for u in units))), float(costs.sum())
-    for task, W in zip(tasks, weights):
-        layer = task.tied.layers[k]
-        task.tied = task.tied.with_layer(k, layer.with_matrix(W[:, :-1], W[:, -1]))
-    with timer("tie"):
-        errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(weights, before, accs))
-    first = tasks[0].original.layers[k]
-    return LayerPlan(first.name, first.kind, tuple(t.original.layers[k].out_units for t in tasks), shared, cost,
-                     errors, corrected=corrected)
+    return _Writer(k, tasks[0].tied.layers[k].name, before, weights, accs, corrected)
 
 
-def _run_hook(hook: LayerHook, names: tuple[str, ...], plan_layers: list[LayerPlan], tasks: list[_Task],
+def _can_share(writers: list[_Writer], plan_layers: dict[int, LayerPlan], spaces: Spaces) -> bool:
+    """False when no writer reads a shared input (a pair could only share its bias)."""
+    return any(spaces.source[w.k] == INPUT or plan_layers[spaces.source[w.k]].n_shared for w in writers)
+
+
+def _tie_space(writers: list[_Writer], given: tuple | None, tasks: list[_Task], plan_layers: dict[int, LayerPlan],
+               spaces: Spaces, opts: MergeOptions, timer: StageTimer) -> list[LayerPlan]:
+    """Pair a unit space (or follow its pairing, ``given``), tie every writer's shared units, plan them."""
+    head = len(tasks[0].tied.layers) - 1
+    space = spaces.space[writers[0].k]
+    with timer("score+match"):
+        for w in writers:
+            _hessians(w, tasks, plan_layers, spaces, opts)
+    units, choice = None, None
+    if given is not None:
+        units = [np.array([s[t] for s in given], np.int64) for t in range(len(tasks))]
+    elif spaces.space[head] != space and _can_share(writers, plan_layers, spaces):
+        first = tasks[0].tied.layers[space]
+        count = opts.shared_count(first.name, tuple(t.tied.layers[space].out_units for t in tasks))
+        if count:
+            with timer("score+match"):
+                units, choice = _pair_space(tasks, writers, count, opts)
+    plans = []
+    for w in writers:
+        shared, cost = (), 0.0
+        if units is not None and len(units[0]):
+            with timer("tie"):
+                costs = _tie_writer(w, units, opts)
+            shared = tuple(zip(*(u.tolist() for u in units)))
+            cost = float((choice if choice is not None and len(writers) == 1 else costs).sum())
+        for task, W in zip(tasks, w.weights):
+            layer = task.tied.layers[w.k]
+            task.tied = task.tied.with_layer(w.k, layer.with_matrix(W[:, :-1], W[:, -1]))
+        with timer("tie"):
+            errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(w.weights, w.before, w.accs))
+        first = tasks[0].original.layers[w.k]
+        plans.append(LayerPlan(first.name, first.kind, tuple(t.original.layers[w.k].out_units for t in tasks),
+                               shared, cost, errors, corrected=w.corrected))
+    return plans
+
+
+def _partial_plan(names: tuple[str, ...], plan_layers: dict[int, LayerPlan], tasks: list[_Task]) -> SharingPlan:
+    """The plan so far: layers not tied yet share nothing."""
+    layers = tasks[0].original.layers
+    rest = unshared_plan(names, [(l.name, l.kind, tuple(t.original.layers[k].out_units for t in tasks))
+                                 for k, l in enumerate(layers)]).layers
+    return SharingPlan(names, tuple(plan_layers.get(k, rest[k]) for k in range(len(layers))))
+
+
+def _run_hook(hook: LayerHook, names: tuple[str, ...], plan_layers: dict[int, LayerPlan], tasks: list[_Task],
               timer: StageTimer) -> None:
     """Give the hook the plan so far and the tied networks; take its networks and mark the caches stale."""
-    rest = [(l.name, l.kind, tuple(t.original.layers[k].out_units for t in tasks))
-            for k, l in enumerate(tasks[0].original.layers) if k >= len(plan_layers)]
-    partial = SharingPlan(tuple(names), tuple(plan_layers) + unshared_plan(tuple(names), rest).layers)
     with timer("retrain"):
-        nets = hook(partial, [t.tied for t in tasks])
+        nets = hook(_partial_plan(names, plan_layers, tasks), [t.tied for t in tasks])
     for task, net in zip(tasks, nets):
         task.tied, task.stale = net, True
 
@@ -279,13 +367,18 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
                  after_layer: LayerHook | None = None) -> tuple[SharingPlan, list[Network]]:
     """Zip the hidden layers of two or more aligned networks in order, then refit the heads.
 
-    ``after_layer`` runs after each hidden layer that shares units (see LayerHook). Returns the
-    sharing plan and the tied networks (same topology as the inputs).
+    A unit space written by several layers (a residual stream) is paired once, at the layer
+    Spaces.decided_at names, from the summed costs of the writers so far; its later writers
+    follow that pairing. ``after_layer`` runs after each hidden layer that shares units, when no
+    writer is waiting for its space to be paired (see LayerHook). Returns the sharing plan and
+    the tied networks (same topology as the inputs).
     """
     timer = timer or StageTimer()
-    names = opts.tasks
+    names = tuple(opts.tasks)
     n_layers = len(nets[0].layers)
-    plan_layers: list[LayerPlan] = []
+    spaces = unit_spaces(nets[0])
+    plan_layers: dict[int, LayerPlan] = {}
+    waiting: list[_Writer] = []
     with tempfile.TemporaryDirectory(prefix="onnxzip-") as tmp:
         tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b) in enumerate(zip(nets, batches))]
@@ -293,7 +386,15 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
             tick = progress(f"layer {nets[0].layers[k].name}", sum(n_batches))
             with timer("calibrate"):
                 accs = [_calibrate(task, k, n_layers, providers, tick, opts.max_patches) for task in tasks]
-            plan_layers.append(_step(k, tasks, accs, plan_layers, opts, timer))
-            if after_layer is not None and k < n_layers - 1 and plan_layers[-1].n_shared:
+            waiting.append(_writer(k, tasks, accs, plan_layers, opts, timer))
+            space = spaces.space[k]
+            decided = plan_layers.get(space)
+            if decided is not None or k == spaces.decided_at(space):
+                writers = [w for w in waiting if spaces.space[w.k] == space]
+                waiting = [w for w in waiting if spaces.space[w.k] != space]
+                given = decided.shared if decided is not None else None
+                for w, plan in zip(writers, _tie_space(writers, given, tasks, plan_layers, spaces, opts, timer)):
+                    plan_layers[w.k] = plan
+            if after_layer is not None and not waiting and k < n_layers - 1 and plan_layers[k].n_shared:
                 _run_hook(after_layer, names, plan_layers, tasks, timer)
-    return SharingPlan(tuple(names), tuple(plan_layers)), [t.tied for t in tasks]
+    return SharingPlan(names, tuple(plan_layers[k] for k in range(n_layers))), [t.tied for t in tasks]
