@@ -14,7 +14,7 @@ import onnx
 
 from . import __version__
 from .align import align
-from .budget import SearchReport, merged_params, params_saved, search, split_samples
+from .budget import SearchReport, layer_counts, merged_params, params_saved, search, split_samples
 from .calib import count_samples, iter_batches, load_labeled
 from .canonical import fold_input_affine, import_network
 from .emit import merged_model
@@ -24,6 +24,7 @@ from .options import PARAMS, MergeOptions, parse_size
 from .plan import LayerPlan, SharingPlan
 from .runtime import resolve_device
 from .save import save_atomically
+from .spaces import unit_spaces
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
 from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
 
@@ -155,6 +156,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         nets = _rescale(nets, opts)
         align(nets)
         _check_layer_names(opts, nets[0])
+        _check_cost_supported(opts, nets[0])
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input)
                     for t, d in _eval_folders(evals, tasks).items()}
         streams, counts = _streams(folders, nets, opts)
@@ -199,11 +201,11 @@ _LONGEST_FLOAT = -1.2345678901234567e-300
 
 
 def _size_plan(nets: Sequence[Network], opts: MergeOptions, counts: tuple[int, ...]) -> SharingPlan:
-    """A plan with these per-layer counts whose unit indices are the largest (longest in the metadata)."""
-    layers = []
+    """A plan with these counts per free space whose unit indices are the largest (longest in the metadata)."""
+    layers, per_layer = [], layer_counts(nets[0], counts)
     for k, l in enumerate(nets[0].layers):
         units = tuple(n.layers[k].out_units for n in nets)
-        n = counts[k] if k < len(counts) and (k == 0 or layers[-1].n_shared) else 0
+        n = per_layer[k]
         shared = tuple(tuple(u - 1 - i for u in units) for i in range(n))
         layers.append(LayerPlan(l.name, l.kind, units, shared, _LONGEST_FLOAT, (_LONGEST_FLOAT,) * len(nets), True))
     return SharingPlan(opts.tasks, tuple(layers))
@@ -287,12 +289,23 @@ def _rescale(nets: list[Network], opts: MergeOptions) -> list[Network]:
 
 
 def _check_layer_names(opts: MergeOptions, net: Network) -> None:
-    names = [l.name for l in net.layers]
+    names, spaces = [l.name for l in net.layers], unit_spaces(net)
     for name, _ in opts.share_layers:
         if name not in names:
             raise OnnxZipError(f"--share-layer names unknown layer '{name}'; layers are {', '.join(names)}")
-        if name == names[-1]:
+        k = names.index(name)
+        if spaces.space[k] == spaces.space[-1]:
             raise OnnxZipError(f"--share-layer {name}: '{name}' is a task head, which is never shared")
+        if spaces.space[k] != k:
+            first = names[spaces.space[k]]
+            raise OnnxZipError(f"--share-layer {name}: '{name}' adds into the units of '{first}' (a residual "
+                               f"stream, paired once for all its layers); set the share on '{first}'")
+
+
+def _check_cost_supported(opts: MergeOptions, net: Network) -> None:
+    if opts.cost == "correlation" and not net.is_chain:
+        raise OnnxZipError(f"{net.path}: --cost correlation compares one layer's units; it does not support "
+                           "residual joins (use hessian, l2 or random)")
 
 
 def _check_same_calibration(opts: MergeOptions, tasks: Sequence[str], folders: Sequence[Path]) -> None:

@@ -7,6 +7,9 @@ top-1 agreement (%) with the original model, or, where the calibration folder ha
 original's accuracy minus the tied model's (emitted == tied, so the tied networks stand in for the
 merged model). Searches:
 
+Shares are chosen per free unit space (budget.free_spaces): each hidden layer of a chain, each
+residual stream once.
+
 * ``--budget B``: bisect one share for every hidden layer over a grid of UNIFORM_LEVELS steps
   (the drop grows with sharing, mostly), then refine greedily: each round tries one more step on
   each hidden layer and keeps the try with the smallest worst drop that stays within B, until no
@@ -32,6 +35,7 @@ from .calib import has_labels, iter_batches, load_labeled
 from .emit import task_model
 from .errors import OnnxZipError
 from .ir import Network
+from .spaces import INPUT, unit_spaces
 from .options import MergeOptions
 from .runtime import session
 from .verify import original_runner
@@ -93,31 +97,55 @@ class _Problem:
 
     @property
     def hidden(self) -> list[str]:
-        return [l.name for l in self.nets[0].layers[:-1]]
+        return [self.nets[0].layers[s].name for s in free_spaces(self.nets[0])]
+
+
+def free_spaces(net: Network) -> list[int]:
+    """The unit spaces whose shares are chosen (named by their first writer): all but the heads'.
+
+    In a chain that is every hidden layer; in a residual network each stream counts once.
+    """
+    spaces = unit_spaces(net)
+    return [s for s in spaces.spaces if s != spaces.space[len(net.layers) - 1]]
 
 
 def widths(nets: Sequence[Network]) -> list[int]:
-    """Per hidden layer, the most units that can be shared (the narrowest task's width)."""
-    return [min(n.layers[k].out_units for n in nets) for k in range(len(nets[0].layers) - 1)]
+    """Per free space, the most units that can be shared (the narrowest task's width)."""
+    return [min(n.layers[s].out_units for n in nets) for s in free_spaces(nets[0])]
+
+
+def layer_counts(net: Network, counts: Sequence[int]) -> list[int]:
+    """Per layer, the units the zipper shares for ``counts`` per free space.
+
+    Every writer of a space shares its count; a space none of whose writers (up to where it is
+    paired) reads a shared input shares nothing, as in the zipper.
+    """
+    spaces = unit_spaces(net)
+    chosen, got = dict(zip(free_spaces(net), counts)), {}
+    for s in sorted(spaces.spaces, key=spaces.decided_at):
+        writers = [k for k in spaces.writers(s) if k <= spaces.decided_at(s)]
+        fed = any(spaces.source[k] == INPUT or got.get(spaces.source[k], 0) > 0 for k in writers)
+        got[s] = chosen.get(s, 0) if fed else 0
+    return [got[s] for s in spaces.space]
 
 
 def params_saved(net: Network, counts: Sequence[int], n_tasks: int) -> list[int]:
     """Per layer, the parameters a merge saves by storing each shared block once instead of once per task.
 
-    ``counts`` are the shared units per layer; a layer after one that shares nothing shares nothing.
+    ``counts`` are the shared units per layer (as a plan has them, see layer_counts).
     """
-    reps, saved, prev = input_reps(net), [], 0
+    spaces, reps, saved = unit_spaces(net), input_reps(net), []
     for k, count in enumerate(counts):
-        shared_in = net.layers[0].in_features if k == 0 else prev * reps[k]
-        count = 0 if k and prev == 0 else count
+        source = spaces.source[k]
+        shared_in = net.layers[0].in_features if source == INPUT else counts[source] * reps[k]
         saved.append((n_tasks - 1) * count * (shared_in + 1))
-        prev = count
     return saved
 
 
 def merged_params(nets: Sequence[Network], counts: Sequence[int]) -> int:
-    """Weights and biases of the merged model for per-layer shared counts."""
-    return sum(n.params for n in nets) - sum(params_saved(nets[0], counts, len(nets)))
+    """Weights and biases of the merged model for shared counts per free space."""
+    per_layer = layer_counts(nets[0], counts)
+    return sum(n.params for n in nets) - sum(params_saved(nets[0], per_layer, len(nets)))
 
 
 def _probe(p: _Problem, counts: tuple[int, ...]) -> Probe:
@@ -170,8 +198,8 @@ def _refine(p: _Problem, budget: float, caps: list[int], levels: list[int]) -> l
         tries = []
         counts = _level_counts(levels, caps)
         for k in range(len(levels)):
-            # a layer after one that shares nothing cannot share (its pairs would only share a bias)
-            if levels[k] < UNIFORM_LEVELS and (k == 0 or counts[k - 1] > 0):
+            # a space whose writers read nothing shared cannot share (its pairs would only share a bias)
+            if levels[k] < UNIFORM_LEVELS and _can_share(p, counts, k, caps[k]):
                 up = levels[:k] + [levels[k] + 1] + levels[k + 1:]
                 probe = _probe(p, _level_counts(up, caps))
                 if probe.worst <= budget:
@@ -180,6 +208,13 @@ def _refine(p: _Problem, budget: float, caps: list[int], levels: list[int]) -> l
             break
         levels = min(tries, key=lambda t: (t[0], t[1]))[2]
     return levels
+
+
+def _can_share(p: _Problem, counts: tuple[int, ...], i: int, cap: int) -> bool:
+    """True when free space i would share units if its count were ``cap``, the others staying as they are."""
+    net = p.nets[0]
+    up = counts[:i] + (cap,) + counts[i + 1:]
+    return layer_counts(net, up)[free_spaces(net)[i]] > 0
 
 
 def search_budget(p: _Problem, budget: float) -> Probe:

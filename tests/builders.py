@@ -283,3 +283,87 @@ def exporter_model(layers: list[tuple[np.ndarray, np.ndarray]], in_shape: tuple[
     n.nodes[-1].output[0] = "logits"
     input_shape = (*shape[1:], shape[0]) if form.nhwc else shape
     return graph_model(n.nodes, n.inits, input_shape, (fcs[-1][0].shape[0],), form.batch, form.opset)
+
+
+# A tiny ResNet: stem, one block with an identity shortcut, one with a strided 1x1 projection.
+# Roles in layer order; BatchNorms follow the roles in RESNET_BN (folded on import).
+RESNET_ROLES = ("stem", "b1a", "b1b", "b2a", "b2b", "proj", "fc")
+RESNET_BN = ("b1b", "b2a", "proj")
+# Unit spaces by role: who writes each permuted space, and which roles read it.
+RESNET_SPACES = {"s1": (("stem", "b1b"), ("b1a", "b2a", "proj")), "i1": (("b1a",), ("b1b",)),
+                 "i2": (("b2a",), ("b2b",)), "s2": (("b2b", "proj"), ("fc",))}
+
+
+def resnet_weights(seed: int, c1: int = 4, c2: int = 6, classes: int = 5, in_ch: int = 1) -> dict:
+    """Random weights {role: (W, b)} and BatchNorm parameters {'bn_' + role: (gamma, beta, mean, var)}."""
+    rng = np.random.default_rng(seed)
+    shapes = {"stem": (c1, in_ch, 3, 3), "b1a": (c1, c1, 3, 3), "b1b": (c1, c1, 3, 3), "b2a": (c2, c1, 3, 3),
+              "b2b": (c2, c2, 3, 3), "proj": (c2, c1, 1, 1), "fc": (classes, c2)}
+    out = {r: (_he(rng, s), (0.1 * rng.standard_normal(s[0])).astype(np.float32)) for r, s in shapes.items()}
+    for r in RESNET_BN:
+        n = shapes[r][0]
+        out["bn_" + r] = tuple(v.astype(np.float32) for v in (1 + 0.2 * rng.standard_normal(n), 0.1 * rng.standard_normal(n),
+                                                             0.1 * rng.standard_normal(n), 0.5 + rng.random(n)))
+    return out
+
+
+def resnet_model(w: dict, size: int = 8, join_b1: bool = True) -> onnx.ModelProto:
+    """stem-relu, [b1a-relu-b1b(+BN) + x]-relu, [b2a(s2,+BN)-relu-b2b + proj(s2,+BN)(x)]-relu, GAP, flatten, fc.
+
+    With join_b1=False the first block has no shortcut (a chain of the same layers).
+    """
+    nodes, inits = [], {}
+
+    def conv(x: str, role: str, stride: int = 1) -> str:
+        W, b = w[role]
+        inits[f"{role}.W"], inits[f"{role}.b"] = W, b
+        pad = W.shape[-1] // 2
+        nodes.append(helper.make_node("Conv", [x, f"{role}.W", f"{role}.b"], [role], name=f"{role}_conv",
+                                      pads=[pad] * 4, strides=[stride, stride]))
+        if role not in RESNET_BN:
+            return role
+        for i, v in enumerate(w["bn_" + role]):
+            inits[f"{role}.bn{i}"] = v
+        nodes.append(helper.make_node("BatchNormalization", [role] + [f"{role}.bn{i}" for i in range(4)],
+                                      [f"{role}.bn"], name=f"{role}_bn"))
+        return f"{role}.bn"
+
+    def relu(x: str, name: str) -> str:
+        nodes.append(helper.make_node("Relu", [x], [name], name=name))
+        return name
+
+    def add(a: str, b: str, name: str) -> str:
+        nodes.append(helper.make_node("Add", [a, b], [name], name=name))
+        return name
+
+    x = relu(conv("input", "stem"), "r0")
+    h = conv(relu(conv(x, "b1a"), "r1"), "b1b")
+    x = relu(add(h, x, "join1") if join_b1 else h, "r2")
+    h = conv(relu(conv(x, "b2a", 2), "r3"), "b2b")
+    x = relu(add(h, conv(x, "proj", 2), "join2"), "r4")
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["feat"], name="flatten")]
+    inits["fc.W"], inits["fc.b"] = w["fc"]
+    nodes.append(helper.make_node("Gemm", ["feat", "fc.W", "fc.b"], ["logits"], name="fc", transB=1))
+    return graph_model(nodes, inits, (w["stem"][0].shape[1], size, size), (w["fc"][0].shape[0],))
+
+
+def permute_resnet(w: dict, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """The same function with every unit space permuted consistently (new unit i is old unit perm[i]).
+
+    Returns the weights and the permutation of each space in RESNET_SPACES.
+    """
+    rng = np.random.default_rng(seed)
+    out, perms = dict(w), {}
+    for space, (writers, readers) in RESNET_SPACES.items():
+        perm = rng.permutation(w[writers[0]][0].shape[0])
+        perms[space] = perm
+        for r in writers:
+            W, b = out[r]
+            out[r] = (W[perm], b[perm])
+            if "bn_" + r in out:
+                out["bn_" + r] = tuple(v[perm] for v in out["bn_" + r])
+        for r in readers:
+            W, b = out[r]
+            out[r] = (W[:, perm], b)
+    return out, perms

@@ -18,7 +18,7 @@ import build_reference as br
 import refdata
 import refnets
 from onnxzip.canonical import import_network
-from onnxzip.errors import OnnxZipError
+from onnxzip.spaces import unit_spaces
 from reftrain import logits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,14 +149,11 @@ def test_reduced_resnet_build_exports_and_imports(tmp_path, monkeypatch):
     x = refdata.load_task("kmnist")[2][:500]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"input": x})[0], logits(net, x), atol=EXPORT_ATOL)
-    try:
-        network = import_network(path)
-    except OnnxZipError as exc:
-        if "Add" not in str(exc):
-            raise
-        assert entry["export"]["onnxzip_layers"] is None and "Add" in entry["export"]["onnxzip_import_error"]
-        pytest.skip(f"onnxzip does not import residual Adds yet: {exc}")
-    assert len(network.layers) >= 22
+    network = import_network(path)
+    # stem, 9 basic blocks of two convs, 2 projection shortcuts, fc; one stream per stage
+    assert len(network.layers) == 22 and len(entry["export"]["onnxzip_layers"]) == 22
+    spaces = unit_spaces(network)
+    assert len({spaces.space[k] for k in range(21)}) == 3 + 9  # 3 streams, 9 inner spaces
 
 
 @pytest.mark.slow

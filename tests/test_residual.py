@@ -1,0 +1,186 @@
+"""Residual networks: unit spaces joined by Add are paired once; permuted copies merge back exactly."""
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import builders as B
+from onnxzip.api import merge
+from onnxzip.canonical import import_network
+from onnxzip.errors import OnnxZipError
+from onnxzip.merged import inspect, split
+from onnxzip.options import MergeOptions
+from onnxzip.spaces import INPUT, unit_spaces
+
+TOL = 1e-5
+SHAPE = (1, 8, 8)
+# Layer names after import (layer order = RESNET_ROLES) and the space each role writes.
+NAMES = dict(zip(B.RESNET_ROLES, ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "fc1")))
+SPACE_OF = {r: s for s, (writers, _) in B.RESNET_SPACES.items() for r in writers}
+
+
+def _copies(tmp_path, n, seed=0):
+    w = B.resnet_weights(seed)
+    paths, perms = [B.save(B.resnet_model(w), tmp_path / "r0.onnx")], [None]
+    for i in range(1, n):
+        pw, perm = B.permute_resnet(w, seed=i)
+        paths.append(B.save(B.resnet_model(pw), tmp_path / f"r{i}.onnx"))
+        perms.append(perm)
+    return paths, perms
+
+
+def _outputs(path, x, layout, t):
+    feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
+    return B.run(path, x, feeds)[0 if layout == "gated" else t]
+
+
+def test_unit_spaces_of_a_resnet(tmp_path):
+    paths, _ = _copies(tmp_path, 1)
+    spaces = unit_spaces(import_network(paths[0]))
+    # the stem and the first block's second conv write one stream; the projection opens the next
+    assert spaces.space == (0, 1, 0, 3, 4, 4, 6)
+    assert spaces.source == (INPUT, 0, 1, 0, 3, 0, 4)
+    assert spaces.writers(0) == (0, 2) and spaces.readers(0) == (1, 3, 5)
+    # the stream of stage 1 is read by conv2 before conv3 writes it: paired at the stem, from its cost
+    assert spaces.decided_at(0) == 0
+    # stage 2's stream is written by conv5 and the projection before anything reads it: paired with both
+    assert spaces.decided_at(4) == 5
+
+
+@pytest.mark.parametrize("layout", ["multi", "gated"])
+def test_permuted_resnet_merges_back_exactly(tmp_path, layout):
+    paths, perms = _copies(tmp_path, 2)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=256)
+    out = tmp_path / "m.onnx"
+    result = merge(paths, calib, out, MergeOptions(layout=layout))
+    plan = {l.name: l for l in result.plan.layers}
+    for role, name in NAMES.items():
+        if role == "fc":
+            assert plan[name].n_shared == 0
+            continue
+        units = np.array(plan[name].shared)
+        assert units.shape == (plan[name].units[0], 2)
+        # each unit of the permuted copy is paired with the unit it came from, in every space
+        np.testing.assert_array_equal(perms[1][SPACE_OF[role]][units[:, 1]], units[:, 0])
+        assert plan[name].cost < 1e-6
+    # every writer of a stream carries the same pairing
+    assert plan["conv1"].shared == plan["conv3"].shared and plan["conv5"].shared == plan["conv6"].shared
+    x = np.random.default_rng(4).random((16, *SHAPE), dtype=np.float32)
+    want = B.run(paths[0], x)[0]
+    for t in range(2):
+        np.testing.assert_allclose(_outputs(out, x, layout, t), want, rtol=TOL, atol=TOL)
+    head = import_network(paths[0]).layers[-1]
+    assert result.params_merged == result.params_inputs[0] + head.W.size + head.b.size
+    assert result.params_merged == sum(result.params_inputs) - sum(r.params_saved for r in result.layers)
+
+
+def test_three_permuted_resnets_merge_into_one(tmp_path):
+    paths, perms = _copies(tmp_path, 3)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=256)
+    out = tmp_path / "m.onnx"
+    result = merge(paths, calib, out, MergeOptions())
+    for role, name in NAMES.items():
+        if role == "fc":
+            continue
+        units = np.array(next(l for l in result.plan.layers if l.name == name).shared)
+        for t in (1, 2):
+            np.testing.assert_array_equal(perms[t][SPACE_OF[role]][units[:, t]], units[:, 0])
+    x = np.random.default_rng(5).random((8, *SHAPE), dtype=np.float32)
+    want = B.run(paths[0], x)[0]
+    for t in range(3):
+        np.testing.assert_allclose(B.run(out, x)[t], want, rtol=TOL, atol=TOL)
+    head = import_network(paths[0]).layers[-1]
+    assert result.params_merged == result.params_inputs[0] + 2 * (head.W.size + head.b.size)
+
+
+def test_share_zero_reproduces_each_resnet(tmp_path):
+    paths = [B.save(B.resnet_model(B.resnet_weights(s)), tmp_path / f"r{s}.onnx") for s in (0, 1)]
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=64)
+    out = tmp_path / "m.onnx"
+    result = merge(paths, calib, out, MergeOptions(share=0.0))
+    assert result.params_merged == sum(result.params_inputs)
+    x = np.random.default_rng(6).random((8, *SHAPE), dtype=np.float32)
+    for t, path in enumerate(paths):
+        np.testing.assert_allclose(B.run(out, x)[t], B.run(path, x)[0], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_different_resnets_merge_with_emitted_equal_to_tied(tmp_path, share):
+    """Two unrelated ResNets, partly and fully shared: merge verifies emitted == tied; split and inspect work."""
+    paths = [B.save(B.resnet_model(B.resnet_weights(s)), tmp_path / f"r{s}.onnx") for s in (0, 1)]
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=128)
+    out = tmp_path / "m.onnx"
+    result = merge(paths, calib, out, MergeOptions(share=share, verify_samples=128))
+    assert all(c.max_diff_vs_tied <= 1e-4 for c in result.checks)
+    plan = {l.name: l for l in result.plan.layers}
+    assert plan["conv1"].shared == plan["conv3"].shared and plan["conv5"].shared == plan["conv6"].shared
+    assert plan["conv1"].n_shared == round(share * 4) and plan["conv5"].n_shared == round(share * 6)
+    assert result.params_merged == sum(result.params_inputs) - sum(r.params_saved for r in result.layers)
+    info = inspect(out)
+    assert info.params_total == result.params_merged
+    x = np.random.default_rng(7).random((8, *SHAPE), dtype=np.float32)
+    one = split(out, "r1", tmp_path / "r1_only.onnx")
+    np.testing.assert_allclose(B.run(one, x)[0], B.run(out, x)[1], rtol=TOL, atol=TOL)
+
+
+def test_share_layer_on_a_later_writer_of_a_stream_is_refused(tmp_path):
+    paths, _ = _copies(tmp_path, 2)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=32)
+    with pytest.raises(OnnxZipError, match=r"--share-layer conv3: 'conv3' adds into the units of 'conv1'.*"
+                                           r"set the share on 'conv1'"):
+        merge(paths, calib, tmp_path / "m.onnx", MergeOptions(share_layers=(("conv3", 2),)))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_share_layer_on_a_stream_sets_all_its_writers(tmp_path):
+    paths, _ = _copies(tmp_path, 2)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=64)
+    result = merge(paths, calib, tmp_path / "m.onnx",
+                   MergeOptions(share=0.0, share_layers=(("conv1", 3), ("conv5", 2))))
+    counts = {l.name: l.n_shared for l in result.plan.layers}
+    assert counts == {"conv1": 3, "conv2": 0, "conv3": 3, "conv4": 0, "conv5": 2, "conv6": 2, "fc1": 0}
+
+
+def test_differently_wired_models_are_refused(tmp_path):
+    w = B.resnet_weights(0)
+    a = B.save(B.resnet_model(w), tmp_path / "res.onnx")
+    b = B.save(B.resnet_model(w, join_b1=False), tmp_path / "chain.onnx")
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=32)
+    with pytest.raises(OnnxZipError, match=r"chain\.onnx: layer 'b1b_conv' adds into the units of 'b1b_conv', "
+                                           r"but .*res\.onnx's 'b1b_conv' adds into the units of 'stem_conv'"):
+        merge([a, b], calib, tmp_path / "m.onnx", MergeOptions())
+
+
+def test_correlation_cost_is_refused_for_residual_networks(tmp_path):
+    paths, _ = _copies(tmp_path, 2)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=32)
+    with pytest.raises(OnnxZipError, match=r"r0\.onnx: --cost correlation .* residual joins"):
+        merge(paths, calib, tmp_path / "m.onnx", MergeOptions(cost="correlation"))
+
+
+def _join_model(join_op: str, second: str):
+    """conv-relu, then join_op(relu output, second) -> flatten -> gemm (one channel throughout)."""
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.standard_normal((1, 1, 3, 3)).astype(np.float32), "b": np.zeros(1, np.float32),
+             "F": rng.standard_normal((2, 8 * 8 * (2 if join_op == "Concat" else 1))).astype(np.float32)}
+    attrs = {"axis": 1} if join_op == "Concat" else {}
+    nodes = [helper.make_node("Conv", ["input", "W", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node(join_op, ["r", second], ["j"], name="join", **attrs),
+             helper.make_node("Flatten", ["j"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "F"], ["logits"], name="fc", transB=1)]
+    return B.graph_model(nodes, inits, (1, 8, 8), (2,))
+
+
+def test_concat_of_branches_is_refused_by_name(tmp_path):
+    path = B.save(_join_model("Concat", "c"), tmp_path / "cat.onnx")
+    with pytest.raises(OnnxZipError, match=r"cat\.onnx: node 'join' \(Concat\) joins 2 computed tensors; .*"
+                                           r"Concat of branches is not supported yet"):
+        import_network(path)
+
+
+def test_fork_before_the_first_layer_is_refused(tmp_path):
+    path = B.save(_join_model("Add", "input"), tmp_path / "skip.onnx")
+    with pytest.raises(OnnxZipError, match=r"skip\.onnx: tensor 'input' feeds several nodes .* before the first "
+                                           r"layer"):
+        import_network(path)
