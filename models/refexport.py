@@ -7,9 +7,7 @@ output ``logits`` [N,10]. The exporter writes a global average pool (torch's
 :func:`export` rewrites that pair into the equivalent GlobalAveragePool and Flatten (exact; other
 graphs are written as exported). The written file is checked three ways: the ONNX checker, ONNX
 Runtime's outputs against the torch module's on real test images, and onnxzip's own import (so
-every reference model is one onnxzip can merge). A network with residual Adds (``resnet``) may not
-import yet: while onnxzip refuses residual Adds, the check records the importer's message instead
-of the layer names (``onnxzip_import_error``) rather than failing.
+every reference model is one onnxzip can merge; the layer names are recorded).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from onnxzip.canonical import import_network
-from onnxzip.errors import OnnxZipError
 from refnets import IMAGE_SHAPE
 from reftrain import logits
 
@@ -98,12 +95,6 @@ def _global_pool_rewrite(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def _has_residual_add(model: onnx.ModelProto) -> bool:
-    """True when an Add joins two computed tensors (a skip connection, not a bias)."""
-    consts = _constants(model.graph)
-    return any(n.op_type == "Add" and not any(t in consts for t in n.input) for n in model.graph.node)
-
-
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -122,14 +113,7 @@ def check(net: nn.Module, path: Path, x: np.ndarray) -> dict:
     if not np.isfinite(got).all() or diff > MAX_ABS_DIFF:
         raise RuntimeError(f"{path}: ONNX Runtime differs from torch by {diff:.2e} (limit {MAX_ABS_DIFF:g})")
     result = {"ort_vs_torch_max_abs": diff, "ort_vs_torch_top1_agreement": same_top1, "samples": len(x)}
-    try:
-        result["onnxzip_layers"] = [layer.name for layer in import_network(path).layers]
-    except OnnxZipError as exc:
-        # onnxzip's importer takes chains; residual Adds are being added to it. Until then a
-        # residual network is recorded with the importer's message; anything else still fails.
-        if not (_has_residual_add(model) and "Add" in str(exc)):
-            raise
-        result.update(onnxzip_layers=None, onnxzip_import_error=str(exc).replace(str(path), path.name))
+    result["onnxzip_layers"] = [layer.name for layer in import_network(path).layers]
     result["ops"] = sorted({n.op_type for n in model.graph.node})
     result["opset"] = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return result
