@@ -184,3 +184,42 @@ def test_fork_before_the_first_layer_is_refused(tmp_path):
     with pytest.raises(OnnxZipError, match=r"skip\.onnx: tensor 'input' feeds several nodes .* before the first "
                                            r"layer"):
         import_network(path)
+
+
+def _perturbed_pair(tmp_path, noise=0.3):
+    """A ResNet and a consistently permuted, perturbed copy (sharing costs a little fidelity)."""
+    w = B.resnet_weights(0)
+    pw, _ = B.permute_resnet(w, 1)
+    rng = np.random.default_rng(2)
+    other = {r: ((v[0] + noise * v[0].std() * rng.standard_normal(v[0].shape)).astype(np.float32), v[1])
+             if r in B.RESNET_ROLES else v for r, v in pw.items()}
+    return [B.save(B.resnet_model(w), tmp_path / "a.onnx"), B.save(B.resnet_model(other), tmp_path / "b.onnx")]
+
+
+def test_budget_chooses_one_share_per_stream_and_keeps_within_it(tmp_path):
+    paths = _perturbed_pair(tmp_path)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=600)
+    out = tmp_path / "m.onnx"
+    result = merge(paths, calib, out, MergeOptions(budget=5.0))
+    report = result.search
+    assert report.layers == ("conv1", "conv2", "conv4", "conv5")  # two streams and two inner spaces
+    assert report.chosen.worst <= 5.0 and sum(report.chosen.counts) > 0
+    plan = {l.name: l.n_shared for l in result.plan.layers}
+    assert [plan[n] for n in report.layers] == list(report.chosen.counts)
+    assert plan["conv3"] == plan["conv1"] and plan["conv6"] == plan["conv5"]
+    assert result.params_merged == report.chosen.params
+
+
+@pytest.mark.parametrize("target", [1500, "10KB"])
+def test_target_size_sizes_a_resnet_merge_exactly(tmp_path, target):
+    paths = _perturbed_pair(tmp_path)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=300)
+    out = tmp_path / "m.onnx"
+    nets = [import_network(p) for p in paths]
+    full = sum(n.params for n in nets)
+    result = merge(paths, calib, out, MergeOptions(target_size=target))
+    if isinstance(target, int):
+        assert result.params_merged <= target < full
+    else:
+        assert out.stat().st_size <= 10_000
+    assert result.params_merged == result.search.chosen.params
