@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -200,8 +201,9 @@ class _Writer:
         """Task t's incoming weights over the shared inputs, one column per unit."""
         return self.weights[t][:, self.feats[t]].T
 
-    @property
+    @cached_property
     def sparse(self) -> bool:
+        """True when any task's layer is pruned (computed once; merging keeps the zero patterns)."""
         return any(is_sparse(W[:, :-1]) for W in self.weights)
 
 
