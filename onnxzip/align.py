@@ -6,25 +6,25 @@ from typing import Sequence
 
 from .errors import OnnxZipError
 from .ir import CONV, Network, Op
-from .spaces import INPUT, unit_spaces
+from .spaces import INPUT, read_width, unit_spaces
 
 
 def input_reps(net: Network) -> list[int]:
-    """Per layer, how many input features belong to one unit of the space it reads (0 for the input)."""
+    """Per layer, how many input features belong to one unit of the spaces it reads (0 for the input)."""
     spaces, reps = unit_spaces(net), []
     for k, layer in enumerate(net.layers):
-        source = spaces.source[k]
-        if source == INPUT:
+        parts = spaces.reads[k]
+        if parts == (INPUT,):
             reps.append(0)
             continue
-        prev = net.layers[source].out_units
+        prev = read_width(net, parts)
         if layer.kind == CONV and layer.W.shape[1] != prev:
             raise OnnxZipError(f"{net.path}: layer '{layer.source}' reads {layer.W.shape[1]} channels "
-                               f"but the layer before it writes {prev}")
+                               f"but {_parts_words(net, parts)} write {prev}")
         per = layer.in_features // prev if layer.in_features % prev == 0 else 0
         if per == 0:
             raise OnnxZipError(f"{net.path}: layer '{layer.source}' reads {layer.in_features} features, "
-                               f"not a multiple of the {prev} units before it")
+                               f"not a multiple of the {prev} units of {_parts_words(net, parts)}")
         reps.append(per)
     for k, s in enumerate(spaces.space):
         if net.layers[k].out_units != net.layers[s].out_units:
@@ -32,6 +32,10 @@ def input_reps(net: Network) -> list[int]:
                                f"added together but write {net.layers[s].out_units} and "
                                f"{net.layers[k].out_units} units")
     return reps
+
+
+def _parts_words(net: Network, parts: tuple[int, ...]) -> str:
+    return " + ".join("the input" if s == INPUT else f"'{net.layers[s].source}'" for s in parts)
 
 
 NHWC = "NHWC"
@@ -98,18 +102,19 @@ def _align_pair(a: Network, b: Network) -> None:
                                f"{a.path}'s '{la.source}' sees {reps_a[k]} (different spatial sizes)")
 
 
-def _space_words(net: Network, s: int) -> str:
-    return "the input" if s == INPUT else f"the units of '{net.layers[s].source}'"
+def _space_words(net: Network, parts: tuple[int, ...]) -> str:
+    words = ["the input" if s == INPUT else f"the units of '{net.layers[s].source}'" for s in parts]
+    return words[0] if len(words) == 1 else "a Concat of " + ", ".join(words)
 
 
 def _same_wiring(a: Network, b: Network) -> None:
-    """The same residual joins: each layer of b reads and writes the unit spaces its counterpart in a does."""
+    """The same residual joins and Concats: each layer of b reads and writes the spaces its counterpart in a does."""
     sa, sb = unit_spaces(a), unit_spaces(b)
     for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
-        if sa.source[k] != sb.source[k]:
-            raise OnnxZipError(f"{b.path}: layer '{lb.source}' reads {_space_words(b, sb.source[k])}, but {a.path}'s "
-                               f"'{la.source}' reads {_space_words(a, sa.source[k])}; the models are wired differently")
+        if sa.reads[k] != sb.reads[k]:
+            raise OnnxZipError(f"{b.path}: layer '{lb.source}' reads {_space_words(b, sb.reads[k])}, but {a.path}'s "
+                               f"'{la.source}' reads {_space_words(a, sa.reads[k])}; the models are wired differently")
         if sa.space[k] != sb.space[k]:
-            raise OnnxZipError(f"{b.path}: layer '{lb.source}' adds into {_space_words(b, sb.space[k])}, but "
-                               f"{a.path}'s '{la.source}' adds into {_space_words(a, sa.space[k])}; the models "
+            raise OnnxZipError(f"{b.path}: layer '{lb.source}' adds into {_space_words(b, (sb.space[k],))}, but "
+                               f"{a.path}'s '{la.source}' adds into {_space_words(a, (sa.space[k],))}; the models "
                                "are wired differently")

@@ -305,7 +305,7 @@ def _check_layer_names(opts: MergeOptions, net: Network) -> None:
 def _check_cost_supported(opts: MergeOptions, net: Network) -> None:
     if opts.cost == "correlation" and not net.is_chain:
         raise OnnxZipError(f"{net.path}: --cost correlation compares one layer's units; it does not support "
-                           "residual joins (use hessian, l2 or random)")
+                           "residual joins or Concats of branches (use hessian, l2 or random)")
 
 
 def _check_same_calibration(opts: MergeOptions, tasks: Sequence[str], folders: Sequence[Path]) -> None:

@@ -124,7 +124,7 @@ def layer_counts(net: Network, counts: Sequence[int]) -> list[int]:
     chosen, got = dict(zip(free_spaces(net), counts)), {}
     for s in sorted(spaces.spaces, key=spaces.decided_at):
         writers = [k for k in spaces.writers(s) if k <= spaces.decided_at(s)]
-        fed = any(spaces.source[k] == INPUT or got.get(spaces.source[k], 0) > 0 for k in writers)
+        fed = any(s == INPUT or got.get(s, 0) > 0 for k in writers for s in spaces.reads[k])
         got[s] = chosen.get(s, 0) if fed else 0
     return [got[s] for s in spaces.space]
 
@@ -136,8 +136,8 @@ def params_saved(net: Network, counts: Sequence[int], n_tasks: int) -> list[int]
     """
     spaces, reps, saved = unit_spaces(net), input_reps(net), []
     for k, count in enumerate(counts):
-        source = spaces.source[k]
-        shared_in = net.layers[0].in_features if source == INPUT else counts[source] * reps[k]
+        parts = spaces.reads[k]
+        shared_in = net.layers[0].in_features if parts == (INPUT,) else sum(counts[s] for s in parts) * reps[k]
         saved.append((n_tasks - 1) * count * (shared_in + 1))
     return saved
 

@@ -44,7 +44,8 @@ FLATTENING_OPS = ("Flatten", "Reshape")
 POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
               "strides", "count_include_pad")
 SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add), BatchNormalization, " + ", ".join(UNIT_WISE_OPS)
-                     + ", Reshape (flattening), Identity, Dropout, Add of two tensors (residual), Softmax/LogSoftmax at the end, "
+                     + ", Reshape (flattening), Identity, Dropout, Add of two tensors (residual), "
+                     "Concat of channels, Softmax/LogSoftmax at the end, "
                      "scalar Mul/Div/Add/Sub on the input, Transpose of an NHWC input or before a flattening")
 
 
@@ -417,12 +418,46 @@ def _layer_step(p: _Parse, node: onnx.NodeProto) -> Layer:
     return replace(layer, output=tensor)
 
 
-def _join(p: _Parse, node: onnx.NodeProto, data: list[str]) -> Op:
+def _flattened_positions(p: _Parse, tensor: str) -> int:
+    """Spatial positions per channel a computed tensor was flattened from since its layer (0: not flattened)."""
+    by_output = {s.output: s for s in p.steps}
+    step = by_output.get(tensor)
+    while isinstance(step, Op):
+        if step.op_type == "Flatten":
+            shape = p.shapes.get(step.inputs[0])
+            if shape is None or None in shape[1:]:
+                return -1
+            return int(np.prod(shape[2:], dtype=np.int64))
+        step = by_output.get(step.inputs[0])
+    return 0
+
+
+def _concat(p: _Parse, node: onnx.NodeProto, raw: list[str], data: list[str]) -> Op:
+    """A Concat of computed tensors along the channel axis (inception, fire modules), kept as a step."""
+    if len(raw) != len(node.input):
+        raise p.fail(node, "concatenates constants with computed tensors; only computed tensors can be concatenated")
+    shape = p.shapes.get(raw[0])
+    axis = int(_attrs(node).get("axis", 1))
+    if axis < 0 and shape is not None:
+        axis += len(shape)
+    if axis != 1:
+        raise p.fail(node, f"concatenates along axis {_attrs(node).get('axis')}; only the channel axis 1 is "
+                           "supported")
+    positions = [_flattened_positions(p, name) for name in data]
+    if -1 in positions:
+        raise p.fail(node, "concatenates flattened tensors of unknown shape; run shape inference or export with "
+                           "fixed image sizes")
+    if len(set(positions)) > 1:
+        raise p.fail(node, f"concatenates tensors flattened from {sorted(set(positions))} positions per channel; "
+                           "the parts must have the same spatial size (concatenate channels before flattening)")
+    return Op("Concat", (("axis", 1),), node.name)
+
+
+def _join(p: _Parse, node: onnx.NodeProto, raw: list[str]) -> Op:
     """An elementwise Add of two computed tensors (a residual join), or an error for any other join."""
-    if node.op_type != "Add" or len(data) != 2:
-        hint = " (Concat of branches is not supported yet)" if node.op_type == "Concat" else ""
-        raise p.fail(node, f"joins {len(data)} computed tensors; only an elementwise Add of two tensors after "
-                           f"the first layer is supported{hint}")
+    if node.op_type != "Add" or len(raw) != 2:
+        raise p.fail(node, f"joins {len(raw)} computed tensors; only an elementwise Add of two tensors or a "
+                           "Concat of channels after the first layer is supported")
     shapes = [p.shapes.get(name) for name in node.input]
     if None not in shapes and shapes[0] != shapes[1]:
         raise p.fail(node, f"adds tensors of shapes {list(shapes[0])} and {list(shapes[1])}; a residual join needs "
@@ -474,6 +509,8 @@ def _walk(p: _Parse, source: str, output: str) -> str:
             if node.input[0] != raw[0] or len(raw) > 1:
                 raise p.fail(node, "computes its weight from the input; only constant weights are supported")
             step = _layer_step(p, node)
+        elif node.op_type == "Concat" and p.has_layer():
+            step = _concat(p, node, raw, data)
         elif len(raw) > 1 and p.has_layer():
             step = _join(p, node, raw)
         else:

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .ir import CONV, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
-from .spaces import INPUT, Spaces, unit_spaces
+from .spaces import INPUT, Spaces, read_width, unit_spaces
 
 MIN_OPSET = 13
 LAYOUTS = ("multi", "gated")
@@ -134,11 +134,35 @@ def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: in
 
 
 def _layer_rep(net: Network, k: int, spaces: Spaces, groups: list[_Group]) -> int:
-    """Input features per unit of the space layer k reads (spatial positions after a Flatten), 1 for the input."""
-    source = spaces.source[k]
-    if source == INPUT or groups[0].units is None:
+    """Input features per unit of the spaces layer k reads (spatial positions after a Flatten), 1 for the input."""
+    parts = spaces.reads[k]
+    if parts == (INPUT,) or groups[0].units is None:
         return 1
-    return net.layers[k].in_features // net.layers[source].out_units
+    return net.layers[k].in_features // read_width(net, parts)
+
+
+def _concat_groups(parts: Sequence[list[_Group]], widths: Sequence[int]
+                   ) -> list[tuple[frozenset, list[str], np.ndarray]]:
+    """A Concat's unit groups: per owner set (in order of first appearance), the parts' tensors and units.
+
+    A part's units are numbered from where its channels start, so each part keeps its own groups
+    and the shared group of the whole is the parts' shared groups side by side.
+    """
+    joined: dict[frozenset, tuple[list[str], list[np.ndarray]]] = {}
+    for groups, start in zip(parts, np.cumsum([0, *widths[:-1]])):
+        for g in groups:
+            tensors, units = joined.setdefault(g.owners, ([], []))
+            tensors.append(g.tensor)
+            units.append(np.asarray(g.units, np.int64) + int(start))
+    return [(owners, tensors, np.concatenate(units)) for owners, (tensors, units) in joined.items()]
+
+
+def _read_groups(net: Network, parts: tuple[int, ...], written: dict[int, list[_Group]]) -> list[_Group]:
+    """The input groups of a layer reading ``parts`` (several parts: a Concat of their units)."""
+    if len(parts) == 1:
+        return written[parts[0]]
+    widths = [net.layers[s].out_units for s in parts]
+    return [_Group(owners, "", units) for owners, _, units in _concat_groups([written[s] for s in parts], widths)]
 
 
 def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[str, np.ndarray]) -> list[Network]:
@@ -152,7 +176,7 @@ def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[s
         spaces = unit_spaces(net)
         written: dict[int, list[_Group]] = {INPUT: [_Group(frozenset(range(len(plan.tasks))), "", None)]}
         for k, layer in enumerate(net.layers):
-            groups = written[spaces.source[k]]
+            groups = _read_groups(net, spaces.reads[k], written)
             Wm, bias = layer.matrix().copy(), layer.b.copy()
             blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, spaces, groups), t)
             for blk in blocks:
@@ -204,6 +228,17 @@ def _emit_add(b: _Builder, step: Op, where: str, inputs: list[list[_Group]], tas
             for i, g in enumerate(first)]
 
 
+def _emit_concat(b: _Builder, step: Op, where: str, inputs: list[list[_Group]], widths: list[int],
+                 task: int) -> list[_Group]:
+    """A Concat of channels: per unit group, one Concat of the parts that have that group."""
+    out = []
+    for owners, tensors, units in _concat_groups(inputs, widths):
+        y = tensors[0] if len(tensors) == 1 else b.node(
+            "Concat", tensors, {"axis": 1}, f"{where}.{b.plan.group_name(owners)}.Concat", task)
+        out.append(_Group(owners, y, units))
+    return out
+
+
 def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, stop: int | None = None,
                taps: Sequence[tuple[str, int]] = ()) -> tuple[str | None, dict]:
     """Emit steps [start, stop) of one task from tensor x; returns (final tensor, taps -> tensors).
@@ -216,7 +251,7 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
     stop = len(net.steps) if stop is None else stop
     env = {wiring[start][0][0] if start < len(wiring) else net.input.name: [_Group(all_tasks, x, None)]}
     k = sum(1 for s in net.steps[:start] if isinstance(s, Layer))
-    where, found = (net.layers[k - 1].name if k else "input"), {}
+    where, found, width = (net.layers[k - 1].name if k else "input"), {}, {}
     for step, (inputs, output) in zip(net.steps[start:stop], wiring[start:stop]):
         groups = [env[name] for name in inputs]
         if isinstance(step, Layer):
@@ -225,11 +260,15 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
             env[output] = _emit_layer(b, step, k, groups[0], _layer_rep(net, k, spaces, groups[0]), task)
             if ("pre", k) in taps:
                 found[("pre", k)] = [g.tensor for g in env[output]]
-            where, k = step.name, k + 1
-        elif step.op_type == "Add":
+            where, k, width[output] = step.name, k + 1, step.out_units
+            continue
+        if step.op_type == "Add":
             env[output] = _emit_add(b, step, where, groups, task)
+        elif step.op_type == "Concat":
+            env[output] = _emit_concat(b, step, where, groups, [width[name] for name in inputs], task)
         else:
             env[output] = _emit_op(b, step, where, groups[0], task)
+        width[output] = sum(width.get(name, 0) for name in (inputs if step.op_type == "Concat" else inputs[:1]))
     if ("in", k) in taps:  # the segment stops right before layer k
         found[("in", k)] = [g.tensor for g in env[wiring[net.layer_steps[k]][0][0]]]
     last = env[wiring[stop - 1][1]] if stop > start else env[next(iter(env))]

@@ -6,6 +6,10 @@ so their spaces become one: a residual stream, written by the stem (or a project
 and by the last conv of every block that adds into it. A space is paired once for all its
 writers (DESIGN.md section 3, step 2), and every layer that reads it sees the same input groups.
 
+A Concat of channels (inception, fire modules) does not make a new space: the layer after it
+reads the parts, each a space of its own, side by side. Its input units are the parts' units in
+order, so the groups of each part are kept (DESIGN.md section 3).
+
 Spaces are named by their first writer (the lowest layer index). In a chain every layer is its
 own space and reads the space of the layer before it.
 """
@@ -15,17 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import OnnxZipError
-from .ir import Layer, Network
+from .ir import Layer, Network, Op
 
 INPUT = -1  # the space of the network input (and of steps before the first layer)
 
 
 @dataclass(frozen=True)
 class Spaces:
-    """Per layer: the space it writes (its first writer's index) and the space it reads (INPUT or a space)."""
+    """Per layer: the space it writes (its first writer's index) and the spaces it reads, in channel order.
+
+    ``reads[k]`` is (INPUT,) for a layer reading the model input, (s,) for one reading space s and
+    (s1, s2, ...) for one reading a Concat of their units.
+    """
 
     space: tuple[int, ...]
-    source: tuple[int, ...]
+    reads: tuple[tuple[int, ...], ...]
 
     def writers(self, s: int) -> tuple[int, ...]:
         """The layers that write into space s, in order."""
@@ -33,7 +41,7 @@ class Spaces:
 
     def readers(self, s: int) -> tuple[int, ...]:
         """The layers that read space s, in order."""
-        return tuple(k for k, r in enumerate(self.source) if r == s)
+        return tuple(k for k, parts in enumerate(self.reads) if s in parts)
 
     @property
     def spaces(self) -> tuple[int, ...]:
@@ -58,28 +66,57 @@ def _find(parent: dict[int, int], s: int) -> int:
     return s
 
 
+def read_offsets(net: Network, parts: tuple[int, ...]) -> list[int]:
+    """Where each part's units start among the units a layer reads (the Concat's channel offsets)."""
+    offsets, at = [], 0
+    for s in parts:
+        offsets.append(at)
+        at += net.layers[s].out_units if s != INPUT else 0
+    return offsets
+
+
+def read_width(net: Network, parts: tuple[int, ...]) -> int:
+    """How many units a layer reading ``parts`` sees (0 for the model input)."""
+    return sum(net.layers[s].out_units for s in parts if s != INPUT)
+
+
+def _join(net: Network, step: Op, parts: list[tuple[int, ...]], parent: dict[int, int]) -> tuple[int, ...]:
+    """The spaces of an Add's output: its inputs' spaces made one (the first writer names it)."""
+    if any(len(p) > 1 for p in parts):
+        raise OnnxZipError(f"{net.path}: '{step.source}' ({step.op_type}) adds the output of a Concat to another "
+                           "tensor; an Add after a Concat of branches is not supported")
+    root = parts[0][0]
+    for (other,) in parts[1:]:
+        a, b = _find(parent, root), _find(parent, other)
+        if a != b and INPUT in (a, b):
+            raise OnnxZipError(f"{net.path}: '{step.source}' ({step.op_type}) adds the model input to the "
+                               "output of a layer; only tensors computed by layers can be joined")
+        parent[max(a, b)] = root = min(a, b)  # the root of a space is its first writer
+    return (root,)
+
+
 def unit_spaces(net: Network) -> Spaces:
-    """The unit spaces of a canonical network; refuses an Add that joins the input with a layer's units."""
-    of_tensor: dict[str, int] = {net.input.name: INPUT}
+    """The unit spaces of a canonical network; refuses joins of the input and an Add after a Concat."""
+    of_tensor: dict[str, tuple[int, ...]] = {net.input.name: (INPUT,)}
     parent: dict[int, int] = {INPUT: INPUT}
     writes, reads, k = [], [], 0
     for step, (inputs, output) in zip(net.steps, net.wiring()):
-        spaces = [_find(parent, of_tensor[name]) for name in inputs]
+        parts = [tuple(_find(parent, s) for s in of_tensor[name]) for name in inputs]
         if isinstance(step, Layer):
-            reads.append(spaces[0])
+            reads.append(parts[0])
             parent[k] = k
             writes.append(k)
-            of_tensor[output] = k
+            of_tensor[output] = (k,)
             k += 1
-            continue
-        root = spaces[0]
-        for other in spaces[1:]:
-            a, b = _find(parent, root), _find(parent, other)
-            if a != b and INPUT in (a, b):
-                raise OnnxZipError(f"{net.path}: '{step.source}' ({step.op_type}) adds the model input to the "
-                                   "output of a layer; only tensors computed by layers can be joined")
-            parent[max(a, b)] = root = min(a, b)  # the root of a space is its first writer
-        of_tensor[output] = root
+        elif step.op_type == "Concat":
+            joined = sum(parts, ())
+            if INPUT in joined:
+                raise OnnxZipError(f"{net.path}: '{step.source}' (Concat) concatenates the model input with "
+                                   "computed tensors; only tensors computed by layers can be concatenated")
+            of_tensor[output] = joined
+        elif len(parts) > 1:
+            of_tensor[output] = _join(net, step, parts, parent)
+        else:
+            of_tensor[output] = parts[0]
     space = tuple(_find(parent, w) for w in writes)
-    source = tuple(r if r == INPUT else _find(parent, r) for r in reads)
-    return Spaces(space, source)
+    return Spaces(space, tuple(tuple(_find(parent, s) for s in p) for p in reads))

@@ -30,7 +30,7 @@ from .ir import Network, is_sparse, unit_features
 from .match import match, random_pairs
 from .options import MergeOptions
 from .plan import LayerPlan, SharingPlan, unshared_plan
-from .spaces import INPUT, Spaces, unit_spaces
+from .spaces import INPUT, Spaces, read_offsets, unit_spaces
 from .runtime import session
 
 ProgressFn = Callable[[str, int], Callable[[], None]]
@@ -157,12 +157,14 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
 
 def _shared_features(plan_layers: dict[int, LayerPlan], spaces: Spaces, k: int, t: int, task: _Task) -> np.ndarray:
     """Task t's input feature indices of layer k that come from shared units, bias column last."""
-    layer = task.tied.layers[k]
-    source = spaces.source[k]
-    if source == INPUT:
+    layer, parts = task.tied.layers[k], spaces.reads[k]
+    if parts == (INPUT,):
         feats = np.arange(layer.in_features)
-    else:
-        feats = unit_features(plan_layers[source].shared_units(t), task.reps[k])
+    else:  # a Concat's parts side by side, each part's shared units in pairing order
+        offsets = read_offsets(task.tied, parts)
+        units = np.concatenate([np.asarray(plan_layers[s].shared_units(t), np.int64) + at
+                                for s, at in zip(parts, offsets)])
+        feats = unit_features(units, task.reps[k])
     return np.append(feats, layer.in_features)
 
 
@@ -307,7 +309,7 @@ def _writer(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_laye
 
 def _can_share(writers: list[_Writer], plan_layers: dict[int, LayerPlan], spaces: Spaces) -> bool:
     """False when no writer reads a shared input (a pair could only share its bias)."""
-    return any(spaces.source[w.k] == INPUT or plan_layers[spaces.source[w.k]].n_shared for w in writers)
+    return any(s == INPUT or plan_layers[s].n_shared for w in writers for s in spaces.reads[w.k])
 
 
 def _tie_space(writers: list[_Writer], given: tuple | None, tasks: list[_Task], plan_layers: dict[int, LayerPlan],

@@ -184,6 +184,7 @@ def _interpreter(opset: int) -> dict[str, Callable]:
     return {
         "Conv": _conv, "Gemm": _gemm, "MatMul": lambda n, a, b: torch.matmul(a, b),
         "Add": lambda n, a, b: a + b, "Sum": lambda n, *xs: reduce(torch.add, xs),
+        "Concat": lambda n, *xs: torch.cat(xs, n.attrs["axis"]),
         "Relu": lambda n, x: F.relu(x),
         "LeakyRelu": lambda n, x: F.leaky_relu(x, n.attrs.get("alpha", DEFAULT_LEAKY_ALPHA)),
         "Sigmoid": lambda n, x: torch.sigmoid(x), "Tanh": lambda n, x: torch.tanh(x), "Clip": _clip,
