@@ -367,3 +367,105 @@ def permute_resnet(w: dict, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
             W, b = out[r]
             out[r] = (W[:, perm], b)
     return out, perms
+
+
+# A tiny network with Concats of branches: stem, a fire module (squeeze 1x1, expand 1x1 and 3x3,
+# concatenated), an inception-like block (a 1x1 conv beside a max-pooled copy of the fire output,
+# concatenated: a Concat whose part is itself a Concat), a 3x3 conv (+BN) over that, GAP, fc.
+# Every layer writes its own space; BRANCH_READS gives the spaces (roles) each layer reads, in
+# channel order.
+BRANCH_ROLES = ("stem", "squeeze", "e1", "e3", "b1", "mix", "fc")
+BRANCH_READS = {"stem": (), "squeeze": ("stem",), "e1": ("squeeze",), "e3": ("squeeze",), "b1": ("e1", "e3"),
+                "mix": ("b1", "e1", "e3"), "fc": ("mix",)}
+
+
+def branch_weights(seed: int, widths: tuple[int, ...] = (4, 3, 4, 5, 4, 6), classes: int = 5,
+                   in_ch: int = 1) -> dict:
+    """Random weights {role: (W, b)} and the BatchNorm of 'mix' ({'bn_mix': (gamma, beta, mean, var)})."""
+    rng = np.random.default_rng(seed)
+    width = dict(zip(BRANCH_ROLES, widths))
+    kernel = {"stem": 3, "squeeze": 1, "e1": 1, "e3": 3, "b1": 1, "mix": 3}
+    out = {}
+    for role in BRANCH_ROLES:
+        fan = sum(width[r] for r in BRANCH_READS[role]) or in_ch
+        shape = (classes, fan) if role == "fc" else (width[role], fan, kernel[role], kernel[role])
+        out[role] = (_he(rng, shape), (0.1 * rng.standard_normal(shape[0])).astype(np.float32))
+    n = width["mix"]
+    out["bn_mix"] = tuple(v.astype(np.float32) for v in (1 + 0.2 * rng.standard_normal(n), 0.1 * rng.standard_normal(n),
+                                                         0.1 * rng.standard_normal(n), 0.5 + rng.random(n)))
+    return out
+
+
+def branch_model(w: dict, size: int = 8) -> onnx.ModelProto:
+    """stem-relu, fire(squeeze-relu, [e1-relu, e3-relu] Concat), [b1-relu, MaxPool(fire)] Concat, mix+BN-relu, GAP, fc."""
+    nodes, inits = [], {}
+
+    def conv_relu(x: str, role: str) -> str:
+        W, b = w[role]
+        inits[f"{role}.W"], inits[f"{role}.b"] = W, b
+        pad = W.shape[-1] // 2
+        nodes.append(helper.make_node("Conv", [x, f"{role}.W", f"{role}.b"], [role], name=f"{role}_conv",
+                                      pads=[pad] * 4))
+        y = role
+        if role == "mix":
+            for i, v in enumerate(w["bn_mix"]):
+                inits[f"mix.bn{i}"] = v
+            nodes.append(helper.make_node("BatchNormalization", ["mix"] + [f"mix.bn{i}" for i in range(4)],
+                                          ["mix.bn"], name="mix_bn"))
+            y = "mix.bn"
+        nodes.append(helper.make_node("Relu", [y], [f"{role}.r"], name=f"{role}_relu"))
+        return f"{role}.r"
+
+    x = conv_relu(conv_relu("input", "stem"), "squeeze")
+    nodes.append(helper.make_node("Concat", [conv_relu(x, "e1"), conv_relu(x, "e3")], ["fire"], name="fire_cat",
+                                  axis=1))
+    nodes.append(helper.make_node("MaxPool", ["fire"], ["pool"], name="pool", kernel_shape=[3, 3], pads=[1] * 4))
+    nodes.append(helper.make_node("Concat", [conv_relu("fire", "b1"), "pool"], ["block"], name="block_cat", axis=-3))
+    x = conv_relu("block", "mix")
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["feat"], name="flatten")]
+    inits["fc.W"], inits["fc.b"] = w["fc"]
+    nodes.append(helper.make_node("Gemm", ["feat", "fc.W", "fc.b"], ["logits"], name="fc", transB=1))
+    return graph_model(nodes, inits, (w["stem"][0].shape[1], size, size), (w["fc"][0].shape[0],))
+
+
+def permute_branches(w: dict, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """The same function with every layer's units permuted (new unit i is old unit perm[i]).
+
+    Readers of a Concat get each part's columns permuted where that part's channels sit.
+    Returns the weights and each role's permutation (the heads' 'fc' is not permuted).
+    """
+    rng = np.random.default_rng(seed)
+    perms = {r: rng.permutation(w[r][0].shape[0]) for r in BRANCH_ROLES if r != "fc"}
+    out = dict(w)
+    for role in BRANCH_ROLES:
+        W, b = w[role]
+        if role in perms:
+            W, b = W[perms[role]], b[perms[role]]
+        cols, at = np.arange(W.shape[1]), 0
+        for part in BRANCH_READS[role]:
+            n = len(perms[part])
+            cols[at:at + n] = at + perms[part]
+            at += n
+        out[role] = (np.ascontiguousarray(W[:, cols]), b)
+    out["bn_mix"] = tuple(v[perms["mix"]] for v in w["bn_mix"])
+    return out, perms
+
+
+def assert_copies_recovered(plan, names: dict[str, str], perm_of) -> None:
+    """Permuted copies merged: every hidden layer fully shared, each copy's unit paired with the unit it came from.
+
+    ``names`` maps roles to layer names ('fc' is the head, never shared); perm_of(t, role) is the
+    permutation copy t applied to that role's units (new unit i is old unit perm[i]).
+    """
+    layers = {l.name: l for l in plan.layers}
+    for role, name in names.items():
+        layer = layers[name]
+        if role == "fc":
+            assert layer.n_shared == 0
+            continue
+        units = np.array(layer.shared)
+        assert units.shape == (layer.units[0], len(plan.tasks))
+        for t in range(1, len(plan.tasks)):
+            np.testing.assert_array_equal(perm_of(t, role)[units[:, t]], units[:, 0])
+        assert layer.cost < 1e-6
