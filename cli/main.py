@@ -246,6 +246,9 @@ def merge(
                              "correlation, ZipIt style; needs one --calib folder) or random (see --seed). "
                              "Merged weights are MTZ's for all."),
     solver: str = typer.Option("optimal", help="Matching: optimal (exactly k, least total cost) or greedy."),
+    stream_pairing: str = typer.Option("all", "--stream-pairing", help="Residual streams: all (paired from the "
+                                       "costs of all their writers; two passes) or early (from the writers before "
+                                       "the stream is first read; one pass, faster)."),
     correct: bool = typer.Option(True, "--correct/--no-correct", help="Label-free least-squares correction."),
     layout: List[str] = typer.Option([], "--layout",
                                      help="multi or gated (merged model); NCHW or NHWC (image input). Repeatable."),
@@ -290,7 +293,7 @@ def merge(
                                         _pairs(share_layer, "--share-layer").items()),
         max_cost=max_cost, alpha=alpha, cost=cost, solver=solver, correct=correct, layout=emit_layout,
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (), calib_samples=calib_samples,
-        max_patches=max_patches,
+        max_patches=max_patches, stream_pairing=stream_pairing,
         batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device,
         budget=budget, target_size=target_size, input_scale=_input_scales(input_scale),
         seed=seed, retrain=_retrain_options(retrain_iters, retrain_lr, retrain_optimizer, retrain_batch_size, alpha,

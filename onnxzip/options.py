@@ -27,6 +27,7 @@ DEFAULT_VERIFY_SAMPLES = 512
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?i?[bB])?\s*$")
 _SIZE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2 ** 10, "MI": 2 ** 20, "GI": 2 ** 30}
 PARAMS, BYTES = "params", "bytes"
+STREAM_PAIRINGS = ("all", "early")
 
 
 def parse_size(text: str | int) -> tuple[int, str]:
@@ -79,6 +80,10 @@ class MergeOptions:
     # Per task (name, scale, offset): the model expects x = scale * u + offset of the raw input u
     # the merged model takes; folded into its first layer (canonical.fold_input_affine).
     input_scale: tuple[tuple[str, float, float], ...] = ()
+    # How a unit space with writers after its first reader (a residual stream) is paired: "all"
+    # from the pair costs of all its writers (a second pass over the layers), "early" from those
+    # before its first reader only (one pass; faster). Chains always take one pass.
+    stream_pairing: str = "all"
 
     def __post_init__(self) -> None:
         checks = [
@@ -99,6 +104,8 @@ class MergeOptions:
              f"--seed must be a non-negative integer, got {self.seed!r}"),
             (self.retrain is None or (hasattr(self.retrain, "iters") and hasattr(self.retrain, "lr")),
              f"retrain must be a RetrainOptions or None, got {type(self.retrain).__name__}"),
+            (self.stream_pairing in STREAM_PAIRINGS,
+             f"--stream-pairing must be one of {', '.join(STREAM_PAIRINGS)}, got '{self.stream_pairing}'"),
             (self.max_patches is None or self.max_patches >= 1,
              f"--max-patches must be at least 1, got {self.max_patches}"),
         ]

@@ -203,6 +203,11 @@ class _Writer:
         """Task t's incoming weights over the shared inputs, one column per unit."""
         return self.weights[t][:, self.feats[t]].T
 
+    def snapshot(self) -> "_Writer":
+        """A copy of the writer as it stands before tying (weights copied, statistics dropped), for pairing only."""
+        return _Writer(self.k, self.name, [], [W.copy() for W in self.weights], [], self.corrected,
+                       list(self.feats), list(self.H))
+
     @cached_property
     def sparse(self) -> bool:
         """True when any task's layer is pruned (computed once; merging keeps the zero patterns)."""
@@ -313,8 +318,14 @@ def _can_share(writers: list[_Writer], plan_layers: dict[int, LayerPlan], spaces
 
 
 def _tie_space(writers: list[_Writer], given: tuple | None, tasks: list[_Task], plan_layers: dict[int, LayerPlan],
-               spaces: Spaces, opts: MergeOptions, timer: StageTimer) -> list[LayerPlan]:
-    """Pair a unit space (or follow its pairing, ``given``), tie every writer's shared units, plan them."""
+               spaces: Spaces, opts: MergeOptions, timer: StageTimer, guides: Sequence[_Writer] = (),
+               late: list[_Writer] | None = None) -> list[LayerPlan]:
+    """Pair a unit space (or follow its pairing, ``given``), tie every writer's shared units, plan them.
+
+    ``guides`` (later writers of the space, from a first pass) add their pair costs to the
+    pairing but are not tied. When ``late`` is a list, writers that follow a given pairing are
+    appended to it as they stand before tying, to guide a second pass.
+    """
     head = len(tasks[0].tied.layers) - 1
     space = spaces.space[writers[0].k]
     with timer("score+match"):
@@ -323,12 +334,14 @@ def _tie_space(writers: list[_Writer], given: tuple | None, tasks: list[_Task], 
     units, choice = None, None
     if given is not None:
         units = [np.array([s[t] for s in given], np.int64) for t in range(len(tasks))]
+        if late is not None:
+            late.extend(w.snapshot() for w in writers)
     elif spaces.space[head] != space and _can_share(writers, plan_layers, spaces):
         first = tasks[0].tied.layers[space]
         count = opts.shared_count(first.name, tuple(t.tied.layers[space].out_units for t in tasks))
         if count:
             with timer("score+match"):
-                units, choice = _pair_space(tasks, writers, count, opts)
+                units, choice = _pair_space(tasks, writers + list(guides), count, opts)
     plans = []
     for w in writers:
         shared, cost = (), 0.0
@@ -336,7 +349,8 @@ def _tie_space(writers: list[_Writer], given: tuple | None, tasks: list[_Task], 
             with timer("tie"):
                 costs = _tie_writer(w, units, opts)
             shared = tuple(zip(*(u.tolist() for u in units)))
-            cost = float((choice if choice is not None and len(writers) == 1 else costs).sum())
+            alone = choice is not None and len(writers) == 1 and not guides
+            cost = float((choice if alone else costs).sum())
         for task, W in zip(tasks, w.weights):
             layer = task.tied.layers[w.k]
             task.tied = task.tied.with_layer(w.k, layer.with_matrix(W[:, :-1], W[:, -1]))
@@ -365,29 +379,27 @@ def _run_hook(hook: LayerHook, names: tuple[str, ...], plan_layers: dict[int, La
         task.tied, task.stale = net, True
 
 
-def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
-                 n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
-                 progress: ProgressFn = no_progress, timer: StageTimer | None = None,
-                 after_layer: LayerHook | None = None) -> tuple[SharingPlan, list[Network]]:
-    """Zip the hidden layers of two or more aligned networks in order, then refit the heads.
+def _late_writers(spaces: Spaces) -> bool:
+    """True when some space has writers after the layer where it is paired (a residual stream read early)."""
+    return any(k > spaces.decided_at(s) for s in spaces.spaces for k in spaces.writers(s))
 
-    A unit space written by several layers (a residual stream) is paired once, at the layer
-    Spaces.decided_at names, from the summed costs of the writers so far; its later writers
-    follow that pairing. ``after_layer`` runs after each hidden layer that shares units, when no
-    writer is waiting for its space to be paired (see LayerHook). Returns the sharing plan and
-    the tied networks (same topology as the inputs).
-    """
-    timer = timer or StageTimer()
+
+def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
+              n_batches: Sequence[int], opts: MergeOptions, providers: list[str], progress: ProgressFn,
+              timer: StageTimer, after_layer: LayerHook | None, guides: dict[int, list[_Writer]],
+              collect: bool, label: str = "") -> tuple[SharingPlan, list[Network], dict[int, list[_Writer]]]:
+    """One pass over the layers; returns the plan, the tied networks and (if ``collect``) each space's late writers."""
     names = tuple(opts.tasks)
     n_layers = len(nets[0].layers)
     spaces = unit_spaces(nets[0])
     plan_layers: dict[int, LayerPlan] = {}
     waiting: list[_Writer] = []
+    late: dict[int, list[_Writer]] = {}
     with tempfile.TemporaryDirectory(prefix="onnxzip-") as tmp:
         tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b) in enumerate(zip(nets, batches))]
         for k in range(n_layers):
-            tick = progress(f"layer {nets[0].layers[k].name}", sum(n_batches))
+            tick = progress(f"{label}layer {nets[0].layers[k].name}", sum(n_batches))
             with timer("calibrate"):
                 accs = [_calibrate(task, k, n_layers, providers, tick, opts.max_patches) for task in tasks]
             waiting.append(_writer(k, tasks, accs, plan_layers, opts, timer))
@@ -397,8 +409,36 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
                 writers = [w for w in waiting if spaces.space[w.k] == space]
                 waiting = [w for w in waiting if spaces.space[w.k] != space]
                 given = decided.shared if decided is not None else None
-                for w, plan in zip(writers, _tie_space(writers, given, tasks, plan_layers, spaces, opts, timer)):
+                plans = _tie_space(writers, given, tasks, plan_layers, spaces, opts, timer,
+                                   guides.get(space, ()), late.setdefault(space, []) if collect else None)
+                for w, plan in zip(writers, plans):
                     plan_layers[w.k] = plan
             if after_layer is not None and not waiting and k < n_layers - 1 and plan_layers[k].n_shared:
                 _run_hook(after_layer, names, plan_layers, tasks, timer)
-    return SharingPlan(names, tuple(plan_layers[k] for k in range(n_layers))), [t.tied for t in tasks]
+    return SharingPlan(names, tuple(plan_layers[k] for k in range(n_layers))), [t.tied for t in tasks], late
+
+
+def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
+                 n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
+                 progress: ProgressFn = no_progress, timer: StageTimer | None = None,
+                 after_layer: LayerHook | None = None) -> tuple[SharingPlan, list[Network]]:
+    """Zip the hidden layers of two or more aligned networks in order, then refit the heads.
+
+    A unit space written by several layers (a residual stream) is paired once, at the layer
+    Spaces.decided_at names, from the summed pair costs of its writers; later writers follow
+    that pairing. When a space has writers after that layer (a stream read before its last
+    writer), ``opts.stream_pairing`` "all" runs a first pass to get those writers' statistics
+    and pairs the space in a second pass from the costs of all its writers; "early" pairs it
+    from the writers before it is read only (one pass). ``after_layer`` runs after each hidden
+    layer that shares units, when no writer is waiting for its space to be paired (see
+    LayerHook), in the final pass only. Returns the sharing plan and the tied networks (same
+    topology as the inputs).
+    """
+    timer = timer or StageTimer()
+    guides: dict[int, list[_Writer]] = {}
+    if opts.stream_pairing == "all" and _late_writers(unit_spaces(nets[0])):
+        _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True,
+                                 "pass 1 of 2: ")
+    plan, tied, _ = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, after_layer, guides,
+                              False, "pass 2 of 2: " if guides else "")
+    return plan, tied

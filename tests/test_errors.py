@@ -128,6 +128,8 @@ def test_bad_options_and_usage(tmp_path):
     _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", out, "--share-layer", "fc9=0.5"), out, "fc9")
     _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", out, "--share-layer", "fc2=0.5"), out, "head")
     _assert_user_error(_cli("merge", a, b, "--calib", "x=" + str(calib), "-o", out), out, "unknown task")
+    _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", out, "--stream-pairing", "late"), out,
+                       "--stream-pairing must be one of all, early")
     _assert_user_error(_cli("merge", a, b, "--calib", calib, "-o", a), a.parent / "none.onnx", "overwrite")
     assert a.exists()
     proc = _cli("merge", a, b, "--calib", calib, "--no-such-flag", "-o", out)

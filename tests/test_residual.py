@@ -203,3 +203,28 @@ def test_target_size_sizes_a_resnet_merge_exactly(tmp_path, target):
     else:
         assert out.stat().st_size <= 10_000
     assert result.params_merged == result.search.chosen.params
+
+
+def test_a_stream_is_paired_from_all_its_writers(tmp_path):
+    """Stem units 0 and 1 nearly equal; the second model swaps them in the stem only.
+
+    From the stem alone ("early") the swap is the cheaper pairing; the block's second conv, which
+    also writes the stream and is the same in both models, says the units line up unswapped.
+    Pairing from all writers ("all", a second pass) follows it and ties at far lower cost.
+    """
+    w = B.resnet_weights(0)
+    W, b = (v.copy() for v in w["stem"])
+    W[1] = W[0] + 0.05 * W[0].std() * np.random.default_rng(9).standard_normal(W[0].shape)
+    b[1] = b[0]
+    swapped = dict(w, stem=(W[[1, 0, 2, 3]], b[[1, 0, 2, 3]]))
+    w["stem"] = (W, b)
+    paths = [B.save(B.resnet_model(w), tmp_path / "a.onnx"), B.save(B.resnet_model(swapped), tmp_path / "b.onnx")]
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=256)
+    plans = {mode: merge(paths, calib, tmp_path / f"{mode}.onnx", MergeOptions(stream_pairing=mode)).plan
+             for mode in ("early", "all")}
+    stream = {mode: next(l for l in plan.layers if l.name == "conv1").shared for mode, plan in plans.items()}
+    assert stream["early"] == ((0, 1), (1, 0), (2, 2), (3, 3))
+    assert stream["all"] == ((0, 0), (1, 1), (2, 2), (3, 3))
+    assert next(l for l in plans["all"].layers if l.name == "conv3").shared == stream["all"]
+    cost = {mode: sum(l.cost for l in plan.layers) for mode, plan in plans.items()}
+    assert cost["all"] < 0.01 * cost["early"]
