@@ -204,7 +204,7 @@ class _Writer:
         return self.weights[t][:, self.feats[t]].T
 
     def snapshot(self) -> "_Writer":
-        """A copy of the writer as it stands before tying (weights copied, statistics dropped), for pairing only."""
+        """A copy of the writer as it stands before tying (weights copied, moments dropped), for pairing only."""
         return _Writer(self.k, self.name, [], [W.copy() for W in self.weights], [], self.corrected,
                        list(self.feats), list(self.H))
 
