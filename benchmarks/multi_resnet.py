@@ -19,7 +19,7 @@ retrain`: Adam, each task's training images, batch 64 per task, distillation mix
 cross-entropy as the tool's default, seed 0).
 
     python benchmarks/multi_resnet.py                       # 90% shared, all five tasks
-    python benchmarks/multi_resnet.py --fractions 0.5 0.9 --retrain-iters 300 --calib 1000
+    python benchmarks/multi_resnet.py --fractions 0.5 0.9 --retrain-iters 300 --lr 1e-4 --calib 1000
     python benchmarks/multi_resnet.py --stream-pairing early all --retrain-iters 0   # merges only
 
 Writes the section 'multi_resnet' of benchmarks/RESULTS.md, multi_resnet.md and multi_resnet.json
@@ -178,8 +178,8 @@ def main() -> None:
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.9])
     ap.add_argument("--calib", type=int, default=1000)
     ap.add_argument("--train", type=int, default=8000)
-    ap.add_argument("--retrain-iters", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--retrain-iters", type=int, default=4000)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--stream-pairing", nargs="+", default=["all"], choices=["all", "early"])
     args = ap.parse_args()
     start = time.perf_counter()
