@@ -262,13 +262,15 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
                 found[("pre", k)] = [g.tensor for g in env[output]]
             where, k, width[output] = step.name, k + 1, step.out_units
             continue
+        if step.op_type == "Concat":
+            widths = [width[name] for name in inputs]
+            env[output], width[output] = _emit_concat(b, step, where, groups, widths, task), sum(widths)
+            continue
         if step.op_type == "Add":
             env[output] = _emit_add(b, step, where, groups, task)
-        elif step.op_type == "Concat":
-            env[output] = _emit_concat(b, step, where, groups, [width[name] for name in inputs], task)
         else:
             env[output] = _emit_op(b, step, where, groups[0], task)
-        width[output] = sum(width.get(name, 0) for name in (inputs if step.op_type == "Concat" else inputs[:1]))
+        width[output] = width.get(inputs[0], 0)  # unit-wise ops and Adds keep the units (0: not known here)
     if ("in", k) in taps:  # the segment stops right before layer k
         found[("in", k)] = [g.tensor for g in env[wiring[net.layer_steps[k]][0][0]]]
     last = env[wiring[stop - 1][1]] if stop > start else env[next(iter(env))]
