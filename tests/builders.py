@@ -285,6 +285,34 @@ def exporter_model(layers: list[tuple[np.ndarray, np.ndarray]], in_shape: tuple[
     return graph_model(n.nodes, n.inits, input_shape, (fcs[-1][0].shape[0],), form.batch, form.opset)
 
 
+def _pooled_head_model(nodes: list, inits: dict, w: dict, x: str, size: int) -> onnx.ModelProto:
+    """The model of ``nodes`` ending in tensor x, then GlobalAveragePool, Flatten and the 'fc' head of w."""
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["feat"], name="flatten")]
+    inits["fc.W"], inits["fc.b"] = w["fc"]
+    nodes.append(helper.make_node("Gemm", ["feat", "fc.W", "fc.b"], ["logits"], name="fc", transB=1))
+    return graph_model(nodes, inits, (w["stem"][0].shape[1], size, size), (w["fc"][0].shape[0],))
+
+
+def permuted_copies(folder: Path, w: dict, model, permute, n: int, stem: str):
+    """n model files: w itself (folder/<stem>0.onnx), then copies permuted by permute(w, seed=i).
+
+    Returns the paths and each copy's permutations (None for the first).
+    """
+    paths, perms = [save(model(w), folder / f"{stem}0.onnx")], [None]
+    for i in range(1, n):
+        pw, perm = permute(w, seed=i)
+        paths.append(save(model(pw), folder / f"{stem}{i}.onnx"))
+        perms.append(perm)
+    return paths, perms
+
+
+def task_output(path: Path, x: np.ndarray, layout: str, t: int) -> np.ndarray:
+    """Task t's output of a merged model in the 'multi' or 'gated' layout."""
+    feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
+    return run(path, x, feeds)[0 if layout == "gated" else t]
+
+
 # A tiny ResNet: stem, one block with an identity shortcut, one with a strided 1x1 projection.
 # Roles in layer order; BatchNorms follow the roles in RESNET_BN (folded on import).
 RESNET_ROLES = ("stem", "b1a", "b1b", "b2a", "b2b", "proj", "fc")
@@ -341,11 +369,7 @@ def resnet_model(w: dict, size: int = 8, join_b1: bool = True) -> onnx.ModelProt
     x = relu(add(h, x, "join1") if join_b1 else h, "r2")
     h = conv(relu(conv(x, "b2a", 2), "r3"), "b2b")
     x = relu(add(h, conv(x, "proj", 2), "join2"), "r4")
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
-              helper.make_node("Flatten", ["gap"], ["feat"], name="flatten")]
-    inits["fc.W"], inits["fc.b"] = w["fc"]
-    nodes.append(helper.make_node("Gemm", ["feat", "fc.W", "fc.b"], ["logits"], name="fc", transB=1))
-    return graph_model(nodes, inits, (w["stem"][0].shape[1], size, size), (w["fc"][0].shape[0],))
+    return _pooled_head_model(nodes, inits, w, x, size)
 
 
 def permute_resnet(w: dict, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -422,11 +446,7 @@ def branch_model(w: dict, size: int = 8) -> onnx.ModelProto:
     nodes.append(helper.make_node("MaxPool", ["fire"], ["pool"], name="pool", kernel_shape=[3, 3], pads=[1] * 4))
     nodes.append(helper.make_node("Concat", [conv_relu("fire", "b1"), "pool"], ["block"], name="block_cat", axis=-3))
     x = conv_relu("block", "mix")
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
-              helper.make_node("Flatten", ["gap"], ["feat"], name="flatten")]
-    inits["fc.W"], inits["fc.b"] = w["fc"]
-    nodes.append(helper.make_node("Gemm", ["feat", "fc.W", "fc.b"], ["logits"], name="fc", transB=1))
-    return graph_model(nodes, inits, (w["stem"][0].shape[1], size, size), (w["fc"][0].shape[0],))
+    return _pooled_head_model(nodes, inits, w, x, size)
 
 
 def permute_branches(w: dict, seed: int) -> tuple[dict, dict[str, np.ndarray]]:

@@ -20,13 +20,7 @@ NAMES = dict(zip(B.BRANCH_ROLES, ("conv1", "conv2", "conv3", "conv4", "conv5", "
 
 
 def _copies(tmp_path, n):
-    w = B.branch_weights(0)
-    paths, perms = [B.save(B.branch_model(w), tmp_path / "n0.onnx")], [None]
-    for i in range(1, n):
-        pw, perm = B.permute_branches(w, seed=i)
-        paths.append(B.save(B.branch_model(pw), tmp_path / f"n{i}.onnx"))
-        perms.append(perm)
-    return paths, perms
+    return B.permuted_copies(tmp_path, B.branch_weights(0), B.branch_model, B.permute_branches, n, "n")
 
 
 def _unrelated(tmp_path):
@@ -58,9 +52,7 @@ def test_permuted_branches_merge_back_exactly(tmp_path, layout):
     x = _x(1, 16)
     want = B.run(paths[0], x)[0]
     for t in range(2):
-        feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
-        got = B.run(out, x, feeds)[0 if layout == "gated" else t]
-        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(B.task_output(out, x, layout, t), want, rtol=TOL, atol=TOL)
     head = import_network(paths[0]).layers[-1]
     assert result.params_merged == result.params_inputs[0] + head.W.size + head.b.size
     # fully shared: one Concat per module, no Gather or Transpose to fix the channel order
@@ -112,10 +104,8 @@ def test_partly_shared_branches_keep_each_parts_groups(tmp_path, layout):
     if layout == "multi":
         assert sorted(g.pop() for g in groups) == ["shared"] * 4 + ["task_u0"] * 2 + ["task_u1"] * 2
     x = _x(4)
-    feeds = {"task": np.array(1, np.int64)} if layout == "gated" else None
     one = split(out, "u1", tmp_path / "u1_only.onnx")
-    np.testing.assert_allclose(B.run(one, x)[0], B.run(out, x, feeds)[0 if layout == "gated" else 1],
-                               rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(B.run(one, x)[0], B.task_output(out, x, layout, 1), rtol=TOL, atol=TOL)
 
 
 def test_budget_and_target_size_count_concat_readers(tmp_path):

@@ -30,11 +30,6 @@ def _models(tmp_path, kind, n, permuted):
     return paths, perms, shape
 
 
-def _outputs(path, x, layout, t):
-    feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
-    return B.run(path, x, feeds)[0 if layout == "gated" else t]
-
-
 @pytest.mark.parametrize("layout", ["multi", "gated"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_three_permuted_copies_merge_into_one(tmp_path, kind, layout):
@@ -51,7 +46,7 @@ def test_three_permuted_copies_merge_into_one(tmp_path, kind, layout):
     x = np.random.default_rng(4).random((16, *shape), dtype=np.float32)
     want = B.run(paths[0], x)[0]
     for t in range(3):
-        np.testing.assert_allclose(_outputs(out, x, layout, t), want, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(B.task_output(out, x, layout, t), want, rtol=TOL, atol=TOL)
     head = import_network(paths[0]).layers[-1]
     # one trunk and three heads; each shared block saves two copies
     assert result.params_merged == result.params_inputs[0] + 2 * (head.W.size + head.b.size)
@@ -74,7 +69,7 @@ def test_four_different_models_emitted_equals_tied(tmp_path, layout, cost):
     # a split task is a standalone model computing what the merged one computes for it
     x = np.random.default_rng(2).random((8, *shape), dtype=np.float32)
     part = split(out, "m3", tmp_path / "m3_split.onnx")
-    np.testing.assert_allclose(B.run(part, x)[0], _outputs(out, x, layout, 3), rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(B.run(part, x)[0], B.task_output(out, x, layout, 3), rtol=TOL, atol=TOL)
 
 
 def test_a_threshold_drops_units_a_later_task_does_not_match(tmp_path):

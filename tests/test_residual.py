@@ -20,18 +20,7 @@ SPACE_OF = {r: s for s, (writers, _) in B.RESNET_SPACES.items() for r in writers
 
 
 def _copies(tmp_path, n, seed=0):
-    w = B.resnet_weights(seed)
-    paths, perms = [B.save(B.resnet_model(w), tmp_path / "r0.onnx")], [None]
-    for i in range(1, n):
-        pw, perm = B.permute_resnet(w, seed=i)
-        paths.append(B.save(B.resnet_model(pw), tmp_path / f"r{i}.onnx"))
-        perms.append(perm)
-    return paths, perms
-
-
-def _outputs(path, x, layout, t):
-    feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
-    return B.run(path, x, feeds)[0 if layout == "gated" else t]
+    return B.permuted_copies(tmp_path, B.resnet_weights(seed), B.resnet_model, B.permute_resnet, n, "r")
 
 
 def test_unit_spaces_of_a_resnet(tmp_path):
@@ -61,7 +50,7 @@ def test_permuted_resnet_merges_back_exactly(tmp_path, layout):
     x = np.random.default_rng(4).random((16, *SHAPE), dtype=np.float32)
     want = B.run(paths[0], x)[0]
     for t in range(2):
-        np.testing.assert_allclose(_outputs(out, x, layout, t), want, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(B.task_output(out, x, layout, t), want, rtol=TOL, atol=TOL)
     head = import_network(paths[0]).layers[-1]
     assert result.params_merged == result.params_inputs[0] + head.W.size + head.b.size
     assert result.params_merged == sum(result.params_inputs) - sum(r.params_saved for r in result.layers)
