@@ -205,15 +205,15 @@ def _print_search(result: MergeResult) -> None:
     out.print(table)
 
 
-def _retrain_options(iters: int, lr: float, optimizer: str, batch_size: int, alpha: float, image: ImageOptions,
-                     device: str, seed: int) -> Optional[RetrainOptions]:
+def _retrain_options(iters: int, lr: float, lr_schedule: str, optimizer: str, batch_size: int, alpha: float,
+                     image: ImageOptions, device: str, seed: int) -> Optional[RetrainOptions]:
     """The per-layer retraining options of `merge --retrain-iters`, or None for 0 iterations."""
     if iters < 0:
         raise OnnxZipError(f"--retrain-iters must be a non-negative integer, got {iters}")
     if iters == 0:
         return None
-    return RetrainOptions(iters=iters, lr=lr, optimizer=optimizer, batch_size=batch_size, alpha=alpha, image=image,
-                          device=device, seed=seed)
+    return RetrainOptions(iters=iters, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, batch_size=batch_size,
+                          alpha=alpha, image=image, device=device, seed=seed)
 
 
 def _print_retraining(result: MergeResult) -> None:
@@ -278,6 +278,8 @@ def merge(
     retrain_iters: int = typer.Option(0, "--retrain-iters", help="Retrain N iterations after each zipped layer "
                                       "(MTZ's schedule; needs PyTorch). 0: no retraining."),
     retrain_lr: float = typer.Option(retrain_defaults.DEFAULT_LR, "--retrain-lr", help="Retraining learning rate."),
+    retrain_lr_schedule: str = typer.Option("constant", "--retrain-lr-schedule", help="constant, or cosine: "
+                                            "annealed from --retrain-lr to 0 within each round."),
     retrain_optimizer: str = typer.Option("adam", "--retrain-optimizer", help="adam or sgd (momentum 0.9)."),
     retrain_batch_size: int = typer.Option(retrain_defaults.DEFAULT_BATCH_SIZE, "--retrain-batch-size"),
     retrain_data: List[str] = typer.Option([], "--retrain-data", help="Retraining folder for all tasks, or TASK=DIR "
@@ -296,8 +298,8 @@ def merge(
         max_patches=max_patches, stream_pairing=stream_pairing,
         batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device,
         budget=budget, target_size=target_size, input_scale=_input_scales(input_scale),
-        seed=seed, retrain=_retrain_options(retrain_iters, retrain_lr, retrain_optimizer, retrain_batch_size, alpha,
-                                            image, device, seed))
+        seed=seed, retrain=_retrain_options(retrain_iters, retrain_lr, retrain_lr_schedule, retrain_optimizer,
+                                            retrain_batch_size, alpha, image, device, seed))
     if report is not None and report.exists() and report.is_dir():
         raise OnnxZipError(f"{report}: --report must be a file path")
     out.print(resolve_device(opts.device)[1])
@@ -379,6 +381,8 @@ def retrain(
     mix: float = typer.Option(retrain_defaults.DEFAULT_MIX, help="Weight of the cross-entropy in --loss mix."),
     temperature: float = typer.Option(retrain_defaults.DEFAULT_TEMPERATURE, help="Distillation temperature."),
     optimizer: str = typer.Option("adam", help="adam or sgd (momentum 0.9)."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine: annealed from --lr "
+                                    "to 0 over the iterations."),
     holdout: float = typer.Option(retrain_defaults.DEFAULT_HOLDOUT,
                                   help="Fraction of each task's data held out to measure fidelity."),
     samples: Optional[int] = typer.Option(None, help="Use at most N samples per task."),
@@ -398,8 +402,8 @@ def retrain(
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
                          std=_floats(std, "--std", (1.0,)), layout=layout.upper())
     opts = RetrainOptions(iters=iters, lr=lr, batch_size=batch_size, alpha=alpha, loss=loss, mix=mix,
-                          temperature=temperature, optimizer=optimizer, holdout=holdout, samples=samples,
-                          verify_samples=verify_samples, image=image, device=device, threads=threads, seed=seed)
+                          temperature=temperature, optimizer=optimizer, lr_schedule=lr_schedule, holdout=holdout,
+                          samples=samples, verify_samples=verify_samples, image=image, device=device, threads=threads, seed=seed)
     folders = data[0] if len(data) == 1 and "=" not in data[0] else _pairs(data, "--data")
     out.print(device_note(opts.device))
     bars = _RetrainBars()

@@ -152,7 +152,8 @@ def _check_bridge(path: Path, layout: str, module, prepared: list[_Prepared], op
 
 def _record(opts: RetrainOptions, prepared: list[_Prepared], losses: tuple[float, ...], before, after) -> dict:
     """The metadata entry of this run."""
-    return {"version": __version__, "iterations": opts.iters, "lr": opts.lr, "optimizer": opts.optimizer,
+    return {"version": __version__, "iterations": opts.iters, "lr": opts.lr, "lr_schedule": opts.lr_schedule,
+            "optimizer": opts.optimizer,
             "batch_size": opts.batch_size, "alpha": opts.alpha, "seed": opts.seed,
             "loss": {p.data.task: p.loss for p in prepared}, "loss_final": _final(losses),
             "teachers": {p.data.task: p.teacher.name for p in prepared},

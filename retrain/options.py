@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from numbers import Integral
 
@@ -14,6 +15,9 @@ from ..runtime import DEVICES
 LABELS, DISTILL, MIX = "labels", "distill", "mix"
 LOSSES = ("auto", LABELS, DISTILL, MIX)
 OPTIMIZERS = ("adam", "sgd")
+# Learning rate over the iterations: held at --lr, or cosine-annealed from --lr to 0 (Loshchilov &
+# Hutter, SGDR, without restarts), which settles the weights at the end of a longer retraining.
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_ITERS = 300
 # Light retraining: small steps from a good starting point (Adam's usual fine-tuning rate).
 DEFAULT_LR = 1e-4
@@ -45,6 +49,7 @@ class RetrainOptions:
     mix: float = DEFAULT_MIX
     temperature: float = DEFAULT_TEMPERATURE
     optimizer: str = "adam"
+    lr_schedule: str = "constant"
     holdout: float = DEFAULT_HOLDOUT
     samples: int | None = None
     verify_samples: int = DEFAULT_VERIFY_SAMPLES
@@ -67,6 +72,8 @@ class RetrainOptions:
             (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
             (self.optimizer in OPTIMIZERS,
              f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'"),
             (0.0 < self.holdout < 1.0, f"--holdout must lie strictly between 0 and 1, got {self.holdout}"),
             (self.samples is None or (_is_int(self.samples) and self.samples >= 2),
              f"--samples must be an integer >= 2, got {self.samples!r}"),
@@ -80,6 +87,12 @@ class RetrainOptions:
         for ok, message in checks:
             if not ok:
                 raise OnnxZipError(message)
+
+    def lr_at(self, it: int) -> float:
+        """The learning rate of iteration ``it`` (0-based) under lr_schedule."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * it / self.iters))
 
     def task_weights(self, n_tasks: int) -> tuple[float, ...]:
         """Loss weight per task, summing to the number of tasks: (2 alpha, 2 (1 - alpha)) for two tasks."""

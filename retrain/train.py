@@ -78,6 +78,8 @@ def train(module: MergedModule, tasks: Sequence[TrainTask], opts: RetrainOptions
     running: dict[str, float] = {}
     losses = []
     for it in range(opts.iters):
+        for group in optimizer.param_groups:
+            group["lr"] = opts.lr_at(it)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for task, source in zip(tasks, batches):

@@ -98,7 +98,7 @@ def test_retraining_keeps_every_shared_block_one_tensor(tmp_path, kind, layout):
     meta_after = {p.key: p.value for p in after.metadata_props}
     assert {k: v for k, v in meta_after.items() if k != RETRAIN_KEY} == meta_before
     record = json.loads(meta_after[RETRAIN_KEY])[-1]
-    assert record["iterations"] == 20 and record["lr"] == 1e-3 and record["loss"] == {"a": "distill", "b": "distill"}
+    assert record["iterations"] == 20 and record["lr"] == 1e-3 and record["lr_schedule"] == "constant" and record["loss"] == {"a": "distill", "b": "distill"}
     assert np.isfinite(record["loss_final"])
     assert all(r.max_diff_written <= WRITEBACK_ATOL + 1e-3 for r in result.tasks)
 
@@ -305,10 +305,31 @@ def test_user_errors_name_the_option(tmp_path, case, needle):
 
 
 @pytest.mark.parametrize("field,value", [("iters", 0), ("lr", 0.0), ("holdout", 1.0), ("loss", "l2"),
-                                         ("optimizer", "lbfgs"), ("threads", 0), ("samples", 1), ("alpha", 1.0)])
+                                         ("optimizer", "lbfgs"), ("threads", 0), ("samples", 1), ("alpha", 1.0),
+                                         ("lr_schedule", "step")])
 def test_options_are_checked(field, value):
-    with pytest.raises(OnnxZipError, match=f"--{field}"):
+    with pytest.raises(OnnxZipError, match=f"--{field.replace('_', '-')}"):
         RetrainOptions(**{field: value})
+
+
+def test_the_loop_steps_at_the_scheduled_rate(tmp_path, monkeypatch):
+    merged, _, shape = _pair(tmp_path, "mlp", "multi", share=0.5)
+    model, meta = load_merged(merged)
+    module = build_module(model, meta, merged)
+    rng = np.random.default_rng(0)
+    x = rng.random((64, *shape), dtype=np.float32)
+    tasks = [TrainTask(t, x, rng.standard_normal((64, 10)).astype(np.float32), None, "distill", 1.0)
+             for t in ("a", "b")]
+    seen, step = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]),
+                                                                         step(self, *a, **k))[1])
+    for schedule in ("constant", "cosine"):
+        train(module, tasks, RetrainOptions(iters=8, lr=1e-2, lr_schedule=schedule, **FAST), torch.device("cpu"))
+    constant, cosine = seen[:8], seen[8:]
+    assert constant == [1e-2] * 8
+    # cosine annealing from --lr to 0: lr/2 (1 + cos(pi t / T)), t = 0 .. T-1
+    np.testing.assert_allclose(cosine, [5e-3 * (1 + np.cos(np.pi * t / 8)) for t in range(8)], rtol=1e-12)
+    assert cosine[0] == 1e-2 and cosine[4] == pytest.approx(5e-3) and all(np.diff(cosine) < 0) and cosine[-1] < 4e-4
 
 
 def test_cli_without_torch_prints_the_install_hint(tmp_path):
