@@ -26,6 +26,8 @@ LAYOUTS = ("multi", "gated")
 TASK_INPUT = "task"
 BATCH_DIM = "N"
 GATED_OUTPUT = "output"
+# Graph inputs and outputs of a calibration segment that carry a tensor live across its ends.
+LIVE_PREFIX = "live."
 
 
 @dataclass
@@ -239,19 +241,34 @@ def _emit_concat(b: _Builder, step: Op, where: str, inputs: list[list[_Group]], 
     return out
 
 
-def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, stop: int | None = None,
-               taps: Sequence[tuple[str, int]] = ()) -> tuple[str | None, dict]:
-    """Emit steps [start, stop) of one task from tensor x; returns (final tensor, taps -> tensors).
+def _tensor_widths(net: Network) -> dict[str, int]:
+    """Channels (units) of every tensor the steps write: a layer's units, a Concat's parts summed,
+    and otherwise its first input's (0 for the network input, whose channels no step needs)."""
+    width: dict[str, int] = {}
+    for step, (inputs, output) in zip(net.steps, net.wiring()):
+        if isinstance(step, Layer):
+            width[output] = step.out_units
+        elif step.op_type == "Concat":
+            width[output] = sum(width[name] for name in inputs)
+        else:
+            width[output] = width.get(inputs[0], 0)
+    return width
 
-    A segment that starts after step 0 reads x in place of the tensor its first step reads, so it
-    must not need any other tensor computed before it (true in a chain).
+
+def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, stop: int | None = None,
+               taps: Sequence[tuple[str, int]] = ()) -> tuple[dict[str, list[_Group]], dict]:
+    """Emit steps [start, stop) of one task; returns (every tensor's groups, taps -> tensors).
+
+    From step 0 the segment reads the input as x; a segment that starts later reads each tensor
+    live at its start (Network.live) as the graph input LIVE_PREFIX + its name.
     """
     all_tasks = frozenset(range(len(b.plan.tasks)))
-    wiring, spaces = net.wiring(), unit_spaces(net)
+    wiring, spaces, width = net.wiring(), unit_spaces(net), _tensor_widths(net)
     stop = len(net.steps) if stop is None else stop
-    env = {wiring[start][0][0] if start < len(wiring) else net.input.name: [_Group(all_tasks, x, None)]}
+    env = {name: [_Group(all_tasks, LIVE_PREFIX + name, np.arange(width[name]) if width.get(name) else None)]
+           for name in net.live(start)} if start else {net.input.name: [_Group(all_tasks, x, None)]}
     k = sum(1 for s in net.steps[:start] if isinstance(s, Layer))
-    where, found, width = (net.layers[k - 1].name if k else "input"), {}, {}
+    where, found = (net.layers[k - 1].name if k else "input"), {}
     for step, (inputs, output) in zip(net.steps[start:stop], wiring[start:stop]):
         groups = [env[name] for name in inputs]
         if isinstance(step, Layer):
@@ -260,22 +277,22 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
             env[output] = _emit_layer(b, step, k, groups[0], _layer_rep(net, k, spaces, groups[0]), task)
             if ("pre", k) in taps:
                 found[("pre", k)] = [g.tensor for g in env[output]]
-            where, k, width[output] = step.name, k + 1, step.out_units
-            continue
-        if step.op_type == "Concat":
-            widths = [width[name] for name in inputs]
-            env[output], width[output] = _emit_concat(b, step, where, groups, widths, task), sum(widths)
-            continue
-        if step.op_type == "Add":
+            where, k = step.name, k + 1
+        elif step.op_type == "Concat":
+            env[output] = _emit_concat(b, step, where, groups, [width[name] for name in inputs], task)
+        elif step.op_type == "Add":
             env[output] = _emit_add(b, step, where, groups, task)
         else:
             env[output] = _emit_op(b, step, where, groups[0], task)
-        width[output] = width.get(inputs[0], 0)  # unit-wise ops and Adds keep the units (0: not known here)
     if ("in", k) in taps:  # the segment stops right before layer k
         found[("in", k)] = [g.tensor for g in env[wiring[net.layer_steps[k]][0][0]]]
-    last = env[wiring[stop - 1][1]] if stop > start else env[next(iter(env))]
-    final = last[0].tensor if len(last) == 1 else None
-    return final, found
+    return env, found
+
+
+def _final(net: Network, env: dict[str, list[_Group]]) -> str | None:
+    """The tensor of the network's last step, when it is one group (the task's output)."""
+    last = env[net.wiring()[-1][1]]
+    return last[0].tensor if len(last) == 1 else None
 
 
 def _finalise_names(b: _Builder) -> dict[str, str]:
@@ -378,24 +395,39 @@ def target_opset(nets: Sequence[Network]) -> int:
 
 
 def task_model(net: Network, start: int = 0, stop: int | None = None,
-               taps: Sequence[tuple[str, int]] = (), opset: int | None = None) -> onnx.ModelProto:
+               taps: Sequence[tuple[str, int]] = (), opset: int | None = None,
+               carry: bool = False) -> onnx.ModelProto:
     """A single task's model over steps [start, stop), exposing ``taps`` (("in"|"pre", layer)) as outputs.
 
-    With start=0 and no stop this is the task's whole (tied) model with its own output.
+    With start=0 and no stop this is the task's whole (tied) model with its own output. A segment
+    that starts later takes the tensors live at its start (Network.live) as inputs named
+    LIVE_PREFIX + name. With ``carry`` it also outputs, named the same way, the tensors live at
+    ``stop`` that it computes, so that the next segment can start from them.
     """
     plan = unshared_plan(("t",), [(l.name, l.kind, (l.out_units,)) for l in net.layers])
     b = _Builder(plan)
-    x_name = net.input.name if start == 0 else "x"
-    final, found = _emit_task(b, net, 0, x_name, start, stop, taps)
+    env, found = _emit_task(b, net, 0, net.input.name, start, stop, taps)
     names = _finalise_names(b)
-    x = _input_var(x_name, net.input.shape if start == 0 else None)
-    g = _GsGraph(b, names, {x_name: x})
+    inputs = [_input_var(LIVE_PREFIX + name, None) for name in net.live(start)] if start else \
+        [_input_var(net.input.name, net.input.shape)]
+    g = _GsGraph(b, names, {v.name: v for v in inputs})
     nodes = g.nodes(list(b.nodes.values()))
-    outputs = [_output_var(g.tensor(found[tap][0]), f"{tap[0]}{tap[1]}", None) for tap in taps]
+    wanted = [(found[tap][0], f"{tap[0]}{tap[1]}", None) for tap in taps]
+    if carry and stop is not None:
+        read = set(net.live(start)) if start else {net.input.name}
+        wanted += [(env[name][0].tensor, LIVE_PREFIX + name, None) for name in net.live(stop) if name not in read]
     if stop is None:
-        outputs.append(_output_var(g.tensor(final), net.output.name, net.output.shape))
+        wanted.append((_final(net, env), net.output.name, net.output.shape))
+    outputs = []
+    for ref, name, shape in wanted:
+        var = g.tensor(ref)
+        if any(var is o for o in outputs):  # wanted twice (a tap that is also carried): output a copy
+            copy = gs.Variable(name)
+            nodes.append(gs.Node("Identity", name, inputs=[var], outputs=[copy]))
+            var = copy
+        outputs.append(_output_var(var, name, shape))
     opset = opset or target_opset([net])
-    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=opset)
+    graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset)
     return _export(graph, opset, ir_version_for(opset, [net.ir_version]), {}, "")
 
 
@@ -430,7 +462,7 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
     """The merged model of the tied networks under ``plan``, in the 'multi' or 'gated' layout."""
     b = _Builder(plan)
     x_name = nets[0].input.name
-    finals = {t: _emit_task(b, net, t, x_name)[0] for t, net in enumerate(nets)}
+    finals = {t: _final(net, _emit_task(b, net, t, x_name)[0]) for t, net in enumerate(nets)}
     names = _finalise_names(b)
     x = _input_var(x_name, nets[0].input.shape)
     fixed = {x_name: x}

@@ -111,6 +111,17 @@ class Network:
             prev = wires[1]
         return out
 
+    def live(self, at: int) -> tuple[str, ...]:
+        """The tensors that cross the boundary before step ``at``: written before it (or the input), read at or after it.
+
+        In a chain this is the one tensor step ``at`` reads; in a residual network also the
+        streams that later steps still read.
+        """
+        wiring = self.wiring()
+        written = [self.input.name] + [out for _, out in wiring[:at]]
+        read = {name for inputs, _ in wiring[at:] for name in inputs}
+        return tuple(name for name in written if name in read)
+
     @property
     def is_chain(self) -> bool:
         """True when every step reads exactly the tensor the step before it wrote (no forks or joins)."""

@@ -2,8 +2,9 @@
 
 The state after each layer is the tied networks (each task's own chain, shared blocks set to their
 merged values) and the plan so far. Layer l+1's statistics come from running the partially merged
-models; to avoid rerunning whole prefixes, each task's layer inputs are cached on disk batch by
-batch and the next layer's inputs are computed by running only the segment between the two.
+models; to avoid rerunning whole prefixes, each task's live tensors at a layer (its input, and in
+a residual network the streams read later) are cached on disk batch by batch, and the next
+layer's are computed by running only the segment between the two.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .align import input_reps
 from .correct import refit_update, relative_error, with_bias_column
 from .correlate import correlation_costs
 from .cost import PairMetric, matched_costs, pair_costs
-from .emit import task_model
+from .emit import LIVE_PREFIX, task_model
 from .errors import OnnxZipError
 from .hessian import MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
@@ -60,7 +61,7 @@ class StageTimer:
 
 
 class _DiskBatches:
-    """Activation batches of one task kept on disk, so memory holds one batch at a time."""
+    """Batches of one task's live tensors (a list of arrays each) kept on disk, one batch in memory at a time."""
 
     def __init__(self, root: Path, tag: str):
         self.root, self.tag, self.files, self.generation = root, tag, [], 0
@@ -70,19 +71,20 @@ class _DiskBatches:
             f.unlink(missing_ok=True)
         self.files = batches
 
-    def writer(self) -> Callable[[np.ndarray], Path]:
+    def writer(self) -> Callable[[list[np.ndarray]], Path]:
         self.generation += 1
         gen, count = self.generation, iter(range(1 << 62))
 
-        def write(arr: np.ndarray) -> Path:
-            path = self.root / f"{self.tag}-{gen}-{next(count)}.npy"
-            np.save(path, arr, allow_pickle=False)
+        def write(arrays: list[np.ndarray]) -> Path:
+            path = self.root / f"{self.tag}-{gen}-{next(count)}.npz"
+            np.savez(path, *arrays)
             return path
         return write
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[list[np.ndarray]]:
         for f in self.files:
-            yield np.load(f, allow_pickle=False)
+            with np.load(f, allow_pickle=False) as z:
+                yield [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
 @dataclass
@@ -95,59 +97,72 @@ class _Task:
     reps: list[int]
     tied_cache: _DiskBatches
     orig_cache: _DiskBatches
-    # True when the tied network changed upstream of the cached inputs (after a layer hook).
+    # True when the tied network changed upstream of the cached live tensors (a layer hook, or a
+    # writer tied after later layers were calibrated).
     stale: bool = False
 
 
 def _runner(net: Network, start: int, stop: int | None, taps, providers):
-    """A callable running steps [start, stop) of net on one batch, returning the taps."""
+    """A callable running steps [start, stop) of net on one batch's live tensors at ``start``.
+
+    It returns the taps' values and the tensors live at ``stop`` (in Network.live order; those the
+    segment only passes through are its own inputs).
+    """
+    live_in = net.live(start) if start else (net.input.name,)
+    live_out = net.live(stop) if stop is not None else ()
     if start == stop:
-        return lambda x: [x]
-    sess = session(task_model(net, start, stop, taps), providers)
-    name = sess.get_inputs()[0].name
-    n = len(taps)
-    return lambda x: sess.run(None, {name: x})[:n]
+        return lambda xs: ([], list(xs))
+    sess = session(task_model(net, start, stop, taps, carry=True), providers)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = [i.name for i in sess.get_inputs()]
+
+    def run(xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        values = dict(zip(names, sess.run(None, dict(zip(feeds, xs)))))
+        have = {**dict(zip(live_in, xs)), **{n[len(LIVE_PREFIX):]: v for n, v in values.items()
+                                              if n.startswith(LIVE_PREFIX)}}
+        return [values[f"{tap[0]}{tap[1]}"] for tap in taps], [have[n] for n in live_out]
+    return run
 
 
 def _sources(task: _Task, k: int, n_layers: int, providers):
-    """Runners and batch source of layer k's calibration pass: (tied input, original outputs, batches).
+    """Runners and batch source of layer k's calibration pass: (tied, original, batches).
 
-    In a chain, the tied model's layer inputs and the original's are cached batch by batch, so
-    only the segment since the last layer runs. A network with residual joins runs each prefix
-    from the input (a segment may read tensors from before the last layer).
+    Each task caches, batch by batch, the tensors live at layer k's step (Network.live: in a
+    chain the layer's input, in a residual network also the streams read later), in the tied
+    model and in the original, so each pass runs only the segment since the last layer. A stale
+    tied cache is rebuilt from the input. For layer 0 the original starts from the tied model's
+    live tensors (no layer precedes them).
     """
     ls = task.original.layer_steps
-    if not task.original.is_chain:
-        run_tied = _runner(task.tied, 0, ls[k], [("in", k)], providers)
-        run_orig = _runner(task.original, 0, ls[k] + 1, [("pre", k)], providers)
-        return run_tied, run_orig, ((x, x) for x in task.batches())
     stop = ls[k + 1] if k + 1 < n_layers else None
-    orig_taps = [("pre", k)] + ([("in", k + 1)] if k + 1 < n_layers else [])
-    run_orig = _runner(task.original, ls[k], stop, orig_taps, providers)
+    run_orig = _runner(task.original, ls[k], stop, [("pre", k)], providers)
+    inputs = ([x] for x in task.batches())
     if k == 0:
-        return _runner(task.tied, 0, ls[0], [("in", 0)], providers), run_orig, ((x, None) for x in task.batches())
+        return _runner(task.tied, 0, ls[0], [], providers), run_orig, ((x, None) for x in inputs)
     if task.stale:
-        return _runner(task.tied, 0, ls[k], [("in", k)], providers), run_orig, zip(task.batches(), task.orig_cache)
-    return _runner(task.tied, ls[k - 1], ls[k], [("in", k)], providers), run_orig, zip(task.tied_cache,
-                                                                                      task.orig_cache)
+        return _runner(task.tied, 0, ls[k], [], providers), run_orig, zip(inputs, task.orig_cache)
+    return _runner(task.tied, ls[k - 1], ls[k], [], providers), run_orig, zip(task.tied_cache, task.orig_cache)
 
 
 def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches: int | None) -> MomentAccumulator:
-    """One pass: layer k's inputs in the tied model, the original's pre-activations (and next inputs)."""
+    """One pass: layer k's inputs in the tied model, the original's pre-activations (and live tensors after)."""
     run_tied, run_orig, source = _sources(task, k, n_layers, providers)
     layer = task.tied.layers[k]
+    step = task.tied.layer_steps[k]
+    at = task.tied.live(step).index(task.tied.wiring()[step][0][0])  # layer k's input among the live tensors
     W0, b0 = layer.matrix(), layer.b
     acc = MomentAccumulator(layer.in_features, layer.out_units)
     write_tied, write_orig = task.tied_cache.writer(), task.orig_cache.writer()
     tied_files, orig_files = [], []
-    for prev_tied, orig_in in source:
-        x_tied = run_tied(prev_tied)[0]
-        outs = run_orig(x_tied if orig_in is None else orig_in)
-        rows, z = layer_rows(layer, x_tied, max_patches), output_rows(layer, outs[0], max_patches)
+    for tied_in, orig_in in source:
+        live_tied = run_tied(tied_in)[1]
+        (pre,), live_orig = run_orig(live_tied if orig_in is None else orig_in)
+        x_tied = live_tied[at]
+        rows, z = layer_rows(layer, x_tied, max_patches), output_rows(layer, pre, max_patches)
         acc.add(rows, z - (rows @ W0.T + b0), z)
-        tied_files.append(write_tied(x_tied))
-        if len(outs) > 1:
-            orig_files.append(write_orig(outs[1]))
+        tied_files.append(write_tied(live_tied))
+        if live_orig:
+            orig_files.append(write_orig(live_orig))
         tick()
     task.tied_cache.replace(tied_files)
     task.orig_cache.replace(orig_files)
@@ -178,12 +193,14 @@ def _apply_masks(w: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 def _paired_inputs(tasks: list[_Task]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The two tasks' cached layer inputs batch by batch, in lockstep (batch i: the same samples)."""
+    """The two tasks' cached layer inputs batch by batch, in lockstep (batch i: the same samples).
+
+    Correlation runs on chains only, where the one live tensor is the layer's input."""
     caches = [t.tied_cache for t in tasks]
     if len(caches[0].files) != len(caches[1].files):
         raise OnnxZipError(f"--cost correlation needs the same calibration samples for every task; got "
                            f"{len(caches[0].files)} batches against {len(caches[1].files)}")
-    return zip(*caches)
+    return ((a[0], b[0]) for a, b in zip(*caches))
 
 
 @dataclass
@@ -413,6 +430,9 @@ def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[n
                                    guides.get(space, ()), late.setdefault(space, []) if collect else None)
                 for w, plan in zip(writers, plans):
                     plan_layers[w.k] = plan
+                if any(w.k < k for w in writers):  # tied after the live tensors downstream were cached
+                    for task in tasks:
+                        task.stale = True
             if after_layer is not None and not waiting and k < n_layers - 1 and plan_layers[k].n_shared:
                 _run_hook(after_layer, names, plan_layers, tasks, timer)
     return SharingPlan(names, tuple(plan_layers[k] for k in range(n_layers))), [t.tied for t in tasks], late

@@ -5,8 +5,10 @@ import pytest
 from onnx import helper
 
 import builders as B
+from onnxzip import zipper as Z
 from onnxzip.api import merge
 from onnxzip.canonical import import_network
+from onnxzip.emit import LIVE_PREFIX, task_model
 from onnxzip.errors import OnnxZipError
 from onnxzip.merged import inspect, split
 from onnxzip.options import MergeOptions
@@ -217,3 +219,56 @@ def test_a_stream_is_paired_from_all_its_writers(tmp_path):
     assert next(l for l in plans["all"].layers if l.name == "conv3").shared == stream["all"]
     cost = {mode: sum(l.cost for l in plan.layers) for mode, plan in plans.items()}
     assert cost["all"] < 0.01 * cost["early"]
+
+
+def _session_outputs(model, feeds):
+    import onnxruntime as ort
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "branches"])
+def test_segments_carry_every_live_tensor(tmp_path, kind):
+    """Layer to layer, each segment starts from the tensors live at its start (streams, branch
+    outputs): every layer's input and pre-activation equal those of a run from the input."""
+    model = B.resnet_model(B.resnet_weights(0)) if kind == "resnet" else B.branch_model(B.branch_weights(0))
+    net = import_network(B.save(model, tmp_path / "n.onnx"))
+    ls, x = net.layer_steps, np.random.default_rng(8).random((6, *SHAPE), dtype=np.float32)
+    assert net.live(0) == (net.input.name,) and any(len(net.live(s)) > 1 for s in ls)
+    live = {net.input.name: x}
+    for k, (start, stop) in enumerate(zip((0,) + ls, ls + (None,))):
+        if start == stop:  # nothing before the first layer (the zipper passes the input on as it is)
+            continue
+        feeds = {net.input.name: x} if start == 0 else {LIVE_PREFIX + n: live[n] for n in net.live(start)}
+        taps = [("pre", k - 1)] if k else []
+        got = _session_outputs(task_model(net, start, stop, taps, carry=True), feeds)
+        live = {**{n: live[n] for n in live}, **{n[len(LIVE_PREFIX):]: v for n, v in got.items()
+                                                 if n.startswith(LIVE_PREFIX)}}
+        whole = _session_outputs(task_model(net, 0, stop, [("pre", k - 1)] if k else []), {net.input.name: x})
+        for tap in taps:
+            np.testing.assert_allclose(got[f"{tap[0]}{tap[1]}"], whole[f"{tap[0]}{tap[1]}"], rtol=1e-6, atol=1e-6)
+        if stop is not None:
+            assert set(net.live(stop)) <= set(live)
+            layer_input = net.wiring()[stop][0][0]
+            want = _session_outputs(task_model(net, 0, stop, [("in", k)]), {net.input.name: x})[f"in{k}"]
+            np.testing.assert_allclose(live[layer_input], want, rtol=1e-6, atol=1e-6)
+
+
+def test_cached_calibration_equals_runs_from_the_input(tmp_path, monkeypatch):
+    """The zipper's cached live tensors give the merge that rerunning every prefix gives, also where
+    a stream's writers are tied after a later layer was calibrated (the projection shortcut)."""
+    paths = _perturbed_pair(tmp_path)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=128)
+    opts = MergeOptions(share=0.5, verify_samples=32)
+    cached = merge(paths, calib, tmp_path / "cached.onnx", opts)
+    sources = Z._sources
+
+    def from_input(task, k, n_layers, providers):
+        task.stale = True  # every tied run starts from the input
+        return sources(task, k, n_layers, providers)
+    monkeypatch.setattr(Z, "_sources", from_input)
+    fresh = merge(paths, calib, tmp_path / "fresh.onnx", opts)
+    assert [l.shared for l in cached.plan.layers] == [l.shared for l in fresh.plan.layers]
+    x = np.random.default_rng(9).random((8, *SHAPE), dtype=np.float32)
+    for a, b in zip(B.run(tmp_path / "cached.onnx", x), B.run(tmp_path / "fresh.onnx", x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
