@@ -421,7 +421,7 @@ def task_model(net: Network, start: int = 0, stop: int | None = None,
     outputs = []
     for ref, name, shape in wanted:
         var = g.tensor(ref)
-        if any(var is o for o in outputs):  # wanted twice (a tap that is also carried): output a copy
+        if any(var is o for o in outputs + inputs):  # a tensor output twice, or an input: output a copy
             copy = gs.Variable(name)
             nodes.append(gs.Node("Identity", name, inputs=[var], outputs=[copy]))
             var = copy
