@@ -61,30 +61,33 @@ class StageTimer:
 
 
 class _DiskBatches:
-    """Batches of one task's live tensors (a list of arrays each) kept on disk, one batch in memory at a time."""
+    """Batches of one task's live tensors (a list of arrays each) kept on disk, one batch in memory at a time.
+
+    One .npy file per array: plain writes and reads, no archive to checksum."""
 
     def __init__(self, root: Path, tag: str):
         self.root, self.tag, self.files, self.generation = root, tag, [], 0
 
-    def replace(self, batches: list[Path]) -> None:
-        for f in self.files:
+    def replace(self, batches: list[list[Path]]) -> None:
+        for f in (f for batch in self.files for f in batch):
             f.unlink(missing_ok=True)
         self.files = batches
 
-    def writer(self) -> Callable[[list[np.ndarray]], Path]:
+    def writer(self) -> Callable[[list[np.ndarray]], list[Path]]:
         self.generation += 1
         gen, count = self.generation, iter(range(1 << 62))
 
-        def write(arrays: list[np.ndarray]) -> Path:
-            path = self.root / f"{self.tag}-{gen}-{next(count)}.npz"
-            np.savez(path, *arrays)
-            return path
+        def write(arrays: list[np.ndarray]) -> list[Path]:
+            batch, paths = next(count), []
+            for i, arr in enumerate(arrays):
+                paths.append(self.root / f"{self.tag}-{gen}-{batch}-{i}.npy")
+                np.save(paths[-1], arr, allow_pickle=False)
+            return paths
         return write
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
-        for f in self.files:
-            with np.load(f, allow_pickle=False) as z:
-                yield [z[f"arr_{i}"] for i in range(len(z.files))]
+        for batch in self.files:
+            yield [np.load(f, allow_pickle=False) for f in batch]
 
 
 @dataclass
