@@ -111,7 +111,7 @@ def _runner(net: Network, start: int, stop: int | None, taps, providers):
     It returns the taps' values and the tensors live at ``stop`` (in Network.live order; those the
     segment only passes through are its own inputs).
     """
-    live_in = net.live(start) if start else (net.input.name,)
+    live_in = net.live(start)
     live_out = net.live(stop) if stop is not None else ()
     if start == stop:
         return lambda xs: ([], list(xs))

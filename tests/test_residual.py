@@ -1,6 +1,7 @@
 """Residual networks: unit spaces joined by Add are paired once; permuted copies merge back exactly."""
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -222,7 +223,6 @@ def test_a_stream_is_paired_from_all_its_writers(tmp_path):
 
 
 def _session_outputs(model, feeds):
-    import onnxruntime as ort
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
