@@ -272,8 +272,6 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
     for step, (inputs, output) in zip(net.steps[start:stop], wiring[start:stop]):
         groups = [env[name] for name in inputs]
         if isinstance(step, Layer):
-            if ("in", k) in taps:
-                found[("in", k)] = [g.tensor for g in groups[0]]
             env[output] = _emit_layer(b, step, k, groups[0], _layer_rep(net, k, spaces, groups[0]), task)
             if ("pre", k) in taps:
                 found[("pre", k)] = [g.tensor for g in env[output]]
@@ -284,8 +282,6 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
             env[output] = _emit_add(b, step, where, groups, task)
         else:
             env[output] = _emit_op(b, step, where, groups[0], task)
-    if ("in", k) in taps:  # the segment stops right before layer k
-        found[("in", k)] = [g.tensor for g in env[wiring[net.layer_steps[k]][0][0]]]
     return env, found
 
 
@@ -397,7 +393,7 @@ def target_opset(nets: Sequence[Network]) -> int:
 def task_model(net: Network, start: int = 0, stop: int | None = None,
                taps: Sequence[tuple[str, int]] = (), opset: int | None = None,
                carry: bool = False) -> onnx.ModelProto:
-    """A single task's model over steps [start, stop), exposing ``taps`` (("in"|"pre", layer)) as outputs.
+    """A single task's model over steps [start, stop), exposing ``taps`` (("pre", layer)) as outputs.
 
     With start=0 and no stop this is the task's whole (tied) model with its own output. A segment
     that starts later takes the tensors live at its start (Network.live) as inputs named
@@ -421,7 +417,7 @@ def task_model(net: Network, start: int = 0, stop: int | None = None,
     outputs = []
     for ref, name, shape in wanted:
         var = g.tensor(ref)
-        if any(var is o for o in outputs + inputs):  # a tensor output twice, or an input: output a copy
+        if any(var is o for o in outputs):  # wanted twice (a tap that is also carried): output a copy
             copy = gs.Variable(name)
             nodes.append(gs.Node("Identity", name, inputs=[var], outputs=[copy]))
             var = copy
