@@ -9,11 +9,12 @@ the heads are never shared): one count for all spaces of one width (16, 32, 64: 
 stages). Of the choices that share at least the target fraction of parameters, those whose largest
 share (count / width) is lowest, and of these the one sharing least (each choice is counted
 exactly with onnxzip.budget.merged_params, before any merge): as even a share as the target
-allows, where one uniform share F on 16-wide spaces moves in steps of 1/16. Parameters shared: the saving as a fraction of the largest possible
-saving, N/(N-1) x (sum of inputs - merged) / sum of inputs (1.0 when everything but the heads is
-stored once). Tasks are added one at a time (zipper._pair_space). Residual streams are paired from
-all their writers (two passes, the default) or, with --stream-pairing early, from the writers
-before their first reader (one pass); give both to compare them in one run.
+allows, where one uniform share F on 16-wide spaces moves in steps of 1/16. Parameters shared:
+the saving as a fraction of the largest possible saving, N/(N-1) x (sum of inputs - merged) / sum
+of inputs (1.0 when everything but the heads is stored once). Tasks are added one at a time
+(zipper._pair_space). Residual streams are paired from all their writers (two passes, the
+default) or, with --stream-pairing early, from the writers before their first reader (one pass);
+give both to compare them in one run.
 
 Each task's error is measured on its test images (MNIST-based tasks and Fashion-MNIST: the 10,000
 test images; KMNIST: the 2,000 held-out part of its test split, models/refdata.py) for the single
@@ -127,7 +128,8 @@ def run(tasks: list[str], target: float, calib: int, train: int, iters: int, lr:
             "fraction": shared_fraction(list(result.params_inputs), result.params_merged),
             "tasks": {t: {"original": errs[t][0], "merged": errs[t][1], "retrained": retrained[t]} for t in tasks},
             "merge_seconds": round(merge_s, 1), "retrain_seconds": round(retrain_s, 1), "stream_pairing": pairing,
-            "iters": iters, "lr": lr, "lr_schedule": schedule, "calib": calib, "train": train, "bytes": result.bytes_merged}
+            "iters": iters, "lr": lr, "lr_schedule": schedule, "calib": calib, "train": train,
+            "bytes": result.bytes_merged}
 
 
 def _increase(e: dict, key: str) -> float | None:

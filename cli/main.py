@@ -403,7 +403,8 @@ def retrain(
                          std=_floats(std, "--std", (1.0,)), layout=layout.upper())
     opts = RetrainOptions(iters=iters, lr=lr, batch_size=batch_size, alpha=alpha, loss=loss, mix=mix,
                           temperature=temperature, optimizer=optimizer, lr_schedule=lr_schedule, holdout=holdout,
-                          samples=samples, verify_samples=verify_samples, image=image, device=device, threads=threads, seed=seed)
+                          samples=samples, verify_samples=verify_samples, image=image, device=device, threads=threads,
+                          seed=seed)
     folders = data[0] if len(data) == 1 and "=" not in data[0] else _pairs(data, "--data")
     out.print(device_note(opts.device))
     bars = _RetrainBars()

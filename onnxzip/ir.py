@@ -112,7 +112,8 @@ class Network:
         return out
 
     def live(self, at: int) -> tuple[str, ...]:
-        """The tensors that cross the boundary before step ``at``: written before it (or the input), read at or after it.
+        """The tensors that cross the boundary before step ``at``: written before it (or the input)
+        and read at or after it.
 
         In a chain this is the one tensor step ``at`` reads; in a residual network also the
         streams that later steps still read.
