@@ -9,6 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxzip.api import merge
+from onnxzip.canonical import import_network
+from onnxzip.options import MergeOptions
+
 OPSET = 17
 
 
@@ -305,6 +309,21 @@ def permuted_copies(folder: Path, w: dict, model, permute, n: int, stem: str):
         paths.append(save(model(pw), folder / f"{stem}{i}.onnx"))
         perms.append(perm)
     return paths, perms
+
+
+def merge_copies_back(folder: Path, paths: list[Path], shape: tuple[int, ...], layout: str = "multi",
+                      seed: int = 4, tol: float = 1e-5):
+    """Fully merge permuted copies of one model; assert that every task's output equals the first
+    copy's and that the merged model stores one copy plus the other heads. Returns the merge result."""
+    out = folder / "m.onnx"
+    result = merge(paths, calib_folder(folder / "calib", shape, n=256), out, MergeOptions(layout=layout))
+    x = np.random.default_rng(seed).random((16, *shape), dtype=np.float32)
+    want = run(paths[0], x)[0]
+    for t in range(len(paths)):
+        np.testing.assert_allclose(task_output(out, x, layout, t), want, rtol=tol, atol=tol)
+    head = import_network(paths[0]).layers[-1]
+    assert result.params_merged == result.params_inputs[0] + (len(paths) - 1) * (head.W.size + head.b.size)
+    return result, out
 
 
 def task_output(path: Path, x: np.ndarray, layout: str, t: int) -> np.ndarray:
