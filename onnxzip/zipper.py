@@ -271,49 +271,50 @@ def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: boo
     return w.astype(np.float32).astype(np.float64)  # every task gets bit-identical float32 values
 
 
+def _fold(w: _Writer, units: list[np.ndarray], kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The columns of the given units of tasks 0, 1, ... merged one task at a time, and with ``kind``
+    each unit's summed pair cost (None without).
+
+    Task t joins the columns merged so far with H_acc, the sum of the Hessians merged so far, as
+    its partner's Hessian (Eq. 10/11; the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by
+    exactly that pair cost).
+    """
+    merged, H_acc, costs = w.columns(0)[:, units[0]], w.H[0], None
+    for t in range(1, len(units)):
+        metric, C = PairMetric(H_acc, w.H[t], w.name), w.columns(t)[:, units[t]]
+        if kind is not None:
+            step = matched_costs(metric.interaction(kind), merged, C)
+            costs = step if costs is None else costs + step
+        merged, H_acc = _merge_columns(metric, merged, C, w.sparse), H_acc + w.H[t]
+    return merged, costs
+
+
 def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: MergeOptions
                 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Choose the shared units of one unit space from the summed pair costs of all its writers.
 
-    Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched and merged; each
-    further task is matched to the merged units with H_acc, the sum of the Hessians merged so far
-    (the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by exactly that pair cost). Units
-    a later task does not match leave the shared set. Returns per task the shared units' indices
-    and each shared unit's summed cost.
+    Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched; each further task
+    is matched to the units merged so far (_fold), with H_acc as their Hessian. Units a later task
+    does not match leave the shared set. Returns per task the shared units' indices and each
+    shared unit's summed cost.
     """
-    name, k = writers[0].name, writers[0].k
+    k = writers[0].k
     metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in writers]
     rows0, rows1, costs = _choose_pairs(tasks, writers, metrics, [w.columns(0) for w in writers],
                                         [w.columns(1) for w in writers], count, opts, (opts.seed, k))
     units = [rows0, rows1]
-    if len(tasks) == 2:
-        return units, costs
-    merged = [_merge_columns(m, w.columns(0)[:, rows0], w.columns(1)[:, rows1], w.sparse)
-              for m, w in zip(metrics, writers)]
-    H_acc = [w.H[0] + w.H[1] for w in writers]
     for t in range(2, len(tasks)):
-        metrics = [PairMetric(Ha, w.H[t], name) for Ha, w in zip(H_acc, writers)]
+        merged = [_fold(w, units)[0] for w in writers]
+        metrics = [PairMetric(sum(w.H[:t]), w.H[t], w.name) for w in writers]
         keep, rows_t, more = _choose_pairs(tasks, writers, metrics, merged, [w.columns(t) for w in writers],
-                                           merged[0].shape[1], opts, (opts.seed, k, t))
+                                           len(units[0]), opts, (opts.seed, k, t))
         units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
-        merged = [_merge_columns(m, v[:, keep], w.columns(t)[:, rows_t], w.sparse)
-                  for m, v, w in zip(metrics, merged, writers)]
-        H_acc = [Ha + w.H[t] for Ha, w in zip(H_acc, writers)]
     return units, costs
 
 
 def _tie_writer(w: _Writer, units: list[np.ndarray], opts: MergeOptions) -> np.ndarray:
     """Write the merged columns of the given shared units into every task's weights; per-unit costs."""
-    kind = "hessian" if opts.cost in ("random", "correlation") else opts.cost
-    metric = PairMetric(w.H[0], w.H[1], w.name)
-    A, B = w.columns(0)[:, units[0]], w.columns(1)[:, units[1]]
-    costs, H_acc = matched_costs(metric.interaction(kind), A, B), w.H[0] + w.H[1]
-    merged = _merge_columns(metric, A, B, w.sparse)
-    for t in range(2, len(units)):
-        metric = PairMetric(H_acc, w.H[t], w.name)
-        C = w.columns(t)[:, units[t]]
-        costs = costs + matched_costs(metric.interaction(kind), merged, C)
-        merged, H_acc = _merge_columns(metric, merged, C, w.sparse), H_acc + w.H[t]
+    merged, costs = _fold(w, units, "hessian" if opts.cost in ("random", "correlation") else opts.cost)
     for W, u, f in zip(w.weights, units, w.feats):
         W[np.ix_(u, f)] = merged.T
     return costs
