@@ -378,6 +378,8 @@ def retrain(
     alpha: float = typer.Option(0.5, help="Weight of the first task's loss (the second gets 1 - alpha), as in merge."),
     loss: str = typer.Option("auto", help="labels (cross-entropy), distill (to the teacher's outputs), mix, or "
                              "auto: labels where the data has them, else distill."),
+    task_loss: List[str] = typer.Option([], "--task-loss", help="TASK=KIND: that task's loss instead of --loss "
+                                        "(repeat), e.g. mix for a task with little training data."),
     mix: float = typer.Option(retrain_defaults.DEFAULT_MIX, help="Weight of the cross-entropy in --loss mix."),
     temperature: float = typer.Option(retrain_defaults.DEFAULT_TEMPERATURE, help="Distillation temperature."),
     optimizer: str = typer.Option("adam", help="adam or sgd (momentum 0.9)."),
@@ -401,7 +403,8 @@ def retrain(
         raise OnnxZipError("--data is required: a folder for all tasks, or TASK=DIR per task")
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
                          std=_floats(std, "--std", (1.0,)), layout=layout.upper())
-    opts = RetrainOptions(iters=iters, lr=lr, batch_size=batch_size, alpha=alpha, loss=loss, mix=mix,
+    opts = RetrainOptions(iters=iters, lr=lr, batch_size=batch_size, alpha=alpha, loss=loss,
+                          task_loss=tuple(_pairs(task_loss, "--task-loss").items()), mix=mix,
                           temperature=temperature, optimizer=optimizer, lr_schedule=lr_schedule, holdout=holdout,
                           samples=samples, verify_samples=verify_samples, image=image, device=device, threads=threads,
                           seed=seed)

@@ -84,12 +84,14 @@ def _input_spec(model: onnx.ModelProto) -> TensorSpec:
     return TensorSpec(vi.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)))
 
 
-def _loss_kind(requested: str, data: TaskData) -> str:
+def _loss_kind(opts: RetrainOptions, data: TaskData) -> str:
     """The task's loss: as requested, or for 'auto' labels where the data has them, else distillation."""
+    requested = opts.loss_for(data.task)
     if requested == "auto":
         return LABELS if data.labelled else DISTILL
     if requested in (LABELS, MIX) and not data.labelled:
-        raise OnnxZipError(f"{data.folder}: --loss {requested} needs labels, but not every .npz file of "
+        flag = f"--task-loss {data.task}=" if data.task in dict(opts.task_loss) else "--loss "
+        raise OnnxZipError(f"{data.folder}: {flag}{requested} needs labels, but not every .npz file of "
                            f"task '{data.task}' has a 'labels' array")
     return requested
 
@@ -100,11 +102,11 @@ def _top1(outputs_: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(outputs_.argmax(1) == ref))
 
 
-def _prepare(data: TaskData, teacher: Path, spec: TensorSpec, requested: str,
-             opts: RetrainOptions, providers: list[str]) -> _Prepared:
+def _prepare(data: TaskData, teacher: Path, spec: TensorSpec, opts: RetrainOptions,
+             providers: list[str]) -> _Prepared:
     """Teacher outputs on the task's training and held-out data (and accuracy set), and its loss."""
     from .losses import teacher_logits
-    loss = _loss_kind(requested, data)
+    loss = _loss_kind(opts, data)
     run, teacher_head = teacher_runner(teacher, spec, providers)
     held = outputs(run, data.held, opts.batch_size)
     train = teacher_logits(outputs(run, data.train, opts.batch_size), teacher_head)
@@ -155,6 +157,7 @@ def _record(opts: RetrainOptions, prepared: list[_Prepared], losses: tuple[float
     return {"version": __version__, "iterations": opts.iters, "lr": opts.lr, "lr_schedule": opts.lr_schedule,
             "optimizer": opts.optimizer,
             "batch_size": opts.batch_size, "alpha": opts.alpha, "seed": opts.seed,
+            "temperature": opts.temperature, "mix": opts.mix,
             "loss": {p.data.task: p.loss for p in prepared}, "loss_final": _final(losses),
             "teachers": {p.data.task: p.teacher.name for p in prepared},
             "fidelity_before": {p.data.task: b[0] for p, b in zip(prepared, before)},
@@ -196,6 +199,10 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
     if scaled:
         raise OnnxZipError(f"{merged_path}: task(s) {', '.join(scaled)} were merged with --input-scale; their "
                            "original models expect scaled inputs, so they cannot be distilled from yet")
+    unknown = [t for t, _ in options.task_loss if t not in tasks]
+    if unknown:
+        raise OnnxZipError(f"--task-loss names task(s) {', '.join(unknown)}, but {merged_path} has tasks "
+                           f"{', '.join(tasks)}")
     teacher_paths = resolve_teachers(merged_path, meta, tasks, teachers)
     weights = options.task_weights(len(tasks))
     with torch_threads(options.threads):
@@ -226,7 +233,7 @@ def _run(merged_path: Path, model: onnx.ModelProto, meta: dict[str, str], output
     step = progress("teachers", len(tasks))
     prepared = []
     for d in datasets:
-        prepared.append(_prepare(d, teacher_paths[d.task], spec, opts.loss, opts, providers))
+        prepared.append(_prepare(d, teacher_paths[d.task], spec, opts, providers))
         step({})
     module.to(device)
     _check_bridge(merged_path, layout, module, prepared, opts, device, providers)

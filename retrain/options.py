@@ -46,6 +46,9 @@ class RetrainOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     alpha: float = 0.5
     loss: str = "auto"
+    # Per-task overrides of ``loss``: ((task, kind), ...), e.g. distillation mixed in for a task
+    # whose training set is small, cross-entropy for the others.
+    task_loss: tuple[tuple[str, str], ...] = ()
     mix: float = DEFAULT_MIX
     temperature: float = DEFAULT_TEMPERATURE
     optimizer: str = "adam"
@@ -68,6 +71,10 @@ class RetrainOptions:
              f"--batch-size must be an integer >= 1, got {self.batch_size!r}"),
             (0.0 < self.alpha < 1.0, f"--alpha must lie strictly between 0 and 1, got {self.alpha}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'"),
+            (all(kind in LOSSES for _, kind in self.task_loss),
+             f"--task-loss kinds must be among {', '.join(LOSSES)}, got "
+             f"{', '.join(f'{t}={k}' for t, k in self.task_loss if k not in LOSSES)}"),
+            (len({t for t, _ in self.task_loss}) == len(self.task_loss), "--task-loss names a task twice"),
             (0.0 <= self.mix <= 1.0, f"--mix must lie in [0, 1], got {self.mix}"),
             (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
             (self.optimizer in OPTIMIZERS,
@@ -87,6 +94,10 @@ class RetrainOptions:
         for ok, message in checks:
             if not ok:
                 raise OnnxZipError(message)
+
+    def loss_for(self, task: str) -> str:
+        """The loss kind requested for ``task``: its --task-loss entry, else --loss."""
+        return dict(self.task_loss).get(task, self.loss)
 
     def lr_at(self, it: int) -> float:
         """The learning rate of iteration ``it`` (0-based) under lr_schedule."""

@@ -177,6 +177,11 @@ def test_labels_give_accuracy_before_and_after(tmp_path):
     assert a.accuracy_before == a.fidelity_before  # task a: accuracy on its labelled held-out part
     result = retrain(merged, data, tmp_path / "m2.onnx", RetrainOptions(iters=5, loss="mix", **FAST))
     assert [r.loss for r in result.tasks] == ["mix", "mix"]
+    opts = RetrainOptions(iters=5, task_loss=(("b", "mix"),), temperature=4.0, **FAST)
+    result = retrain(merged, data, tmp_path / "m3.onnx", opts)
+    assert [r.loss for r in result.tasks] == ["labels", "mix"]
+    record = json.loads(load_merged(tmp_path / "m3.onnx")[1]["retrain"])[-1]
+    assert record["loss"] == {"a": "labels", "b": "mix"} and record["temperature"] == 4.0
 
 
 def test_pruned_weights_keep_their_zeros(tmp_path):
@@ -287,6 +292,9 @@ def test_cli_user_error_is_one_line(tmp_path):
     proc = _cli("retrain", merged, "--data", data, "--loss", "labels", "-o", out)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {data}: --loss labels needs labels, but not every .npz file of task 'a' has a 'labels' array"]
+    proc = _cli("retrain", merged, "--data", data, "--task-loss", "b=mix", "-o", out)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {data}: --task-loss b=mix needs labels, but not every .npz file of task 'b' has a 'labels' array"]
     assert not out.exists()
 
 
@@ -297,6 +305,8 @@ def test_cli_user_error_is_one_line(tmp_path):
     ("unknown eval task", "--eval names unknown task(s) c"),
     ("overwrite", "would overwrite the merged model"),
     ("mix without labels", "--loss mix needs labels"),
+    ("per-task labels without labels", "--task-loss b=labels needs labels"),
+    ("unknown task-loss task", "--task-loss names task(s) c, but"),
 ])
 def test_user_errors_name_the_option(tmp_path, case, needle):
     merged, data, _ = _pair(tmp_path, "mlp", "multi", share=0.5)
@@ -305,7 +315,9 @@ def test_user_errors_name_the_option(tmp_path, case, needle):
     args.update({"unknown data task": dict(data={"a": data, "c": data}), "missing data task": dict(data={"a": data}),
                  "unknown teacher task": dict(teachers={"c": "x.onnx"}), "unknown eval task": dict(evals={"c": data}),
                  "overwrite": dict(output=merged),
-                 "mix without labels": dict(options=RetrainOptions(loss="mix", **FAST))}[case])
+                 "mix without labels": dict(options=RetrainOptions(loss="mix", **FAST)),
+                 "per-task labels without labels": dict(options=RetrainOptions(task_loss=(("b", "labels"),), **FAST)),
+                 "unknown task-loss task": dict(options=RetrainOptions(task_loss=(("c", "mix"),), **FAST))}[case])
     with pytest.raises(OnnxZipError) as info:
         retrain(merged, **args)
     assert needle in str(info.value) and "\n" not in str(info.value)
@@ -314,7 +326,8 @@ def test_user_errors_name_the_option(tmp_path, case, needle):
 
 @pytest.mark.parametrize("field,value", [("iters", 0), ("lr", 0.0), ("holdout", 1.0), ("loss", "l2"),
                                          ("optimizer", "lbfgs"), ("threads", 0), ("samples", 1), ("alpha", 1.0),
-                                         ("lr_schedule", "step")])
+                                         ("lr_schedule", "step"), ("task_loss", (("a", "l2"),)),
+                                         ("task_loss", (("a", "mix"), ("a", "labels")))])
 def test_options_are_checked(field, value):
     with pytest.raises(OnnxZipError, match=f"--{field.replace('_', '-')}"):
         RetrainOptions(**{field: value})
