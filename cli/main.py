@@ -270,6 +270,10 @@ def merge(
     budget: Optional[float] = typer.Option(None, help="Choose per-layer shares: the most sharing with each task's "
                                            "fidelity on held-out calibration samples dropping at most this many "
                                            "points (accuracy where the samples have labels)."),
+    budget_data: List[str] = typer.Option([], "--budget-data", help="Folder for all tasks, or TASK=DIR (repeat), "
+                                          "of samples that measure --budget/--target-size fidelity instead of the "
+                                          "last 20% of the calibration samples; best data the models were not "
+                                          "trained on."),
     target_size: Optional[str] = typer.Option(None, "--target-size", help="Choose per-layer shares for the best "
                                               "fidelity at this size: parameters (250000) or bytes (800KB, 1.2MB)."),
     input_scale: List[str] = typer.Option([], "--input-scale", help="TASK=SCALE,OFFSET: that model expects "
@@ -306,7 +310,8 @@ def merge(
     bars = _Bars()
     with bars.progress:
         result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars,
-                           retrain_data=_calib(retrain_data, "--retrain-data") if retrain_data else None)
+                           retrain_data=_calib(retrain_data, "--retrain-data") if retrain_data else None,
+                           budget_data=_calib(budget_data, "--budget-data") if budget_data else None)
     _print_search(result)
     _print_result(result)
     _print_retraining(result)

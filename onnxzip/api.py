@@ -14,7 +14,8 @@ import onnx
 
 from . import __version__
 from .align import align
-from .budget import SearchReport, layer_counts, merged_params, params_saved, search, split_samples
+from .budget import (SearchReport, layer_counts, merged_params, params_saved, search, separate_samples,
+                     split_samples)
 from .calib import count_samples, iter_batches, load_labeled
 from .canonical import fold_input_affine, import_network
 from .emit import merged_model
@@ -128,13 +129,16 @@ def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOption
 def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | Path], output: str | Path,
           options: MergeOptions = MergeOptions(), evals: Mapping[str, str | Path] | None = None,
           progress: ProgressFn = no_progress, timer: StageTimer | None = None,
-          retrain_data: str | Path | Mapping[str, str | Path] | None = None) -> MergeResult:
+          retrain_data: str | Path | Mapping[str, str | Path] | None = None,
+          budget_data: str | Path | Mapping[str, str | Path] | None = None) -> MergeResult:
     """Zip the models into one multi-task ONNX model at ``output`` and return what was measured.
 
     ``calib`` is one folder for every task or a {task: folder} mapping; ``evals`` optionally maps
     tasks to folders of labelled .npz files for an accuracy report; ``timer`` collects seconds per
     stage. With ``options.retrain`` the model is retrained after each zipped layer on
-    ``retrain_data`` (same forms as ``calib``; default: the calibration folders). Raises
+    ``retrain_data`` (same forms as ``calib``; default: the calibration folders). With
+    ``options.budget`` or ``options.target_size``, ``budget_data`` (same forms) holds the samples
+    that measure each probe's fidelity; by default the last part of the calibration samples. Raises
     OnnxZipError on any problem a user can cause; then no output file is written.
     """
     timer = timer or StageTimer()
@@ -147,6 +151,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     _check_same_calibration(opts, tasks, folders)
     if opts.retrain is None and retrain_data is not None:
         raise OnnxZipError("--retrain-data is given but no retraining is asked for (--retrain-iters)")
+    if opts.budget is None and opts.target_size is None and budget_data is not None:
+        raise OnnxZipError("--budget-data is given but no share search is asked for (--budget or --target-size)")
     tick = progress("load", len(paths))
     with timer("load"):
         nets = []
@@ -165,7 +171,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     if opts.budget is not None or opts.target_size is not None:
         tick = progress("search shares", 1)
         with timer("search"):
-            opts, streams, counts, report = _search_shares(nets, folders, opts, providers)
+            measure = None if budget_data is None else _per_task(budget_data, tasks, "--budget-data")
+            opts, streams, counts, report = _search_shares(nets, folders, opts, providers, measure)
         tick()
     hook = _retrainer(nets, folders if retrain_data is None else _per_task(retrain_data, tasks, "--retrain-data"),
                       opts, progress)
@@ -234,13 +241,19 @@ def _zeroed(net: Network) -> Network:
     return net
 
 
-def _search_shares(nets: Sequence[Network], folders: Sequence[Path], opts: MergeOptions, providers: list[str]):
-    """Hold out part of each task's calibration samples, search the shares, and fix them as per-layer counts.
+def _search_shares(nets: Sequence[Network], folders: Sequence[Path], opts: MergeOptions, providers: list[str],
+                   measure: Sequence[Path] | None = None):
+    """Hold out part of each task's calibration samples (or measure on ``measure``, all of each
+    folder), search the shares, and fix them as per-layer counts.
 
     Returns the options to zip with, the calibrating streams and their batch counts, and the report.
     """
-    splits = [split_samples(count_samples(f, n.input, opts.calib_samples, opts.image), f)
-              for f, n in zip(folders, nets)]
+    sizes = [count_samples(f, n.input, opts.calib_samples, opts.image) for f, n in zip(folders, nets)]
+    if measure is None:
+        splits = [split_samples(size, f) for size, f in zip(sizes, folders)]
+    else:
+        splits = [separate_samples(size, m, count_samples(m, n.input, None, opts.image))
+                  for size, m, n in zip(sizes, measure, nets)]
     streams = [partial(iter_batches, f, n.input, opts.batch_size, s.calibrate, opts.image)
                for f, n, s in zip(folders, nets, splits)]
     counts = [-(-s.calibrate // opts.batch_size) for s in splits]

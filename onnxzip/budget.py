@@ -1,7 +1,10 @@
 """Choose per-layer shares automatically: the most sharing within a fidelity budget, or a target size.
 
 Each task's calibration samples are split: the first part calibrates every probe, the last
-BUDGET_HOLDOUT of them only measure. A probe zips the networks with given per-layer counts and
+BUDGET_HOLDOUT of them only measure; or, with separate measuring samples (merge's
+``budget_data``, --budget-data), every calibration sample calibrates and those measure. Samples
+the original models were trained on overstate the drop: they fit them better than unseen data
+(benchmarks/RESULTS.md, budget). A probe zips the networks with given per-layer counts and
 measures, per task, the drop in points of its fidelity on the held-out samples: 100 minus the
 top-1 agreement (%) with the original model, or, where the calibration folder has labels, the
 original's accuracy minus the tied model's (emitted == tied, so the tied networks stand in for the
@@ -264,10 +267,11 @@ def search_size(p: _Problem, target: int, size: SizeFn, unit: str) -> Probe:
 
 @dataclass(frozen=True)
 class Split:
-    """One task's calibration samples: how many calibrate (the first ones) and how many are held out."""
+    """One task's samples: how many calibrate (the first ones) and how many measure, from where."""
 
     calibrate: int
     heldout: int
+    source: object = None  # the folder of the measuring samples; None: the last ``heldout`` calibration samples
 
 
 def split_samples(total: int, folder) -> Split:
@@ -279,14 +283,23 @@ def split_samples(total: int, folder) -> Split:
     return Split(total - held, held)
 
 
+def separate_samples(calibrate: int, source, heldout: int) -> Split:
+    """All ``calibrate`` calibration samples calibrate; the ``heldout`` samples of ``source`` measure."""
+    if heldout < MIN_HOLDOUT_SAMPLES:
+        raise OnnxZipError(f"{source}: --budget-data needs at least {MIN_HOLDOUT_SAMPLES} samples per task to "
+                           f"measure fidelity; it has {heldout}")
+    return Split(calibrate, heldout, source)
+
+
 def _heldout(folder, net: Network, split: Split, opts: MergeOptions, providers: list[str]):
     """Held-out inputs, the reference classes (labels or the original's top-1), and the original's accuracy."""
-    total = split.calibrate + split.heldout
-    x = np.concatenate(list(iter_batches(folder, net.input, opts.batch_size, total, opts.image)))[split.calibrate:]
+    source, skip = (folder, split.calibrate) if split.source is None else (split.source, 0)
+    total = skip + split.heldout
+    x = np.concatenate(list(iter_batches(source, net.input, opts.batch_size, total, opts.image)))[skip:]
     run = original_runner(net, providers)
     original = np.concatenate([run(x[s:s + opts.batch_size]).argmax(1) for s in range(0, len(x), opts.batch_size)])
-    if has_labels(folder):
-        labels = load_labeled(folder, net.input, total)[1][split.calibrate:]
+    if has_labels(source):
+        labels = load_labeled(source, net.input, total)[1][skip:]
         return x, labels, float(np.mean(original == labels))
     return x, original, None
 

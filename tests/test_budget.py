@@ -24,10 +24,11 @@ def _similar_pair(tmp_path, noise=0.3):
     return paths, B.calib_folder(tmp_path / "calib", (1, 8, 8), n=N_CALIB)
 
 
-def _heldout_drops(paths, merged, calib):
-    """Per task: 100 - top-1 agreement (%) of the written model with its original on the held-out samples."""
+def _heldout_drops(paths, merged, folder, skip=N_CALIB - int(N_CALIB * BUDGET_HOLDOUT)):
+    """Per task: 100 - top-1 agreement (%) of the written model with its original on the folder's
+    samples after the first ``skip`` (by default the held-out tail of the calibration samples)."""
     spec = import_network(paths[0]).input
-    x = np.concatenate(list(iter_batches(calib, spec, 100)))[N_CALIB - int(N_CALIB * BUDGET_HOLDOUT):]
+    x = np.concatenate(list(iter_batches(folder, spec, 100)))[skip:]
     outs = B.run(merged, x)
     return [100.0 - 100.0 * float(np.mean(outs[t].argmax(1) == B.run(p, x)[0].argmax(1)))
             for t, p in enumerate(paths)]
@@ -48,6 +49,25 @@ def test_budget_keeps_each_task_within_it_on_the_heldout_samples(tmp_path, budge
     # every probe that shares more in every layer broke the budget or was not tried
     more = [p for p in s.probes if all(c >= d for c, d in zip(p.counts, s.chosen.counts)) and p != s.chosen]
     assert all(p.worst > budget for p in more)
+
+
+def test_budget_data_measures_instead_of_the_calibration_tail(tmp_path):
+    paths, calib = _similar_pair(tmp_path)
+    measure = B.calib_folder(tmp_path / "measure", (1, 8, 8), n=300, seed=5)
+    out = tmp_path / "m.onnx"
+    result = merge(paths, calib, out, MergeOptions(budget=3.0), budget_data={"a": measure, "b": measure})
+    s = result.search
+    assert s.heldout_samples == (300, 300) and s.chosen.params == result.params_merged < sum(result.params_inputs)
+    assert s.forward_passes == len(s.probes) * 2 * (2 * N_CALIB + 300)  # every calibration sample calibrates
+    drops = _heldout_drops(paths, out, measure, skip=0)
+    assert max(drops) <= 3.0
+    np.testing.assert_allclose(drops, s.chosen.drops, atol=1e-6)  # steps of 1/3 point; rounding only
+    few = B.calib_folder(tmp_path / "few", (1, 8, 8), n=50)
+    with pytest.raises(OnnxZipError, match="few: --budget-data needs at least 100 samples per task"):
+        merge(paths, calib, tmp_path / "x.onnx", MergeOptions(budget=3.0), budget_data=few)
+    with pytest.raises(OnnxZipError, match="no share search is asked for"):
+        merge(paths, calib, tmp_path / "x.onnx", MergeOptions(share=0.5), budget_data=measure)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_a_larger_budget_shares_more(tmp_path):
@@ -126,3 +146,7 @@ def test_cli_budget_prints_the_search_and_parses_input_scale(tmp_path):
                            "--input-scale", "b=2", "-o", str(tmp_path / "x.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --input-scale b=2: give SCALE,OFFSET, e.g. b=0.00392157,0"]
+    proc = subprocess.run([sys.executable, "-m", "onnxzip.cli.main", "merge", *map(str, paths), "--calib", str(calib),
+                           "--budget-data", str(calib), "-o", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --budget-data is given but no share search is asked for (--budget or --target-size)"]
