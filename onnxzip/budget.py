@@ -4,7 +4,7 @@ Each task's calibration samples are split: the first part calibrates every probe
 BUDGET_HOLDOUT of them only measure; or, with separate measuring samples (merge's
 ``budget_data``, --budget-data), every calibration sample calibrates and those measure. Samples
 the original models were trained on overstate the drop: they fit them better than unseen data
-(benchmarks/RESULTS.md, budget). A probe zips the networks with given per-layer counts and
+(benchmarks/RESULTS.md, budget_bias). A probe zips the networks with given per-layer counts and
 measures, per task, the drop in points of its fidelity on the held-out samples: 100 minus the
 top-1 agreement (%) with the original model, or, where the calibration folder has labels, the
 original's accuracy minus the tied model's (emitted == tied, so the tied networks stand in for the

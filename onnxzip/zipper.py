@@ -271,9 +271,10 @@ def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: boo
     return w.astype(np.float32).astype(np.float64)  # every task gets bit-identical float32 values
 
 
-def _fold(w: _Writer, units: list[np.ndarray], kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The columns of the given units of tasks 0, 1, ... merged one task at a time, and with ``kind``
-    each unit's summed pair cost (None without).
+def _fold(w: _Writer, units: list[np.ndarray], kind: str | None = None
+          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The columns of the given units of tasks 0, 1, ... merged one task at a time; with ``kind``
+    each unit's summed pair cost (None without); and H_acc, the summed Hessians of those tasks.
 
     Task t joins the columns merged so far with H_acc, the sum of the Hessians merged so far, as
     its partner's Hessian (Eq. 10/11; the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by
@@ -286,7 +287,7 @@ def _fold(w: _Writer, units: list[np.ndarray], kind: str | None = None) -> tuple
             step = matched_costs(metric.interaction(kind), merged, C)
             costs = step if costs is None else costs + step
         merged, H_acc = _merge_columns(metric, merged, C, w.sparse), H_acc + w.H[t]
-    return merged, costs
+    return merged, costs, H_acc
 
 
 def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: MergeOptions
@@ -304,8 +305,9 @@ def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: Me
                                         [w.columns(1) for w in writers], count, opts, (opts.seed, k))
     units = [rows0, rows1]
     for t in range(2, len(tasks)):
-        merged = [_fold(w, units)[0] for w in writers]
-        metrics = [PairMetric(sum(w.H[:t]), w.H[t], w.name) for w in writers]
+        folds = [_fold(w, units) for w in writers]
+        merged = [f[0] for f in folds]
+        metrics = [PairMetric(f[2], w.H[t], w.name) for f, w in zip(folds, writers)]
         keep, rows_t, more = _choose_pairs(tasks, writers, metrics, merged, [w.columns(t) for w in writers],
                                            len(units[0]), opts, (opts.seed, k, t))
         units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
@@ -314,7 +316,7 @@ def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: Me
 
 def _tie_writer(w: _Writer, units: list[np.ndarray], opts: MergeOptions) -> np.ndarray:
     """Write the merged columns of the given shared units into every task's weights; per-unit costs."""
-    merged, costs = _fold(w, units, "hessian" if opts.cost in ("random", "correlation") else opts.cost)
+    merged, costs, _ = _fold(w, units, "hessian" if opts.cost in ("random", "correlation") else opts.cost)
     for W, u, f in zip(w.weights, units, w.feats):
         W[np.ix_(u, f)] = merged.T
     return costs
