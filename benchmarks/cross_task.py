@@ -143,8 +143,9 @@ class TestSets:
     model once per task: the same top-1 error as bench_common.errors, on the same data.
     """
 
-    def __init__(self, batch_size: int):
-        self.data = {t: _load_test(bc.test_folder(DATASETS[t])) for t in TASKS}
+    def __init__(self, batch_size: int, data: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+        """``data``: per task (inputs, labels) to measure on instead of the test images."""
+        self.data = data if data is not None else {t: _load_test(bc.test_folder(DATASETS[t])) for t in TASKS}
         self.batch_size, self.providers = batch_size, resolve_device("auto")[0]
         self._originals: dict[str, dict[str, float]] = {}
 

@@ -104,9 +104,11 @@ def choose_counts(nets, target: float) -> tuple[list[int], int]:
 
 
 def _retrain_record(ropts: RetrainOptions | None) -> dict:
-    keys = ("iters", "lr", "lr_schedule", "loss", "temperature", "mix", "holdout")
-    record = {k: 0 if ropts is None and k == "iters" else None if ropts is None else getattr(ropts, k) for k in keys}
-    return {**record, "task_loss": {} if ropts is None else dict(ropts.task_loss)}
+    """The retraining settings of a result (iters 0 and no settings without retraining)."""
+    keys = ("lr", "lr_schedule", "loss", "temperature", "mix", "holdout")
+    if ropts is None:
+        return {"iters": 0, **dict.fromkeys(keys), "task_loss": {}}
+    return {"iters": ropts.iters, **{k: getattr(ropts, k) for k in keys}, "task_loss": dict(ropts.task_loss)}
 
 
 def run(tasks: list[str], target: float, calib: int, train: int, ropts: RetrainOptions | None,
