@@ -385,6 +385,8 @@ def retrain(
                              "auto: labels where the data has them, else distill."),
     task_loss: List[str] = typer.Option([], "--task-loss", help="TASK=KIND: that task's loss instead of --loss "
                                         "(repeat), e.g. mix for a task with little training data."),
+    task_weight: List[str] = typer.Option([], "--task-weight", help="TASK=W: weight of that task's loss "
+                                          "(default 1; repeat); how hard it pulls on the shared weights."),
     mix: float = typer.Option(retrain_defaults.DEFAULT_MIX, help="Weight of the cross-entropy in --loss mix."),
     temperature: float = typer.Option(retrain_defaults.DEFAULT_TEMPERATURE, help="Distillation temperature."),
     optimizer: str = typer.Option("adam", help="adam or sgd (momentum 0.9)."),
@@ -409,7 +411,9 @@ def retrain(
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
                          std=_floats(std, "--std", (1.0,)), layout=layout.upper())
     opts = RetrainOptions(iters=iters, lr=lr, batch_size=batch_size, alpha=alpha, loss=loss,
-                          task_loss=tuple(_pairs(task_loss, "--task-loss").items()), mix=mix,
+                          task_loss=tuple(_pairs(task_loss, "--task-loss").items()),
+                          task_weight=tuple((t, float(_number(w, "--task-weight")))
+                                            for t, w in _pairs(task_weight, "--task-weight").items()), mix=mix,
                           temperature=temperature, optimizer=optimizer, lr_schedule=lr_schedule, holdout=holdout,
                           samples=samples, verify_samples=verify_samples, image=image, device=device, threads=threads,
                           seed=seed)

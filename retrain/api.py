@@ -152,12 +152,14 @@ def _check_bridge(path: Path, layout: str, module, prepared: list[_Prepared], op
                   problem=f"the PyTorch module built from {path.name} differs from it")
 
 
-def _record(opts: RetrainOptions, prepared: list[_Prepared], losses: tuple[float, ...], before, after) -> dict:
+def _record(opts: RetrainOptions, prepared: list[_Prepared], weights: tuple[float, ...], losses: tuple[float, ...],
+            before, after) -> dict:
     """The metadata entry of this run."""
     return {"version": __version__, "iterations": opts.iters, "lr": opts.lr, "lr_schedule": opts.lr_schedule,
             "optimizer": opts.optimizer,
             "batch_size": opts.batch_size, "alpha": opts.alpha, "seed": opts.seed,
             "temperature": opts.temperature, "mix": opts.mix,
+            "weight": {p.data.task: w for p, w in zip(prepared, weights)},
             "loss": {p.data.task: p.loss for p in prepared}, "loss_final": _final(losses),
             "teachers": {p.data.task: p.teacher.name for p in prepared},
             "fidelity_before": {p.data.task: b[0] for p, b in zip(prepared, before)},
@@ -204,7 +206,7 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
         raise OnnxZipError(f"--task-loss names task(s) {', '.join(unknown)}, but {merged_path} has tasks "
                            f"{', '.join(tasks)}")
     teacher_paths = resolve_teachers(merged_path, meta, tasks, teachers)
-    weights = options.task_weights(len(tasks))
+    weights = options.task_weights(tasks)
     with torch_threads(options.threads):
         rows, log = _run(merged_path, model, meta, output, folders, eval_dirs, teacher_paths, weights, options,
                          progress)
@@ -243,7 +245,7 @@ def _run(merged_path: Path, model: onnx.ModelProto, meta: dict[str, str], output
     step = progress("write", 1)
     inputs = _verify_inputs(prepared, opts)
     diffs = write_back(onnx.load(str(merged_path)), module.weight_arrays(),
-                       _record(opts, prepared, log.losses, before, after), output, list(tasks), layout, inputs,
+                       _record(opts, prepared, weights, log.losses, before, after), output, list(tasks), layout, inputs,
                        _module_outputs(module, inputs, opts, device), providers)
     step({})
     rows = tuple(TaskRetrain(p.data.task, p.loss, str(p.teacher), len(p.data.train), len(p.data.held), b[0], a[0],

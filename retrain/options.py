@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral
+from numbers import Integral, Real
 
 from ..calib import ImageOptions
 from ..errors import OnnxZipError
@@ -49,6 +49,9 @@ class RetrainOptions:
     # Per-task overrides of ``loss``: ((task, kind), ...), e.g. distillation mixed in for a task
     # whose training set is small, cross-entropy for the others.
     task_loss: tuple[tuple[str, str], ...] = ()
+    # Per-task loss weights: ((task, weight), ...); unnamed tasks weigh 1. Under Adam a task's own
+    # (unshared) weights hardly feel this scale, so it sets how hard the task pulls on shared ones.
+    task_weight: tuple[tuple[str, float], ...] = ()
     mix: float = DEFAULT_MIX
     temperature: float = DEFAULT_TEMPERATURE
     optimizer: str = "adam"
@@ -75,6 +78,11 @@ class RetrainOptions:
              f"--task-loss kinds must be among {', '.join(LOSSES)}, got "
              f"{', '.join(f'{t}={k}' for t, k in self.task_loss if k not in LOSSES)}"),
             (len({t for t, _ in self.task_loss}) == len(self.task_loss), "--task-loss names a task twice"),
+            (all(isinstance(w, Real) and math.isfinite(w) and w > 0 for _, w in self.task_weight),
+             f"--task-weight weights must be positive numbers, got "
+             f"{', '.join(f'{t}={w}' for t, w in self.task_weight)}"),
+            (len({t for t, _ in self.task_weight}) == len(self.task_weight), "--task-weight names a task twice"),
+            (self.alpha == 0.5 or not self.task_weight, "--alpha and --task-weight both weigh the tasks; use one"),
             (0.0 <= self.mix <= 1.0, f"--mix must lie in [0, 1], got {self.mix}"),
             (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
             (self.optimizer in OPTIMIZERS,
@@ -105,10 +113,15 @@ class RetrainOptions:
             return self.lr
         return 0.5 * self.lr * (1.0 + math.cos(math.pi * it / self.iters))
 
-    def task_weights(self, n_tasks: int) -> tuple[float, ...]:
-        """Loss weight per task, summing to the number of tasks: (2 alpha, 2 (1 - alpha)) for two tasks."""
-        if n_tasks == 2:
+    def task_weights(self, tasks: tuple[str, ...]) -> tuple[float, ...]:
+        """Loss weight per task: its --task-weight (default 1), or (2 alpha, 2 (1 - alpha)) for two tasks."""
+        unknown = [t for t, _ in self.task_weight if t not in tasks]
+        if unknown:
+            raise OnnxZipError(f"--task-weight names task(s) {', '.join(unknown)}, but the model has tasks "
+                               f"{', '.join(tasks)}")
+        if len(tasks) == 2 and not self.task_weight:
             return (2 * self.alpha, 2 * (1 - self.alpha))
         if self.alpha != 0.5:
-            raise OnnxZipError(f"--alpha balances two tasks; this model has {n_tasks}")
-        return (1.0,) * n_tasks
+            raise OnnxZipError(f"--alpha balances two tasks; this model has {len(tasks)}; use --task-weight")
+        weights = dict(self.task_weight)
+        return tuple(float(weights.get(t, 1.0)) for t in tasks)

@@ -184,6 +184,23 @@ def test_labels_give_accuracy_before_and_after(tmp_path):
     assert record["loss"] == {"a": "labels", "b": "mix"} and record["temperature"] == 4.0
 
 
+def test_task_weights_scale_each_task_loss(tmp_path):
+    merged, data, _ = _pair(tmp_path, "mlp", "multi", share=0.5)
+
+    def first_loss(wa, wb, name):
+        opts = RetrainOptions(iters=1, task_weight=(("a", wa), ("b", wb)), **FAST)
+        return retrain(merged, data, tmp_path / name, opts).loss_first
+
+    base, a, b = first_loss(1, 1, "w11.onnx"), first_loss(2, 1, "w21.onnx"), first_loss(1, 2, "w12.onnx")
+    loss_a, loss_b = a - base, b - base  # the unweighted losses of the first batch
+    assert loss_a > 0 and loss_b > 0 and abs(loss_a - loss_b) > 1e-3  # the tasks are told apart
+    assert first_loss(3, 0.5, "w.onnx") == pytest.approx(3 * loss_a + 0.5 * loss_b, rel=1e-5)
+    record = json.loads(load_merged(tmp_path / "w.onnx")[1]["retrain"])[-1]
+    assert record["weight"] == {"a": 3.0, "b": 0.5}
+    assert RetrainOptions(task_weight=(("c", 2.0),)).task_weights(("a", "b", "c")) == (1.0, 1.0, 2.0)
+    assert RetrainOptions(alpha=0.7).task_weights(("a", "b")) == pytest.approx((1.4, 0.6))
+
+
 def test_pruned_weights_keep_their_zeros(tmp_path):
     merged, data, _ = _pair(tmp_path, "mlp", "multi", share=0.5, prune=0.6)
     model, meta = load_merged(merged)
@@ -295,6 +312,9 @@ def test_cli_user_error_is_one_line(tmp_path):
     proc = _cli("retrain", merged, "--data", data, "--task-loss", "b=mix", "-o", out)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {data}: --task-loss b=mix needs labels, but not every .npz file of task 'b' has a 'labels' array"]
+    proc = _cli("retrain", merged, "--data", data, "--task-weight", "b=heavy", "-o", out)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --task-weight: 'heavy' is neither a fraction nor a count"]
     assert not out.exists()
 
 
@@ -307,6 +327,7 @@ def test_cli_user_error_is_one_line(tmp_path):
     ("mix without labels", "--loss mix needs labels"),
     ("per-task labels without labels", "--task-loss b=labels needs labels"),
     ("unknown task-loss task", "--task-loss names task(s) c, but"),
+    ("unknown task-weight task", "--task-weight names task(s) c, but"),
 ])
 def test_user_errors_name_the_option(tmp_path, case, needle):
     merged, data, _ = _pair(tmp_path, "mlp", "multi", share=0.5)
@@ -317,7 +338,8 @@ def test_user_errors_name_the_option(tmp_path, case, needle):
                  "overwrite": dict(output=merged),
                  "mix without labels": dict(options=RetrainOptions(loss="mix", **FAST)),
                  "per-task labels without labels": dict(options=RetrainOptions(task_loss=(("b", "labels"),), **FAST)),
-                 "unknown task-loss task": dict(options=RetrainOptions(task_loss=(("c", "mix"),), **FAST))}[case])
+                 "unknown task-loss task": dict(options=RetrainOptions(task_loss=(("c", "mix"),), **FAST)),
+                 "unknown task-weight task": dict(options=RetrainOptions(task_weight=(("c", 2.0),), **FAST))}[case])
     with pytest.raises(OnnxZipError) as info:
         retrain(merged, **args)
     assert needle in str(info.value) and "\n" not in str(info.value)
@@ -327,10 +349,19 @@ def test_user_errors_name_the_option(tmp_path, case, needle):
 @pytest.mark.parametrize("field,value", [("iters", 0), ("lr", 0.0), ("holdout", 1.0), ("loss", "l2"),
                                          ("optimizer", "lbfgs"), ("threads", 0), ("samples", 1), ("alpha", 1.0),
                                          ("lr_schedule", "step"), ("task_loss", (("a", "l2"),)),
-                                         ("task_loss", (("a", "mix"), ("a", "labels")))])
+                                         ("task_loss", (("a", "mix"), ("a", "labels"))),
+                                         ("task_weight", (("a", 0.0),)), ("task_weight", (("a", float("nan")),)),
+                                         ("task_weight", (("a", 1.0), ("a", 2.0)))])
 def test_options_are_checked(field, value):
     with pytest.raises(OnnxZipError, match=f"--{field.replace('_', '-')}"):
         RetrainOptions(**{field: value})
+
+
+def test_alpha_and_task_weight_are_exclusive():
+    with pytest.raises(OnnxZipError, match="--alpha and --task-weight"):
+        RetrainOptions(alpha=0.7, task_weight=(("a", 2.0),))
+    with pytest.raises(OnnxZipError, match="use --task-weight"):
+        RetrainOptions(alpha=0.7).task_weights(("a", "b", "c"))
 
 
 def test_the_loop_steps_at_the_scheduled_rate(tmp_path, monkeypatch):
