@@ -110,11 +110,12 @@ def test_folder(dataset: str) -> Path:
 
 
 def run_merge(models: Sequence[Path], calib: Path | Mapping[str, Path], evals: Mapping[str, Path],
-              opts: MergeOptions, out: Path | None = None, retrain_data: Path | None = None) -> MergeResult:
+              opts: MergeOptions, out: Path | None = None, retrain_data: Path | None = None,
+              budget_data: Mapping[str, Path] | None = None) -> MergeResult:
     """One merge through the public API (written to a temporary file unless out is given)."""
     with tempfile.TemporaryDirectory(prefix="onnxzip-bench-") as tmp:
         return merge(list(models), calib, out or Path(tmp) / "merged.onnx", opts, evals=dict(evals),
-                     retrain_data=retrain_data)
+                     retrain_data=retrain_data, budget_data=budget_data)
 
 
 def errors(result: MergeResult) -> dict[str, tuple[float, float]]:

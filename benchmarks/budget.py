@@ -14,10 +14,17 @@ share F, and the early-layers-more schedule). Then, unless --no-test-probes, eve
 merged again with the same calibration samples and measured on the test sets, to set the search's
 held-out verdicts against the test-set ones. No retraining.
 
+With --measure-on test-half the search measures on images the models never trained on (merge's
+``budget_data``, --budget-data): each data set's 10,000 test images are split by a seeded
+permutation into two halves of 5,000; the search measures every probe's accuracy drop on the first
+half, every calibration image calibrates, and the test errors are those on the other half. The
+results go to the section "budget_unseen" (and budget_unseen.md/.json), beside the default run's.
+
     python benchmarks/budget.py                    # both pairs, budget 0.5, labelled calibration folders
     python benchmarks/budget.py --arch lenet5 --calib 1000
     python benchmarks/budget.py --measure agreement   # unlabelled folders: the drop is in top-1 agreement
     python benchmarks/budget.py --render-only      # tables and section again from benchmarks/budget.json
+    python benchmarks/budget.py --measure-on test-half --no-test-probes   # measure on unseen images
 
 Calibration: each task's own folder of --calib training images (default 2,000). With --measure
 accuracy (default) the folder is bench_common.train_folder, the same seeded draw of images as
@@ -54,6 +61,10 @@ TASKS, PAIRS, DATASETS = ct.TASKS, ct.PAIRS, ct.DATASETS
 DEFAULT_BUDGET = 0.5
 ERROR_BOUND = ct.ERROR_BOUND
 MEASURES = ("accuracy", "agreement")
+# Where the search measures: the held-out tail of the calibration folders, or half of the test images.
+MEASURE_ON = ("calib", "test-half")
+TEST_HALF_SEED = 11
+UNSEEN_NAME = NAME + "_unseen"
 # cross_task's methods compared with: the tool's default pair cost, uniform share and early-layers-more.
 HANDSET = {"hessian": "best hand-set uniform F", "hessian-taper": "best hand-set taper"}
 PERCENT = 100.0
@@ -70,20 +81,48 @@ def calibration(measure: str, n: int) -> dict[str, Path]:
     return {t: folder(DATASETS[t], n) for t in TASKS}
 
 
+def test_halves(dataset: str) -> tuple[Path, tuple[np.ndarray, np.ndarray]]:
+    """The data set's test images split in two by a seeded permutation: a labelled folder of the first
+    half (the search measures on it) and the other half's (inputs, labels) for the test errors."""
+    x, y = ct._load_test(bc.test_folder(dataset))
+    order = np.random.default_rng(TEST_HALF_SEED).permutation(len(x))
+    first, second = np.sort(order[:len(x) // 2]), np.sort(order[len(x) // 2:])
+    folder = bc.CACHE / f"{dataset}-test-half-{TEST_HALF_SEED}"
+    if not folder.is_dir():
+        bc.refdata.write_npz_folder(folder, x[first], labels=y[first])
+    return folder, (x[second], y[second])
+
+
+def measuring(measure_on: str) -> tuple[dict[str, Path] | None, ct.TestSets]:
+    """The search's measuring folders (None: the calibration folders' held-out tail) and the test sets."""
+    if measure_on == "calib":
+        return None, ct.TestSets(ct.DEFAULT_BATCH_SIZE)
+    halves = {t: test_halves(DATASETS[t]) for t in TASKS}
+    return {t: h[0] for t, h in halves.items()}, ct.TestSets(ct.DEFAULT_BATCH_SIZE, {t: h[1] for t, h in halves.items()})
+
+
+def _calibrating(r: dict) -> int:
+    """Calibration samples per task that every probe calibrates on."""
+    return r.get("calibrating", r["calib"] - r["heldout_samples"][0])
+
+
 def shared_fraction(params: int, params_inputs: Sequence[int]) -> float:
     """bench_common.shared_param_fraction for a probe's merged parameter count."""
     return 2.0 * (sum(params_inputs) - params) / sum(params_inputs)
 
 
-def run_arch(arch: str, budget: float, measure: str, n_calib: int, tests: ct.TestSets) -> dict:
-    """Merge the arch's pair with the budget search, measure the test errors; a JSON-ready record."""
+def run_arch(arch: str, budget: float, measure: str, n_calib: int, tests: ct.TestSets,
+             budget_data: dict[str, Path] | None = None) -> dict:
+    """Merge the arch's pair with the budget search (measuring on ``budget_data`` when given), measure the
+    test errors; a JSON-ready record."""
     opts = MergeOptions(budget=budget, tasks=TASKS, max_patches=ct.DEFAULT_MAX_PATCHES,
                         batch_size=ct.DEFAULT_BATCH_SIZE, layout=ct.LAYOUT, verify_samples=ct.VERIFY_SAMPLES)
     print(f"{arch}: merging with budget {budget} ({measure}, {n_calib} calibration samples per task) ...", flush=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxzip-budget-") as tmp:
         out = Path(tmp) / "merged.onnx"
-        result = bc.run_merge(bc.reference(*PAIRS[arch]), calibration(measure, n_calib), {}, opts, out)
+        result = bc.run_merge(bc.reference(*PAIRS[arch]), calibration(measure, n_calib), {}, opts, out,
+                              budget_data=budget_data)
         merge_seconds = time.perf_counter() - start
         error = tests.merged_errors(out)
     s = result.search
@@ -96,6 +135,9 @@ def run_arch(arch: str, budget: float, measure: str, n_calib: int, tests: ct.Tes
         "chosen": list(s.chosen.counts), "chosen_drops": list(s.chosen.drops),
         "chosen_index": [tuple(p["counts"]) for p in probes].index(tuple(s.chosen.counts)),
         "measure": list(s.measure), "heldout_samples": list(s.heldout_samples),
+        "measure_on": "calib" if budget_data is None else "test-half",
+        "calibrating": n_calib if budget_data is not None else n_calib - s.heldout_samples[0],
+        "test_images": len(tests.data[TASKS[0]][0]),
         "probes": probes, "forward_passes": s.forward_passes, "search_seconds": s.seconds,
         "param_fraction": bc.shared_param_fraction(result),
         "param_fraction_search": shared_fraction(s.chosen.params, result.params_inputs),
@@ -118,8 +160,7 @@ def test_probes(r: dict, measure: str, tests: ct.TestSets) -> None:
     per-layer shares; a merge with those share_layers and calib_samples is the same model (the chosen probe's
     re-merge must give the budget merge's test errors, recorded as ``rerun_matches``).
     """
-    n = r["calib"] - r["heldout_samples"][0]
-    assert all(n == r["calib"] - h for h in r["heldout_samples"])
+    n = _calibrating(r)
     print(f"{r['arch']}: test errors of the {len(r['probes'])} probes (calibrating on the first {n}) ...", flush=True)
     begin = time.perf_counter()
     for i, p in enumerate(r["probes"]):
@@ -295,7 +336,7 @@ def uniform_text(r: dict, best: ct.Point | None) -> str:
         if p is not None and "test_delta" in p:
             text += (f" The search probed cross_task's best uniform share (F={best.share:.4f}, the same counts): "
                      f"held-out drop {_pair(p['drops'])}, so it was rejected, while its re-merge on the same "
-                     f"{r['calib'] - r['heldout_samples'][0]:,} calibration samples raised the test errors by "
+                     f"{_calibrating(r):,} calibration samples raised the test errors by "
                      f"{_pair(p['test_delta'], '{:+.2f}')} (cross_task, calibrated on {r['calib']:,}: "
                      f"{_pair([best.delta(t) for t in TASKS], '{:+.2f}')})."
                      if max(p["drops"]) > r["budget"] + 1e-9 else
@@ -307,7 +348,7 @@ def uniform_text(r: dict, best: ct.Point | None) -> str:
         if half is not None and "test_delta" in half and cross_half:
             q = ct.Point(**cross_half[0])
             text += (f" Uniform F = 0.5 raised the test errors by {_pair(half['test_delta'], '{:+.2f}')} calibrated "
-                     f"on {r['calib'] - r['heldout_samples'][0]:,} samples, against "
+                     f"on {_calibrating(r):,} samples, against "
                      f"{_pair([q.delta(t) for t in TASKS], '{:+.2f}')} in cross_task on {r['calib']:,}.")
     return text
 
@@ -319,8 +360,8 @@ def what_it_says(r: dict) -> str:
     deltas = [_delta(r, t) for t in TASKS]
     text = (f"**{r['arch']}**: the search made {len(r['probes'])} probes in {r['search_seconds'] / 60:.1f} min "
             f"and chose {_counts(r)}, {frac:.1f}% of the parameters shared (ended by: {stop_reason(r)}). On its "
-            f"held-out samples it measured drops of {_pair(r['chosen_drops'])} points (a / b); on the 10,000 test "
-            f"images the errors rose by {_pair(deltas, '{:+.2f}')} points, so the merge is "
+            f"held-out samples it measured drops of {_pair(r['chosen_drops'])} points (a / b); on the "
+            f"{r.get('test_images', 10000):,} test images the errors rose by {_pair(deltas, '{:+.2f}')} points, so the merge is "
             + ("within" if _passes(r) else "**not** within") + f" +{ERROR_BOUND} points per task on the test sets.")
     gaps = [d - h for d, h in zip(deltas, r["chosen_drops"])]
     worst = max(range(len(TASKS)), key=lambda k: abs(gaps[k]))
@@ -342,6 +383,7 @@ def setup_text(records: Sequence[dict], measure: str, elapsed: float) -> str:
     """The paragraph under the section title."""
     r0 = records[0]
     n, held = r0["calib"], r0["heldout_samples"][0]
+    unseen = r0.get("measure_on") == "test-half"
     folder = ("bench_common.train_folder: the same seeded draw of images as cross_task's calibration folders, "
               "with their labels, so each probe's drop is the task's accuracy drop (points) on the held-out "
               "samples" if measure == "accuracy" else
@@ -357,15 +399,23 @@ def setup_text(records: Sequence[dict], measure: str, elapsed: float) -> str:
         + ", ".join(f"{r['arch']} = " + " + ".join(PAIRS[r['arch']]) for r in records)
         + f". Each pair is merged once with `MergeOptions(budget={r0['budget']})`; no retraining. Calibration: "
         f"each task's own folder of {n:,} training images ({folder}; measure recorded by the search: "
-        f"{', '.join(sorted(set(m for r in records for m in r['measure'])))}). The search holds out the last "
-        f"{BUDGET_HOLDOUT:.0%} ({held} per task), so every probe and the final merge calibrate on the first "
-        f"{n - held:,} only, where cross_task's merges calibrate on all {n:,}; a drop on {held} samples moves in "
-        f"steps of {PERCENT / held:.2f} points. Search grid: share = level / {UNIFORM_LEVELS} per hidden layer; at most "
+        f"{', '.join(sorted(set(m for r in records for m in r['measure'])))}). "
+        + (f"The search measures on unseen images (`budget_data`): each data set's 10,000 test images split "
+           f"by a seeded permutation (seed {TEST_HALF_SEED}) into two halves; every probe's accuracy drop is "
+           f"measured on the first {held:,} of each task and every probe and the final merge calibrate on all "
+           f"{n:,} calibration images, as cross_task's merges do; a drop on {held:,} samples moves in steps of "
+           f"{PERCENT / held:.2f} points. " if unseen else
+           f"The search holds out the last {BUDGET_HOLDOUT:.0%} ({held} per task), so every probe and the final "
+           f"merge calibrate on the first {n - held:,} only, where cross_task's merges calibrate on all {n:,}; a "
+           f"drop on {held} samples moves in steps of {PERCENT / held:.2f} points. ")
+        + f"Search grid: share = level / {UNIFORM_LEVELS} per hidden layer; at most "
         f"{MAX_REFINE_ROUNDS} greedy rounds. "
         f"Every merge uses max_patches={ct.DEFAULT_MAX_PATCHES}, batch_size={ct.DEFAULT_BATCH_SIZE}, layout "
         f"{ct.LAYOUT}, verify_samples={ct.VERIFY_SAMPLES}, other options at their defaults (MTZ Hessian + "
-        f"correction), as cross_task. Test errors are computed on each task's 10,000 test images as cross_task "
-        f"computes them. Params shared is bench_common.shared_param_fraction; forward passes are the search's "
+        f"correction), as cross_task. Test errors are computed "
+        + (f"on the other {r0['test_images']:,} test images of each task (cross_task's hand-set rows below: on "
+           f"all 10,000)" if unseen else "on each task's 10,000 test images")
+        + f" as cross_task computes them. Params shared is bench_common.shared_param_fraction; forward passes are the search's "
         f"count (samples run through a network segment, all probes). Total run time {elapsed / 60:.1f} min "
         f"({times}). {LOAD_NOTE}"
     )
@@ -386,7 +436,9 @@ def report(records: Sequence[dict], measure: str, elapsed: float) -> str:
                  f"parameters shared within +{ERROR_BOUND} points per task on the test sets (benchmarks/"
                  f"cross_task.json; uniform share F, and the early-layers-more schedule, hidden layer k of L "
                  f"sharing F^((k+1)/L)). Those were chosen by looking at the test errors; the budget sees only "
-                 f"held-out calibration samples.\n\n" + compare_table(records))
+                 + ("the measuring half of the test images, its errors are on the other half"
+                    if records[0].get("measure_on") == "test-half" else "held-out calibration samples")
+                 + ".\n\n" + compare_table(records))
     parts.append("### What the figures say\n\n" + "\n\n".join(what_it_says(r) for r in records))
     return "\n\n".join(parts)
 
@@ -399,6 +451,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--calib", type=int, default=bc.DEFAULT_CALIB, help="calibration images per task")
     p.add_argument("--measure", choices=MEASURES, default=MEASURES[0],
                    help="accuracy: labelled folders; agreement: unlabelled folders")
+    p.add_argument("--measure-on", choices=MEASURE_ON, default=MEASURE_ON[0],
+                   help="calib: the calibration folders' held-out tail; test-half: half of the test images "
+                        "(unseen in training), the errors on the other half")
     p.add_argument("--no-test-probes", action="store_true",
                    help="skip merging every probe again to measure its test errors")
     p.add_argument(RENDER_ONLY, action="store_true", help="rebuild tables and section from benchmarks/budget.json")
@@ -409,27 +464,35 @@ def publish(command: str, args: argparse.Namespace, records: list[dict], elapsed
     """Print the tables; write the RESULTS.md section, benchmarks/budget.md and .json."""
     body = report(records, args.measure, elapsed)
     print("\n" + body)
-    bc.write_section(NAME, command, body)
-    bc.write_json(NAME, {"command": command, "elapsed_s": elapsed, "bound_points": ERROR_BOUND,
+    name = _name(args.measure_on)
+    bc.write_section(name, command, body)
+    bc.write_json(name, {"command": command, "elapsed_s": elapsed, "bound_points": ERROR_BOUND,
                          "setup": {"max_patches": ct.DEFAULT_MAX_PATCHES, "batch_size": ct.DEFAULT_BATCH_SIZE,
                                    "layout": ct.LAYOUT, "verify_samples": ct.VERIFY_SAMPLES,
-                                   "calib": args.calib, "measure": args.measure, "budget": args.budget},
+                                   "calib": args.calib, "measure": args.measure, "budget": args.budget,
+                                   "measure_on": args.measure_on},
                          "pairs": {a: PAIRS[a] for a in args.arch}, "records": records})
+
+
+def _name(measure_on: str) -> str:
+    return NAME if measure_on == "calib" else UNSEEN_NAME
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark (or, with --render-only, re-render the recorded run) and write the results."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if RENDER_ONLY in argv:
-        data = json.loads(JSON.read_text())
+        data = json.loads((bc.HERE / f"{_name(parse_args(argv).measure_on)}.json").read_text())
         publish(data["command"], parse_args(shlex.split(data["command"])[2:]), data["records"], data["elapsed_s"])
         return
     args = parse_args(argv)
-    tests = ct.TestSets(ct.DEFAULT_BATCH_SIZE)
+    if args.measure_on == "test-half" and args.measure != "accuracy":
+        raise SystemExit("--measure-on test-half measures accuracy on labelled test images; drop --measure")
+    budget_data, tests = measuring(args.measure_on)
     start = time.perf_counter()
     records = []
     for arch in args.arch:
-        records.append(run_arch(arch, args.budget, args.measure, args.calib, tests))
+        records.append(run_arch(arch, args.budget, args.measure, args.calib, tests, budget_data))
         if not args.no_test_probes:
             test_probes(records[-1], args.measure, tests)
     publish("python benchmarks/budget.py" + (" " + shlex.join(argv) if argv else ""), args, records,
