@@ -24,8 +24,9 @@ Adam with the rate cosine-annealed to 0, each task's training images (all of the
 hold-out), batch 64 per task, seed 0, and per task the loss of --loss or its --task-loss
 entry: cross-entropy on the labels ('labels', the tool's default for labelled data), or 'mix',
 --mix x cross-entropy plus (1 - --mix) x distillation to the task's single model at
---temperature. By default KMNIST, which has 7,200 training images where the others have 50,000
-or more, mixes in distillation at temperature 4; the others train on their labels).
+--temperature, weighted by its --task-weight (default 1). By default KMNIST, which has 7,200
+training images where the others have 50,000 or more, mixes in distillation at temperature 4; the
+others train on their labels).
 
     python benchmarks/multi_resnet.py                       # 90% shared, all five tasks
     python benchmarks/multi_resnet.py --fractions 0.5 0.9 --retrain-iters 300 --lr 1e-4 --lr-schedule constant
@@ -107,8 +108,9 @@ def _retrain_record(ropts: RetrainOptions | None) -> dict:
     """The retraining settings of a result (iters 0 and no settings without retraining)."""
     keys = ("lr", "lr_schedule", "loss", "temperature", "mix", "holdout")
     if ropts is None:
-        return {"iters": 0, **dict.fromkeys(keys), "task_loss": {}}
-    return {"iters": ropts.iters, **{k: getattr(ropts, k) for k in keys}, "task_loss": dict(ropts.task_loss)}
+        return {"iters": 0, **dict.fromkeys(keys), "task_loss": {}, "task_weight": {}}
+    return {"iters": ropts.iters, **{k: getattr(ropts, k) for k in keys}, "task_loss": dict(ropts.task_loss),
+            "task_weight": dict(ropts.task_weight)}
 
 
 def run(tasks: list[str], target: float, calib: int, train: int, ropts: RetrainOptions | None,
@@ -186,7 +188,10 @@ def _loss_words(r: dict) -> str:
              "mix": f"{r['mix']:g} x cross-entropy + {1 - r['mix']:g} x distillation to the single model at "
                     f"temperature {r['temperature']:g}"}
     groups = {k: [t for t in kinds if kinds[t] == k] for k in dict.fromkeys(kinds.values())}
-    return "; ".join(f"{', '.join(ts)}: {words[k]}" for k, ts in groups.items())
+    text = "; ".join(f"{', '.join(ts)}: {words[k]}" for k, ts in groups.items())
+    weights = r.get("task_weight") or {}
+    return text + (f"; loss weights {', '.join(f'{t} {w:g}' for t, w in weights.items())} (others 1)"
+                   if weights else "")
 
 
 def _section(results: list[dict], command: str, total_s: float) -> str:
@@ -217,6 +222,17 @@ def _task_loss(values: list[str]) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
+def _task_weight(values: list[str]) -> tuple[tuple[str, float], ...]:
+    pairs = [v.split("=", 1) for v in values]
+    try:
+        parsed = tuple((p[0], float(p[1])) for p in pairs if len(p) == 2 and p[0] in TASKS)
+    except ValueError:
+        parsed = ()
+    if len(parsed) != len(values):
+        raise SystemExit(f"--task-weight expects TASK=WEIGHT with TASK one of {', '.join(TASKS)}; got {values}")
+    return parsed
+
+
 def main() -> None:
     """Parse arguments, run each target, print and write the results."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -230,15 +246,19 @@ def main() -> None:
     ap.add_argument("--loss", default="labels", choices=["labels", "mix"])
     ap.add_argument("--task-loss", nargs="*", default=["kmnist=mix"], metavar="TASK=KIND",
                     help="a task's loss instead of --loss (labels or mix)")
+    ap.add_argument("--task-weight", nargs="*", default=[], metavar="TASK=WEIGHT",
+                    help="a task's loss weight (others 1): how hard it pulls on the shared weights")
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--mix", type=float, default=0.5, help="weight of the cross-entropy in --loss mix")
     ap.add_argument("--holdout", type=float, default=0.1, help="retraining's held-out fraction of each task's images")
     ap.add_argument("--stream-pairing", nargs="+", default=["all"], choices=["all", "early"])
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch threads while retraining")
     args = ap.parse_args()
     start = time.perf_counter()
     ropts = RetrainOptions(iters=args.retrain_iters, lr=args.lr, lr_schedule=args.lr_schedule, batch_size=64,
-                           loss=args.loss, task_loss=_task_loss(args.task_loss), temperature=args.temperature, mix=args.mix, holdout=args.holdout,
-                           threads=2, seed=SEED) if args.retrain_iters else None
+                           loss=args.loss, task_loss=_task_loss(args.task_loss),
+                           task_weight=_task_weight(args.task_weight), temperature=args.temperature, mix=args.mix,
+                           holdout=args.holdout, threads=args.threads, seed=SEED) if args.retrain_iters else None
     results = []
     for target in args.fractions:
         for pairing in args.stream_pairing:
@@ -248,7 +268,8 @@ def main() -> None:
     command = "python benchmarks/multi_resnet.py " + " ".join(
         [f"--fractions {' '.join(map(str, args.fractions))}", f"--calib {args.calib}", f"--train {args.train}",
          f"--retrain-iters {args.retrain_iters}", f"--lr {args.lr:g}", f"--lr-schedule {args.lr_schedule}",
-         f"--loss {args.loss}", f"--task-loss {' '.join(args.task_loss)}", f"--temperature {args.temperature:g}", f"--mix {args.mix:g}",
+         f"--loss {args.loss}", f"--task-loss {' '.join(args.task_loss)}",
+         f"--task-weight {' '.join(args.task_weight)}", f"--temperature {args.temperature:g}", f"--mix {args.mix:g}",
          f"--holdout {args.holdout:g}",
          f"--stream-pairing {' '.join(args.stream_pairing)}"])
     body = _section(results, command, time.perf_counter() - start)

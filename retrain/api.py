@@ -201,10 +201,11 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
     if scaled:
         raise OnnxZipError(f"{merged_path}: task(s) {', '.join(scaled)} were merged with --input-scale; their "
                            "original models expect scaled inputs, so they cannot be distilled from yet")
-    unknown = [t for t, _ in options.task_loss if t not in tasks]
-    if unknown:
-        raise OnnxZipError(f"--task-loss names task(s) {', '.join(unknown)}, but {merged_path} has tasks "
-                           f"{', '.join(tasks)}")
+    for flag, entries in (("--task-loss", options.task_loss), ("--task-weight", options.task_weight)):
+        unknown = [t for t, _ in entries if t not in tasks]
+        if unknown:
+            raise OnnxZipError(f"{flag} names task(s) {', '.join(unknown)}, but {merged_path} has tasks "
+                               f"{', '.join(tasks)}")
     teacher_paths = resolve_teachers(merged_path, meta, tasks, teachers)
     weights = options.task_weights(tasks)
     with torch_threads(options.threads):
