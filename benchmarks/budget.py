@@ -417,7 +417,7 @@ def setup_text(records: Sequence[dict], measure: str, elapsed: float) -> str:
            f"all 10,000)" if unseen else "on each task's 10,000 test images")
         + f" as cross_task computes them. Params shared is bench_common.shared_param_fraction; forward passes are the search's "
         f"count (samples run through a network segment, all probes). Total run time {elapsed / 60:.1f} min "
-        f"({times}). {LOAD_NOTE}"
+        f"({times})." + ("" if unseen else f" {LOAD_NOTE}")
     )
 
 
@@ -426,9 +426,10 @@ def report(records: Sequence[dict], measure: str, elapsed: float) -> str:
     parts = [setup_text(records, measure, elapsed),
              f"### What the search chose (budget {records[0]['budget']} points)\n\n" + search_table(records)]
     for r in records:
-        parts.append(f"{r['arch']}: every probe, in the order the search made them (held-out drop in points; "
-                     f"test columns: the probe's counts merged again with the same calibration samples and measured "
-                     f"on the test sets)\n\n" + probes_table(r))
+        tested = ("; test columns: the probe's counts merged again with the same calibration samples and "
+                  "measured on the test sets" if all("test_delta" in p for p in r["probes"]) else "")
+        parts.append(f"{r['arch']}: every probe, in the order the search made them (held-out drop in "
+                     f"points{tested})\n\n" + probes_table(r))
         if agreement_text(r):
             parts.append(agreement_text(r))
     parts.append(f"### Budget against the best hand-set shares of cross_task\n\n"
