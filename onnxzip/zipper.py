@@ -271,22 +271,28 @@ def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: boo
     return w.astype(np.float32).astype(np.float64)  # every task gets bit-identical float32 values
 
 
+def _fold_in(w: _Writer, merged: np.ndarray, H_acc: np.ndarray, t: int, units_t: np.ndarray,
+             kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Task t's columns of ``units_t`` merged into the columns merged so far, whose Hessian is H_acc
+    (Eq. 10/11; the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by exactly that pair cost).
+
+    Returns the merged columns, with ``kind`` each unit's pair cost of this step (None without), and
+    H_acc + H_t.
+    """
+    metric, C = PairMetric(H_acc, w.H[t], w.name), w.columns(t)[:, units_t]
+    step = None if kind is None else matched_costs(metric.interaction(kind), merged, C)
+    return _merge_columns(metric, merged, C, w.sparse), step, H_acc + w.H[t]
+
+
 def _fold(w: _Writer, units: list[np.ndarray], kind: str | None = None
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """The columns of the given units of tasks 0, 1, ... merged one task at a time; with ``kind``
-    each unit's summed pair cost (None without); and H_acc, the summed Hessians of those tasks.
-
-    Task t joins the columns merged so far with H_acc, the sum of the Hessians merged so far, as
-    its partner's Hessian (Eq. 10/11; the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by
-    exactly that pair cost).
+    """The columns of the given units of tasks 0, 1, ... merged one task at a time (_fold_in); with
+    ``kind`` each unit's summed pair cost (None without); and H_acc, the summed Hessians of those tasks.
     """
     merged, H_acc, costs = w.columns(0)[:, units[0]], w.H[0], None
     for t in range(1, len(units)):
-        metric, C = PairMetric(H_acc, w.H[t], w.name), w.columns(t)[:, units[t]]
-        if kind is not None:
-            step = matched_costs(metric.interaction(kind), merged, C)
-            costs = step if costs is None else costs + step
-        merged, H_acc = _merge_columns(metric, merged, C, w.sparse), H_acc + w.H[t]
+        merged, step, H_acc = _fold_in(w, merged, H_acc, t, units[t], kind)
+        costs = step if costs is None else costs + step
     return merged, costs, H_acc
 
 
@@ -295,22 +301,24 @@ def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: Me
     """Choose the shared units of one unit space from the summed pair costs of all its writers.
 
     Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched; each further task
-    is matched to the units merged so far (_fold), with H_acc as their Hessian. Units a later task
-    does not match leave the shared set. Returns per task the shared units' indices and each
-    shared unit's summed cost.
+    is matched to the units merged so far, with H_acc as their Hessian, and then merged into them
+    (_fold_in). Units a later task does not match leave the shared set. Returns per task the shared
+    units' indices and each shared unit's summed cost.
     """
     k = writers[0].k
     metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in writers]
     rows0, rows1, costs = _choose_pairs(tasks, writers, metrics, [w.columns(0) for w in writers],
                                         [w.columns(1) for w in writers], count, opts, (opts.seed, k))
     units = [rows0, rows1]
+    if len(tasks) == 2:
+        return units, costs
+    folded = [_fold(w, units)[::2] for w in writers]  # per writer: (columns merged so far, H_acc)
     for t in range(2, len(tasks)):
-        folds = [_fold(w, units) for w in writers]
-        merged = [f[0] for f in folds]
-        metrics = [PairMetric(f[2], w.H[t], w.name) for f, w in zip(folds, writers)]
-        keep, rows_t, more = _choose_pairs(tasks, writers, metrics, merged, [w.columns(t) for w in writers],
-                                           len(units[0]), opts, (opts.seed, k, t))
+        metrics = [PairMetric(H_acc, w.H[t], w.name) for (_, H_acc), w in zip(folded, writers)]
+        keep, rows_t, more = _choose_pairs(tasks, writers, metrics, [m for m, _ in folded],
+                                           [w.columns(t) for w in writers], len(units[0]), opts, (opts.seed, k, t))
         units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
+        folded = [_fold_in(w, m[:, keep], H_acc, t, rows_t)[::2] for (m, H_acc), w in zip(folded, writers)]
     return units, costs
 
 
