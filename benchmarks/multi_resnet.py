@@ -60,6 +60,7 @@ TASKS = {"mnist": ("mnist", "resnet_mnist"), "fashion": ("fashion-mnist", "resne
 TARGET_INCREASE = 0.25  # points of mean error increase after retraining (the paper's figure)
 OUT = bc.CACHE / NAME
 SEED = 0
+LOSS_KINDS = ("labels", "mix")  # the benchmark's choices for --loss and --task-loss
 
 
 def _folders(task: str, calib: int, train: int) -> tuple[Path, Path, Path]:
@@ -214,23 +215,26 @@ def _section(results: list[dict], command: str, total_s: float) -> str:
     return head + "\n".join(parts)
 
 
-def _task_loss(values: list[str]) -> tuple[tuple[str, str], ...]:
-    pairs = tuple(tuple(v.split("=", 1)) for v in values)
-    bad = [v for v, p in zip(values, pairs) if len(p) != 2 or p[0] not in TASKS or p[1] not in ("labels", "mix")]
+def _loss_kind(value: str) -> str:
+    if value not in LOSS_KINDS:
+        raise ValueError(value)
+    return value
+
+
+def _task_pairs(values: list[str], flag: str, convert, what: str) -> tuple[tuple[str, object], ...]:
+    """TASK=VALUE arguments as ((task, convert(value)), ...); exits naming ``flag`` and the bad ones."""
+    parsed, bad = [], []
+    for arg in values:
+        task, _, value = arg.partition("=")
+        try:
+            if task not in TASKS:
+                raise ValueError(task)
+            parsed.append((task, convert(value)))
+        except ValueError:
+            bad.append(arg)
     if bad:
-        raise SystemExit(f"--task-loss expects TASK=labels|mix with TASK one of {', '.join(TASKS)}; got {bad}")
-    return pairs
-
-
-def _task_weight(values: list[str]) -> tuple[tuple[str, float], ...]:
-    pairs = [v.split("=", 1) for v in values]
-    try:
-        parsed = tuple((p[0], float(p[1])) for p in pairs if len(p) == 2 and p[0] in TASKS)
-    except ValueError:
-        parsed = ()
-    if len(parsed) != len(values):
-        raise SystemExit(f"--task-weight expects TASK=WEIGHT with TASK one of {', '.join(TASKS)}; got {values}")
-    return parsed
+        raise SystemExit(f"{flag} expects TASK={what} with TASK one of {', '.join(TASKS)}; got {bad}")
+    return tuple(parsed)
 
 
 def main() -> None:
@@ -243,7 +247,7 @@ def main() -> None:
     ap.add_argument("--retrain-iters", type=int, default=6000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
-    ap.add_argument("--loss", default="labels", choices=["labels", "mix"])
+    ap.add_argument("--loss", default="labels", choices=list(LOSS_KINDS))
     ap.add_argument("--task-loss", nargs="*", default=["kmnist=mix"], metavar="TASK=KIND",
                     help="a task's loss instead of --loss (labels or mix)")
     ap.add_argument("--task-weight", nargs="*", default=["fashion=2"], metavar="TASK=WEIGHT",
@@ -256,8 +260,9 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     ropts = RetrainOptions(iters=args.retrain_iters, lr=args.lr, lr_schedule=args.lr_schedule, batch_size=64,
-                           loss=args.loss, task_loss=_task_loss(args.task_loss),
-                           task_weight=_task_weight(args.task_weight), temperature=args.temperature, mix=args.mix,
+                           loss=args.loss,
+                           task_loss=_task_pairs(args.task_loss, "--task-loss", _loss_kind, "|".join(LOSS_KINDS)),
+                           task_weight=_task_pairs(args.task_weight, "--task-weight", float, "WEIGHT"), temperature=args.temperature, mix=args.mix,
                            holdout=args.holdout, threads=args.threads, seed=SEED) if args.retrain_iters else None
     results = []
     for target in args.fractions:
