@@ -4,7 +4,7 @@ and onnxzip.retrain (which imports PyTorch only when a retraining runs)."""
 from __future__ import annotations
 
 import functools
-import json
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional
@@ -304,19 +304,16 @@ def merge(
         budget=budget, target_size=target_size, input_scale=_input_scales(input_scale),
         seed=seed, retrain=_retrain_options(retrain_iters, retrain_lr, retrain_lr_schedule, retrain_optimizer,
                                             retrain_batch_size, alpha, image, device, seed))
-    if report is not None and report.exists() and report.is_dir():
-        raise OnnxZipError(f"{report}: --report must be a file path")
     out.print(resolve_device(opts.device)[1])
     bars = _Bars()
     with bars.progress:
         result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars,
                            retrain_data=_calib(retrain_data, "--retrain-data") if retrain_data else None,
-                           budget_data=_calib(budget_data, "--budget-data") if budget_data else None)
+                           budget_data=_calib(budget_data, "--budget-data") if budget_data else None,
+                           report=report)
     _print_search(result)
     _print_result(result)
     _print_retraining(result)
-    if report is not None:
-        report.write_text(json.dumps(result.to_json(), indent=2))
 
 
 @app.command()
@@ -426,9 +423,59 @@ def retrain(
     _print_retrain(result)
 
 
-def main() -> None:
-    """Console entry point (usage errors exit with code 2, as user errors do)."""
-    app()
+class Stopped(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived: unwinds like KeyboardInterrupt, so that every temporary file
+    and cache is removed on the way out; not an Exception, so no handler of user errors takes it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+# Exit codes of a run stopped by a signal: 128 + the signal's number, as shells report it.
+SIGNAL_EXIT_BASE = 128
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _usage_line(exc: typer.TyperException) -> str:
+    """A usage error (unknown flag, bad value, missing argument) as one line with a hint to --help."""
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else PROG
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    return f"error: {' '.join(message.split())} (see '{path} --help')"
+
+
+PROG = "onnxzip"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: user and usage errors print one line and exit 2; SIGINT, SIGTERM and
+    SIGHUP remove what the run had written so far and exit 128 + the signal number."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):  # EOF on a prompt; a KeyboardInterrupt raised by code
+        code = _stopped(signal.SIGINT)
+    except Stopped as exc:
+        code = _stopped(exc.signum)
+    except typer.TyperException as exc:
+        err.print(_usage_line(exc), markup=False, highlight=False, soft_wrap=True)
+        code = EXIT_USER_ERROR
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _stopped(signum: int) -> int:
+    err.print(f"error: stopped by {signal.Signals(signum).name}; its temporary files were removed", markup=False,
+              highlight=False, soft_wrap=True)
+    return SIGNAL_EXIT_BASE + signum
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ from .calib import count_samples, iter_batches, load_labeled
 from .canonical import fold_input_affine, import_network
 from .emit import merged_model
 from .errors import OnnxZipError
+from .guard import Output, Read, check_outputs
 from .ir import Network
 from .options import PARAMS, MergeOptions, parse_size
 from .plan import LayerPlan, SharingPlan
 from .runtime import resolve_device
-from .save import save_atomically
+from .save import save_atomically, write_text_atomically
 from .spaces import unit_spaces
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
 from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
@@ -130,7 +131,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
           options: MergeOptions = MergeOptions(), evals: Mapping[str, str | Path] | None = None,
           progress: ProgressFn = no_progress, timer: StageTimer | None = None,
           retrain_data: str | Path | Mapping[str, str | Path] | None = None,
-          budget_data: str | Path | Mapping[str, str | Path] | None = None) -> MergeResult:
+          budget_data: str | Path | Mapping[str, str | Path] | None = None,
+          report: str | Path | None = None) -> MergeResult:
     """Zip the models into one multi-task ONNX model at ``output`` and return what was measured.
 
     ``calib`` is one folder for every task or a {task: folder} mapping; ``evals`` optionally maps
@@ -138,16 +140,21 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     stage. With ``options.retrain`` the model is retrained after each zipped layer on
     ``retrain_data`` (same forms as ``calib``; default: the calibration folders). With
     ``options.budget`` or ``options.target_size``, ``budget_data`` (same forms) holds the samples
-    that measure each probe's fidelity; by default the last part of the calibration samples. Raises
+    that measure each probe's fidelity; by default the last part of the calibration samples.
+    ``report`` is a JSON file for the plan and every figure (MergeResult.to_json). Before any work,
+    the outputs are checked to be writable and to be none of the files the merge reads. Raises
     OnnxZipError on any problem a user can cause; then no output file is written.
     """
     timer = timer or StageTimer()
     paths, output = [Path(m) for m in models], Path(output)
-    if any(output.resolve() == p.resolve() for p in paths):
-        raise OnnxZipError(f"{output}: the output would overwrite an input model")
+    outputs = [Output(output, "-o")] + ([Output(Path(report), "--report", model=False)] if report else [])
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
     folders = _per_task(calib, tasks, "--calib")
+    data = {"--calib": folders, "--eval": list(_eval_folders(evals, tasks).values()),
+            "--retrain-data": [] if retrain_data is None else _per_task(retrain_data, tasks, "--retrain-data"),
+            "--budget-data": [] if budget_data is None else _per_task(budget_data, tasks, "--budget-data")}
+    check_outputs(outputs, _reads(paths, [], data))
     _check_same_calibration(opts, tasks, folders)
     if opts.retrain is None and retrain_data is not None:
         raise OnnxZipError("--retrain-data is given but no retraining is asked for (--retrain-iters)")
@@ -159,20 +166,22 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         for p in paths:
             nets.append(import_network(p))
             tick()
+        check_outputs(outputs, _reads(paths, nets, data))  # now with the models' external-data files
         nets = _rescale(nets, opts)
         align(nets)
         _check_layer_names(opts, nets[0])
         _check_cost_supported(opts, nets[0])
-        labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input)
+        _check_classifiers(opts, nets, evals)
+        labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input, classes=nets[tasks.index(t)].classes)
                     for t, d in _eval_folders(evals, tasks).items()}
         streams, counts = _streams(folders, nets, opts)
     providers, device = resolve_device(opts.device)
-    report = None
+    search_report = None
     if opts.budget is not None or opts.target_size is not None:
         tick = progress("search shares", 1)
         with timer("search"):
             measure = None if budget_data is None else _per_task(budget_data, tasks, "--budget-data")
-            opts, streams, counts, report = _search_shares(nets, folders, opts, providers, measure)
+            opts, streams, counts, search_report = _search_shares(nets, folders, opts, providers, measure)
         tick()
     hook = _retrainer(nets, folders if retrain_data is None else _per_task(retrain_data, tasks, "--retrain-data"),
                       opts, progress)
@@ -195,11 +204,42 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                 checks.append(check)
                 tick()
 
-    save_atomically(model, output, verify)
-    merged_params = weight_params(model)
-    return MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
-                       tuple(n.params for n in nets), merged_params, tuple(n.file_bytes for n in nets),
-                       output.stat().st_size, dict(timer.seconds), device, tuple(hook.rounds) if hook else (), report)
+    params = weight_params(model)
+    written = save_atomically(model, output, verify)
+    result = MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
+                         tuple(n.params for n in nets), params, tuple(n.file_bytes for n in nets),
+                         sum(f.stat().st_size for f in written), dict(timer.seconds), device, tuple(hook.rounds) if hook else (),
+                         search_report)
+    if report is not None:
+        _write_report(result, Path(report), output)
+    return result
+
+
+def _reads(paths: Sequence[Path], nets: Sequence[Network], data: Mapping[str, Sequence[Path]]) -> list[Read]:
+    """Everything a merge reads: the models, their external-data files and every data folder."""
+    reads = [Read(p, "input model") for p in paths]
+    reads += [Read(f, f"external data of {Path(n.path).name}") for n in nets for f in n.data_files]
+    reads += [Read(folder, f"{flag} data") for flag, folders in data.items() for folder in folders]
+    return reads
+
+
+def _write_report(result: MergeResult, report: Path, output: Path) -> None:
+    """The JSON report, all or nothing; if it cannot be written the merged model is removed too."""
+    try:
+        write_text_atomically(json.dumps(result.to_json(), indent=2), report)
+    except OnnxZipError:
+        output.unlink(missing_ok=True)
+        raise
+
+
+def _check_classifiers(opts: MergeOptions, nets: Sequence[Network], evals) -> None:
+    """Top-1 figures (--eval accuracy, --budget and --target-size fidelity) need classifier outputs."""
+    asks = [flag for flag, given in (("--eval", evals), ("--budget", opts.budget is not None),
+                                     ("--target-size", opts.target_size is not None)) if given]
+    for task, net in zip(opts.tasks, nets):
+        if asks and net.classes is None:
+            raise OnnxZipError(f"{net.path}: {asks[0]} measures top-1 classes, but task '{task}' outputs "
+                               f"{net.output.name} of shape {tuple(net.output.shape)}, not [N, classes]")
 
 
 # Stand-ins for a pair's cost and relative errors when sizing a plan before its pairs are known:

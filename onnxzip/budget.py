@@ -299,7 +299,7 @@ def _heldout(folder, net: Network, split: Split, opts: MergeOptions, providers: 
     run = original_runner(net, providers)
     original = np.concatenate([run(x[s:s + opts.batch_size]).argmax(1) for s in range(0, len(x), opts.batch_size)])
     if has_labels(source):
-        labels = load_labeled(source, net.input, total)[1][skip:]
+        labels = load_labeled(source, net.input, total, classes=net.classes)[1][skip:]
         return x, labels, float(np.mean(original == labels))
     return x, original, None
 

@@ -87,6 +87,11 @@ class Op:
 Step = Union[Layer, Op]
 
 
+# A classifier's output: [N, C] scores of at least two classes.
+CLASSIFIER_RANK = 2
+MIN_CLASSES = 2
+
+
 @dataclass(frozen=True, eq=False)
 class Network:
     """One imported model in canonical form: input -> steps -> output."""
@@ -99,6 +104,8 @@ class Network:
     opset: int
     ir_version: int
     file_bytes: int = 0
+    # The external-data files the model was read from (absolute paths), if any.
+    data_files: tuple[str, ...] = ()
     # True when an input scaling was folded in (--input-scale): the file itself expects other inputs.
     rescaled: bool = False
 
@@ -122,6 +129,15 @@ class Network:
         written = [self.input.name] + [out for _, out in wiring[:at]]
         read = {name for inputs, _ in wiring[at:] for name in inputs}
         return tuple(name for name in written if name in read)
+
+    @property
+    def classes(self) -> int | None:
+        """The number of classes when the output is a classifier's scores [N, C] with C >= MIN_CLASSES, else
+        None (a regression or other output: compared by relative error only, never by top-1)."""
+        if len(self.output.shape) != CLASSIFIER_RANK:
+            return None
+        width = self.output.shape[-1] or self.layers[-1].out_units
+        return width if width >= MIN_CLASSES else None
 
     @property
     def is_chain(self) -> bool:

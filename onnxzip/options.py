@@ -95,6 +95,9 @@ class MergeOptions:
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.damping > 0 and self.correct_damping > 0, "damping factors must be positive"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (isinstance(self.verify_samples, Integral) and not isinstance(self.verify_samples, bool)
+             and self.verify_samples >= 1,
+             f"--verify-samples must be at least 1 (the written model is always checked), got {self.verify_samples!r}"),
             (self.calib_samples is None or self.calib_samples >= 1,
              f"--calib-samples must be at least 1, got {self.calib_samples}"),
             (self.max_cost is None or self.max_cost > 0, f"--max-cost must be positive, got {self.max_cost}"),

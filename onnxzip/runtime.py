@@ -30,6 +30,7 @@ def cuda_usable() -> bool:
     """True when ONNX Runtime has the CUDA provider and a CUDA device answers."""
     if CUDA not in ort.get_available_providers():
         return False
+    ort.disable_telemetry_events()
     ort.set_default_logger_severity(ORT_LOG_FATAL_ONLY)  # a missing CUDA library is expected here
     try:
         opts = ort.SessionOptions()
@@ -55,6 +56,7 @@ def resolve_device(device: str) -> tuple[list[str], str]:
 
 def session(model: onnx.ModelProto | bytes | str, providers: list[str]) -> ort.InferenceSession:
     """An inference session for an in-memory model or a model file (path given as str)."""
+    ort.disable_telemetry_events()
     opts = ort.SessionOptions()
     opts.log_severity_level = ORT_LOG_ERRORS_ONLY
     # onnxzip alternates ONNX Runtime calls with numpy BLAS work; spinning ORT threads would

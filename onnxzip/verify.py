@@ -16,6 +16,8 @@ from .runtime import session
 # Emitted vs tied outputs may differ by float reassociation only (sums of per-block products).
 VERIFY_RTOL = 1e-4
 VERIFY_ATOL = 1e-5
+# Floor of the original outputs' energy in the relative output error (an all-zero output).
+REF_ENERGY_FLOOR = 1e-30
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class TaskCheck:
     task: str
     samples: int
     max_diff_vs_tied: float
-    top1_agreement: float
+    top1_agreement: float | None  # None where the output is not a classifier's (ir.Network.classes)
     rel_output_error: float
     accuracy_original: float | None = None
     accuracy_merged: float | None = None
@@ -83,11 +85,13 @@ def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
             raise OnnxZipError(f"task '{merged.tasks[t]}': the written model differs from its tied model by "
                                f"{diff:.3g} (allowed {bound:.3g}); the merge was not written")
         worst = max(worst, diff)
-        agree += int((y.argmax(1) == y_orig.argmax(1)).sum())
+        if original.classes is not None:
+            agree += int((y.argmax(1) == y_orig.argmax(1)).sum())
         err2 += float(((y - y_orig) ** 2).sum())
         ref2 += float((y_orig ** 2).sum())
         n += len(x)
-    return TaskCheck(merged.tasks[t], n, worst, agree / max(n, 1), float(np.sqrt(err2 / max(ref2, 1e-30))))
+    top1 = agree / n if original.classes is not None else None
+    return TaskCheck(merged.tasks[t], n, worst, top1, float(np.sqrt(err2 / max(ref2, REF_ENERGY_FLOOR))))
 
 
 def accuracies(merged: MergedRunner, t: int, original: Network, x: np.ndarray, labels: np.ndarray,

@@ -9,7 +9,6 @@ layer's are computed by running only the segment between the two.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from .ir import Network, is_sparse, unit_features
 from .match import match, random_pairs
 from .options import MergeOptions
 from .plan import LayerPlan, SharingPlan, unshared_plan
+from .scratch import scratch_dir
 from .spaces import INPUT, Spaces, read_offsets, unit_spaces
 from .runtime import session
 
@@ -426,7 +426,7 @@ def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[n
     plan_layers: dict[int, LayerPlan] = {}
     waiting: list[_Writer] = []
     late: dict[int, list[_Writer]] = {}
-    with tempfile.TemporaryDirectory(prefix="onnxzip-") as tmp:
+    with scratch_dir() as tmp:
         tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b) in enumerate(zip(nets, batches))]
         for k in range(n_layers):

@@ -21,6 +21,7 @@ from .. import __version__
 from ..api import _eval_folders, _per_task, weight_params
 from ..emit import TASK_INPUT
 from ..errors import OnnxZipError
+from ..guard import Output, Read, check_outputs, model_reads
 from ..ir import TensorSpec
 from ..merged import load_merged
 from ..runtime import resolve_device
@@ -109,12 +110,29 @@ def _prepare(data: TaskData, teacher: Path, spec: TensorSpec, opts: RetrainOptio
     loss = _loss_kind(opts, data)
     run, teacher_head = teacher_runner(teacher, spec, providers)
     held = outputs(run, data.held, opts.batch_size)
+    _check_label_range(data, teacher, held)
     train = teacher_logits(outputs(run, data.train, opts.batch_size), teacher_head)
     acc_set = data.accuracy_set()
     acc = None
     if acc_set is not None:
         acc = _top1(held if acc_set[0] is data.held else outputs(run, acc_set[0], opts.batch_size), acc_set[1])
     return _Prepared(data, teacher, train, held, acc, loss)
+
+
+def _check_label_range(data: TaskData, teacher: Path, held: np.ndarray) -> None:
+    """Every label names one of the teacher's classes (its output's width)."""
+    classes = held.shape[1] if held.ndim == 2 else None
+    for labels, source in ((data.train_labels, data.folder), (data.held_labels, data.folder),
+                           (data.eval_labels, "--eval data")):
+        if labels is None or not len(labels):
+            continue
+        if classes is None:
+            raise OnnxZipError(f"{source}: labels need a classifier, but the teacher {teacher} of task "
+                               f"'{data.task}' outputs shape {held.shape[1:]}")
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if bad.size:
+            raise OnnxZipError(f"{source}: label {int(labels[bad[0]])} of task '{data.task}' is outside the "
+                               f"teacher's {classes} classes (0..{classes - 1})")
 
 
 def _measure(module, prep: _Prepared, opts: RetrainOptions, device) -> tuple[float, float | None]:
@@ -191,8 +209,7 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
     require_torch()
     start = time.perf_counter()
     merged_path, output = Path(merged_path), Path(output)
-    if output.resolve() == merged_path.resolve():
-        raise OnnxZipError(f"{output}: the output would overwrite the merged model; choose another -o")
+    check_outputs([Output(output, "-o")], model_reads(merged_path, "the merged model"))
     model, meta = load_merged(merged_path)
     tasks = tuple(json.loads(meta["tasks"]))
     folders = _per_task(data, tasks, "--data")
@@ -207,6 +224,9 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
             raise OnnxZipError(f"{flag} names task(s) {', '.join(unknown)}, but {merged_path} has tasks "
                                f"{', '.join(tasks)}")
     teacher_paths = resolve_teachers(merged_path, meta, tasks, teachers)
+    reads = model_reads(merged_path, "the merged model") + [Read(f, "--data data") for f in folders]
+    reads += [r for t, p in teacher_paths.items() for r in model_reads(p, f"the teacher of task '{t}'")]
+    check_outputs([Output(output, "-o")], reads + [Read(f, "--eval data") for f in eval_dirs.values()])
     weights = options.task_weights(tasks)
     with torch_threads(options.threads):
         rows, log = _run(merged_path, model, meta, output, folders, eval_dirs, teacher_paths, weights, options,

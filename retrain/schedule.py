@@ -8,7 +8,6 @@ and reads the trained initializers back into the tied networks, from which zippi
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from onnx import numpy_helper
 from ..emit import merged_model, tied_from_weights
 from ..ir import Network
 from ..plan import SharingPlan
+from ..scratch import scratch_dir
 from ..zipper import ProgressFn, no_progress
 from .api import retrain
 from .options import RetrainOptions
@@ -66,7 +66,7 @@ class LayerRetrainer:
     def __call__(self, plan: SharingPlan, tied: list[Network]) -> list[Network]:
         """Retrain the merged model of ``plan`` and ``tied``; the tied networks with the trained weights."""
         start, layer = time.perf_counter(), _last_shared(plan)
-        with tempfile.TemporaryDirectory(prefix="onnxzip-retrain-") as tmp:
+        with scratch_dir("onnxzip-retrain-") as tmp:
             partial, out = Path(tmp) / "partial.onnx", Path(tmp) / "retrained.onnx"
             onnx.save(merged_model(plan, tied, PARTIAL_LAYOUT, self.metadata(plan)), str(partial))
             result = retrain(partial, dict(zip(plan.tasks, self.data)), out, self.options,
