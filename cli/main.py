@@ -455,21 +455,29 @@ PROG = "onnxzip"
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: user and usage errors print one line and exit 2; SIGINT, SIGTERM and
     SIGHUP remove what the run had written so far and exit 128 + the signal number."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop)
+    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+    try:
+        code = _run(argv)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run(argv: Optional[List[str]]) -> int | None:
+    """Run the command line; the exit code."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+        return command.main(args=argv, prog_name=PROG, standalone_mode=False)
     except typer.Exit as exc:
-        code = exc.exit_code
+        return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):  # EOF on a prompt; a KeyboardInterrupt raised by code
-        code = _stopped(signal.SIGINT)
+        return _stopped(signal.SIGINT)
     except Stopped as exc:
-        code = _stopped(exc.signum)
+        return _stopped(exc.signum)
     except typer.TyperException as exc:
         err.print(_usage_line(exc), markup=False, highlight=False, soft_wrap=True)
-        code = EXIT_USER_ERROR
-    sys.exit(code if isinstance(code, int) else 0)
+        return EXIT_USER_ERROR
 
 
 def _stopped(signum: int) -> int:

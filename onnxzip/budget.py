@@ -170,7 +170,7 @@ def _probe(p: _Problem, counts: tuple[int, ...]) -> Probe:
 
 
 def _top1(model: onnx.ModelProto, x: np.ndarray, batch_size: int, providers: list[str]) -> np.ndarray:
-    sess = session(model.SerializeToString(), providers)
+    sess = session(model, providers)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[s:s + batch_size]})[0].argmax(1)
                            for s in range(0, len(x), batch_size)])

@@ -9,12 +9,17 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxZipError
+from .scratch import scratch_dir
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ORT_LOG_ERRORS_ONLY = 3
 ORT_LOG_FATAL_ONLY = 4
+# Protobuf serialises at most 2 GiB: a larger in-memory model reaches ONNX Runtime as a file with
+# external data (every tensor of at least SESSION_EXTERNAL_TENSOR_BYTES in the data file).
+INLINE_MODEL_LIMIT = 2**31 - 2**26
+SESSION_EXTERNAL_TENSOR_BYTES = 1024
 
 
 def _probe_model() -> bytes:
@@ -55,13 +60,34 @@ def resolve_device(device: str) -> tuple[list[str], str]:
 
 
 def session(model: onnx.ModelProto | bytes | str, providers: list[str]) -> ort.InferenceSession:
-    """An inference session for an in-memory model or a model file (path given as str)."""
+    """An inference session for an in-memory model or a model file (path given as str).
+
+    A model above protobuf's limit goes through a temporary file with external data; its tensors
+    are read back afterwards, so the model given is left as it was.
+    """
     ort.disable_telemetry_events()
     opts = ort.SessionOptions()
     opts.log_severity_level = ORT_LOG_ERRORS_ONLY
     # onnxzip alternates ONNX Runtime calls with numpy BLAS work; spinning ORT threads would
     # steal the cores the GEMMs need (VGG pair, 256 images: calibration 13.1 s with spinning, 9.5 s without).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() > INLINE_MODEL_LIMIT:
+        return _session_via_file(model, opts, providers)
     data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=providers)
 
+
+def _session_via_file(model: onnx.ModelProto, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """A session of a large model saved with external data in a scratch folder (the save moves the
+    tensors out of the proto; they are loaded back before returning)."""
+    inline = [t for t in model.graph.initializer if not t.HasField("data_location")]
+    with scratch_dir() as folder:
+        path = folder / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=SESSION_EXTERNAL_TENSOR_BYTES)
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+        finally:
+            onnx.external_data_helper.load_external_data_for_model(model, str(folder))
+            for tensor in inline:
+                tensor.ClearField("data_location")

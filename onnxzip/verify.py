@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import onnx
 
 from .emit import TASK_INPUT, task_model
 from .errors import OnnxZipError
@@ -47,7 +48,7 @@ class MergedRunner:
         return self.sess.run([self.tasks[t]], {self.input: x})[0]
 
 
-def _model_runner(model: bytes | str, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+def _model_runner(model: onnx.ModelProto | bytes | str, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
     sess = session(model, providers)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
@@ -57,7 +58,7 @@ def original_runner(net: Network, providers: list[str]) -> Callable[[np.ndarray]
     """Runs the original model file; one exported for a fixed batch size, or with an input scaling
     folded in (--input-scale), runs in its canonical form."""
     if net.rescaled or (net.input.shape and net.input.shape[0] is not None):
-        return _model_runner(task_model(net).SerializeToString(), providers)
+        return _model_runner(task_model(net), providers)
     return _model_runner(str(net.path), providers)
 
 
@@ -74,7 +75,7 @@ def _take(batches: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:
 def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
                batches: Iterator[np.ndarray], limit: int, providers: list[str]) -> TaskCheck:
     """Compare task t of the merged model with its tied and original models on calibration batches."""
-    run_tied = _model_runner(task_model(tied).SerializeToString(), providers)
+    run_tied = _model_runner(task_model(tied), providers)
     run_orig = original_runner(original, providers)
     worst, agree, n, err2, ref2 = 0.0, 0, 0, 0.0, 0.0
     for x in _take(batches, limit):
