@@ -24,6 +24,12 @@ from .spaces import INPUT, Spaces, read_width, unit_spaces
 MIN_OPSET = 13
 LAYOUTS = ("multi", "gated")
 TASK_INPUT = "task"
+# The gated layout's range check of the task input (see _checked_task): its nodes, and its tables.
+TASK_CHECKED = "task.checked"
+TASK_ROW = "task.row"
+TASK_SHIFTED = "task.minus_count"
+TASK_ROWS = "const.task.rows"
+TASK_COUNT = "const.task.count"
 BATCH_DIM = "N"
 GATED_OUTPUT = "output"
 # Graph inputs and outputs of a calibration segment that carry a tensor live across its ends.
@@ -427,9 +433,26 @@ def task_model(net: Network, start: int = 0, stop: int | None = None,
     return _export(graph, opset, ir_version_for(opset, [net.ir_version]), {}, "")
 
 
+def _checked_task(g: _GsGraph, n: int) -> list[gs.Node]:
+    """Nodes computing TASK_CHECKED: the task input itself if it is in 0..n-1, else a run-time error.
+
+    Gather takes indices in [-n, n-1] only: TASK_ROWS[task] rejects any other task, and
+    row[task - n] rejects a task outside [0, 2n-1] (so every negative one the first let through).
+    """
+    rows = gs.Constant(TASK_ROWS, np.repeat(np.arange(n, dtype=np.int64)[:, None], n, axis=1))
+    count = gs.Constant(TASK_COUNT, np.array(n, np.int64))
+    row = gs.Variable(TASK_ROW, dtype=np.int64, shape=[n])
+    shifted = gs.Variable(TASK_SHIFTED, dtype=np.int64, shape=[])
+    checked = g.tensors[TASK_CHECKED] = gs.Variable(TASK_CHECKED, dtype=np.int64, shape=[])
+    task = g.tensors[TASK_INPUT]
+    return [gs.Node("Gather", TASK_ROW, {"axis": 0}, inputs=[rows, task], outputs=[row]),
+            gs.Node("Sub", TASK_SHIFTED, inputs=[task, count], outputs=[shifted]),
+            gs.Node("Gather", TASK_CHECKED, {"axis": 0}, inputs=[row, shifted], outputs=[checked])]
+
+
 def _gated_graph(b: _Builder, g: _GsGraph, tasks: list[int], finals: dict[int, str], placed: frozenset,
                  out: gs.Variable, head_shape) -> list[gs.Node]:
-    """Nodes for the tasks still possible here: what all of them need, then an If on the task input."""
+    """Nodes for the tasks still possible here: what all of them need, then an If on the checked task index."""
     here = [r for r in b.nodes.values() if r.out not in placed and set(tasks) <= r.users]
     placed = placed | {r.out for r in here}
     nodes = g.nodes(here)
@@ -439,7 +462,7 @@ def _gated_graph(b: _Builder, g: _GsGraph, tasks: list[int], finals: dict[int, s
     first = tasks[0]
     index = g.tensors.setdefault(f"const.task_{first}", gs.Constant(f"const.task_{first}", np.array(first, np.int64)))
     cond = gs.Variable(f"task.is_{b.plan.tasks[first]}", dtype=np.bool_, shape=[])
-    nodes.append(gs.Node("Equal", f"task.is_{b.plan.tasks[first]}", inputs=[g.tensors[TASK_INPUT], index],
+    nodes.append(gs.Node("Equal", f"task.is_{b.plan.tasks[first]}", inputs=[g.tensors[TASK_CHECKED], index],
                          outputs=[cond]))
     branches = []
     for part in ([first], tasks[1:]):
@@ -474,7 +497,8 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
         same = all(s == shapes[0] for s in shapes)
         head_shape = _batched(shapes[0] if same else (None, "classes"))
         out = gs.Variable(GATED_OUTPUT, dtype=np.float32, shape=head_shape)
-        nodes = _gated_graph(b, g, list(range(len(nets))), finals, frozenset(), out, head_shape)
+        nodes = _checked_task(g, len(nets)) + _gated_graph(b, g, list(range(len(nets))), finals, frozenset(), out,
+                                                          head_shape)
         outputs, inputs = [out], [x, fixed[TASK_INPUT]]
     opset = target_opset(nets)
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset, name="onnxzip_merged")

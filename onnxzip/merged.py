@@ -1,20 +1,50 @@
-"""Read a merged model back: what it holds (inspect) and one task as a standalone model (split)."""
+"""Read a merged model back: what it holds (inspect) and one task as a standalone model (split).
+
+The model's onnxzip metadata is parsed and checked once, against itself and against the graph
+(read_meta), so that a file edited by hand or written by something else is refused with one line
+naming the entry at fault, never half-read.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import onnx
 from onnx import numpy_helper
 
 from .api import META_PREFIX, weight_params
-from .emit import TASK_INPUT
+from .emit import GATED_OUTPUT, LAYOUTS, TASK_CHECKED, TASK_INPUT
 from .errors import OnnxZipError
+from .guard import Output, check_outputs, model_reads
 from .load import load_model
 from .plan import SharingPlan
 from .save import save_atomically
+
+DEFAULT_LAYOUT = "multi"
+# Metadata keys (without META_PREFIX) every merged model has.
+REQUIRED_KEYS = ("tasks", "sources", "plan")
+# Per task in 'onnxzip.sources': each key and the type of its value.
+SOURCE_FIELDS: dict[str, type] = {"file": str, "sha256": str, "output": str, "params": int, "bytes": int}
+SOURCE_KINDS = {str: "a non-empty string", int: "an integer"}
+# What the gated layout's Equal nodes compare with their task constant: the checked index, or in
+# files written before the range check, the task input itself.
+SELECTOR_INPUTS = (TASK_CHECKED, TASK_INPUT)
+EDITED = "the file was not written by this onnxzip or was edited"
+
+
+@dataclass(frozen=True)
+class MergedMeta:
+    """The checked onnxzip metadata of a merged model; ``raw`` holds every entry as written (no prefix)."""
+
+    tasks: tuple[str, ...]
+    layout: str
+    version: str
+    sources: dict
+    plan: SharingPlan
+    raw: dict
 
 
 @dataclass(frozen=True)
@@ -31,11 +61,92 @@ class MergedInfo:
     bytes_total: int
 
 
-def _meta(model: onnx.ModelProto, path: Path) -> dict[str, str]:
+def _tampered(path: Path, key: str, what: str) -> OnnxZipError:
+    return OnnxZipError(f"{path}: metadata '{META_PREFIX}{key}' {what}; {EDITED}")
+
+
+def _why(exc: Exception) -> str:
+    """A short reason for a parse failure, on one line."""
+    if isinstance(exc, KeyError):
+        return f"no key {exc}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+def _raw_meta(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
-    if "plan" not in meta or "tasks" not in meta:
-        raise OnnxZipError(f"{path}: not a model written by onnxzip (no onnxzip metadata)")
+    if "plan" not in meta and "tasks" not in meta:
+        raise OnnxZipError(f"{path}: not a model written by onnxzip merge (no onnxzip metadata)")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise OnnxZipError(f"{path}: has no metadata '{META_PREFIX}{missing[0]}'; {EDITED}")
     return meta
+
+
+def _json(raw: Mapping[str, str], key: str, path: Path):
+    try:
+        return json.loads(raw[key])
+    except (ValueError, RecursionError) as exc:
+        raise _tampered(path, key, f"is not valid JSON ({_why(exc)})") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_tasks(value, path: Path) -> tuple[str, ...]:
+    names = isinstance(value, list) and value and all(isinstance(t, str) and t and t.isprintable() for t in value)
+    if not names or len(set(value)) != len(value):
+        raise _tampered(path, "tasks", "is not a list of distinct task names")
+    return tuple(value)
+
+
+def _parse_sources(value, tasks: tuple[str, ...], path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise _tampered(path, "sources", "is not a mapping from task to source model")
+    for task in tasks:
+        source = value.get(task)
+        if not isinstance(source, dict):
+            raise _tampered(path, "sources", f"has no entry for task '{task}'")
+        for key, kind in SOURCE_FIELDS.items():
+            ok = _is_int(source.get(key)) if kind is int else isinstance(source.get(key), kind)
+            if not ok or (kind is str and not source[key]):
+                raise _tampered(path, "sources", f"needs '{key}' ({SOURCE_KINDS[kind]}) for task '{task}'")
+    extra = [t for t in value if t not in tasks]
+    if extra:
+        raise _tampered(path, "sources", f"names task {extra[0]!r}, which '{META_PREFIX}tasks' does not")
+    return value
+
+
+def _check_layers(plan: SharingPlan, path: Path) -> None:
+    n = len(plan.tasks)
+    for k, lp in enumerate(plan.layers):
+        units_ok = len(lp.units) == n and all(_is_int(u) and u > 0 for u in lp.units)
+        shared_ok = units_ok and all(len(s) == n and all(_is_int(i) and 0 <= i < u for i, u in zip(s, lp.units))
+                                     for s in lp.shared)
+        if not isinstance(lp.name, str) or not shared_ok:
+            raise _tampered(path, "plan", f"has a malformed layer {k} ({lp.name!r})")
+
+
+def _parse_plan(raw: Mapping[str, str], tasks: tuple[str, ...], path: Path) -> SharingPlan:
+    _json(raw, "plan", path)
+    try:
+        plan = SharingPlan.from_json(raw["plan"])
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise _tampered(path, "plan", f"is not a sharing plan ({_why(exc)})") from None
+    if plan.tasks != tasks:
+        raise _tampered(path, "plan", f"names tasks {list(plan.tasks)}, but '{META_PREFIX}tasks' names {list(tasks)}")
+    _check_layers(plan, path)
+    return plan
+
+
+def _parse_meta(raw: dict[str, str], path: Path) -> MergedMeta:
+    tasks = _parse_tasks(_json(raw, "tasks", path), path)
+    layout = raw.get("layout", DEFAULT_LAYOUT)
+    if layout not in LAYOUTS:
+        raise _tampered(path, "layout", f"is {layout!r}, not one of {', '.join(LAYOUTS)}")
+    sources = _parse_sources(_json(raw, "sources", path), tasks, path)
+    return MergedMeta(tasks, layout, raw.get("version", "?"), sources, _parse_plan(raw, tasks, path), raw)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -49,18 +160,78 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return nodes
 
 
-def _inline_gated(model: onnx.ModelProto, t: int) -> str:
-    """Replace the task-selecting If nodes by task t's branch, in place; returns t's result tensor."""
+def _selectors(graph: onnx.GraphProto, path: Path) -> dict[str, int]:
+    """The gated layout's task tests (at any depth): per Equal node's output, the task index it compares with."""
+    consts = {i.name: i for i in graph.initializer}
+    out = {}
+    for node in _all_nodes(graph):
+        if node.op_type != "Equal" or len(node.input) != 2 or node.input[0] not in SELECTOR_INPUTS:
+            continue
+        value = numpy_helper.to_array(consts[node.input[1]]) if node.input[1] in consts else None
+        if value is None or value.shape != () or value.dtype.kind != "i":
+            raise OnnxZipError(f"{path}: node {node.name!r} does not compare the task with a constant index; {EDITED}")
+        out[node.output[0]] = int(value)
+    return out
+
+
+def _check_gated(model: onnx.ModelProto, meta: MergedMeta, path: Path) -> None:
     graph = model.graph
-    consts = {i.name: int(numpy_helper.to_array(i)) for i in graph.initializer if i.name.startswith("const.task_")}
-    chooses = {n.output[0]: consts[n.input[1]] for n in _all_nodes(graph)
-               if n.op_type == "Equal" and n.input[0] == TASK_INPUT}
+    if TASK_INPUT not in {i.name for i in graph.input}:
+        raise _tampered(path, "layout", f"is 'gated', but the graph has no '{TASK_INPUT}' input")
+    if [o.name for o in graph.output] != [GATED_OUTPUT]:
+        raise _tampered(path, "layout", f"is 'gated', but the graph's outputs are not just '{GATED_OUTPUT}'")
+    tested = sorted(_selectors(graph, path).values())
+    if tested != list(range(len(meta.tasks) - 1)):
+        raise _tampered(path, "tasks", f"names {len(meta.tasks)} tasks, but the graph selects among "
+                                       f"{len(tested) + 1}")
+
+
+def _check_graph(model: onnx.ModelProto, meta: MergedMeta, path: Path) -> None:
+    """The graph has what the metadata says: one data input, and each task's output (multi) or selection (gated)."""
+    data = [i.name for i in model.graph.input if i.name != TASK_INPUT]
+    if len(data) != 1:
+        raise OnnxZipError(f"{path}: the graph has {len(data)} data inputs, not one; {EDITED}")
+    if meta.layout == "gated":
+        _check_gated(model, meta, path)
+        return
+    outputs = {o.name for o in model.graph.output}
+    missing = [t for t in meta.tasks if t not in outputs]
+    if missing:
+        raise _tampered(path, "tasks", f"names task '{missing[0]}', but the graph has no output of that name")
+
+
+def read_meta(model: onnx.ModelProto, path: str | Path) -> MergedMeta:
+    """The onnxzip metadata of a loaded merged model, parsed and checked against itself and the graph.
+
+    Raises OnnxZipError naming the file and the metadata entry at fault when the model was not
+    written by onnxzip, or its metadata is not valid JSON, has the wrong shape, or does not fit the graph.
+    """
+    path = Path(path)
+    meta = _parse_meta(_raw_meta(model, path), path)
+    _check_graph(model, meta, path)
+    return meta
+
+
+def _without_task(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The nodes that do not read the task input, directly or through other nodes (its range check, tests)."""
+    derived, keep = {TASK_INPUT}, []
+    for node in nodes:
+        if derived.intersection(node.input):
+            derived.update(node.output)
+        else:
+            keep.append(node)
+    return keep
+
+
+def _inline_gated(model: onnx.ModelProto, t: int, path: Path) -> str:
+    """Replace the task-selecting If nodes by task t's branch and drop the task input and the nodes
+    that read it, in place; returns t's result tensor."""
+    graph = model.graph
+    chooses = _selectors(graph, path)
 
     def expand(nodes) -> list[onnx.NodeProto]:
         out = []
         for node in nodes:
-            if node.op_type == "Equal" and node.input[0] == TASK_INPUT:
-                continue
             if node.op_type == "If" and node.input[0] in chooses:
                 branches = {a.name: a.g for a in node.attribute}
                 branch = branches["then_branch" if chooses[node.input[0]] == t else "else_branch"]
@@ -71,33 +242,44 @@ def _inline_gated(model: onnx.ModelProto, t: int) -> str:
             out.append(node)
         return out
 
-    nodes = expand(graph.node)
+    nodes = _without_task(expand(graph.node))
     del graph.node[:]
     graph.node.extend(nodes)
     graph.input.remove(next(i for i in graph.input if i.name == TASK_INPUT))
     return graph.output[0].name
 
 
-def _task_part(model: onnx.ModelProto, meta: dict[str, str], path: Path, task: str) -> onnx.ModelProto:
+def _rename_output(part: onnx.ModelProto, result: str, name: str, path: Path, task: str) -> None:
+    """Give the extracted part's output (tensor ``result``) the task's original output name."""
+    graph = part.graph
+    taken = {i.name for i in graph.input} | {i.name for i in graph.initializer} | \
+        {o for n in graph.node for o in n.output if o != result}
+    if name != result and name in taken:
+        raise _tampered(path, "sources", f"gives task '{task}' the output name {name!r}, which the graph uses "
+                                         "for another tensor")
+    for node in graph.node:
+        node.output[:] = [name if o == result else o for o in node.output]
+    graph.output[0].name = name
+
+
+def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str) -> onnx.ModelProto:
     """Task ``task`` of a loaded merged model as a standalone, checked model (the input is not modified)."""
-    tasks = json.loads(meta["tasks"])
-    if task not in tasks:
-        raise OnnxZipError(f"{path}: has no task '{task}'; its tasks are {', '.join(tasks)}")
+    if task not in meta.tasks:
+        raise OnnxZipError(f"{path}: has no task '{task}'; its tasks are {', '.join(meta.tasks)}")
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    result = _inline_gated(work, tasks.index(task)) if meta.get("layout") == "gated" else task
+    gated = meta.layout == "gated"
+    result = _inline_gated(work, meta.tasks.index(task), path) if gated else task
     x = [i.name for i in work.graph.input if i.name != TASK_INPUT][0]
     part = onnx.utils.Extractor(work).extract_model([x], [result])
-    name = json.loads(meta["sources"])[task]["output"]
-    for node in part.graph.node:
-        node.output[:] = [name if o == result else o for o in node.output]
-    part.graph.output[0].name = name
-    part.graph.output[0].type.CopyFrom(next(o for o in work.graph.output if o.name in (result, "output")).type)
+    _rename_output(part, result, meta.sources[task]["output"], path, task)
+    wanted = GATED_OUTPUT if gated else result
+    part.graph.output[0].type.CopyFrom(next(o for o in work.graph.output if o.name == wanted).type)
     part.ir_version = model.ir_version
     del part.opset_import[:]
     part.opset_import.extend(model.opset_import)
     part.producer_name = "onnxzip"
-    for key, value in (("task", task), ("split_from", path.name), ("version", meta.get("version", ""))):
+    for key, value in (("task", task), ("split_from", path.name), ("version", meta.raw.get("version", ""))):
         part.metadata_props.add(key=META_PREFIX + key, value=value)
     onnx.checker.check_model(part, full_check=True)
     return part
@@ -106,27 +288,35 @@ def _task_part(model: onnx.ModelProto, meta: dict[str, str], path: Path, task: s
 def load_merged(path: str | Path) -> tuple[onnx.ModelProto, dict[str, str]]:
     """A model written by onnxzip merge (checked, shapes inferred) and its onnxzip metadata.
 
-    The metadata keys come without the 'onnxzip.' prefix. Raises OnnxZipError naming the file when
-    it is not readable or was not written by onnxzip.
+    The metadata keys come without the 'onnxzip.' prefix; the values are as written, but checked
+    (see read_meta). Raises OnnxZipError naming the file when it is not readable, was not written
+    by onnxzip, or its metadata was edited.
     """
     path = Path(path)
     model, _ = load_model(path)
-    return model, _meta(model, path)
+    return model, read_meta(model, path).raw
 
 
-def task_part(model: onnx.ModelProto, meta: dict[str, str], path: str | Path, task: str) -> onnx.ModelProto:
+def task_part(model: onnx.ModelProto, meta: Mapping[str, str], path: str | Path, task: str) -> onnx.ModelProto:
     """Task ``task`` of a loaded merged model (either layout) as a standalone, checked model.
 
-    Its initializers keep their names in the merged model; the model given is not modified.
+    ``meta`` is what load_merged returns. Its initializers keep their names in the merged model;
+    the model given is not modified.
     """
-    return _task_part(model, meta, Path(path), task)
+    path = Path(path)
+    parsed = _parse_meta(dict(meta), path)
+    _check_graph(model, parsed, path)
+    return _task_part(model, parsed, path, task)
 
 
 def split(path: str | Path, task: str, output: str | Path) -> Path:
-    """Write task ``task`` of a merged model as a standalone model with its original output name."""
+    """Write task ``task`` of a merged model as a standalone model with its original output name.
+
+    The output is checked first: writable, and neither the merged model nor its external data."""
     path, output = Path(path), Path(output)
+    check_outputs([Output(output, "-o")], model_reads(path, "the merged model"))
     model, _ = load_model(path)
-    save_atomically(_task_part(model, _meta(model, path), path, task), output)
+    save_atomically(_task_part(model, read_meta(model, path), path, task), output)
     return output
 
 
@@ -134,9 +324,7 @@ def inspect(path: str | Path) -> MergedInfo:
     """Tasks, per-layer sharing, parameters per task and in total, and bytes, of a merged model."""
     path = Path(path)
     model, size = load_model(path)
-    meta = _meta(model, path)
-    plan = SharingPlan.from_json(meta["plan"])
-    per_task = {task: weight_params(_task_part(model, meta, path, task)) for task in plan.tasks}
-    return MergedInfo(str(path), meta.get("version", "?"), meta.get("layout", "multi"), plan,
-                      json.loads(meta.get("sources", "{}")), per_task, weight_params(model), size)
-
+    meta = read_meta(model, path)
+    per_task = {task: weight_params(_task_part(model, meta, path, task)) for task in meta.tasks}
+    return MergedInfo(str(path), meta.version, meta.layout, meta.plan, meta.sources, per_task,
+                      weight_params(model), size)

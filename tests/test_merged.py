@@ -1,0 +1,238 @@
+"""Reading merged models back: edited onnxzip metadata is refused in one line (inspect, split, load_merged),
+and the gated layout's task input is range-checked at run time."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import builders as B
+import hostile as H
+from onnxzip.api import merge
+from onnxzip.emit import TASK_CHECKED, TASK_INPUT, TASK_ROW, TASK_SHIFTED
+from onnxzip.errors import OnnxZipError
+from onnxzip.merged import load_merged, split, task_part
+from onnxzip.options import MergeOptions
+
+TASKS, SOURCES, PLAN, LAYOUT = "onnxzip.tasks", "onnxzip.sources", "onnxzip.plan", "onnxzip.layout"
+GATED_TASKS = 3
+INT64 = np.iinfo(np.int64)
+# ONNX Runtime quiet: an out-of-range task index is expected to fail, the test checks how.
+ORT_QUIET = 4
+
+Edit = Callable[[dict], None]
+
+
+# ----- tampered metadata -----
+
+def _put(key: str, text: str) -> Edit:
+    return lambda meta: meta.__setitem__(key, text)
+
+
+def _edit(key: str, change: Callable) -> Edit:
+    return lambda meta: meta.__setitem__(key, json.dumps(change(json.loads(meta[key]))))
+
+
+def _drop_source_field(field: str) -> Edit:
+    return _edit(SOURCES, lambda s: {**s, "a": {k: v for k, v in s["a"].items() if k != field}})
+
+
+def _rename_task(old: str, new: str) -> Edit:
+    """Tasks, plan and sources all agree on a task name the graph does not have."""
+    def edit(meta: dict) -> None:
+        _edit(TASKS, lambda ts: [new if t == old else t for t in ts])(meta)
+        _edit(PLAN, lambda p: {**p, "tasks": [new if t == old else t for t in p["tasks"]]})(meta)
+        _edit(SOURCES, lambda s: {new if t == old else t: v for t, v in s.items()})(meta)
+    return edit
+
+
+def _add_task(name: str) -> Edit:
+    """A consistent third task in tasks, plan (units like task a's, nothing shared) and sources."""
+    def layer(l: dict) -> dict:
+        return {**l, "units": l["units"] + l["units"][:1], "shared": [s + [0] for s in l["shared"]],
+                "rel_error": l["rel_error"] + l["rel_error"][:1]}
+
+    def edit(meta: dict) -> None:
+        _edit(TASKS, lambda ts: ts + [name])(meta)
+        _edit(PLAN, lambda p: {"tasks": p["tasks"] + [name], "layers": [layer(l) for l in p["layers"]]})(meta)
+        _edit(SOURCES, lambda s: {**s, name: s["a"]})(meta)
+    return edit
+
+
+# (id, layout of the merged model, metadata key the error names, edit)
+TAMPERED = [
+    ("tasks-not-json", "multi", TASKS, _put(TASKS, '["a", "b"')),
+    ("tasks-not-a-list", "multi", TASKS, _put(TASKS, '{"a": 1}')),
+    ("tasks-not-strings", "gated", TASKS, _put(TASKS, "[0, 1]")),
+    ("tasks-repeated", "multi", TASKS, _put(TASKS, '["a", "a"]')),
+    ("sources-not-json", "gated", SOURCES, _put(SOURCES, "{'a': 1}")),
+    ("sources-not-a-mapping", "multi", SOURCES, _put(SOURCES, "[1, 2]")),
+    ("sources-missing-task", "multi", SOURCES, _edit(SOURCES, lambda s: {"a": s["a"]})),
+    *[(f"sources-no-{f}", "multi", SOURCES, _drop_source_field(f))
+      for f in ("output", "file", "sha256", "params", "bytes")],
+    ("sources-params-not-int", "multi", SOURCES, _edit(SOURCES, lambda s: {**s, "b": {**s["b"], "params": "1k"}})),
+    ("sources-output-clash", "gated", SOURCES, _edit(SOURCES, lambda s: {**s, "a": {**s["a"], "output": "input"}})),
+    ("sources-absent", "multi", SOURCES, lambda meta: meta.pop(SOURCES)),
+    ("plan-not-json", "multi", PLAN, _put(PLAN, '{"tasks": ["a", "b"], "layers": [')),
+    ("plan-no-layers", "gated", PLAN, _edit(PLAN, lambda p: {"tasks": p["tasks"]})),
+    ("plan-layer-not-a-dict", "multi", PLAN, _edit(PLAN, lambda p: {**p, "layers": [1, 2]})),
+    ("plan-not-a-dict", "multi", PLAN, _put(PLAN, "[1, 2]")),
+    ("plan-bad-units", "multi", PLAN, _edit(PLAN, lambda p: {**p, "layers": [{**p["layers"][0], "units": [16]}]})),
+    ("plan-other-tasks", "gated", PLAN, _edit(PLAN, lambda p: {**p, "tasks": ["a", "c"]})),
+    ("layout-unknown", "multi", LAYOUT, _put(LAYOUT, "stacked")),
+    ("gated-without-task-input", "multi", LAYOUT, _put(LAYOUT, "gated")),
+    ("multi-without-task-outputs", "gated", TASKS, _put(LAYOUT, "multi")),
+    ("task-not-an-output", "multi", TASKS, _rename_task("b", "z")),
+    ("gated-more-tasks-than-branches", "gated", TASKS, _add_task("c")),
+]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[H.Case, dict[str, Path]]:
+    """Two small MLPs merged (half shared) in both layouts, by this onnxzip."""
+    case = H.make_case(tmp_path_factory.mktemp("hostile"))
+    merged = {layout: case.root / f"{layout}.onnx" for layout in ("multi", "gated")}
+    for layout, out in merged.items():
+        merge([case.a, case.b], case.calib, out, MergeOptions(share=0.5, layout=layout))
+    return case, merged
+
+
+def _write_tampered(src: Path, dst: Path, edit: Edit) -> Path:
+    model = onnx.load(str(src))
+    meta = {p.key: p.value for p in model.metadata_props}
+    edit(meta)
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("layout, key, edit", [c[1:] for c in TAMPERED], ids=[c[0] for c in TAMPERED])
+def test_cli_refuses_edited_metadata(pair, tmp_path, layout, key, edit):
+    case, merged = pair
+    bad = _write_tampered(merged[layout], tmp_path / "m.onnx", edit)
+    before = H.digest([bad])
+    out = tmp_path / "out" / "a.onnx"
+    for proc in (case.cli("inspect", bad), case.cli("split", bad, "--task", "a", "-o", out)):
+        H.assert_refused(proc, str(bad), f"'{key}'", "was edited", outputs=[out],
+                         folders=[tmp_path, out.parent, case.scratch], before=before)
+
+
+def test_cli_still_reads_the_untouched_models(pair, tmp_path):
+    case, merged = pair
+    for layout, path in merged.items():
+        proc = case.cli("inspect", path)
+        assert proc.returncode == 0 and f"layout {layout}" in proc.stdout, proc.stderr
+        out = tmp_path / f"{layout}_b.onnx"
+        assert case.cli("split", path, "--task", "b", "-o", out).returncode == 0 and out.is_file()
+
+
+def test_load_merged_and_task_part_check_the_metadata(pair, tmp_path):
+    """The retraining bridge reads merged models through load_merged and task_part: same refusals."""
+    _, merged = pair
+    bad = _write_tampered(merged["multi"], tmp_path / "m.onnx", _drop_source_field("output"))
+    with pytest.raises(OnnxZipError, match=rf"^{re.escape(str(bad))}: metadata 'onnxzip.sources' needs 'output'"):
+        load_merged(bad)
+    model, meta = load_merged(merged["gated"])
+    with pytest.raises(OnnxZipError, match=r"metadata 'onnxzip.tasks' is not a list"):
+        task_part(model, {**meta, "tasks": '"a"'}, merged["gated"], "a")
+
+
+# ----- the gated layout's task index -----
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory) -> dict[str, Path]:
+    """Three small MLPs merged (half shared) in both layouts."""
+    root = tmp_path_factory.mktemp("gated")
+    paths = [B.save(B.mlp_model(B.mlp_weights([64, 16, 10], s)), root / f"m{s}.onnx") for s in range(GATED_TASKS)]
+    calib = B.calib_folder(root / "calib", H.SHAPE, 48)
+    merged = {layout: root / f"{layout}.onnx" for layout in ("multi", "gated")}
+    for layout, out in merged.items():
+        merge(paths, calib, out, MergeOptions(share=0.5, layout=layout))
+    return merged
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = ORT_QUIET
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _x(n: int = 5) -> np.ndarray:
+    return np.random.default_rng(7).random((n, *H.SHAPE), dtype=np.float32)
+
+
+@pytest.mark.parametrize("task", [GATED_TASKS, GATED_TASKS + 1, -1, -GATED_TASKS, -GATED_TASKS - 1, 10**9,
+                                  INT64.min, INT64.max])
+def test_gated_refuses_a_task_index_out_of_range(three, task):
+    sess = _session(three["gated"])
+    with pytest.raises(Exception, match=rf"Gather node\. Name:'({TASK_ROW}|{TASK_CHECKED})'"):
+        sess.run(None, {"input": _x(), TASK_INPUT: np.array(task, np.int64)})
+
+
+def test_gated_gives_each_task_what_multi_gives(three):
+    gated, multi, x = _session(three["gated"]), _session(three["multi"]), _x()
+    want = multi.run(None, {"input": x})
+    for t in range(GATED_TASKS):
+        y = gated.run(None, {"input": x, TASK_INPUT: np.array(t, np.int64)})[0]
+        np.testing.assert_allclose(y, want[t], rtol=1e-6, atol=1e-6)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    out = []
+    for node in graph.node:
+        out.append(node)
+        out += [n for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in _all_nodes(a.g)]
+    return out
+
+
+def test_gated_graph_checks_the_index_before_selecting(three):
+    model = onnx.load(str(three["gated"]))
+    onnx.checker.check_model(model, full_check=True)
+    head = [(n.op_type, n.name) for n in model.graph.node[:3]]
+    assert head == [("Gather", TASK_ROW), ("Sub", TASK_SHIFTED), ("Gather", TASK_CHECKED)]
+    equals = [n for n in _all_nodes(model.graph) if n.op_type == "Equal"]
+    assert len(equals) == GATED_TASKS - 1 and all(n.input[0] == TASK_CHECKED for n in equals)
+    readers = [n.name for n in _all_nodes(model.graph) if TASK_INPUT in n.input]
+    assert sorted(readers) == sorted([TASK_ROW, TASK_SHIFTED])
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names)) and "fc1.shared.W" in names
+    subgraphs = [a.g for n in _all_nodes(model.graph) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert subgraphs and not any(g.initializer for g in subgraphs)
+
+
+def test_split_of_gated_gives_every_task_without_the_task_input(three, tmp_path):
+    sess, x = _session(three["gated"]), _x()
+    for t, task in enumerate(f"m{s}" for s in range(GATED_TASKS)):
+        part = split(three["gated"], task, tmp_path / f"{task}.onnx")
+        model = onnx.load(str(part))
+        assert [i.name for i in model.graph.input] == ["input"]
+        assert not any(n.name.startswith("task.") or n.op_type in ("If", "Equal") for n in model.graph.node)
+        want = sess.run(None, {"input": x, TASK_INPUT: np.array(t, np.int64)})[0]
+        np.testing.assert_allclose(_session(part).run(None, {"input": x})[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_split_reads_gated_files_written_before_the_range_check(three, tmp_path):
+    """Earlier files compared the task input itself in their Equal nodes; they still split."""
+    model = onnx.load(str(three["gated"]))
+    check = [n for n in model.graph.node if n.name in (TASK_ROW, TASK_SHIFTED, TASK_CHECKED)]
+    for n in check:
+        model.graph.node.remove(n)
+    for n in _all_nodes(model.graph):
+        n.input[:] = [TASK_INPUT if i == TASK_CHECKED else i for i in n.input]
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    x = _x()
+    for t in range(GATED_TASKS):
+        want = _session(old).run(None, {"input": x, TASK_INPUT: np.array(t, np.int64)})[0]
+        part = split(old, f"m{t}", tmp_path / f"m{t}.onnx")
+        np.testing.assert_allclose(_session(part).run(None, {"input": x})[0], want, rtol=1e-6, atol=1e-6)
