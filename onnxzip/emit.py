@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .ir import CONV, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
+from .save import EXTERNAL_DATA_ABOVE
 from .spaces import INPUT, Spaces, read_width, unit_spaces
 
 MIN_OPSET = 13
@@ -504,5 +505,6 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset, name="onnxzip_merged")
     doc = "Multi-task model merged by onnxzip from: " + ", ".join(n.path for n in nets)
     model = _export(graph, opset, ir_version_for(opset, [n.ir_version for n in nets]), meta, doc)
-    onnx.checker.check_model(model, full_check=True)
+    if model.ByteSize() <= EXTERNAL_DATA_ABOVE:  # larger ones are checked from the file (save_atomically)
+        onnx.checker.check_model(model, full_check=True)
     return model

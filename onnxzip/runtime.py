@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxZipError
+from .save import EXTERNAL_DATA_ABOVE
 from .scratch import scratch_dir
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -18,7 +19,7 @@ ORT_LOG_ERRORS_ONLY = 3
 ORT_LOG_FATAL_ONLY = 4
 # Protobuf serialises at most 2 GiB: a larger in-memory model reaches ONNX Runtime as a file with
 # external data (every tensor of at least SESSION_EXTERNAL_TENSOR_BYTES in the data file).
-INLINE_MODEL_LIMIT = 2**31 - 2**26
+INLINE_MODEL_LIMIT = EXTERNAL_DATA_ABOVE
 SESSION_EXTERNAL_TENSOR_BYTES = 1024
 
 

@@ -69,6 +69,7 @@ def _save_external(model: onnx.ModelProto, output: Path, check: Callable[[Path],
         model_tmp, data_tmp = tmp / output.name, tmp / data.name
         onnx.save_model(model, str(model_tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=EXTERNAL_TENSOR_BYTES)
+        onnx.checker.check_model(str(model_tmp), full_check=True)
         if check is not None:
             check(model_tmp)
         for path in (model_tmp, data_tmp):

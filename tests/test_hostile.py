@@ -230,11 +230,15 @@ def test_no_telemetry_is_written_under_home(case):
 
 
 def test_outputs_above_the_protobuf_limit_are_written_with_external_data(case, monkeypatch):
-    """Above the limit the model is NAME + NAME.data, checked in a temporary folder, then renamed."""
-    from onnxzip import save
+    """Above the limit the model is NAME + NAME.data, checked in a temporary folder, then renamed.
+
+    With every limit at 0 the whole pipeline takes its large-model paths: calibration and
+    verification sessions through external data, the emitted model checked from its file."""
+    from onnxzip import emit, runtime, save
     from onnxzip.api import merge
     small = merge([case.a, case.b], case.calib, case.root / "small.onnx")
-    monkeypatch.setattr(save, "EXTERNAL_DATA_ABOVE", 0)
+    for module, name in ((save, "EXTERNAL_DATA_ABOVE"), (emit, "EXTERNAL_DATA_ABOVE"), (runtime, "INLINE_MODEL_LIMIT")):
+        monkeypatch.setattr(module, name, 0)
     big_path = case.root / "big.onnx"
     big = merge([case.a, case.b], case.calib, big_path)
     data = case.root / "big.onnx.data"
