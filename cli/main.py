@@ -102,6 +102,16 @@ def _main(version: bool = typer.Option(False, "--version", callback=_show_versio
     """Merge pre-trained ONNX networks into one multi-task model (Multi-Task Zipping)."""
 
 
+def one_line(text: str) -> str:
+    """A message as one printable line: line breaks and other control characters (from file names,
+    option values, metadata) escaped as Python writes them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _print_error(text: str) -> None:
+    err.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
+
+
 def _user_errors(command: Callable) -> Callable:
     """Turn OnnxZipError into one line on stderr and exit code 2 (no traceback)."""
 
@@ -110,7 +120,7 @@ def _user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except OnnxZipError as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            _print_error(f"error: {exc}")
             raise typer.Exit(EXIT_USER_ERROR) from None
     return wrapper
 
@@ -476,13 +486,12 @@ def _run(argv: Optional[List[str]]) -> int | None:
     except Stopped as exc:
         return _stopped(exc.signum)
     except typer.TyperException as exc:
-        err.print(_usage_line(exc), markup=False, highlight=False, soft_wrap=True)
+        _print_error(_usage_line(exc))
         return EXIT_USER_ERROR
 
 
 def _stopped(signum: int) -> int:
-    err.print(f"error: stopped by {signal.Signals(signum).name}; its temporary files were removed", markup=False,
-              highlight=False, soft_wrap=True)
+    _print_error(f"error: stopped by {signal.Signals(signum).name}; its temporary files were removed")
     return SIGNAL_EXIT_BASE + signum
 
 

@@ -4,12 +4,26 @@ A folder holds either array files (.npz / .npy, batched along axis 0) or image f
 name order. Arrays are checked against the model input (dtype, rank, fixed dims, finite values) and
 re-batched across files; images are decoded, resized, scaled and normalized to the input's layout.
 At most one file's array and one batch are held in memory while streaming.
+
+Every file is treated as hostile: an array header must declare exactly the bytes stored after it
+(so no header can make us allocate more than the file holds), zip members must be plain stored or
+deflated ones whose sizes are possible, and images are refused past Pillow's decompression-bomb
+limit. Every problem is one OnnxZipError naming the file (and array) at fault.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import numbers
+import os
+import struct
+import tokenize
+import warnings
 import zipfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -28,6 +42,8 @@ LABELS_KEY = "labels"
 HIDDEN_PREFIX = "."
 ARRAY_KIND = "array"
 IMAGE_KIND = "image"
+INPUT_ROLE = "the model input"
+LABELS_ROLE = "the labels"
 
 LAYOUTS = ("NCHW", "NHWC")
 CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
@@ -38,14 +54,44 @@ IMAGE_DTYPE = np.dtype(np.float32)
 PIXEL_MAX = 255.0
 HWC_TO_CHW = (2, 0, 1)
 RESIZE_DIMS = 2
+# Only these decoders ever see our files (whatever the suffix says), so no exotic Pillow plugin runs.
+IMAGE_FORMATS = ("PNG", "JPEG")
+# Pillow's default decompression-bomb limit, enforced here whatever Image.MAX_IMAGE_PIXELS is set to.
+MAX_SOURCE_PIXELS = 89_478_485
+# The most pixels one image may be resized to (4096 x 4096).
+MAX_TARGET_PIXELS = 1 << 24
+# Normalization keeps (pixel - mean) / std, pixels in [0, 1], well inside float32.
+MAX_ABS_MEAN = 1e6
+MIN_ABS_STD = 1e-6
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 LABEL_DTYPE = np.dtype(np.int64)
 LABEL_RANK = 1
+LABEL_LIMIT = int(np.iinfo(LABEL_DTYPE).max) + 1  # labels must be below this even without a class count
 BATCH_AXIS = 0
 SYMBOLIC_DIM = "N"
 FINITE_CHUNK_ELEMENTS = 1 << 22
-NPY_VERSION_1 = (1, 0)
-READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+# The .npy format: magic string, then a little-endian header length of 2 (v1) or 4 (v2, v3) bytes.
+NPY_MAGIC_BYTES = np.lib.format.MAGIC_LEN
+NPY_LENGTH_BYTES = {(1, 0): 2, (2, 0): 4, (3, 0): 4}
+NPY_MAX_HEADER_BYTES = 10_000  # numpy's own limit on a header it will parse
+NUMERIC_KINDS = "biufc"  # bool, signed and unsigned integers, floats, complex
+MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
+READ_CHUNK_BYTES = 1 << 24
+
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what numpy's savez / savez_compressed write
+ZIP_ENCRYPTED_FLAG = 0x1
+MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this (258-byte matches in 2 bits)
+
+MAX_DETAIL_CHARS = 200  # exception details, dtypes and shapes quoted in messages are clipped to this
+MAX_LISTED_NAMES = 10
+
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, NotImplementedError)
+# What numpy's header parser (ast.literal_eval, and tokenize for Python 2 headers) can raise.
+HEADER_ERRORS = (ValueError, TypeError, OverflowError, SyntaxError, tokenize.TokenError, RecursionError, EOFError)
+# Pillow's parsers also raise SyntaxError (and a few others) on corrupt files.
+IMAGE_ERRORS = (*READ_ERRORS, SyntaxError, IndexError, KeyError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -58,16 +104,44 @@ class ImageOptions:
     layout: str = "NCHW"  # or "NHWC": the layout of the MODEL input
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise OnnxZipError(f"image layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'")
-        if self.resize is not None and (
-            len(self.resize) != RESIZE_DIMS or any(int(d) < 1 for d in self.resize)
-        ):
-            raise OnnxZipError(f"image resize must be two positive sizes (height, width), got {self.resize}")
-        if not self.mean or not self.std:
-            raise OnnxZipError("image mean and std need at least one value each")
-        if not all(np.isfinite(self.mean)) or not all(np.isfinite(self.std)) or 0 in self.std:
-            raise OnnxZipError(f"image mean and std must be finite and std non-zero, got {self.mean} / {self.std}")
+        if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
+            raise _error(f"image layout must be one of {', '.join(LAYOUTS)}, got {_clip(repr(self.layout))}")
+        _check_resize(self.resize)
+        mean, std = _real_values(self.mean, "mean"), _real_values(self.std, "std")
+        if any(abs(m) > MAX_ABS_MEAN for m in mean) or any(abs(s) < MIN_ABS_STD for s in std):
+            raise _error(
+                f"image mean and std must be finite, |mean| <= {MAX_ABS_MEAN:g} and |std| >= {MIN_ABS_STD:g}, "
+                f"got {_clip(repr(self.mean))} / {_clip(repr(self.std))}"
+            )
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_resize(resize: object) -> None:
+    """None, or (height, width): two positive integers of at most MAX_TARGET_PIXELS pixels."""
+    if resize is None:
+        return
+    sizes = tuple(resize) if isinstance(resize, (tuple, list)) else ()
+    if len(sizes) != RESIZE_DIMS or not all(_is_integer(d) and d >= 1 for d in sizes):
+        raise _error(f"image resize must be two positive sizes (height, width), got {_clip(repr(resize))}")
+    if int(sizes[0]) * int(sizes[1]) > MAX_TARGET_PIXELS:
+        raise _error(f"image resize {sizes[0]}x{sizes[1]} has more than {MAX_TARGET_PIXELS} pixels")
+
+
+def _real_values(values: object, what: str) -> tuple[float, ...]:
+    """A non-empty tuple or list of real numbers, each finite also as a float32."""
+    items = tuple(values) if isinstance(values, (tuple, list)) else ()
+    if not items or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+        raise _error(f"image {what} must be one or more numbers, got {_clip(repr(values))}")
+    try:
+        floats = tuple(float(v) for v in items)
+    except OverflowError:
+        floats = (math.inf,)
+    if not all(math.isfinite(f) and abs(f) <= FLOAT32_MAX for f in floats):
+        raise _error(f"image {what} must be finite, got {_clip(repr(values))}")
+    return floats
 
 
 @dataclass(frozen=True)
@@ -88,6 +162,21 @@ class _ImageGeometry:
     mean: np.ndarray
     std: np.ndarray
     layout: str
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What an .npy header declares, and the offset of the data after it."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        """The data size the header declares."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,27 +201,28 @@ def iter_batches(
     _check_max_samples(max_samples)
     listing = _list_folder(folder)
     chunks = _chunks(listing, spec, max_samples, image)
-    return _require_samples(_rebatch(chunks, batch_size), listing.folder)
+    return _require_samples(_rebatch(chunks, int(batch_size)), listing.folder)
 
 
 def load_labeled(
-    folder: str | Path, spec: TensorSpec, max_samples: int | None = None
+    folder: str | Path, spec: TensorSpec, max_samples: int | None = None, *, classes: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """All inputs and integer labels from the .npz files of a folder (each has the input array and `labels`).
 
-    Returns (x of spec.dtype, labels as int64), truncated to `max_samples`. Raises OnnxZipError
-    naming the offending folder or file.
+    Returns (x of spec.dtype, labels as int64), truncated to `max_samples`. Labels must be
+    non-negative, and below `classes` when it is given (the model's number of classes). Raises
+    OnnxZipError naming the offending folder or file.
     """
     _check_max_samples(max_samples)
+    _check_classes(classes)
     listing = _list_folder(folder)
     _require_npz(listing)
     plan, sample_shape = _labeled_plan(listing, spec, max_samples)
     total = sum(rows for _, rows in plan)
     if total == 0:
-        raise OnnxZipError(f"{listing.folder}: no samples (every array is empty)")
-    x = np.empty((total, *sample_shape), dtype=spec.dtype)
-    labels = np.empty(total, dtype=LABEL_DTYPE)
-    _fill_labeled(plan, spec, x, labels)
+        raise _error(f"{listing.folder}: no samples (every array is empty)")
+    x, labels = _allocate_labeled(listing.folder, total, sample_shape, spec.dtype)
+    _fill_labeled(plan, spec, classes, x, labels)
     return x, labels
 
 
@@ -144,14 +234,7 @@ def has_labels(folder: str | Path) -> bool:
     listing = _list_folder(folder)
     if any(path.suffix.lower() != NPZ_SUFFIX for path in listing.files):
         return False
-    for path in listing.files:
-        try:
-            with zipfile.ZipFile(path) as zf:
-                if LABELS_KEY + NPY_SUFFIX not in zf.namelist():
-                    return False
-        except READ_ERRORS as exc:
-            raise _cannot_read(path, exc) from exc
-    return True
+    return all(_has_member(path, LABELS_KEY + NPY_SUFFIX) for path in listing.files)
 
 
 def count_samples(
@@ -173,8 +256,56 @@ def count_samples(
     else:
         total = _count_array_rows(listing.files, spec, max_samples)
     if total == 0:
-        raise OnnxZipError(f"{listing.folder}: no samples (every array is empty)")
-    return total if max_samples is None else min(total, max_samples)
+        raise _error(f"{listing.folder}: no samples (every array is empty)")
+    return total if max_samples is None else min(total, int(max_samples))
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------------------------
+
+
+def _printable(text: str) -> str:
+    """Text with every non-printable character (newlines, odd bytes in file names) escaped."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
+
+
+def _error(message: str) -> OnnxZipError:
+    """The one-line OnnxZipError for a message (file names in it may hold any character)."""
+    return OnnxZipError(_printable(message))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    if text:
+        return _clip(text[0])
+    return "the data ends early" if isinstance(exc, EOFError) else exc.__class__.__name__
+
+
+def _cannot_read(path: Path, exc: BaseException) -> OnnxZipError:
+    return _error(f"{path}: cannot read: {_first_line(exc)}")
+
+
+def _too_large(path: Path, what: str) -> OnnxZipError:
+    return _error(f"{path}: {what} is too large to load into memory")
+
+
+def _format_shape(shape: Iterable[int | None]) -> str:
+    """A shape as '(N, 1, 28, 28)', with symbolic dims shown as N."""
+    dims = [SYMBOLIC_DIM if d is None else str(d) for d in shape]
+    return _clip(f"({', '.join(dims)}{',' if len(dims) == 1 else ''})")
+
+
+def _name_list(names: list[str]) -> str:
+    if not names:
+        return "none"
+    more = len(names) - MAX_LISTED_NAMES
+    shown = ", ".join(_clip(n) for n in names[:MAX_LISTED_NAMES])
+    return shown if more <= 0 else f"{shown} and {more} more"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,19 +314,26 @@ def count_samples(
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise OnnxZipError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if not _is_integer(batch_size) or batch_size < 1:
+        raise _error(f"batch size must be an integer >= 1, got {_clip(repr(batch_size))}")
 
 
 def _check_max_samples(max_samples: int | None) -> None:
     if max_samples is None:
         return
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-        raise OnnxZipError(f"max samples must be None or an integer >= 1, got {max_samples!r}")
+    if not _is_integer(max_samples) or max_samples < 1:
+        raise _error(f"max samples must be None or an integer >= 1, got {_clip(repr(max_samples))}")
+
+
+def _check_classes(classes: int | None) -> None:
+    if classes is None:
+        return
+    if not _is_integer(classes) or classes < 1:
+        raise _error(f"the number of classes must be None or an integer >= 1, got {_clip(repr(classes))}")
 
 
 def _kind_of(path: Path) -> str | None:
-    """ARRAY_KIND, IMAGE_KIND, or None for a file to ignore."""
+    """ARRAY_KIND, IMAGE_KIND, or None for a file to ignore (hidden, not a regular file, other suffix)."""
     if path.name.startswith(HIDDEN_PREFIX) or not path.is_file():
         return None
     suffix = path.suffix.lower()
@@ -206,27 +344,38 @@ def _kind_of(path: Path) -> str | None:
     return None
 
 
+def _files_by_kind(folder: Path) -> dict[str, list[Path]]:
+    """The folder's usable files by kind, sorted by name."""
+    by_kind: dict[str, list[Path]] = {ARRAY_KIND: [], IMAGE_KIND: []}
+    try:
+        for path in sorted(folder.iterdir(), key=lambda p: p.name):
+            kind = _kind_of(path)
+            if kind is not None:
+                by_kind[kind].append(path)
+    except OSError as exc:
+        raise _error(f"{folder}: cannot list the folder: {_first_line(exc)}") from exc
+    return by_kind
+
+
 def _list_folder(folder: str | Path) -> _Listing:
     """The folder's usable files, all arrays or all images, sorted by name."""
     folder = Path(folder)
-    if not folder.exists():
-        raise OnnxZipError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise OnnxZipError(f"{folder}: not a folder")
-    by_kind: dict[str, list[Path]] = {ARRAY_KIND: [], IMAGE_KIND: []}
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        kind = _kind_of(path)
-        if kind is not None:
-            by_kind[kind].append(path)
+    try:
+        exists, is_dir = folder.exists(), folder.is_dir()
+    except OSError as exc:
+        raise _error(f"{folder}: cannot read: {_first_line(exc)}") from exc
+    if not exists:
+        raise _error(f"{folder}: no such folder")
+    if not is_dir:
+        raise _error(f"{folder}: not a folder")
+    by_kind = _files_by_kind(folder)
     arrays, images = by_kind[ARRAY_KIND], by_kind[IMAGE_KIND]
     if arrays and images:
-        raise OnnxZipError(
+        raise _error(
             f"{folder}: mixes image files ({images[0].name}) and array files ({arrays[0].name}); use one kind"
         )
     if not arrays and not images:
-        raise OnnxZipError(
-            f"{folder}: no .npz, .npy or image ({', '.join(IMAGE_SUFFIXES)}) files"
-        )
+        raise _error(f"{folder}: no .npz, .npy or image ({', '.join(IMAGE_SUFFIXES)}) files")
     kind = ARRAY_KIND if arrays else IMAGE_KIND
     return _Listing(folder, kind, tuple(arrays or images))
 
@@ -235,29 +384,12 @@ def _require_npz(listing: _Listing) -> None:
     """Evaluation data must be .npz files (inputs and labels together)."""
     for path in listing.files:
         if path.suffix.lower() != NPZ_SUFFIX:
-            raise OnnxZipError(
-                f"{path}: evaluation data must be .npz files holding the input array and '{LABELS_KEY}'"
-            )
+            raise _error(f"{path}: evaluation data must be .npz files holding the input array and '{LABELS_KEY}'")
 
 
 # ---------------------------------------------------------------------------------------------
-# Array files: headers, checks, loading
+# Array files: headers
 # ---------------------------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
-
-
-def _cannot_read(path: Path, exc: BaseException) -> OnnxZipError:
-    return OnnxZipError(f"{path}: cannot read: {_first_line(exc)}")
-
-
-def _format_shape(shape: tuple[int | None, ...]) -> str:
-    """A shape as '(N, 1, 28, 28)', with symbolic dims shown as N."""
-    dims = [SYMBOLIC_DIM if d is None else str(d) for d in shape]
-    return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
 
 
 def _expected_shape(spec: TensorSpec) -> tuple[int | None, ...]:
@@ -270,14 +402,56 @@ def _describe(path: Path, key: str) -> str:
     return f"array '{key}'" if path.suffix.lower() == NPZ_SUFFIX else f"array (for input '{key}')"
 
 
-def _read_header(fh: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from an open .npy stream, without reading the data."""
+def _read_exact(fh: IO[bytes], size: int, what: str) -> bytes:
+    data = fh.read(size)
+    if len(data) != size:
+        raise EOFError(f"the file ends inside the {what} ({len(data)} of {size} bytes)")
+    return data
+
+
+def _parse_header(fh: IO[bytes]) -> _Header:
+    """Shape, dtype and order from an open .npy stream, reading no more than a bounded header."""
     version = np.lib.format.read_magic(fh)
-    if version == NPY_VERSION_1:
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-    else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-    return tuple(shape), dtype
+    if version not in NPY_LENGTH_BYTES:
+        raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    length_field = _read_exact(fh, NPY_LENGTH_BYTES[version], "header length")
+    length = int.from_bytes(length_field, "little")
+    if length > NPY_MAX_HEADER_BYTES:
+        raise ValueError(f"header of {length} bytes is longer than the {NPY_MAX_HEADER_BYTES} allowed")
+    stream = io.BytesIO(length_field + _read_exact(fh, length, "header"))
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy warns when it had to clean up a Python 2 header
+        shape, fortran, dtype = read(stream)
+    dims = tuple(int(d) for d in shape)
+    return _Header(dims, dtype, bool(fortran), NPY_MAGIC_BYTES + len(length_field) + length)
+
+
+def _check_header(path: Path, what: str, header: _Header, total: int) -> None:
+    """A numeric array whose declared size is exactly the `total - offset` data bytes stored after the header."""
+    shape = _format_shape(header.shape)
+    if any(d < 0 for d in header.shape):
+        raise _error(f"{path}: {what} declares a negative dimension: shape {shape}")
+    if header.dtype.kind not in NUMERIC_KINDS:
+        raise _error(f"{path}: {what} has dtype {_clip(str(header.dtype))}; only numeric arrays can be read")
+    if math.prod(max(d, 1) for d in header.shape) * header.dtype.itemsize > MAX_ARRAY_BYTES:
+        raise _error(f"{path}: {what} declares shape {shape}, larger than any array can be")
+    stored = total - header.offset
+    if header.nbytes != stored:
+        raise _error(
+            f"{path}: {what} declares shape {shape} of {header.dtype} ({header.nbytes} bytes) "
+            f"but {stored} bytes of data are stored"
+        )
+
+
+def _checked_header(path: Path, what: str, fh: IO[bytes], total: int) -> _Header:
+    """The header of an .npy stream of `total` bytes, parsed and checked against the bytes stored."""
+    try:
+        header = _parse_header(fh)
+    except HEADER_ERRORS as exc:
+        raise _error(f"{path}: {what} has a bad .npy header: {_first_line(exc)}") from exc
+    _check_header(path, what, header, total)
+    return header
 
 
 def _npz_names(names: list[str]) -> list[str]:
@@ -286,69 +460,196 @@ def _npz_names(names: list[str]) -> list[str]:
 
 
 def _missing_key(path: Path, key: str, names: list[str], role: str) -> OnnxZipError:
-    have = ", ".join(names) if names else "none"
-    return OnnxZipError(f"{path}: no array named '{key}' ({role}); it has: {have}")
+    return _error(f"{path}: no array named '{key}' ({role}); it has: {_name_list(names)}")
 
 
-def _header(path: Path, key: str, role: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of array `key` in an .npz, or of the array in an .npy (headers only)."""
+def _check_member(path: Path, info: zipfile.ZipInfo, archive_bytes: int) -> None:
+    """A zip member numpy could have written: not encrypted, stored or deflated, with possible sizes."""
+    name = info.filename
+    if info.flag_bits & ZIP_ENCRYPTED_FLAG:
+        raise _error(f"{path}: member '{name}' is encrypted")
+    if info.compress_type not in ZIP_METHODS:
+        raise _error(
+            f"{path}: member '{name}' uses zip compression method {info.compress_type}; "
+            "only stored and deflated members (as numpy writes them) can be read"
+        )
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_DEFLATE_RATIO
+    if info.compress_size > archive_bytes or info.file_size > info.compress_size * ratio:
+        raise _error(
+            f"{path}: member '{name}' declares {info.file_size} bytes from {info.compress_size} "
+            f"compressed bytes in a {archive_bytes}-byte file: corrupt, or a zip bomb"
+        )
+
+
+def _member(path: Path, zf: zipfile.ZipFile, key: str, role: str, archive_bytes: int) -> zipfile.ZipInfo:
+    """The checked zip member holding array `key` of an .npz."""
     try:
-        if path.suffix.lower() != NPZ_SUFFIX:
-            with open(path, "rb") as fh:
-                return _read_header(fh)
+        info = zf.getinfo(key + NPY_SUFFIX)
+    except KeyError:
+        raise _missing_key(path, key, _npz_names(zf.namelist()), role) from None
+    _check_member(path, info, archive_bytes)
+    return info
+
+
+def _open_stream(stack: ExitStack, path: Path, key: str, role: str) -> tuple[IO[bytes], int]:
+    """An open .npy stream for array `key` (the member of an .npz, or the .npy itself) and its size in bytes."""
+    fh = stack.enter_context(open(path, "rb"))
+    size = os.fstat(fh.fileno()).st_size
+    if path.suffix.lower() != NPZ_SUFFIX:
+        return fh, size
+    zf = stack.enter_context(zipfile.ZipFile(fh))
+    info = _member(path, zf, key, role, size)
+    return stack.enter_context(zf.open(info)), info.file_size
+
+
+@contextmanager
+def _array_stream(path: Path, key: str, role: str) -> Iterator[tuple[_Header, IO[bytes]]]:
+    """The checked header of array `key` and its stream, positioned at the data.
+
+    Read errors and MemoryError in the body (reading the data) become OnnxZipError naming the file.
+    """
+    try:
+        with ExitStack() as stack:
+            fh, total = _open_stream(stack, path, key, role)
+            yield _checked_header(path, _describe(path, key), fh, total), fh
+    except READ_ERRORS as exc:
+        raise _cannot_read(path, exc) from exc
+    except MemoryError:
+        raise _too_large(path, _describe(path, key)) from None
+
+
+def _header(path: Path, key: str, role: str) -> _Header:
+    """The checked header of array `key` in an .npz, or of the array in an .npy."""
+    with _array_stream(path, key, role) as (header, _):
+        return header
+
+
+def _has_member(path: Path, member: str) -> bool:
+    """Whether the zip file at `path` lists `member`."""
+    try:
         with zipfile.ZipFile(path) as zf:
-            member = key + NPY_SUFFIX
-            if member not in zf.namelist():
-                raise _missing_key(path, key, _npz_names(zf.namelist()), role)
-            with zf.open(member) as fh:
-                return _read_header(fh)
+            return member in zf.namelist()
     except READ_ERRORS as exc:
         raise _cannot_read(path, exc) from exc
 
 
-def _check_input_header(path: Path, spec: TensorSpec, shape: tuple[int, ...], dtype: np.dtype) -> None:
+def _check_input_header(path: Path, spec: TensorSpec, header: _Header) -> None:
     """Dtype, rank and fixed non-batch dims of an input array against the model input."""
-    what = _describe(path, spec.name)
-    if dtype != spec.dtype:
-        raise OnnxZipError(f"{path}: {what} has dtype {dtype}, expected {spec.dtype}")
+    what, shape = _describe(path, spec.name), header.shape
+    if header.dtype != spec.dtype:
+        raise _error(f"{path}: {what} has dtype {header.dtype}, expected {spec.dtype}")
     expected = _expected_shape(spec)
     fits = len(shape) == len(expected) and len(shape) > 0 and all(
         want is None or have == want for have, want in zip(shape[1:], expected[1:])
     )
     if not fits:
-        raise OnnxZipError(
-            f"{path}: {what} has shape {_format_shape(shape)}, expected {_format_shape(expected)}"
+        raise _error(f"{path}: {what} has shape {_format_shape(shape)}, expected {_format_shape(expected)}")
+    if 0 in shape[1:]:
+        raise _error(f"{path}: {what} has shape {_format_shape(shape)}: its samples hold no values")
+
+
+def _input_header(path: Path, spec: TensorSpec) -> _Header:
+    """The checked header of the model input's array in an array file."""
+    header = _header(path, spec.name, INPUT_ROLE)
+    _check_input_header(path, spec, header)
+    return header
+
+
+def _labels_header(path: Path, rows: int) -> _Header:
+    """`labels` must be a 1-D integer array with one entry per input sample."""
+    header = _header(path, LABELS_KEY, LABELS_ROLE)
+    _check_labels_kind(path, header)
+    if header.shape[0] != rows:
+        raise _error(f"{path}: '{LABELS_KEY}' has {header.shape[0]} entries but the input array has {rows} samples")
+    return header
+
+
+def _check_labels_kind(path: Path, header: _Header) -> None:
+    if len(header.shape) != LABEL_RANK or not np.issubdtype(header.dtype, np.integer):
+        raise _error(
+            f"{path}: '{LABELS_KEY}' must be a 1-D integer array, "
+            f"found shape {_format_shape(header.shape)} dtype {header.dtype}"
         )
 
 
-def _input_header(path: Path, spec: TensorSpec) -> tuple[int, ...]:
-    """The checked shape of the model input's array in an array file."""
-    shape, dtype = _header(path, spec.name, "the model input")
-    _check_input_header(path, spec, shape, dtype)
-    return shape
+# ---------------------------------------------------------------------------------------------
+# Array files: data
+# ---------------------------------------------------------------------------------------------
 
 
-def _load_input(path: Path, spec: TensorSpec) -> np.ndarray:
-    """The model input's array from an array file (header checked first; .npy is memory-mapped)."""
-    _input_header(path, spec)
+def _read_flat(fh: IO[bytes], dtype: np.dtype, count: int) -> np.ndarray:
+    """`count` values of `dtype` read from the stream, chunk by chunk into one preallocated array."""
+    out = np.empty(count, dtype=dtype)
+    view = memoryview(out.view(np.uint8))
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done : done + READ_CHUNK_BYTES])
+        if not got:
+            raise EOFError(f"the data ends after {done} of {len(view)} bytes")
+        done += got
+    return out
+
+
+def _read_rows(fh: IO[bytes], header: _Header, limit: int | None) -> np.ndarray:
+    """The first `limit` samples (None: all) of a >= 1-D array whose stream is positioned at its data."""
+    rows = _take(header.shape[BATCH_AXIS], limit)
+    if header.fortran:  # samples are not contiguous: read everything
+        return _read_flat(fh, header.dtype, math.prod(header.shape)).reshape(header.shape, order="F")[:rows]
+    sample = header.shape[1:]
+    return _read_flat(fh, header.dtype, rows * math.prod(sample)).reshape((rows, *sample))
+
+
+def _read_input(path: Path, spec: TensorSpec, limit: int | None) -> np.ndarray:
+    """Up to `limit` samples of the model input's array in an array file (header checked first)."""
+    with _array_stream(path, spec.name, INPUT_ROLE) as (header, fh):
+        _check_input_header(path, spec, header)
+        return _read_rows(fh, header, limit)
+
+
+def _read_labels(path: Path, rows: int) -> np.ndarray:
+    """Up to the first `rows` labels of an .npz (header checked first)."""
+    with _array_stream(path, LABELS_KEY, LABELS_ROLE) as (header, fh):
+        _check_labels_kind(path, header)
+        return _read_rows(fh, header, rows)
+
+
+def _map_npy(path: Path, spec: TensorSpec, limit: int | None) -> np.ndarray:
+    """Up to `limit` samples of an .npy file, memory-mapped (header checked first)."""
+    header = _input_header(path, spec)
+    rows = _take(header.shape[BATCH_AXIS], limit)
     try:
-        if path.suffix.lower() != NPZ_SUFFIX:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        with np.load(path, allow_pickle=False) as npz:
-            return npz[spec.name]
+        if header.nbytes == 0:
+            return np.empty(header.shape, dtype=header.dtype)[:rows]
+        order = "F" if header.fortran else "C"
+        arr = np.memmap(path, dtype=header.dtype, mode="r", offset=header.offset, shape=header.shape, order=order)
+        return arr[:rows]
     except READ_ERRORS as exc:
         raise _cannot_read(path, exc) from exc
+    except MemoryError:
+        raise _too_large(path, _describe(path, spec.name)) from None
+
+
+def _load_input(path: Path, spec: TensorSpec, limit: int | None) -> np.ndarray:
+    """Up to `limit` samples of the model input's array in an array file (.npy is memory-mapped)."""
+    if path.suffix.lower() == NPZ_SUFFIX:
+        return _read_input(path, spec, limit)
+    return _map_npy(path, spec, limit)
 
 
 def _check_finite(path: Path, what: str, arr: np.ndarray) -> None:
     """Every value finite, checked a bounded number of samples at a time."""
-    per_sample = max(1, int(np.prod(arr.shape[1:])))
+    per_sample = max(1, math.prod(arr.shape[1:]))
     step = max(1, FINITE_CHUNK_ELEMENTS // per_sample)
-    for start in range(0, len(arr), step):
-        rows = np.asarray(arr[start : start + step]).reshape(-1, per_sample)
-        bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
-        if bad.size:
-            raise OnnxZipError(f"{path}: {what} contains NaN or Inf (first at sample {start + int(bad[0])})")
+    try:
+        for start in range(0, len(arr), step):
+            rows = np.asarray(arr[start : start + step]).reshape(-1, per_sample)
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+            if bad.size:
+                raise _error(f"{path}: {what} contains NaN or Inf (first at sample {start + int(bad[0])})")
+    except READ_ERRORS as exc:
+        raise _cannot_read(path, exc) from exc
+    except MemoryError:
+        raise _too_large(path, what) from None
 
 
 def _take(available: int, left: int | None) -> int:
@@ -366,7 +667,7 @@ def _count_array_rows(files: tuple[Path, ...], spec: TensorSpec, limit: int | No
     for path in files:
         if limit is not None and total >= limit:
             break
-        total += _input_header(path, spec)[BATCH_AXIS]
+        total += _input_header(path, spec).shape[BATCH_AXIS]
     return total
 
 
@@ -378,13 +679,12 @@ def _array_chunks(
     for path in files:
         if left == 0:
             return
-        arr = _load_input(path, spec)
-        part = arr[: _take(len(arr), left)]
+        part = _load_input(path, spec, left)
         _check_finite(path, _describe(path, spec.name), part)
         left = _minus(left, len(part))
         if len(part):
             yield path, part
-        del arr, part
+        del part
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,17 +694,27 @@ def _array_chunks(
 
 def _image_channels(folder: Path, spec: TensorSpec, layout: str) -> int:
     if len(spec.shape) != IMAGE_RANK:
-        raise OnnxZipError(
+        raise _error(
             f"{folder}: images need a 4-D {layout} model input, "
             f"but '{spec.name}' has shape {_format_shape(spec.shape)}"
         )
     channels = spec.shape[CHANNEL_AXIS[layout]]
     if channels not in IMAGE_MODES:
-        raise OnnxZipError(
+        raise _error(
             f"{folder}: images need 1 or 3 channels, but '{spec.name}' has shape "
             f"{_format_shape(spec.shape)} ({layout})"
         )
     return int(channels)
+
+
+def _check_target_size(folder: Path, spec: TensorSpec, size: tuple[int, int]) -> tuple[int, int]:
+    """A (height, width) images can be resized to: positive, and at most MAX_TARGET_PIXELS."""
+    if min(size) < 1 or size[0] * size[1] > MAX_TARGET_PIXELS:
+        raise _error(
+            f"{folder}: images cannot be resized to {size[0]}x{size[1]} for model input '{spec.name}' "
+            f"(sizes must be positive and at most {MAX_TARGET_PIXELS} pixels)"
+        )
+    return size
 
 
 def _image_size(folder: Path, spec: TensorSpec, image: ImageOptions) -> tuple[int, int]:
@@ -413,29 +723,29 @@ def _image_size(folder: Path, spec: TensorSpec, image: ImageOptions) -> tuple[in
     if image.resize is not None:
         size = (int(image.resize[0]), int(image.resize[1]))
         if any(want is not None and want != have for have, want in zip(size, fixed)):
-            raise OnnxZipError(
+            raise _error(
                 f"{folder}: resize {size[0]}x{size[1]} does not fit model input '{spec.name}' "
                 f"of shape {_format_shape(spec.shape)} ({image.layout})"
             )
-        return size
+        return _check_target_size(folder, spec, size)
     if any(dim is None for dim in fixed):
-        raise OnnxZipError(
+        raise _error(
             f"{folder}: model input '{spec.name}' has no fixed height and width "
             f"{_format_shape(spec.shape)}; give an image resize (height, width)"
         )
-    return int(fixed[0]), int(fixed[1])
+    return _check_target_size(folder, spec, (int(fixed[0]), int(fixed[1])))
 
 
 def _per_channel(folder: Path, values: tuple[float, ...], channels: int, what: str) -> np.ndarray:
     if len(values) not in (1, channels):
-        raise OnnxZipError(f"{folder}: image {what} has {len(values)} values, model input has {channels} channels")
+        raise _error(f"{folder}: image {what} has {len(values)} values, model input has {channels} channels")
     return np.asarray(values, dtype=IMAGE_DTYPE)
 
 
 def _image_geometry(folder: Path, spec: TensorSpec, image: ImageOptions) -> _ImageGeometry:
     """Check that images can feed the model input and work out how to convert them."""
     if spec.dtype != IMAGE_DTYPE:
-        raise OnnxZipError(f"{folder}: images give {IMAGE_DTYPE} but model input '{spec.name}' is {spec.dtype}")
+        raise _error(f"{folder}: images give {IMAGE_DTYPE} but model input '{spec.name}' is {spec.dtype}")
     channels = _image_channels(folder, spec, image.layout)
     size = _image_size(folder, spec, image)
     mean = _per_channel(folder, image.mean, channels, "mean")
@@ -443,16 +753,34 @@ def _image_geometry(folder: Path, spec: TensorSpec, image: ImageOptions) -> _Ima
     return _ImageGeometry(IMAGE_MODES[channels], size, mean, std, image.layout)
 
 
+def _decode_image(path: Path, geometry: _ImageGeometry) -> np.ndarray:
+    """The image's pixels as float32 [height, width(, channels)], converted and resized.
+
+    Pillow's decompression-bomb warning is an error here (only here); other warnings are silenced.
+    """
+    height, width = geometry.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
+            if img.width * img.height > MAX_SOURCE_PIXELS:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels, more than {MAX_SOURCE_PIXELS}")
+            img = img.convert(geometry.mode)
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=IMAGE_DTYPE)
+
+
 def _load_image(path: Path, geometry: _ImageGeometry) -> np.ndarray:
     """One image as a [1, *sample_shape] float32 array in the model layout."""
     height, width = geometry.size
     try:
-        with Image.open(path) as img:
-            img = img.convert(geometry.mode)
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img, dtype=IMAGE_DTYPE)
-    except READ_ERRORS as exc:
+        pixels = _decode_image(path, geometry)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _error(f"{path}: image refused as a possible decompression bomb: {_first_line(exc)}") from None
+    except MemoryError:
+        raise _too_large(path, "image") from None
+    except IMAGE_ERRORS as exc:
         raise _cannot_read(path, exc) from exc
     hwc = pixels.reshape(height, width, -1) / IMAGE_DTYPE.type(PIXEL_MAX)
     hwc = (hwc - geometry.mean) / geometry.std
@@ -483,10 +811,21 @@ def _chunks(
 
 def _check_same_samples(path: Path, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if found != expected:
-        raise OnnxZipError(
+        raise _error(
             f"{path}: samples have shape {_format_shape(found)} but earlier files have "
             f"{_format_shape(expected)}; they cannot share a batch"
         )
+
+
+def _new_batch(path: Path, batch_size: int, sample_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An empty batch buffer; one too large for memory is an OnnxZipError."""
+    try:
+        return np.empty((batch_size, *sample_shape), dtype=dtype)
+    except (MemoryError, ValueError):
+        raise _error(
+            f"{path}: a batch of {batch_size} samples of shape {_format_shape(sample_shape)} "
+            "is too large to allocate; use a smaller batch size"
+        ) from None
 
 
 def _rebatch(chunks: Iterator[tuple[Path, np.ndarray]], batch_size: int) -> Iterator[np.ndarray]:
@@ -501,15 +840,23 @@ def _rebatch(chunks: Iterator[tuple[Path, np.ndarray]], batch_size: int) -> Iter
         start = 0
         while start < len(chunk):
             if buffer is None:
-                buffer = np.empty((batch_size, *sample_shape), dtype=chunk.dtype)
+                buffer = _new_batch(path, batch_size, sample_shape, chunk.dtype)
             take = min(batch_size - filled, len(chunk) - start)
-            buffer[filled : filled + take] = chunk[start : start + take]
+            _copy_rows(path, buffer[filled : filled + take], chunk[start : start + take])
             filled, start = filled + take, start + take
             if filled == batch_size:
                 yield buffer
                 buffer, filled = None, 0
     if buffer is not None and filled:
         yield buffer[:filled]
+
+
+def _copy_rows(path: Path, out: np.ndarray, rows: np.ndarray) -> None:
+    """out[...] = rows; reading a memory-mapped file can still fail here."""
+    try:
+        out[...] = rows
+    except READ_ERRORS as exc:
+        raise _cannot_read(path, exc) from exc
 
 
 def _require_samples(batches: Iterator[np.ndarray], folder: Path) -> Iterator[np.ndarray]:
@@ -519,23 +866,12 @@ def _require_samples(batches: Iterator[np.ndarray], folder: Path) -> Iterator[np
         produced = True
         yield batch
     if not produced:
-        raise OnnxZipError(f"{folder}: no samples (every array is empty)")
+        raise _error(f"{folder}: no samples (every array is empty)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Labeled (evaluation) data
 # ---------------------------------------------------------------------------------------------
-
-
-def _labels_header(path: Path, rows: int) -> None:
-    """`labels` must be a 1-D integer array with one entry per input sample."""
-    shape, dtype = _header(path, LABELS_KEY, "the labels")
-    if len(shape) != LABEL_RANK or not np.issubdtype(dtype, np.integer):
-        raise OnnxZipError(
-            f"{path}: '{LABELS_KEY}' must be a 1-D integer array, found shape {_format_shape(shape)} dtype {dtype}"
-        )
-    if shape[0] != rows:
-        raise OnnxZipError(f"{path}: '{LABELS_KEY}' has {shape[0]} entries but the input array has {rows} samples")
 
 
 def _labeled_plan(
@@ -548,7 +884,7 @@ def _labeled_plan(
     for path in listing.files:
         if left == 0:
             break
-        shape = _input_header(path, spec)
+        shape = _input_header(path, spec).shape
         _labels_header(path, shape[BATCH_AXIS])
         if sample_shape is None:
             sample_shape = tuple(shape[1:])
@@ -560,16 +896,47 @@ def _labeled_plan(
     return plan, sample_shape or ()
 
 
-def _fill_labeled(plan: list[tuple[Path, int]], spec: TensorSpec, x: np.ndarray, labels: np.ndarray) -> None:
+def _allocate_labeled(
+    folder: Path, total: int, sample_shape: tuple[int, ...], dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """The output arrays of load_labeled; too large for memory is an OnnxZipError naming the folder."""
+    try:
+        return np.empty((total, *sample_shape), dtype=dtype), np.empty(total, dtype=LABEL_DTYPE)
+    except (MemoryError, ValueError):
+        raise _error(
+            f"{folder}: {total} samples of shape {_format_shape(sample_shape)} are too large to load into memory"
+        ) from None
+
+
+def _check_labels(path: Path, labels: np.ndarray, classes: int | None) -> None:
+    """Every label a class index: >= 0, and below `classes` when given (below 2**63 otherwise)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= (LABEL_LIMIT if classes is None else classes)))
+    if not bad.size:
+        return
+    index = int(bad[0])
+    value = int(labels[index])
+    if classes is not None:
+        raise _error(
+            f"{path}: label {value} at sample {index} is outside the model's {classes} classes (0..{classes - 1})"
+        )
+    problem = "is negative" if value < 0 else "is too large for a class index"
+    raise _error(f"{path}: label {value} at sample {index} {problem}")
+
+
+def _fill_labeled(
+    plan: list[tuple[Path, int]], spec: TensorSpec, classes: int | None, x: np.ndarray, labels: np.ndarray
+) -> None:
     """Copy each planned file's inputs and labels into the preallocated outputs, one file at a time."""
     start = 0
     for path, rows in plan:
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                part, part_labels = npz[spec.name][:rows], npz[LABELS_KEY][:rows]
-        except READ_ERRORS as exc:
-            raise _cannot_read(path, exc) from exc
+        part = _read_input(path, spec, rows)
+        part_labels = _read_labels(path, rows)
+        if len(part) != rows or len(part_labels) != rows:
+            raise _error(f"{path}: the file changed while it was being read")
+        _check_same_samples(path, tuple(part.shape[1:]), tuple(x.shape[1:]))
         _check_finite(path, _describe(path, spec.name), part)
+        _check_labels(path, part_labels, classes)
         x[start : start + rows] = part
         labels[start : start + rows] = part_labels
         start += rows
+        del part, part_labels

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from .errors import OnnxZipError
 from .ir import CONV, FC, Layer, Network, Op, Step, TensorSpec
-from .load import file_sha256, load_model
+from .load import file_sha256, load
 
 UNIT_WISE_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "Flatten")
@@ -639,6 +639,11 @@ def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Net
 
 
 def import_network(path: str | Path) -> Network:
-    """Load an ONNX file and return its canonical Network (see load_model and canonicalise)."""
-    model, size = load_model(path)
-    return canonicalise(model, Path(path), size)
+    """Load an ONNX file and return its canonical Network (see load.load and canonicalise)."""
+    loaded = load(path)
+    try:
+        with np.errstate(all="ignore"):  # hostile weights (NaN, inf) are refused by name, not warned about
+            net = canonicalise(loaded.model, Path(path), loaded.size)
+    except MemoryError:
+        raise OnnxZipError(f"{path}: not enough memory to import it") from None
+    return replace(net, data_files=loaded.data_files)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import OnnxZipError
+from .load import external_data_files
 from .save import data_file
 
 PROBE_PREFIX = ".onnxzip-probe."
@@ -121,8 +122,9 @@ def _check_writable(out: Output) -> None:
 
 
 def model_reads(path: Path, what: str) -> list[Read]:
-    """A model file and the external-data files it names, as reads."""
-    return [Read(Path(path), what)]
+    """A model file and the external-data files it names, as reads (OnnxZipError if it cannot be read)."""
+    return [Read(Path(path), what)] + [Read(f, f"external data of {Path(path).name}")
+                                        for f in external_data_files(path)]
 
 
 def check_outputs(outputs: Sequence[Output], reads: Iterable[Read]) -> None:

@@ -32,7 +32,7 @@ STREAM_PAIRINGS = ("all", "early")
 
 def parse_size(text: str | int) -> tuple[int, str]:
     """A --target-size as (value, unit): '250000' parameters, or '800KB', '1.2MB', '1MiB', '500000B' bytes."""
-    if isinstance(text, Integral) and not isinstance(text, bool):
+    if isinstance(text, Integral) and not isinstance(text, bool) and text > 0:
         return int(text), PARAMS
     m = _SIZE.match(str(text))
     if not m or float(m.group(1)) <= 0:

@@ -12,6 +12,7 @@ import onnx
 from .emit import TASK_INPUT, task_model
 from .errors import OnnxZipError
 from .ir import Network
+from .load import runtime_source
 from .runtime import session
 
 # Emitted vs tied outputs may differ by float reassociation only (sums of per-block products).
@@ -59,7 +60,7 @@ def original_runner(net: Network, providers: list[str]) -> Callable[[np.ndarray]
     folded in (--input-scale), runs in its canonical form."""
     if net.rescaled or (net.input.shape and net.input.shape[0] is not None):
         return _model_runner(task_model(net), providers)
-    return _model_runner(str(net.path), providers)
+    return _model_runner(runtime_source(net.path), providers)
 
 
 def _take(batches: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:

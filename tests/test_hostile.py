@@ -301,3 +301,68 @@ def test_caches_orphaned_by_sigkill_are_removed_by_the_next_run(tmp_path):
                           timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     assert not any(o.exists() for o in orphans) and not stale.exists() and out.is_file()
+
+
+# --- split and retrain outputs ---------------------------------------------------------------------
+
+@pytest.fixture
+def merged(case) -> Path:
+    out = case.root / "m.onnx"
+    assert case.merge("-o", out).returncode == 0
+    return out
+
+
+def test_split_over_the_merged_model_is_refused(case, merged):
+    before = digest([merged])
+    assert_refused(case.cli("split", merged, "--task", "a", "-o", merged), "-o", "the merged model",
+                   folders=[case.root], before=before)
+    link = case.root / "alias.onnx"
+    link.symlink_to(merged)
+    assert_refused(case.cli("split", merged, "--task", "a", "-o", link), "would overwrite", before=before)
+
+
+def test_split_over_the_merged_model_external_data_is_refused(case, merged):
+    model = onnx.load(str(merged))
+    ext = case.root / "ext.onnx"
+    onnx.save(model, str(ext), save_as_external_data=True, location="part.onnx.data", size_threshold=0)
+    before = digest([ext, case.root / "part.onnx.data"])
+    proc = case.cli("split", ext, "--task", "b", "-o", case.root / "part.onnx")
+    assert_refused(proc, "part.onnx.data", "external data of ext.onnx", outputs=[case.root / "part.onnx"],
+                   before=before)
+
+
+@pytest.mark.parametrize("target", ["a.onnx", "calib/part1.npz"])
+def test_retrain_over_a_teacher_or_its_data_is_refused(case, merged, target):
+    pytest.importorskip("torch")
+    before = digest([case.a, case.b, case.calib, merged])
+    proc = case.cli("retrain", merged, "--data", case.calib, "--iters", "2", "-o", case.root / target)
+    assert_refused(proc, "-o", "would overwrite", folders=[case.root, case.scratch], before=before)
+
+
+# --- one case of each loader class, end to end (the rest: test_calib, test_load, test_merged) ------
+
+def test_calibration_header_declaring_a_billion_samples_is_refused(case):
+    """The .npz member declares 1e9 samples but stores 4; reading it once ended in a MemoryError."""
+    import io
+    import zipfile
+    bad = case.root / "bomb"
+    bad.mkdir()
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10**9, *SHAPE)})
+    member.write(np.zeros((4, *SHAPE), np.float32).tobytes())
+    with zipfile.ZipFile(bad / "x.npz", "w") as zf:
+        zf.writestr("input.npy", member.getvalue())
+    out = case.root / "m.onnx"
+    proc = case.cli("merge", case.a, case.b, "--calib", bad, "-o", out)
+    assert_refused(proc, "x.npz", "1000000000", outputs=[out], folders=[case.root, case.scratch])
+
+
+def test_png_decompression_bomb_is_refused(case):
+    from PIL import Image
+    bombs = case.root / "png"
+    bombs.mkdir()
+    Image.new("L", (12000, 12000)).save(bombs / "bomb.png", optimize=True)  # 144 Mpixel, a few kB
+    out = case.root / "m.onnx"
+    proc = case.cli("merge", case.a, case.b, "--calib", bombs, "--resize", "8x8", "-o", out)
+    assert_refused(proc, "bomb.png", outputs=[out], folders=[case.root, case.scratch])
