@@ -148,6 +148,12 @@ def test_output_on_a_full_disk_leaves_nothing(case):
                                big.root / "mnt" / "m.onnx")
     line = assert_refused(proc, "m.onnx", "No space left on device", folders=[big.scratch])
     assert "cannot write" in line and left == [], left
+    # the report fills the disk after the model was written: the model goes too (all or nothing)
+    out = big.root / "m.onnx"
+    proc, left = _cli_on_mount(big, "size=8k", "merge", big.a, big.b, "--calib", big.calib, "-o", out,
+                               "--report", big.root / "mnt" / "r.json")
+    assert_refused(proc, "r.json", "No space left on device", outputs=[out], folders=[big.root, big.scratch])
+    assert left == [], left
 
 
 # --- bad values accepted silently before ----------------------------------------------------------
