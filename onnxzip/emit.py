@@ -25,12 +25,14 @@ from .spaces import INPUT, Spaces, read_width, unit_spaces
 MIN_OPSET = 13
 LAYOUTS = ("multi", "gated")
 TASK_INPUT = "task"
-# The gated layout's range check of the task input (see _checked_task): its nodes, and its tables.
-TASK_CHECKED = "task.checked"
-TASK_ROW = "task.row"
-TASK_SHIFTED = "task.minus_count"
-TASK_ROWS = "const.task.rows"
-TASK_COUNT = "const.task.count"
+# The gated layout's branch for a task index outside 0..N-1 (see _out_of_range): its failing
+# node, the nodes that build its impossible shape, and its constants.
+TASK_OUT_OF_RANGE = "task.out_of_range"
+TASK_AS_DIMS = "task.as_dims"
+TASK_BAD_SHAPE = "task.bad_shape"
+TASK_ONE_DIM = "const.task.one_dim"
+TASK_REST = "const.task.rest"
+TASK_PROBE = "const.task.probe"
 BATCH_DIM = "N"
 GATED_OUTPUT = "output"
 # Graph inputs and outputs of a calibration segment that carry a tensor live across its ends.
@@ -434,45 +436,58 @@ def task_model(net: Network, start: int = 0, stop: int | None = None,
     return _export(graph, opset, ir_version_for(opset, [net.ir_version]), {}, "")
 
 
-def _checked_task(g: _GsGraph, n: int) -> list[gs.Node]:
-    """Nodes computing TASK_CHECKED: the task input itself if it is in 0..n-1, else a run-time error.
+def _out_of_range(g: _GsGraph) -> gs.Graph:
+    """The branch past the last task's test: it fails at run time for every index it can see.
 
-    Gather takes indices in [-n, n-1] only: TASK_ROWS[task] rejects any other task, and
-    row[task - n] rejects a task outside [0, 2n-1] (so every negative one the first let through).
+    It reshapes one value to [task, -1], which no index outside 0..N-1 (N >= 2) allows: 1 is not a
+    multiple of a task >= 2, and a negative task is no dimension. A Reshape's target shape is
+    checked on the host by every execution provider, unlike a Gather's indices on a GPU.
     """
-    rows = gs.Constant(TASK_ROWS, np.repeat(np.arange(n, dtype=np.int64)[:, None], n, axis=1))
-    count = gs.Constant(TASK_COUNT, np.array(n, np.int64))
-    row = gs.Variable(TASK_ROW, dtype=np.int64, shape=[n])
-    shifted = gs.Variable(TASK_SHIFTED, dtype=np.int64, shape=[])
-    checked = g.tensors[TASK_CHECKED] = gs.Variable(TASK_CHECKED, dtype=np.int64, shape=[])
-    task = g.tensors[TASK_INPUT]
-    return [gs.Node("Gather", TASK_ROW, {"axis": 0}, inputs=[rows, task], outputs=[row]),
-            gs.Node("Sub", TASK_SHIFTED, inputs=[task, count], outputs=[shifted]),
-            gs.Node("Gather", TASK_CHECKED, {"axis": 0}, inputs=[row, shifted], outputs=[checked])]
+    def const(name: str, value: np.ndarray) -> gs.Constant:
+        return g.tensors.setdefault(name, gs.Constant(name, value))
+    dims = gs.Variable(TASK_AS_DIMS, dtype=np.int64, shape=[1])
+    shape = gs.Variable(TASK_BAD_SHAPE, dtype=np.int64, shape=[2])
+    bad = gs.Variable(TASK_OUT_OF_RANGE, dtype=np.float32, shape=[None, None])
+    nodes = [gs.Node("Reshape", TASK_AS_DIMS, inputs=[g.tensors[TASK_INPUT], const(TASK_ONE_DIM, np.ones(1, np.int64))],
+                     outputs=[dims]),
+             gs.Node("Concat", TASK_BAD_SHAPE, {"axis": 0}, inputs=[dims, const(TASK_REST, np.full(1, -1, np.int64))],
+                     outputs=[shape]),
+             gs.Node("Reshape", TASK_OUT_OF_RANGE, inputs=[const(TASK_PROBE, np.ones(1, np.float32)), shape],
+                     outputs=[bad])]
+    return gs.Graph(nodes=nodes, outputs=[bad], name="branch_" + TASK_OUT_OF_RANGE.replace(".", "_"))
 
 
 def _gated_graph(b: _Builder, g: _GsGraph, tasks: list[int], finals: dict[int, str], placed: frozenset,
-                 out: gs.Variable, head_shape) -> list[gs.Node]:
-    """Nodes for the tasks still possible here: what all of them need, then an If on the checked task index."""
-    here = [r for r in b.nodes.values() if r.out not in placed and set(tasks) <= r.users]
-    placed = placed | {r.out for r in here}
-    nodes = g.nodes(here)
-    if len(tasks) == 1:
+                 out: gs.Variable, head_shape, tested: bool = False) -> list[gs.Node]:
+    """Nodes for the tasks still possible here: what all of them need, then an If on the task input.
+
+    ``tested``: the one task left was selected by the If above. Past the last task's own test
+    lies the branch that fails for any other index (_out_of_range).
+    """
+    nodes: list[gs.Node] = []
+    if len(tasks) > 1 or tested:  # the last task's own nodes wait behind its test
+        here = [r for r in b.nodes.values() if r.out not in placed and set(tasks) <= r.users]
+        placed = placed | {r.out for r in here}
+        nodes = g.nodes(here)
+    if tested:
         return nodes + [gs.Node("Identity", f"{b.plan.tasks[tasks[0]]}.output",
                                 inputs=[g.tensor(finals[tasks[0]])], outputs=[out])]
     first = tasks[0]
     index = g.tensors.setdefault(f"const.task_{first}", gs.Constant(f"const.task_{first}", np.array(first, np.int64)))
     cond = gs.Variable(f"task.is_{b.plan.tasks[first]}", dtype=np.bool_, shape=[])
-    nodes.append(gs.Node("Equal", f"task.is_{b.plan.tasks[first]}", inputs=[g.tensors[TASK_CHECKED], index],
+    nodes.append(gs.Node("Equal", f"task.is_{b.plan.tasks[first]}", inputs=[g.tensors[TASK_INPUT], index],
                          outputs=[cond]))
-    branches = []
-    for part in ([first], tasks[1:]):
-        bout = gs.Variable(f"{'+'.join(b.plan.tasks[t] for t in part)}.branch_out", dtype=np.float32,
-                           shape=head_shape)
-        branches.append(gs.Graph(nodes=_gated_graph(b, g, part, finals, placed, bout, head_shape),
-                                 outputs=[bout], name="branch_" + "_".join(b.plan.tasks[t] for t in part)))
-    nodes.append(gs.Node("If", f"select_{b.plan.tasks[first]}", {"then_branch": branches[0],
-                                                                  "else_branch": branches[1]},
+    then_out = gs.Variable(f"{b.plan.tasks[first]}.branch_out", dtype=np.float32, shape=head_shape)
+    then = gs.Graph(nodes=_gated_graph(b, g, [first], finals, placed, then_out, head_shape, tested=True),
+                    outputs=[then_out], name=f"branch_{b.plan.tasks[first]}")
+    if len(tasks) > 1:
+        rest = tasks[1:]
+        else_out = gs.Variable(f"after_{b.plan.tasks[first]}.branch_out", dtype=np.float32, shape=head_shape)
+        other = gs.Graph(nodes=_gated_graph(b, g, rest, finals, placed, else_out, head_shape),
+                         outputs=[else_out], name="branch_" + "_".join(b.plan.tasks[t] for t in rest))
+    else:
+        other = _out_of_range(g)
+    nodes.append(gs.Node("If", f"select_{b.plan.tasks[first]}", {"then_branch": then, "else_branch": other},
                          inputs=[cond], outputs=[out]))
     return nodes
 
@@ -498,8 +513,7 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
         same = all(s == shapes[0] for s in shapes)
         head_shape = _batched(shapes[0] if same else (None, "classes"))
         out = gs.Variable(GATED_OUTPUT, dtype=np.float32, shape=head_shape)
-        nodes = _checked_task(g, len(nets)) + _gated_graph(b, g, list(range(len(nets))), finals, frozenset(), out,
-                                                          head_shape)
+        nodes = _gated_graph(b, g, list(range(len(nets))), finals, frozenset(), out, head_shape)
         outputs, inputs = [out], [x, fixed[TASK_INPUT]]
     opset = target_opset(nets)
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset, name="onnxzip_merged")

@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .api import META_PREFIX, weight_params
-from .emit import GATED_OUTPUT, LAYOUTS, TASK_CHECKED, TASK_INPUT
+from .emit import GATED_OUTPUT, LAYOUTS, TASK_INPUT, TASK_OUT_OF_RANGE
 from .errors import OnnxZipError
 from .guard import Output, check_outputs, model_reads
 from .load import load_model
@@ -31,7 +31,6 @@ SOURCE_FIELDS: dict[str, type] = {"file": str, "sha256": str, "output": str, "pa
 SOURCE_KINDS = {str: "a non-empty string", int: "an integer"}
 # What the gated layout's Equal nodes compare with their task constant: the checked index, or in
 # files written before the range check, the task input itself.
-SELECTOR_INPUTS = (TASK_CHECKED, TASK_INPUT)
 EDITED = "the file was not written by this onnxzip or was edited"
 
 
@@ -165,7 +164,7 @@ def _selectors(graph: onnx.GraphProto, path: Path) -> dict[str, int]:
     consts = {i.name: i for i in graph.initializer}
     out = {}
     for node in _all_nodes(graph):
-        if node.op_type != "Equal" or len(node.input) != 2 or node.input[0] not in SELECTOR_INPUTS:
+        if node.op_type != "Equal" or len(node.input) != 2 or node.input[0] != TASK_INPUT:
             continue
         value = numpy_helper.to_array(consts[node.input[1]]) if node.input[1] in consts else None
         if value is None or value.shape != () or value.dtype.kind != "i":
@@ -181,9 +180,12 @@ def _check_gated(model: onnx.ModelProto, meta: MergedMeta, path: Path) -> None:
     if [o.name for o in graph.output] != [GATED_OUTPUT]:
         raise _tampered(path, "layout", f"is 'gated', but the graph's outputs are not just '{GATED_OUTPUT}'")
     tested = sorted(_selectors(graph, path).values())
-    if tested != list(range(len(meta.tasks) - 1)):
-        raise _tampered(path, "tasks", f"names {len(meta.tasks)} tasks, but the graph selects among "
-                                       f"{len(tested) + 1}")
+    # every task is tested and past the last an index outside 0..N-1 fails; files of onnxzip 0.1.0
+    # have no such branch and test all tasks but the last
+    guarded = any(n.name == TASK_OUT_OF_RANGE for n in _all_nodes(graph))
+    if tested != list(range(len(meta.tasks) if guarded else len(meta.tasks) - 1)):
+        raise _tampered(path, "tasks", f"names {len(meta.tasks)} tasks, but the graph tests the task index "
+                                       f"against {', '.join(map(str, tested)) or 'nothing'}")
 
 
 def _check_graph(model: onnx.ModelProto, meta: MergedMeta, path: Path) -> None:

@@ -9,7 +9,6 @@ import builders as B
 from onnxzip.api import merge
 from onnxzip.budget import merged_params
 from onnxzip.canonical import import_network
-from onnxzip.emit import TASK_CHECKED, TASK_ROW
 from onnxzip.errors import OnnxZipError
 from onnxzip.merged import inspect, split
 from onnxzip.options import MergeOptions
@@ -48,9 +47,8 @@ def test_permuted_branches_merge_back_exactly(tmp_path, layout):
     paths, perms = _copies(tmp_path, 2)
     result, out = B.merge_copies_back(tmp_path, paths, SHAPE, layout, seed=1)
     B.assert_copies_recovered(result.plan, NAMES, lambda t, role: perms[t][role])
-    # fully shared: one Concat per module, no Gather or Transpose to fix the channel order (the gated
-    # layout's Gathers range-check the task index)
-    ops = [n.op_type for n in onnx.load(str(out)).graph.node if n.name not in (TASK_ROW, TASK_CHECKED)]
+    # fully shared: one Concat per module, no Gather or Transpose to fix the channel order
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("Concat") == 2 and "Gather" not in ops and "Transpose" not in ops
 
 

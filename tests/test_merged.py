@@ -16,7 +16,7 @@ import pytest
 import builders as B
 import hostile as H
 from onnxzip.api import merge
-from onnxzip.emit import TASK_CHECKED, TASK_INPUT, TASK_ROW, TASK_SHIFTED
+from onnxzip.emit import TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_OUT_OF_RANGE
 from onnxzip.errors import OnnxZipError
 from onnxzip.merged import load_merged, split, task_part
 from onnxzip.options import MergeOptions
@@ -175,7 +175,7 @@ def _x(n: int = 5) -> np.ndarray:
                                   INT64.min, INT64.max])
 def test_gated_refuses_a_task_index_out_of_range(three, task):
     sess = _session(three["gated"])
-    with pytest.raises(Exception, match=rf"Gather node\. Name:'({TASK_ROW}|{TASK_CHECKED})'"):
+    with pytest.raises(Exception, match=rf"Reshape node\. Name:'{TASK_OUT_OF_RANGE}'"):
         sess.run(None, {"input": _x(), TASK_INPUT: np.array(task, np.int64)})
 
 
@@ -195,18 +195,22 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return out
 
 
-def test_gated_graph_checks_the_index_before_selecting(three):
+def test_gated_graph_tests_every_task_and_fails_past_the_last(three):
+    """Every task has its Equal test; past the last lies a branch that fails for any index (its
+    shape check runs on the host in every execution provider; no Gather, whose GPU kernels clamp)."""
     model = onnx.load(str(three["gated"]))
     onnx.checker.check_model(model, full_check=True)
-    head = [(n.op_type, n.name) for n in model.graph.node[:3]]
-    assert head == [("Gather", TASK_ROW), ("Sub", TASK_SHIFTED), ("Gather", TASK_CHECKED)]
-    equals = [n for n in _all_nodes(model.graph) if n.op_type == "Equal"]
-    assert len(equals) == GATED_TASKS - 1 and all(n.input[0] == TASK_CHECKED for n in equals)
-    readers = [n.name for n in _all_nodes(model.graph) if TASK_INPUT in n.input]
-    assert sorted(readers) == sorted([TASK_ROW, TASK_SHIFTED])
+    nodes = _all_nodes(model.graph)
+    equals = [n for n in nodes if n.op_type == "Equal"]
+    assert len(equals) == GATED_TASKS and all(n.input[0] == TASK_INPUT for n in equals)
+    readers = sorted(n.name for n in nodes if TASK_INPUT in n.input)
+    assert readers == sorted([n.name for n in equals] + [TASK_AS_DIMS])
+    failing = [(n.op_type, n.name) for n in nodes if n.name in (TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_OUT_OF_RANGE)]
+    assert failing == [("Reshape", TASK_AS_DIMS), ("Concat", TASK_BAD_SHAPE), ("Reshape", TASK_OUT_OF_RANGE)]
+    assert not any(n.op_type == "Gather" for n in nodes)
     names = [i.name for i in model.graph.initializer]
     assert len(names) == len(set(names)) and "fc1.shared.W" in names
-    subgraphs = [a.g for n in _all_nodes(model.graph) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    subgraphs = [a.g for n in nodes for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
     assert subgraphs and not any(g.initializer for g in subgraphs)
 
 
@@ -221,14 +225,27 @@ def test_split_of_gated_gives_every_task_without_the_task_input(three, tmp_path)
         np.testing.assert_allclose(_session(part).run(None, {"input": x})[0], want, rtol=1e-6, atol=1e-6)
 
 
+def _without_last_test(graph: onnx.GraphProto, last: str) -> bool:
+    """onnxzip 0.1.0's form in place: the last task's If (named ``last``) replaced by its then-branch."""
+    for k, node in enumerate(graph.node):
+        if node.op_type == "If" and node.name == last:
+            then = next(a.g for a in node.attribute if a.name == "then_branch")
+            keep = [n for n in graph.node if n.output[0] != node.input[0]]
+            at = keep.index(node)
+            bridge = onnx.helper.make_node("Identity", [then.output[0].name], [node.output[0]])
+            graph.ClearField("node")
+            graph.node.extend(keep[:at] + list(then.node) + [bridge] + keep[at + 1:])
+            return True
+        if any(_without_last_test(a.g, last) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+            return True
+    return False
+
+
 def test_split_reads_gated_files_written_before_the_range_check(three, tmp_path):
-    """Earlier files compared the task input itself in their Equal nodes; they still split."""
+    """Earlier files tested every task but the last, whose branch ran for any other index; they still split."""
     model = onnx.load(str(three["gated"]))
-    check = [n for n in model.graph.node if n.name in (TASK_ROW, TASK_SHIFTED, TASK_CHECKED)]
-    for n in check:
-        model.graph.node.remove(n)
-    for n in _all_nodes(model.graph):
-        n.input[:] = [TASK_INPUT if i == TASK_CHECKED else i for i in n.input]
+    assert _without_last_test(model.graph, f"select_m{GATED_TASKS - 1}")
+    assert not any(n.name == TASK_OUT_OF_RANGE for n in _all_nodes(model.graph))
     old = tmp_path / "old.onnx"
     onnx.save(model, str(old))
     x = _x()
