@@ -18,6 +18,7 @@ from .. import __version__
 from ..api import MergeResult, merge as run_merge
 from ..calib import ImageOptions
 from ..errors import OnnxZipError
+from ..format import MULTI
 from ..merged import inspect as read_merged, split as split_task
 from ..runtime import resolve_device
 from ..options import DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_VERIFY_SAMPLES, MergeOptions
@@ -73,7 +74,7 @@ def _resize(text: Optional[str]) -> Optional[tuple[int, int]]:
 
 
 def _layouts(values: List[str]) -> tuple[str, str]:
-    emit, image = "multi", "NCHW"
+    emit, image = MULTI, "NCHW"
     for v in values:
         if v.upper() in IMAGE_LAYOUTS:
             image = v.upper()

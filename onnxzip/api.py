@@ -20,6 +20,8 @@ from .calib import count_samples, iter_batches, load_labeled
 from .canonical import fold_input_affine, import_network
 from .emit import merged_model
 from .errors import OnnxZipError
+from .format import (KEY_LAYOUT, KEY_PLAN, KEY_SHARING, KEY_SOURCES, KEY_TASKS, KEY_VERSION, MULTI, meta_key,
+                     weight_params)
 from .guard import Output, Read, check_outputs
 from .ir import Network
 from .options import PARAMS, MergeOptions, parse_size
@@ -29,8 +31,6 @@ from .save import save_atomically, write_text_atomically
 from .spaces import unit_spaces
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
 from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
-
-META_PREFIX = "onnxzip."
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,9 @@ def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) ->
                    "output": n.output.name, **({"input_scale": scales[t]} if t in scales else {})}
                for t, n in zip(plan.tasks, nets)}
     sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
-    return {META_PREFIX + "version": __version__, META_PREFIX + "tasks": json.dumps(list(plan.tasks)),
-            META_PREFIX + "sources": json.dumps(sources), META_PREFIX + "layout": opts.layout,
-            META_PREFIX + "sharing": sharing, META_PREFIX + "plan": plan.to_json()}
+    return {meta_key(KEY_VERSION): __version__, meta_key(KEY_TASKS): json.dumps(list(plan.tasks)),
+            meta_key(KEY_SOURCES): json.dumps(sources), meta_key(KEY_LAYOUT): opts.layout,
+            meta_key(KEY_SHARING): sharing, meta_key(KEY_PLAN): plan.to_json()}
 
 
 def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOptions):
@@ -309,13 +309,8 @@ def _retrainer(nets: Sequence[Network], folders: Sequence[Path], opts: MergeOpti
     from .retrain.backend import MERGE_TORCH_HINT, require_torch
     from .retrain.schedule import LayerRetrainer
     require_torch(MERGE_TORCH_HINT)
-    meta = partial(_metadata, nets=nets, opts=replace(opts, layout="multi"))
+    meta = partial(_metadata, nets=nets, opts=replace(opts, layout=MULTI))
     return LayerRetrainer(nets, folders, opts.retrain, meta, progress)
-
-
-def weight_params(model: onnx.ModelProto) -> int:
-    """Number of layer weights and biases stored in a written model (helper constants excluded)."""
-    return int(sum(np.prod(t.dims) for t in model.graph.initializer if not t.name.startswith("const.")))
 
 
 def _eval_folders(evals: Mapping[str, str | Path] | None, tasks: Sequence[str]) -> dict[str, Path]:

@@ -17,26 +17,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .format import (CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
+                     TASK_INPUT, TASK_ONE_DIM, TASK_OUT_OF_RANGE, TASK_PROBE, TASK_REST, task_index_name)
 from .ir import CONV, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
 from .save import EXTERNAL_DATA_ABOVE
 from .spaces import INPUT, Spaces, read_width, unit_spaces
 
 MIN_OPSET = 13
-LAYOUTS = ("multi", "gated")
-TASK_INPUT = "task"
-# The gated layout's branch for a task index outside 0..N-1 (see _out_of_range): its failing
-# node, the nodes that build its impossible shape, and its constants.
-TASK_OUT_OF_RANGE = "task.out_of_range"
-TASK_AS_DIMS = "task.as_dims"
-TASK_BAD_SHAPE = "task.bad_shape"
-TASK_ONE_DIM = "const.task.one_dim"
-TASK_REST = "const.task.rest"
-TASK_PROBE = "const.task.probe"
 BATCH_DIM = "N"
-GATED_OUTPUT = "output"
-# Graph inputs and outputs of a calibration segment that carry a tensor live across its ends.
-LIVE_PREFIX = "live."
 
 
 @dataclass
@@ -212,7 +201,7 @@ def _value(values: dict[str, np.ndarray], name: str) -> np.ndarray:
 def _op_inputs(b: _Builder, op: Op) -> tuple[list[str], dict]:
     attrs = op.attr_dict()
     if op.op_type == "Clip":
-        names = [b.const(f"const.clip_{k}_{attrs[k]!r}", np.array(attrs[k], np.float32))
+        names = [b.const(f"{CONST_PREFIX}clip_{k}_{attrs[k]!r}", np.array(attrs[k], np.float32))
                  if attrs[k] is not None else "" for k in ("min", "max")]
         while names and not names[-1]:
             names.pop()
@@ -473,7 +462,7 @@ def _gated_graph(b: _Builder, g: _GsGraph, tasks: list[int], finals: dict[int, s
         return nodes + [gs.Node("Identity", f"{b.plan.tasks[tasks[0]]}.output",
                                 inputs=[g.tensor(finals[tasks[0]])], outputs=[out])]
     first = tasks[0]
-    index = g.tensors.setdefault(f"const.task_{first}", gs.Constant(f"const.task_{first}", np.array(first, np.int64)))
+    index = g.tensors.setdefault(task_index_name(first), gs.Constant(task_index_name(first), np.array(first, np.int64)))
     cond = gs.Variable(f"task.is_{b.plan.tasks[first]}", dtype=np.bool_, shape=[])
     nodes.append(gs.Node("Equal", f"task.is_{b.plan.tasks[first]}", inputs=[g.tensors[TASK_INPUT], index],
                          outputs=[cond]))
@@ -501,11 +490,11 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
     names = _finalise_names(b)
     x = _input_var(x_name, nets[0].input.shape)
     fixed = {x_name: x}
-    if layout == "gated":
+    if layout == GATED:
         fixed[TASK_INPUT] = gs.Variable(TASK_INPUT, dtype=np.int64, shape=[])
     g = _GsGraph(b, names, fixed)
     shapes = [n.output.shape for n in nets]
-    if layout == "multi":
+    if layout == MULTI:
         nodes = g.nodes(list(b.nodes.values()))
         outputs = [_output_var(g.tensor(finals[t]), plan.tasks[t], shapes[t]) for t in range(len(nets))]
         inputs = [x]

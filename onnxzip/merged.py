@@ -15,22 +15,20 @@ from typing import Mapping
 import onnx
 from onnx import numpy_helper
 
-from .api import META_PREFIX, weight_params
-from .emit import GATED_OUTPUT, LAYOUTS, TASK_INPUT, TASK_OUT_OF_RANGE
+from .format import (GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_PLAN, KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS,
+                     KEY_VERSION, LAYOUTS, META_PREFIX, MULTI, TASK_INPUT, TASK_OUT_OF_RANGE, meta_key, weight_params)
 from .errors import OnnxZipError
 from .guard import Output, check_outputs, model_reads
 from .load import load_model
 from .plan import SharingPlan
 from .save import save_atomically
 
-DEFAULT_LAYOUT = "multi"
+DEFAULT_LAYOUT = MULTI
 # Metadata keys (without META_PREFIX) every merged model has.
-REQUIRED_KEYS = ("tasks", "sources", "plan")
-# Per task in 'onnxzip.sources': each key and the type of its value.
+REQUIRED_KEYS = (KEY_TASKS, KEY_SOURCES, KEY_PLAN)
+# Per task in the sources metadata (format.KEY_SOURCES): each key and the type of its value.
 SOURCE_FIELDS: dict[str, type] = {"file": str, "sha256": str, "output": str, "params": int, "bytes": int}
 SOURCE_KINDS = {str: "a non-empty string", int: "an integer"}
-# What the gated layout's Equal nodes compare with their task constant: the checked index, or in
-# files written before the range check, the task input itself.
 EDITED = "the file was not written by this onnxzip or was edited"
 
 
@@ -61,7 +59,7 @@ class MergedInfo:
 
 
 def _tampered(path: Path, key: str, what: str) -> OnnxZipError:
-    return OnnxZipError(f"{path}: metadata '{META_PREFIX}{key}' {what}; {EDITED}")
+    return OnnxZipError(f"{path}: metadata '{meta_key(key)}' {what}; {EDITED}")
 
 
 def _why(exc: Exception) -> str:
@@ -74,11 +72,11 @@ def _why(exc: Exception) -> str:
 
 def _raw_meta(model: onnx.ModelProto, path: Path) -> dict[str, str]:
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
-    if "plan" not in meta and "tasks" not in meta:
+    if KEY_PLAN not in meta and KEY_TASKS not in meta:
         raise OnnxZipError(f"{path}: not a model written by onnxzip merge (no onnxzip metadata)")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise OnnxZipError(f"{path}: has no metadata '{META_PREFIX}{missing[0]}'; {EDITED}")
+        raise OnnxZipError(f"{path}: has no metadata '{meta_key(missing[0])}'; {EDITED}")
     return meta
 
 
@@ -96,24 +94,24 @@ def _is_int(value) -> bool:
 def _parse_tasks(value, path: Path) -> tuple[str, ...]:
     names = isinstance(value, list) and value and all(isinstance(t, str) and t and t.isprintable() for t in value)
     if not names or len(set(value)) != len(value):
-        raise _tampered(path, "tasks", "is not a list of distinct task names")
+        raise _tampered(path, KEY_TASKS, "is not a list of distinct task names")
     return tuple(value)
 
 
 def _parse_sources(value, tasks: tuple[str, ...], path: Path) -> dict:
     if not isinstance(value, dict):
-        raise _tampered(path, "sources", "is not a mapping from task to source model")
+        raise _tampered(path, KEY_SOURCES, "is not a mapping from task to source model")
     for task in tasks:
         source = value.get(task)
         if not isinstance(source, dict):
-            raise _tampered(path, "sources", f"has no entry for task '{task}'")
+            raise _tampered(path, KEY_SOURCES, f"has no entry for task '{task}'")
         for key, kind in SOURCE_FIELDS.items():
             ok = _is_int(source.get(key)) if kind is int else isinstance(source.get(key), kind)
             if not ok or (kind is str and not source[key]):
-                raise _tampered(path, "sources", f"needs '{key}' ({SOURCE_KINDS[kind]}) for task '{task}'")
+                raise _tampered(path, KEY_SOURCES, f"needs '{key}' ({SOURCE_KINDS[kind]}) for task '{task}'")
     extra = [t for t in value if t not in tasks]
     if extra:
-        raise _tampered(path, "sources", f"names task {extra[0]!r}, which '{META_PREFIX}tasks' does not")
+        raise _tampered(path, KEY_SOURCES, f"names task {extra[0]!r}, which '{meta_key(KEY_TASKS)}' does not")
     return value
 
 
@@ -124,28 +122,28 @@ def _check_layers(plan: SharingPlan, path: Path) -> None:
         shared_ok = units_ok and all(len(s) == n and all(_is_int(i) and 0 <= i < u for i, u in zip(s, lp.units))
                                      for s in lp.shared)
         if not isinstance(lp.name, str) or not shared_ok:
-            raise _tampered(path, "plan", f"has a malformed layer {k} ({lp.name!r})")
+            raise _tampered(path, KEY_PLAN, f"has a malformed layer {k} ({lp.name!r})")
 
 
 def _parse_plan(raw: Mapping[str, str], tasks: tuple[str, ...], path: Path) -> SharingPlan:
-    _json(raw, "plan", path)
+    _json(raw, KEY_PLAN, path)
     try:
-        plan = SharingPlan.from_json(raw["plan"])
+        plan = SharingPlan.from_json(raw[KEY_PLAN])
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-        raise _tampered(path, "plan", f"is not a sharing plan ({_why(exc)})") from None
+        raise _tampered(path, KEY_PLAN, f"is not a sharing plan ({_why(exc)})") from None
     if plan.tasks != tasks:
-        raise _tampered(path, "plan", f"names tasks {list(plan.tasks)}, but '{META_PREFIX}tasks' names {list(tasks)}")
+        raise _tampered(path, KEY_PLAN, f"names tasks {list(plan.tasks)}, but '{meta_key(KEY_TASKS)}' names {list(tasks)}")
     _check_layers(plan, path)
     return plan
 
 
 def _parse_meta(raw: dict[str, str], path: Path) -> MergedMeta:
-    tasks = _parse_tasks(_json(raw, "tasks", path), path)
-    layout = raw.get("layout", DEFAULT_LAYOUT)
+    tasks = _parse_tasks(_json(raw, KEY_TASKS, path), path)
+    layout = raw.get(KEY_LAYOUT, DEFAULT_LAYOUT)
     if layout not in LAYOUTS:
-        raise _tampered(path, "layout", f"is {layout!r}, not one of {', '.join(LAYOUTS)}")
-    sources = _parse_sources(_json(raw, "sources", path), tasks, path)
-    return MergedMeta(tasks, layout, raw.get("version", "?"), sources, _parse_plan(raw, tasks, path), raw)
+        raise _tampered(path, KEY_LAYOUT, f"is {layout!r}, not one of {', '.join(LAYOUTS)}")
+    sources = _parse_sources(_json(raw, KEY_SOURCES, path), tasks, path)
+    return MergedMeta(tasks, layout, raw.get(KEY_VERSION, "?"), sources, _parse_plan(raw, tasks, path), raw)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -176,15 +174,15 @@ def _selectors(graph: onnx.GraphProto, path: Path) -> dict[str, int]:
 def _check_gated(model: onnx.ModelProto, meta: MergedMeta, path: Path) -> None:
     graph = model.graph
     if TASK_INPUT not in {i.name for i in graph.input}:
-        raise _tampered(path, "layout", f"is 'gated', but the graph has no '{TASK_INPUT}' input")
+        raise _tampered(path, KEY_LAYOUT, f"is 'gated', but the graph has no '{TASK_INPUT}' input")
     if [o.name for o in graph.output] != [GATED_OUTPUT]:
-        raise _tampered(path, "layout", f"is 'gated', but the graph's outputs are not just '{GATED_OUTPUT}'")
+        raise _tampered(path, KEY_LAYOUT, f"is 'gated', but the graph's outputs are not just '{GATED_OUTPUT}'")
     tested = sorted(_selectors(graph, path).values())
     # every task is tested and past the last an index outside 0..N-1 fails; files of onnxzip 0.1.0
     # have no such branch and test all tasks but the last
     guarded = any(n.name == TASK_OUT_OF_RANGE for n in _all_nodes(graph))
     if tested != list(range(len(meta.tasks) if guarded else len(meta.tasks) - 1)):
-        raise _tampered(path, "tasks", f"names {len(meta.tasks)} tasks, but the graph tests the task index "
+        raise _tampered(path, KEY_TASKS, f"names {len(meta.tasks)} tasks, but the graph tests the task index "
                                        f"against {', '.join(map(str, tested)) or 'nothing'}")
 
 
@@ -193,13 +191,13 @@ def _check_graph(model: onnx.ModelProto, meta: MergedMeta, path: Path) -> None:
     data = [i.name for i in model.graph.input if i.name != TASK_INPUT]
     if len(data) != 1:
         raise OnnxZipError(f"{path}: the graph has {len(data)} data inputs, not one; {EDITED}")
-    if meta.layout == "gated":
+    if meta.layout == GATED:
         _check_gated(model, meta, path)
         return
     outputs = {o.name for o in model.graph.output}
     missing = [t for t in meta.tasks if t not in outputs]
     if missing:
-        raise _tampered(path, "tasks", f"names task '{missing[0]}', but the graph has no output of that name")
+        raise _tampered(path, KEY_TASKS, f"names task '{missing[0]}', but the graph has no output of that name")
 
 
 def read_meta(model: onnx.ModelProto, path: str | Path) -> MergedMeta:
@@ -257,7 +255,7 @@ def _rename_output(part: onnx.ModelProto, result: str, name: str, path: Path, ta
     taken = {i.name for i in graph.input} | {i.name for i in graph.initializer} | \
         {o for n in graph.node for o in n.output if o != result}
     if name != result and name in taken:
-        raise _tampered(path, "sources", f"gives task '{task}' the output name {name!r}, which the graph uses "
+        raise _tampered(path, KEY_SOURCES, f"gives task '{task}' the output name {name!r}, which the graph uses "
                                          "for another tensor")
     for node in graph.node:
         node.output[:] = [name if o == result else o for o in node.output]
@@ -270,7 +268,7 @@ def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str) 
         raise OnnxZipError(f"{path}: has no task '{task}'; its tasks are {', '.join(meta.tasks)}")
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    gated = meta.layout == "gated"
+    gated = meta.layout == GATED
     result = _inline_gated(work, meta.tasks.index(task), path) if gated else task
     x = [i.name for i in work.graph.input if i.name != TASK_INPUT][0]
     part = onnx.utils.Extractor(work).extract_model([x], [result])
@@ -281,8 +279,8 @@ def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str) 
     del part.opset_import[:]
     part.opset_import.extend(model.opset_import)
     part.producer_name = "onnxzip"
-    for key, value in (("task", task), ("split_from", path.name), ("version", meta.raw.get("version", ""))):
-        part.metadata_props.add(key=META_PREFIX + key, value=value)
+    for key, value in ((KEY_TASK, task), (KEY_SPLIT_FROM, path.name), (KEY_VERSION, meta.raw.get(KEY_VERSION, ""))):
+        part.metadata_props.add(key=meta_key(key), value=value)
     onnx.checker.check_model(part, full_check=True)
     return part
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from .calib import ImageOptions
 from .cost import COSTS
-from .emit import LAYOUTS
 from .errors import OnnxZipError
+from .format import LAYOUTS, MULTI
 from .match import SOLVERS
 from .runtime import DEVICES
 
@@ -59,7 +59,7 @@ class MergeOptions:
     correct: bool = True
     damping: float = DEFAULT_DAMPING
     correct_damping: float = DEFAULT_CORRECT_DAMPING
-    layout: str = "multi"
+    layout: str = MULTI
     tasks: tuple[str, ...] = ()
     calib_samples: int | None = None
     max_patches: int | None = None

@@ -9,7 +9,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .emit import TASK_INPUT, task_model
+from .emit import task_model
+from .format import GATED, TASK_INPUT
 from .errors import OnnxZipError
 from .ir import Network
 from .load import runtime_source
@@ -44,7 +45,7 @@ class MergedRunner:
         self.tasks, self.layout = list(tasks), layout
 
     def __call__(self, t: int, x: np.ndarray) -> np.ndarray:
-        if self.layout == "gated":
+        if self.layout == GATED:
             return self.sess.run(None, {self.input: x, TASK_INPUT: np.array(t, np.int64)})[0]
         return self.sess.run([self.tasks[t]], {self.input: x})[0]
 

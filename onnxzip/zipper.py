@@ -23,8 +23,9 @@ from .align import input_reps
 from .correct import refit_update, relative_error, with_bias_column
 from .correlate import correlation_costs
 from .cost import PairMetric, matched_costs, pair_costs
-from .emit import LIVE_PREFIX, task_model
+from .emit import task_model
 from .errors import OnnxZipError
+from .format import LIVE_PREFIX
 from .hessian import MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
 from .match import match, random_pairs

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..api import _eval_folders, _per_task, weight_params
-from ..emit import TASK_INPUT
+from ..api import _eval_folders, _per_task
+from ..format import KEY_LAYOUT, KEY_SOURCES, KEY_TASKS, MULTI, TASK_INPUT, weight_params
 from ..errors import OnnxZipError
 from ..guard import Output, Read, check_outputs, model_reads
 from ..ir import TensorSpec
@@ -211,10 +211,10 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
     merged_path, output = Path(merged_path), Path(output)
     check_outputs([Output(output, "-o")], model_reads(merged_path, "the merged model"))
     model, meta = load_merged(merged_path)
-    tasks = tuple(json.loads(meta["tasks"]))
+    tasks = tuple(json.loads(meta[KEY_TASKS]))
     folders = _per_task(data, tasks, "--data")
     eval_dirs = _eval_folders(evals, tasks)
-    scaled = [t for t, src in json.loads(meta.get("sources", "{}")).items() if "input_scale" in src]
+    scaled = [t for t, src in json.loads(meta.get(KEY_SOURCES, "{}")).items() if "input_scale" in src]
     if scaled:
         raise OnnxZipError(f"{merged_path}: task(s) {', '.join(scaled)} were merged with --input-scale; their "
                            "original models expect scaled inputs, so they cannot be distilled from yet")
@@ -248,7 +248,7 @@ def _run(merged_path: Path, model: onnx.ModelProto, meta: dict[str, str], output
     from .graph import build_module
     from .train import train
     from .writeback import write_back
-    tasks, layout = tuple(json.loads(meta["tasks"])), meta.get("layout", "multi")
+    tasks, layout = tuple(json.loads(meta[KEY_TASKS])), meta.get(KEY_LAYOUT, MULTI)
     spec = _input_spec(model)
     module = build_module(model, meta, merged_path)
     datasets = load_tasks(tasks, folders, eval_dirs, spec, opts)

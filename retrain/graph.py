@@ -25,6 +25,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import OnnxZipError
+from ..format import KEY_TASKS
 from ..ir import is_sparse
 from ..merged import task_part
 
@@ -304,7 +305,7 @@ class MergedModule(nn.Module):
 def build_module(model: onnx.ModelProto, meta: Mapping[str, str], path: str | Path) -> MergedModule:
     """The torch module of a loaded merged model (see load_merged), one program per task."""
     path = Path(path)
-    tasks = json.loads(meta["tasks"])
+    tasks = json.loads(meta[KEY_TASKS])
     programs = {t: _program(path, t, task_part(model, dict(meta), path, t).graph) for t in tasks}
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     floats = {n for n, v in values.items() if v.dtype == np.float32}

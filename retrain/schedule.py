@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..emit import merged_model, tied_from_weights
+from ..format import MULTI
 from ..ir import Network
 from ..plan import SharingPlan
 from ..scratch import scratch_dir
@@ -26,7 +27,7 @@ from .api import retrain
 from .options import RetrainOptions
 from .progress import StepFn
 
-PARTIAL_LAYOUT = "multi"
+PARTIAL_LAYOUT = MULTI
 
 
 @dataclass(frozen=True)

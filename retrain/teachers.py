@@ -10,6 +10,7 @@ import numpy as np
 
 from ..canonical import import_network
 from ..errors import OnnxZipError
+from ..format import KEY_SOURCES
 from ..ir import Op, TensorSpec
 from ..load import file_sha256
 from ..verify import original_runner
@@ -17,7 +18,7 @@ from ..verify import original_runner
 
 def _recorded(merged: Path, meta: Mapping[str, str], task: str) -> Path:
     """Task ``task``'s source model as recorded in the merge (same SHA-256), beside the merged model or at its path."""
-    source = json.loads(meta.get("sources", "{}")).get(task)
+    source = json.loads(meta.get(KEY_SOURCES, "{}")).get(task)
     hint = f"pass --teacher {task}=MODEL.onnx"
     if not source:
         raise OnnxZipError(f"{merged}: records no source model for task '{task}'; {hint}")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..api import META_PREFIX
+from ..format import KEY_RETRAIN, meta_key
 from ..errors import OnnxZipError
 from ..save import save_atomically
 from ..verify import MergedRunner
@@ -23,7 +23,7 @@ from ..verify import MergedRunner
 # |ort - torch| <= WRITEBACK_ATOL + WRITEBACK_RTOL * max|torch| per task.
 WRITEBACK_RTOL = 1e-4
 WRITEBACK_ATOL = 1e-5
-RETRAIN_KEY = META_PREFIX + "retrain"
+RETRAIN_KEY = meta_key(KEY_RETRAIN)
 
 
 def with_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -46,7 +46,7 @@ def with_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onn
 
 
 def add_record(model: onnx.ModelProto, record: dict) -> None:
-    """Append ``record`` to the model's list of retraining runs (metadata 'onnxzip.retrain'), in place."""
+    """Append ``record`` to the model's list of retraining runs (metadata format.KEY_RETRAIN), in place."""
     entry = next((p for p in model.metadata_props if p.key == RETRAIN_KEY), None)
     if entry is None:
         entry = model.metadata_props.add(key=RETRAIN_KEY, value="[]")

@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 
 import builders as B
-from onnxzip.api import merge, weight_params
+from onnxzip.api import merge
+from onnxzip.format import weight_params
 from onnxzip.canonical import import_network
 from onnxzip.cost import COSTS
 from onnxzip.emit import merged_model, task_model, tied_from_weights

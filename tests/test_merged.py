@@ -16,7 +16,7 @@ import pytest
 import builders as B
 import hostile as H
 from onnxzip.api import merge
-from onnxzip.emit import TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_OUT_OF_RANGE
+from onnxzip.format import TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_OUT_OF_RANGE
 from onnxzip.errors import OnnxZipError
 from onnxzip.merged import load_merged, split, task_part
 from onnxzip.options import MergeOptions

@@ -9,7 +9,8 @@ import builders as B
 from onnxzip import zipper as Z
 from onnxzip.api import merge
 from onnxzip.canonical import import_network
-from onnxzip.emit import LIVE_PREFIX, task_model
+from onnxzip.emit import task_model
+from onnxzip.format import LIVE_PREFIX
 from onnxzip.errors import OnnxZipError
 from onnxzip.merged import inspect, split
 from onnxzip.options import MergeOptions

@@ -11,7 +11,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 import builders as B
-from onnxzip.api import merge, weight_params
+from onnxzip.api import merge
+from onnxzip.format import weight_params
 from onnxzip.errors import OnnxZipError
 from onnxzip.merged import load_merged, task_part
 from onnxzip.options import MergeOptions
