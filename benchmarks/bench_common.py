@@ -33,6 +33,8 @@ from onnxzip.runtime import cuda_usable  # noqa: E402
 # Calibration images per task, drawn (seeded) from the task's training split.
 DEFAULT_CALIB = 2000
 CALIB_SEED = 0
+# The arrays of a test_folder part: refdata.write_npz_folder's default input name, and the labels.
+TEST_INPUT, TEST_LABELS = "input", "labels"
 # Short labels of the pair-choice methods (MergeOptions.cost) for tables and plots.
 METHODS = {"hessian": "MTZ Hessian", "l2": "weight distance (Git Re-Basin style)",
            "correlation": "activation correlation (ZipIt style)", "random": "random (paper)"}
@@ -107,6 +109,12 @@ def test_folder(dataset: str) -> Path:
         x, y = refdata.load_idx(dataset, "test")
         refdata.write_npz_folder(folder, x, labels=y)
     return folder
+
+
+def load_test(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and labels of a folder of .npz parts as test_folder writes them."""
+    parts = [np.load(f) for f in sorted(folder.glob("*.npz"))]
+    return np.concatenate([p[TEST_INPUT] for p in parts]), np.concatenate([p[TEST_LABELS] for p in parts])
 
 
 def run_merge(models: Sequence[Path], calib: Path | Mapping[str, Path], evals: Mapping[str, Path],

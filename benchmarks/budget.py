@@ -84,7 +84,7 @@ def calibration(measure: str, n: int) -> dict[str, Path]:
 def test_halves(dataset: str) -> tuple[Path, tuple[np.ndarray, np.ndarray]]:
     """The data set's test images split in two by a seeded permutation: a labelled folder of the first
     half (the search measures on it) and the other half's (inputs, labels) for the test errors."""
-    x, y = ct._load_test(bc.test_folder(dataset))
+    x, y = bc.load_test(bc.test_folder(dataset))
     order = np.random.default_rng(TEST_HALF_SEED).permutation(len(x))
     first, second = np.sort(order[:len(x) // 2]), np.sort(order[len(x) // 2:])
     folder = bc.CACHE / f"{dataset}-test-half-{TEST_HALF_SEED}"

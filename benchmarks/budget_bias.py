@@ -51,9 +51,9 @@ def _other_training_images(dataset: str) -> tuple[np.ndarray, np.ndarray]:
 def _sets(dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The three measuring sets of one task: held-out calibration tail, other training images, test."""
     folder = bc.train_folder(dataset, CALIB)
-    xc, yc = ct._load_test(folder)
+    xc, yc = bc.load_test(folder)
     return {"heldout": (xc[SPLIT.calibrate:], yc[SPLIT.calibrate:]), "train": _other_training_images(dataset),
-            "test": ct._load_test(bc.test_folder(dataset))}
+            "test": bc.load_test(bc.test_folder(dataset))}
 
 
 def run(arch: str, shares: list[float]) -> list[dict]:

@@ -73,7 +73,6 @@ DEFAULT_BATCH_SIZE = 256
 VERIFY_SAMPLES = 128
 # Gated: an ``If`` runs only the selected task's branch, so evaluating one task costs one model pass.
 LAYOUT = "gated"
-TEST_INPUT = "input"
 TAPER_TEXT = "hidden layer k of L shares F^((k+1)/L), so the last hidden layer shares F and earlier ones more."
 SWEEP_FULL = "Every share of the grid was merged."
 SWEEP_STOP = ("Each method sweeps the grid upward and stops at its first failing share (blank cells: not "
@@ -145,7 +144,7 @@ class TestSets:
 
     def __init__(self, batch_size: int, data: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         """``data``: per task (inputs, labels) to measure on instead of the test images."""
-        self.data = data if data is not None else {t: _load_test(bc.test_folder(DATASETS[t])) for t in TASKS}
+        self.data = data if data is not None else {t: bc.load_test(bc.test_folder(DATASETS[t])) for t in TASKS}
         self.batch_size, self.providers = batch_size, resolve_device("auto")[0]
         self._originals: dict[str, dict[str, float]] = {}
 
@@ -170,12 +169,6 @@ class TestSets:
                 errs[t] = self._error(lambda x, sess=sess, name=name: sess.run(None, {name: x})[0], t)
             self._originals[arch] = errs
         return self._originals[arch]
-
-
-def _load_test(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and labels of a folder of .npz parts as written by bench_common.test_folder."""
-    parts = [np.load(f) for f in sorted(folder.glob("*.npz"))]
-    return np.concatenate([p[TEST_INPUT] for p in parts]), np.concatenate([p["labels"] for p in parts])
 
 
 @dataclass(frozen=True)

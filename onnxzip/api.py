@@ -29,6 +29,7 @@ from .plan import LayerPlan, SharingPlan
 from .runtime import resolve_device
 from .save import save_atomically, write_text_atomically
 from .spaces import unit_spaces
+from .tasks import check_known, per_task, some_tasks, task_names
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
 from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
 
@@ -69,35 +70,6 @@ class MergeResult:
         out = asdict(self)
         out["plan"] = json.loads(self.plan.to_json())
         return out
-
-
-def task_names(paths: Sequence[Path], given: Sequence[str]) -> tuple[str, ...]:
-    """Task names: as given, else the files' stems made identifier-safe and unique."""
-    if given:
-        if len(given) != len(paths) or len(set(given)) != len(given):
-            raise OnnxZipError(f"--tasks needs {len(paths)} distinct names, got {', '.join(given)}")
-        names = list(given)
-    else:
-        names = [re.sub(r"\W", "_", p.stem) or "task" for p in paths]
-        if len(set(names)) != len(names):
-            names = [f"{n}_{i}" for i, n in enumerate(names)]
-    for n in names:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n):
-            raise OnnxZipError(f"task name '{n}' must be a letter or '_' followed by letters, digits or '_'")
-    return tuple(names)
-
-
-def _per_task(value, tasks: Sequence[str], what: str) -> list[Path]:
-    """One folder per task from a single folder or a {task: folder} mapping."""
-    if not isinstance(value, Mapping):
-        return [Path(value)] * len(tasks)
-    unknown = set(value) - set(tasks)
-    if unknown:
-        raise OnnxZipError(f"{what} names unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(tasks)}")
-    missing = [t for t in tasks if t not in value]
-    if missing:
-        raise OnnxZipError(f"{what} gives no folder for task(s) {', '.join(missing)}")
-    return [Path(value[t]) for t in tasks]
 
 
 def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
@@ -150,10 +122,10 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     outputs = [Output(output, "-o")] + ([Output(Path(report), "--report", model=False)] if report else [])
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
-    folders = _per_task(calib, tasks, "--calib")
-    data = {"--calib": folders, "--eval": list(_eval_folders(evals, tasks).values()),
-            "--retrain-data": [] if retrain_data is None else _per_task(retrain_data, tasks, "--retrain-data"),
-            "--budget-data": [] if budget_data is None else _per_task(budget_data, tasks, "--budget-data")}
+    folders = per_task(calib, tasks, "--calib")
+    data = {"--calib": folders, "--eval": list(some_tasks(evals, tasks, "--eval").values()),
+            "--retrain-data": [] if retrain_data is None else per_task(retrain_data, tasks, "--retrain-data"),
+            "--budget-data": [] if budget_data is None else per_task(budget_data, tasks, "--budget-data")}
     check_outputs(outputs, _reads(paths, [], data))
     _check_same_calibration(opts, tasks, folders)
     if opts.retrain is None and retrain_data is not None:
@@ -173,17 +145,17 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         _check_cost_supported(opts, nets[0])
         _check_classifiers(opts, nets, evals)
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input, classes=nets[tasks.index(t)].classes)
-                    for t, d in _eval_folders(evals, tasks).items()}
+                    for t, d in some_tasks(evals, tasks, "--eval").items()}
         streams, counts = _streams(folders, nets, opts)
     providers, device = resolve_device(opts.device)
     search_report = None
     if opts.budget is not None or opts.target_size is not None:
         tick = progress("search shares", 1)
         with timer("search"):
-            measure = None if budget_data is None else _per_task(budget_data, tasks, "--budget-data")
+            measure = None if budget_data is None else per_task(budget_data, tasks, "--budget-data")
             opts, streams, counts, search_report = _search_shares(nets, folders, opts, providers, measure)
         tick()
-    hook = _retrainer(nets, folders if retrain_data is None else _per_task(retrain_data, tasks, "--retrain-data"),
+    hook = _retrainer(nets, folders if retrain_data is None else per_task(retrain_data, tasks, "--retrain-data"),
                       opts, progress)
     plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook)
     tick = progress("emit", 1)
@@ -313,22 +285,11 @@ def _retrainer(nets: Sequence[Network], folders: Sequence[Path], opts: MergeOpti
     return LayerRetrainer(nets, folders, opts.retrain, meta, progress)
 
 
-def _eval_folders(evals: Mapping[str, str | Path] | None, tasks: Sequence[str]) -> dict[str, Path]:
-    """Labelled folders for some or all tasks."""
-    if not evals:
-        return {}
-    unknown = set(evals) - set(tasks)
-    if unknown:
-        raise OnnxZipError(f"--eval names unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(tasks)}")
-    return {t: Path(p) for t, p in evals.items()}
-
-
 def _rescale(nets: list[Network], opts: MergeOptions) -> list[Network]:
     """Each --input-scale task's network on raw inputs (its scaling folded into its first layer)."""
     scales = {}
+    check_known("--input-scale", [t for t, _, _ in opts.input_scale], opts.tasks)
     for task, scale, offset in opts.input_scale:
-        if task not in opts.tasks:
-            raise OnnxZipError(f"--input-scale names unknown task '{task}'; tasks are {', '.join(opts.tasks)}")
         scales[task] = (scale, offset)
     if scales and opts.retrain is not None:
         raise OnnxZipError("--retrain-iters distils from the original files, which expect the scaled inputs; "

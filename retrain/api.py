@@ -18,13 +18,13 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..api import _eval_folders, _per_task
 from ..format import KEY_LAYOUT, KEY_SOURCES, KEY_TASKS, MULTI, TASK_INPUT, weight_params
 from ..errors import OnnxZipError
 from ..guard import Output, Read, check_outputs, model_reads
 from ..ir import TensorSpec
 from ..merged import load_merged
 from ..runtime import resolve_device
+from ..tasks import check_known, per_task, some_tasks
 from .backend import require_torch, torch_device, torch_threads
 from .data import TaskData, load_tasks
 from .options import DISTILL, LABELS, MIX, RetrainOptions
@@ -212,17 +212,14 @@ def retrain(merged_path: str | Path, data: str | Path | Mapping[str, str | Path]
     check_outputs([Output(output, "-o")], model_reads(merged_path, "the merged model"))
     model, meta = load_merged(merged_path)
     tasks = tuple(json.loads(meta[KEY_TASKS]))
-    folders = _per_task(data, tasks, "--data")
-    eval_dirs = _eval_folders(evals, tasks)
+    folders = per_task(data, tasks, "--data")
+    eval_dirs = some_tasks(evals, tasks, "--eval")
     scaled = [t for t, src in json.loads(meta.get(KEY_SOURCES, "{}")).items() if "input_scale" in src]
     if scaled:
         raise OnnxZipError(f"{merged_path}: task(s) {', '.join(scaled)} were merged with --input-scale; their "
                            "original models expect scaled inputs, so they cannot be distilled from yet")
     for flag, entries in (("--task-loss", options.task_loss), ("--task-weight", options.task_weight)):
-        unknown = [t for t, _ in entries if t not in tasks]
-        if unknown:
-            raise OnnxZipError(f"{flag} names task(s) {', '.join(unknown)}, but {merged_path} has tasks "
-                               f"{', '.join(tasks)}")
+        check_known(flag, [t for t, _ in entries], tasks, merged_path)
     teacher_paths = resolve_teachers(merged_path, meta, tasks, teachers)
     reads = model_reads(merged_path, "the merged model") + [Read(f, "--data data") for f in folders]
     reads += [r for t, p in teacher_paths.items() for r in model_reads(p, f"the teacher of task '{t}'")]

@@ -12,6 +12,7 @@ from ..canonical import import_network
 from ..errors import OnnxZipError
 from ..format import KEY_SOURCES
 from ..ir import Op, TensorSpec
+from ..tasks import check_known
 from ..load import file_sha256
 from ..verify import original_runner
 
@@ -36,9 +37,7 @@ def resolve_teachers(merged: Path, meta: Mapping[str, str], tasks: tuple[str, ..
                      given: Mapping[str, str | Path] | None) -> dict[str, Path]:
     """A teacher model file per task: ``given`` where it names the task, else the recorded source."""
     given = dict(given or {})
-    unknown = sorted(set(given) - set(tasks))
-    if unknown:
-        raise OnnxZipError(f"--teacher names unknown task(s) {', '.join(unknown)}; tasks are {', '.join(tasks)}")
+    check_known("--teacher", given, tasks)
     return {t: Path(given[t]) if t in given else _recorded(merged, meta, t) for t in tasks}
 
 

@@ -327,8 +327,8 @@ def test_cli_user_error_is_one_line(tmp_path):
     ("overwrite", "would overwrite the merged model"),
     ("mix without labels", "--loss mix needs labels"),
     ("per-task labels without labels", "--task-loss b=labels needs labels"),
-    ("unknown task-loss task", "--task-loss names task(s) c, but"),
-    ("unknown task-weight task", "--task-weight names task(s) c, but"),
+    ("unknown task-loss task", "--task-loss names unknown task(s) c; "),
+    ("unknown task-weight task", "--task-weight names unknown task(s) c; "),
 ])
 def test_user_errors_name_the_option(tmp_path, case, needle):
     merged, data, _ = _pair(tmp_path, "mlp", "multi", share=0.5)
