@@ -40,7 +40,7 @@ from .errors import OnnxZipError
 from .ir import Network
 from .spaces import INPUT, unit_spaces
 from .options import MergeOptions
-from .runtime import session
+from .runtime import batched, session
 from .verify import original_runner
 from .zipper import zip_networks
 
@@ -169,11 +169,14 @@ def _probe(p: _Problem, counts: tuple[int, ...]) -> Probe:
     return probe
 
 
+def _classes(y: np.ndarray) -> np.ndarray:
+    return y.argmax(1)
+
+
 def _top1(model: onnx.ModelProto, x: np.ndarray, batch_size: int, providers: list[str]) -> np.ndarray:
     sess = session(model, providers)
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[s:s + batch_size]})[0].argmax(1)
-                           for s in range(0, len(x), batch_size)])
+    return batched(lambda xb: sess.run(None, {name: xb})[0], x, batch_size, _classes)
 
 
 def _level_counts(levels: Sequence[int], caps: Sequence[int]) -> tuple[int, ...]:
@@ -297,7 +300,7 @@ def _heldout(folder, net: Network, split: Split, opts: MergeOptions, providers: 
     total = skip + split.heldout
     x = np.concatenate(list(iter_batches(source, net.input, opts.batch_size, total, opts.image)))[skip:]
     run = original_runner(net, providers)
-    original = np.concatenate([run(x[s:s + opts.batch_size]).argmax(1) for s in range(0, len(x), opts.batch_size)])
+    original = batched(run, x, opts.batch_size, _classes)
     if has_labels(source):
         labels = load_labeled(source, net.input, total, classes=net.classes)[1][skip:]
         return x, labels, float(np.mean(original == labels))

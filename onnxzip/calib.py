@@ -31,7 +31,7 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
-from .errors import OnnxZipError
+from .errors import OnnxZipError, first_line
 from .ir import TensorSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -280,10 +280,10 @@ def _error(message: str) -> OnnxZipError:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    if text:
-        return _clip(text[0])
-    return "the data ends early" if isinstance(exc, EOFError) else exc.__class__.__name__
+    """errors.first_line, clipped; an EOFError without text says what it means."""
+    if not str(exc).strip() and isinstance(exc, EOFError):
+        return "the data ends early"
+    return _clip(first_line(exc))
 
 
 def _cannot_read(path: Path, exc: BaseException) -> OnnxZipError:

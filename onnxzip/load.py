@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import OnnxZipError
+from .errors import OnnxZipError, first_line
 from .runtime import CPU, ORT_LOG_FATAL_ONLY
 
 # Above this many bytes (model file plus external data) a model is checked and shape-inferred from
@@ -69,11 +69,6 @@ class Loaded:
     data_files: tuple[str, ...]  # the external-data files read (absolute paths), sorted
     large: bool  # above IN_MEMORY_LIMIT_BYTES: checked and inferred via the path
     changed: bool  # import changed what ORT would see in the file (external data, names, sparse)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
 
 
 def file_sha256(path: Path) -> str:
@@ -141,9 +136,9 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except OSError as exc:
-        raise OnnxZipError(f"{path}: cannot read ({exc.strerror or _first_line(exc)})") from None
+        raise OnnxZipError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
     except Exception as exc:  # protobuf raises several types for corrupt bytes
-        raise OnnxZipError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise OnnxZipError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise OnnxZipError(f"{path}: not a readable ONNX model (it has no graph)")
     return model
@@ -314,7 +309,7 @@ def _external_file(location: str, where: str, path: Path) -> Path:
         target = (base / location).resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
         raise OnnxZipError(f"{path}: {where}: external data '{location}' cannot be resolved "
-                           f"({_first_line(exc)})") from None
+                           f"({first_line(exc)})") from None
     if Path(location).is_absolute() or not target.is_relative_to(base):
         raise OnnxZipError(f"{path}: {where} points to external data '{location}', outside the model's folder; "
                            "refusing to read it")
@@ -388,7 +383,7 @@ def _read_external(refs: list[_External], path: Path) -> None:
                 data = fh.read(ref.length)
         except OSError as exc:
             raise OnnxZipError(f"{path}: {ref.where}: cannot read external data '{ref.file.name}' "
-                               f"({exc.strerror or _first_line(exc)})") from None
+                               f"({exc.strerror or first_line(exc)})") from None
         if len(data) != ref.length:
             raise OnnxZipError(f"{path}: {ref.where}: external data '{ref.file.name}' ended early")
         ref.tensor.raw_data = data
@@ -403,7 +398,7 @@ def _check_in_memory(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         onnx.checker.check_model(model)
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise OnnxZipError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+        raise OnnxZipError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
 
 
 def _check_from_path(path: Path) -> onnx.ModelProto:
@@ -414,7 +409,7 @@ def _check_from_path(path: Path) -> onnx.ModelProto:
             onnx.checker.check_model(str(path))
             onnx.shape_inference.infer_shapes_path(str(path), inferred, strict_mode=True, data_prop=True)
         except Exception as exc:
-            raise OnnxZipError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+            raise OnnxZipError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
         return onnx.load(inferred, load_external_data=False)
 
 
@@ -478,8 +473,8 @@ def _runtime_input(loaded: Loaded, path: Path) -> str | bytes:
 
 def _ort_reason(exc: BaseException) -> str:
     """ONNX Runtime's first line of error text without its error-code prefix and C++ source location."""
-    line = ORT_PREFIX.sub("", _first_line(exc)).strip()
-    return ORT_SOURCE_LOCATION.sub("", line).strip() or _first_line(exc)
+    line = ORT_PREFIX.sub("", first_line(exc)).strip()
+    return ORT_SOURCE_LOCATION.sub("", line).strip() or first_line(exc)
 
 
 def _check_runtime(source: str | bytes, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -58,6 +59,17 @@ def resolve_device(device: str) -> tuple[list[str], str]:
     if device == "cuda":
         return [CPU], "CUDA was asked for but no usable CUDA device was found; running on the CPU"
     return [CPU], "running on the CPU (ONNX Runtime CPU provider)"
+
+
+def batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int,
+            per_batch: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """``run`` on every sample of ``x``, batch by batch, the outputs concatenated; ``per_batch``
+    (e.g. an argmax) reduces each batch's output first, so that only the reduced outputs are kept."""
+    parts = []
+    for s in range(0, len(x), batch_size):
+        y = run(np.ascontiguousarray(x[s:s + batch_size]))
+        parts.append(y if per_batch is None else per_batch(y))
+    return np.concatenate(parts)
 
 
 def session(model: onnx.ModelProto | bytes | str, providers: list[str]) -> ort.InferenceSession:

@@ -16,7 +16,8 @@ from .ir import Network
 from .load import runtime_source
 from .runtime import session
 
-# Emitted vs tied outputs may differ by float reassociation only (sums of per-block products).
+# A written model and what it must reproduce (its tied model, the retrained torch module) may
+# differ by float reassociation only (sums of per-block products): |y - ref| <= ATOL + RTOL * max|ref|.
 VERIFY_RTOL = 1e-4
 VERIFY_ATOL = 1e-5
 # Floor of the original outputs' energy in the relative output error (an all-zero output).
@@ -74,6 +75,14 @@ def _take(batches: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:
         yield x
 
 
+def output_gap(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, bool]:
+    """Largest |y - ref|, what float reassociation allows (VERIFY_ATOL + VERIFY_RTOL * max|ref|), and
+    whether y is finite and within it."""
+    bound = VERIFY_ATOL + VERIFY_RTOL * float(np.abs(ref).max())
+    diff = float(np.abs(y - ref).max())
+    return diff, bound, bool(np.isfinite(y).all()) and diff <= bound
+
+
 def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
                batches: Iterator[np.ndarray], limit: int, providers: list[str]) -> TaskCheck:
     """Compare task t of the merged model with its tied and original models on calibration batches."""
@@ -82,9 +91,8 @@ def check_task(merged: MergedRunner, t: int, tied: Network, original: Network,
     worst, agree, n, err2, ref2 = 0.0, 0, 0, 0.0, 0.0
     for x in _take(batches, limit):
         y, y_tied, y_orig = merged(t, x), run_tied(x), run_orig(x)
-        bound = VERIFY_ATOL + VERIFY_RTOL * float(np.abs(y_tied).max())
-        diff = float(np.abs(y - y_tied).max())
-        if not np.isfinite(y).all() or diff > bound:
+        diff, bound, ok = output_gap(y, y_tied)
+        if not ok:
             raise OnnxZipError(f"task '{merged.tasks[t]}': the written model differs from its tied model by "
                                f"{diff:.3g} (allowed {bound:.3g}); the merge was not written")
         worst = max(worst, diff)

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from ..canonical import HEAD_OPS
 from ..errors import OnnxZipError
 from ..format import KEY_TASKS
 from ..ir import is_sparse
 from ..merged import task_part
 
-HEAD_OPS = ("Softmax", "LogSoftmax")
 PASS_THROUGH_OPS = ("Identity", "Dropout")
 # Input positions whose float initializers are weights (parameters), per op.
 WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "Add": (0, 1)}

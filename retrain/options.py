@@ -8,6 +8,7 @@ from numbers import Integral, Real
 
 from ..calib import ImageOptions
 from ..errors import OnnxZipError
+from ..options import DEFAULT_BATCH_SIZE
 from ..runtime import DEVICES
 
 # Per task: cross-entropy on the data's labels, distillation to the original model's outputs, or
@@ -21,7 +22,6 @@ LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_ITERS = 300
 # Light retraining: small steps from a good starting point (Adam's usual fine-tuning rate).
 DEFAULT_LR = 1e-4
-DEFAULT_BATCH_SIZE = 64
 # Softmax temperature of the distillation loss (Hinton et al.); 1 matches the teachers' own outputs.
 DEFAULT_TEMPERATURE = 1.0
 # Weight of the cross-entropy term in --loss mix (the distillation term gets 1 - mix).

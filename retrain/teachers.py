@@ -14,6 +14,7 @@ from ..format import KEY_SOURCES
 from ..ir import Op, TensorSpec
 from ..tasks import check_known
 from ..load import file_sha256
+from ..runtime import batched
 from ..verify import original_runner
 
 
@@ -63,4 +64,4 @@ def teacher_runner(path: Path, merged_input: TensorSpec,
 
 def outputs(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int) -> np.ndarray:
     """A model's outputs on every sample of ``x``, batch by batch."""
-    return np.concatenate([run(np.ascontiguousarray(x[s:s + batch_size])) for s in range(0, len(x), batch_size)])
+    return batched(run, x, batch_size)
