@@ -1,0 +1,47 @@
+"""Pair costs and merged weights (onnxzip.cost): the N-task closed form that folding tasks in one at
+a time (zipper._fold) relies on."""
+
+import numpy as np
+import pytest
+
+from onnxzip.cost import PairMetric, matched_costs, pair_costs
+
+# float64 throughout: the identities hold to rounding of well-conditioned solves.
+RTOL = 1e-9
+
+
+def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    X = rng.standard_normal((4 * d, d))
+    return X.T @ X / (4 * d) + 0.1 * np.eye(d)
+
+
+@pytest.mark.parametrize("n_tasks", [2, 3, 5])
+def test_folding_tasks_in_gives_the_n_task_closed_form_and_its_cost(n_tasks):
+    """w = (sum H_t)^-1 sum H_t w_t, and the step costs add up to 1/2 sum_t (w - w_t)^T H_t (w - w_t)."""
+    rng = np.random.default_rng(n_tasks)
+    d, units = 7, 4
+    H = [_spd(rng, d) for _ in range(n_tasks)]
+    W = [rng.standard_normal((d, units)) for _ in range(n_tasks)]
+    merged, H_acc, cost = W[0], H[0], np.zeros(units)
+    for t in range(1, n_tasks):
+        metric = PairMetric(H_acc, H[t], "fc1")
+        cost += matched_costs(metric.interaction("hessian"), merged, W[t])
+        merged, H_acc = metric.merged_weights(merged, W[t]), H_acc + H[t]
+    closed = np.linalg.solve(sum(H), sum(h @ w for h, w in zip(H, W)))
+    np.testing.assert_allclose(merged, closed, rtol=RTOL, atol=RTOL)
+    direct = sum(0.5 * np.einsum("di,di->i", closed - w, h @ (closed - w)) for h, w in zip(H, W))
+    np.testing.assert_allclose(cost, direct, rtol=RTOL, atol=RTOL)
+
+
+def test_all_pair_costs_match_the_matched_costs_and_vanish_on_equal_columns():
+    rng = np.random.default_rng(0)
+    d = 6
+    metric = PairMetric(_spd(rng, d), _spd(rng, d), "fc1")
+    M = metric.interaction("hessian")
+    A, B = rng.standard_normal((d, 5)), rng.standard_normal((d, 5))
+    B[:, 2] = A[:, 3]
+    D = pair_costs(M, A, B)
+    np.testing.assert_allclose(np.diag(D), matched_costs(M, A, B), rtol=1e-5, atol=1e-5)
+    others = np.delete(D[:, 2], 3)
+    assert D[3, 2] < 1e-5 < others.min()
+    np.testing.assert_array_equal(metric.merged_weights(A, A), A)
