@@ -16,12 +16,11 @@ from rich.table import Table
 
 from .. import __version__
 from ..api import MergeResult, merge as run_merge
-from ..calib import ImageOptions
-from ..errors import OnnxZipError
+from ..errors import OnnxZipError, printable
 from ..format import MULTI
 from ..merged import inspect as read_merged, split as split_task
 from ..runtime import resolve_device
-from ..options import DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_VERIFY_SAMPLES, MergeOptions
+from ..options import DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_VERIFY_SAMPLES, ImageOptions, MergeOptions
 from ..retrain import RetrainOptions, RetrainResult, options as retrain_defaults, retrain as run_retrain
 from ..retrain.api import device_note
 from ..retrain.backend import require_torch
@@ -103,14 +102,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_show_versio
     """Merge pre-trained ONNX networks into one multi-task model (Multi-Task Zipping)."""
 
 
-def one_line(text: str) -> str:
-    """A message as one printable line: line breaks and other control characters (from file names,
-    option values, metadata) escaped as Python writes them."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def _print_error(text: str) -> None:
-    err.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
+    err.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def _user_errors(command: Callable) -> Callable:

@@ -31,7 +31,8 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
-from .errors import OnnxZipError, first_line
+from .errors import OnnxZipError, clip, first_line, printable
+from .options import IMAGE_LAYOUTS as LAYOUTS, MAX_TARGET_PIXELS, ImageOptions
 from .ir import TensorSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -45,7 +46,6 @@ IMAGE_KIND = "image"
 INPUT_ROLE = "the model input"
 LABELS_ROLE = "the labels"
 
-LAYOUTS = ("NCHW", "NHWC")
 CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
 SPATIAL_AXES = {"NCHW": (2, 3), "NHWC": (1, 2)}
 IMAGE_RANK = 4
@@ -53,17 +53,10 @@ IMAGE_MODES = {1: "L", 3: "RGB"}
 IMAGE_DTYPE = np.dtype(np.float32)
 PIXEL_MAX = 255.0
 HWC_TO_CHW = (2, 0, 1)
-RESIZE_DIMS = 2
 # Only these decoders ever see our files (whatever the suffix says), so no exotic Pillow plugin runs.
 IMAGE_FORMATS = ("PNG", "JPEG")
 # Pillow's default decompression-bomb limit, enforced here whatever Image.MAX_IMAGE_PIXELS is set to.
 MAX_SOURCE_PIXELS = 89_478_485
-# The most pixels one image may be resized to (4096 x 4096).
-MAX_TARGET_PIXELS = 1 << 24
-# Normalization keeps (pixel - mean) / std, pixels in [0, 1], well inside float32.
-MAX_ABS_MEAN = 1e6
-MIN_ABS_STD = 1e-6
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 LABEL_DTYPE = np.dtype(np.int64)
 LABEL_RANK = 1
@@ -84,7 +77,6 @@ ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what numpy's savez /
 ZIP_ENCRYPTED_FLAG = 0x1
 MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this (258-byte matches in 2 bits)
 
-MAX_DETAIL_CHARS = 200  # exception details, dtypes and shapes quoted in messages are clipped to this
 MAX_LISTED_NAMES = 10
 
 READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, NotImplementedError)
@@ -92,56 +84,6 @@ READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, st
 HEADER_ERRORS = (ValueError, TypeError, OverflowError, SyntaxError, tokenize.TokenError, RecursionError, EOFError)
 # Pillow's parsers also raise SyntaxError (and a few others) on corrupt files.
 IMAGE_ERRORS = (*READ_ERRORS, SyntaxError, IndexError, KeyError, TypeError)
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How image files become model input: size, per-channel normalization and layout."""
-
-    resize: tuple[int, int] | None = None  # (height, width); None: from the model input shape
-    mean: tuple[float, ...] = (0.0,)  # per channel (one value broadcasts), on pixels scaled to [0, 1]
-    std: tuple[float, ...] = (1.0,)
-    layout: str = "NCHW"  # or "NHWC": the layout of the MODEL input
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
-            raise _error(f"image layout must be one of {', '.join(LAYOUTS)}, got {_clip(repr(self.layout))}")
-        _check_resize(self.resize)
-        mean, std = _real_values(self.mean, "mean"), _real_values(self.std, "std")
-        if any(abs(m) > MAX_ABS_MEAN for m in mean) or any(abs(s) < MIN_ABS_STD for s in std):
-            raise _error(
-                f"image mean and std must be finite, |mean| <= {MAX_ABS_MEAN:g} and |std| >= {MIN_ABS_STD:g}, "
-                f"got {_clip(repr(self.mean))} / {_clip(repr(self.std))}"
-            )
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_resize(resize: object) -> None:
-    """None, or (height, width): two positive integers of at most MAX_TARGET_PIXELS pixels."""
-    if resize is None:
-        return
-    sizes = tuple(resize) if isinstance(resize, (tuple, list)) else ()
-    if len(sizes) != RESIZE_DIMS or not all(_is_integer(d) and d >= 1 for d in sizes):
-        raise _error(f"image resize must be two positive sizes (height, width), got {_clip(repr(resize))}")
-    if int(sizes[0]) * int(sizes[1]) > MAX_TARGET_PIXELS:
-        raise _error(f"image resize {sizes[0]}x{sizes[1]} has more than {MAX_TARGET_PIXELS} pixels")
-
-
-def _real_values(values: object, what: str) -> tuple[float, ...]:
-    """A non-empty tuple or list of real numbers, each finite also as a float32."""
-    items = tuple(values) if isinstance(values, (tuple, list)) else ()
-    if not items or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
-        raise _error(f"image {what} must be one or more numbers, got {_clip(repr(values))}")
-    try:
-        floats = tuple(float(v) for v in items)
-    except OverflowError:
-        floats = (math.inf,)
-    if not all(math.isfinite(f) and abs(f) <= FLOAT32_MAX for f in floats):
-        raise _error(f"image {what} must be finite, got {_clip(repr(values))}")
-    return floats
 
 
 @dataclass(frozen=True)
@@ -265,25 +207,16 @@ def count_samples(
 # ---------------------------------------------------------------------------------------------
 
 
-def _printable(text: str) -> str:
-    """Text with every non-printable character (newlines, odd bytes in file names) escaped."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
-
-
 def _error(message: str) -> OnnxZipError:
     """The one-line OnnxZipError for a message (file names in it may hold any character)."""
-    return OnnxZipError(_printable(message))
+    return OnnxZipError(printable(message))
 
 
 def _first_line(exc: BaseException) -> str:
     """errors.first_line, clipped; an EOFError without text says what it means."""
     if not str(exc).strip() and isinstance(exc, EOFError):
         return "the data ends early"
-    return _clip(first_line(exc))
+    return clip(first_line(exc))
 
 
 def _cannot_read(path: Path, exc: BaseException) -> OnnxZipError:
@@ -297,14 +230,14 @@ def _too_large(path: Path, what: str) -> OnnxZipError:
 def _format_shape(shape: Iterable[int | None]) -> str:
     """A shape as '(N, 1, 28, 28)', with symbolic dims shown as N."""
     dims = [SYMBOLIC_DIM if d is None else str(d) for d in shape]
-    return _clip(f"({', '.join(dims)}{',' if len(dims) == 1 else ''})")
+    return clip(f"({', '.join(dims)}{',' if len(dims) == 1 else ''})")
 
 
 def _name_list(names: list[str]) -> str:
     if not names:
         return "none"
     more = len(names) - MAX_LISTED_NAMES
-    shown = ", ".join(_clip(n) for n in names[:MAX_LISTED_NAMES])
+    shown = ", ".join(clip(n) for n in names[:MAX_LISTED_NAMES])
     return shown if more <= 0 else f"{shown} and {more} more"
 
 
@@ -313,23 +246,27 @@ def _name_list(names: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_batch_size(batch_size: int) -> None:
     if not _is_integer(batch_size) or batch_size < 1:
-        raise _error(f"batch size must be an integer >= 1, got {_clip(repr(batch_size))}")
+        raise _error(f"batch size must be an integer >= 1, got {clip(repr(batch_size))}")
 
 
 def _check_max_samples(max_samples: int | None) -> None:
     if max_samples is None:
         return
     if not _is_integer(max_samples) or max_samples < 1:
-        raise _error(f"max samples must be None or an integer >= 1, got {_clip(repr(max_samples))}")
+        raise _error(f"max samples must be None or an integer >= 1, got {clip(repr(max_samples))}")
 
 
 def _check_classes(classes: int | None) -> None:
     if classes is None:
         return
     if not _is_integer(classes) or classes < 1:
-        raise _error(f"the number of classes must be None or an integer >= 1, got {_clip(repr(classes))}")
+        raise _error(f"the number of classes must be None or an integer >= 1, got {clip(repr(classes))}")
 
 
 def _kind_of(path: Path) -> str | None:
@@ -433,7 +370,7 @@ def _check_header(path: Path, what: str, header: _Header, total: int) -> None:
     if any(d < 0 for d in header.shape):
         raise _error(f"{path}: {what} declares a negative dimension: shape {shape}")
     if header.dtype.kind not in NUMERIC_KINDS:
-        raise _error(f"{path}: {what} has dtype {_clip(str(header.dtype))}; only numeric arrays can be read")
+        raise _error(f"{path}: {what} has dtype {clip(str(header.dtype))}; only numeric arrays can be read")
     if math.prod(max(d, 1) for d in header.shape) * header.dtype.itemsize > MAX_ARRAY_BYTES:
         raise _error(f"{path}: {what} declares shape {shape}, larger than any array can be")
     stored = total - header.offset

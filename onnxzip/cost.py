@@ -20,7 +20,6 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
 from .errors import OnnxZipError
 
-COSTS = ("hessian", "l2", "correlation", "random")
 
 
 def _factor(H: np.ndarray, where: str):

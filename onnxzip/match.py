@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-SOLVERS = ("optimal", "greedy")
 
 
 def _optimal(D: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

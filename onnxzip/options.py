@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import numbers
 import re
+from dataclasses import dataclass, field
 from numbers import Integral
 from typing import TYPE_CHECKING
 
-from .calib import ImageOptions
-from .cost import COSTS
-from .errors import OnnxZipError
+import numpy as np
+
+from .errors import OnnxZipError, clip, printable
 from .format import LAYOUTS, MULTI
-from .match import SOLVERS
-from .runtime import DEVICES
 
 if TYPE_CHECKING:  # the retraining bridge's options; onnxzip.retrain is imported only when used
     from .retrain.options import RetrainOptions
 
+# The choices: how pairs are chosen (cost.py), how they are matched (match.py), where ONNX Runtime
+# runs (runtime.py), and the layouts of an image input (calib.py).
+COSTS = ("hessian", "l2", "correlation", "random")
+SOLVERS = ("optimal", "greedy")
+DEVICES = ("auto", "cpu", "cuda")
+IMAGE_LAYOUTS = ("NCHW", "NHWC")
+RESIZE_DIMS = 2
+# The most pixels one image may be resized to (4096 x 4096).
+MAX_TARGET_PIXELS = 1 << 24
+# Normalization keeps (pixel - mean) / std, pixels in [0, 1], well inside float32.
+MAX_ABS_MEAN = 1e6
+MIN_ABS_STD = 1e-6
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Relative damping of the layer-wise Hessians: lambda = DEFAULT_DAMPING * mean(diag H) (as GPTQ's).
 DEFAULT_DAMPING = 1e-2
 # Relative ridge of the label-free correction's least squares, towards the current weights.
@@ -42,6 +55,60 @@ def parse_size(text: str | int) -> tuple[int, str]:
     if not unit:
         return int(number), PARAMS
     return int(number * _SIZE_UNITS[unit[:-1].upper()]), BYTES
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image files become model input: size, per-channel normalization and layout."""
+
+    resize: tuple[int, int] | None = None  # (height, width); None: from the model input shape
+    mean: tuple[float, ...] = (0.0,)  # per channel (one value broadcasts), on pixels scaled to [0, 1]
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"  # or "NHWC": the layout of the MODEL input
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layout, str) or self.layout not in IMAGE_LAYOUTS:
+            raise _image_error(f"image layout must be one of {', '.join(IMAGE_LAYOUTS)}, got {clip(repr(self.layout))}")
+        _check_resize(self.resize)
+        mean, std = _real_values(self.mean, "mean"), _real_values(self.std, "std")
+        if any(abs(m) > MAX_ABS_MEAN for m in mean) or any(abs(s) < MIN_ABS_STD for s in std):
+            raise _image_error(
+                f"image mean and std must be finite, |mean| <= {MAX_ABS_MEAN:g} and |std| >= {MIN_ABS_STD:g}, "
+                f"got {clip(repr(self.mean))} / {clip(repr(self.std))}"
+            )
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _image_error(message: str) -> OnnxZipError:
+    return OnnxZipError(printable(message))
+
+
+def _check_resize(resize: object) -> None:
+    """None, or (height, width): two positive integers of at most MAX_TARGET_PIXELS pixels."""
+    if resize is None:
+        return
+    sizes = tuple(resize) if isinstance(resize, (tuple, list)) else ()
+    if len(sizes) != RESIZE_DIMS or not all(_is_integer(d) and d >= 1 for d in sizes):
+        raise _image_error(f"image resize must be two positive sizes (height, width), got {clip(repr(resize))}")
+    if int(sizes[0]) * int(sizes[1]) > MAX_TARGET_PIXELS:
+        raise _image_error(f"image resize {sizes[0]}x{sizes[1]} has more than {MAX_TARGET_PIXELS} pixels")
+
+
+def _real_values(values: object, what: str) -> tuple[float, ...]:
+    """A non-empty tuple or list of real numbers, each finite also as a float32."""
+    items = tuple(values) if isinstance(values, (tuple, list)) else ()
+    if not items or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+        raise _image_error(f"image {what} must be one or more numbers, got {clip(repr(values))}")
+    try:
+        floats = tuple(float(v) for v in items)
+    except OverflowError:
+        floats = (math.inf,)
+    if not all(math.isfinite(f) and abs(f) <= FLOAT32_MAX for f in floats):
+        raise _image_error(f"image {what} must be finite, got {clip(repr(values))}")
+    return floats
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxZipError
+from .options import DEVICES
 from .save import EXTERNAL_DATA_ABOVE
 from .scratch import scratch_dir
 
-DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ORT_LOG_ERRORS_ONLY = 3

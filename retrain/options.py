@@ -6,10 +6,8 @@ import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
-from ..calib import ImageOptions
 from ..errors import OnnxZipError
-from ..options import DEFAULT_BATCH_SIZE
-from ..runtime import DEVICES
+from ..options import DEFAULT_BATCH_SIZE, DEVICES, ImageOptions
 
 # Per task: cross-entropy on the data's labels, distillation to the original model's outputs, or
 # a weighted mix of both; "auto" takes labels where the task's data has them, distillation elsewhere.

@@ -11,7 +11,7 @@ import builders as B
 from onnxzip.api import merge
 from onnxzip.format import weight_params
 from onnxzip.canonical import import_network
-from onnxzip.cost import COSTS
+from onnxzip.options import COSTS
 from onnxzip.emit import merged_model, task_model, tied_from_weights
 from onnxzip.options import MergeOptions
 from onnxzip.zipper import zip_networks
