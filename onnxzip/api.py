@@ -25,6 +25,7 @@ from .format import (KEY_LAYOUT, KEY_PLAN, KEY_SHARING, KEY_SOURCES, KEY_TASKS, 
 from .guard import Output, Read, check_outputs
 from .ir import Network
 from .options import PARAMS, MergeOptions, parse_size
+from .pairing import method, methods
 from .plan import LayerPlan, SharingPlan
 from .runtime import resolve_device
 from .save import save_atomically, write_text_atomically
@@ -127,7 +128,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
             "--retrain-data": [] if retrain_data is None else per_task(retrain_data, tasks, "--retrain-data"),
             "--budget-data": [] if budget_data is None else per_task(budget_data, tasks, "--budget-data")}
     check_outputs(outputs, _reads(paths, [], data))
-    _check_same_calibration(opts, tasks, folders)
+    _check_method_on_tasks(opts, tasks, folders)
     if opts.retrain is None and retrain_data is not None:
         raise OnnxZipError("--retrain-data is given but no retraining is asked for (--retrain-iters)")
     if opts.budget is None and opts.target_size is None and budget_data is not None:
@@ -142,7 +143,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         nets = _rescale(nets, opts)
         align(nets)
         _check_layer_names(opts, nets[0])
-        _check_cost_supported(opts, nets[0])
+        _check_method_on_networks(opts, nets[0])
         _check_classifiers(opts, nets, evals)
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input, classes=nets[tasks.index(t)].classes)
                     for t, d in some_tasks(evals, tasks, "--eval").items()}
@@ -311,18 +312,29 @@ def _check_layer_names(opts: MergeOptions, net: Network) -> None:
                                f"stream, paired once for all its layers); set the share on '{first}'")
 
 
-def _check_cost_supported(opts: MergeOptions, net: Network) -> None:
-    if opts.cost == "correlation" and not net.is_chain:
-        raise OnnxZipError(f"{net.path}: --cost correlation compares one layer's units; it does not support "
-                           "residual joins or Concats of branches (use hessian, l2 or random)")
+def _check_method_on_networks(opts: MergeOptions, net: Network) -> None:
+    """The --cost method's needs on the networks (its declaration in pairing)."""
+    chosen = method(opts.cost)
+    if chosen.chains_only and not net.is_chain:
+        raise OnnxZipError(f"{net.path}: --cost {chosen.name} compares one layer's units; it does not support "
+                           f"residual joins or Concats of branches (use {_methods_without('chains_only')})")
 
 
-def _check_same_calibration(opts: MergeOptions, tasks: Sequence[str], folders: Sequence[Path]) -> None:
-    """--cost correlation compares units on the same samples: every task must read one calibration source."""
-    if opts.cost == "correlation" and len(tasks) > 2:
-        raise OnnxZipError(f"--cost correlation compares the units of two tasks; got {len(tasks)} models "
-                           "(use hessian, l2 or random)")
-    if opts.cost != "correlation" or len({f.resolve() for f in folders}) == 1:
+def _check_method_on_tasks(opts: MergeOptions, tasks: Sequence[str], folders: Sequence[Path]) -> None:
+    """The --cost method's needs on the tasks and their data (its declaration in pairing)."""
+    chosen = method(opts.cost)
+    if chosen.max_tasks is not None and len(tasks) > chosen.max_tasks:
+        raise OnnxZipError(f"--cost {chosen.name} compares the units of two tasks; got {len(tasks)} models "
+                           f"(use {_methods_without('max_tasks')})")
+    if opts.max_cost is not None and not chosen.thresholdable:
+        raise OnnxZipError(f"--max-cost needs a pair cost to threshold; --cost {chosen.name} chooses pairs without one")
+    if not chosen.same_calibration or len({f.resolve() for f in folders}) == 1:
         return
     given = ", ".join(f"{t}={f}" for t, f in zip(tasks, folders))
-    raise OnnxZipError(f"--cost correlation needs the same --calib data for every task (one folder), got {given}")
+    raise OnnxZipError(f"--cost {chosen.name} needs the same --calib data for every task (one folder), got {given}")
+
+
+def _methods_without(need: str) -> str:
+    """The pair-choice methods that do not have the requirement ``need``, for a hint."""
+    names = [name for name, m in methods().items() if not getattr(m, need)]
+    return ", ".join(names[:-1]) + " or " + names[-1]

@@ -168,8 +168,6 @@ class MergeOptions:
             (self.calib_samples is None or self.calib_samples >= 1,
              f"--calib-samples must be at least 1, got {self.calib_samples}"),
             (self.max_cost is None or self.max_cost > 0, f"--max-cost must be positive, got {self.max_cost}"),
-            (self.max_cost is None or self.cost != "random",
-             "--max-cost needs a pair cost to threshold; --cost random chooses pairs without one"),
             (isinstance(self.seed, Integral) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"--seed must be a non-negative integer, got {self.seed!r}"),
             (self.retrain is None or (hasattr(self.retrain, "iters") and hasattr(self.retrain, "lr")),

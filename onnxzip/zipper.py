@@ -22,14 +22,14 @@ import numpy as np
 from .align import input_reps
 from .correct import refit_update, relative_error, with_bias_column
 from .correlate import correlation_costs
-from .cost import PairMetric, matched_costs, pair_costs
+from .cost import PairMetric, matched_costs
 from .emit import task_model
 from .errors import OnnxZipError
 from .format import LIVE_PREFIX
 from .hessian import MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
-from .match import match, random_pairs
 from .options import MergeOptions
+from .pairing import PairProblem, method
 from .plan import LayerPlan, SharingPlan, unshared_plan
 from .scratch import scratch_dir
 from .spaces import INPUT, Spaces, read_offsets, unit_spaces
@@ -249,19 +249,13 @@ def _hessians(w: _Writer, tasks: list[_Task], plan_layers: dict[int, LayerPlan],
 def _choose_pairs(tasks: list[_Task], writers: list[_Writer], metrics: list[PairMetric], A: list[np.ndarray],
                   B: list[np.ndarray], count: int, opts: MergeOptions, seed: tuple[int, ...],
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs of columns of A and B by opts.cost, the pair costs summed over the writers (MTZ's for random)."""
-    if opts.cost == "random":
-        rows, cols = random_pairs(A[0].shape[1], B[0].shape[1], count, seed)
-        return rows, cols, sum(matched_costs(m.interaction("hessian"), a[:, rows], b[:, cols])
-                               for m, a, b in zip(metrics, A, B))
-    if opts.cost == "correlation":  # chains only (api refuses residual joins), so one writer
+    """Pairs of columns of A and B by the --cost method (pairing), the pair costs summed over the writers."""
+    def activation_costs() -> np.ndarray:  # chains only (api refuses residual joins), so one writer
         w = writers[0]
         layers = (tasks[0].tied.layers[w.k], tasks[1].tied.layers[w.k])
-        D = correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
-    else:
-        D = sum(pair_costs(m.interaction(opts.cost), a, b) for m, a, b in zip(metrics, A, B))
-    rows, cols = match(D, count, opts.solver, opts.max_cost)
-    return rows, cols, D[rows, cols]
+        return correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
+    problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost, seed, activation_costs)
+    return method(opts.cost).choose(problem)
 
 
 def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: bool) -> np.ndarray:
@@ -325,7 +319,7 @@ def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: Me
 
 def _tie_writer(w: _Writer, units: list[np.ndarray], opts: MergeOptions) -> np.ndarray:
     """Write the merged columns of the given shared units into every task's weights; per-unit costs."""
-    merged, costs, _ = _fold(w, units, "hessian" if opts.cost in ("random", "correlation") else opts.cost)
+    merged, costs, _ = _fold(w, units, method(opts.cost).tie_metric)
     for W, u, f in zip(w.weights, units, w.feats):
         W[np.ix_(u, f)] = merged.T
     return costs

@@ -1,0 +1,84 @@
+"""The pair-choice method interface, the problem a method solves, and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+
+from ..cost import PairMetric, matched_costs, pair_costs
+from ..match import match
+from ..options import COSTS
+
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows of A, columns of B, each pair's cost
+
+
+@dataclass(frozen=True)
+class PairProblem:
+    """The pairs to choose for one unit space: per writer layer its metric and the columns of the
+    two sides (A: the first task or the units merged so far, B: the task added); how many pairs;
+    how to match; the seed of a random draw; and, for methods that compare pre-activations, a
+    function computing their cost matrix from the calibration data."""
+
+    metrics: Sequence[PairMetric]
+    A: Sequence[np.ndarray]
+    B: Sequence[np.ndarray]
+    count: int
+    solver: str
+    max_cost: float | None
+    seed: tuple[int, ...]
+    activation_costs: Callable[[], np.ndarray] | None = None
+
+    def summed_costs(self, kind: str) -> np.ndarray:
+        """All pair costs under metric ``kind``, summed over the writers (Eq. 12 by GEMMs)."""
+        return sum(pair_costs(m.interaction(kind), a, b) for m, a, b in zip(self.metrics, self.A, self.B))
+
+    def matched(self, D: np.ndarray) -> Pairs:
+        """The matching of cost matrix D (--solver, --max-cost) with each pair's cost."""
+        rows, cols = match(D, self.count, self.solver, self.max_cost)
+        return rows, cols, D[rows, cols]
+
+    def costs_of(self, rows: np.ndarray, cols: np.ndarray, kind: str) -> np.ndarray:
+        """The costs under metric ``kind`` of pairs chosen otherwise, summed over the writers."""
+        return sum(matched_costs(m.interaction(kind), a[:, rows], b[:, cols])
+                   for m, a, b in zip(self.metrics, self.A, self.B))
+
+
+class PairMethod:
+    """How one pair-choice method chooses pairs, and what it needs."""
+
+    name: ClassVar[str]
+    # The metric of the costs reported for the shared units when the space is tied.
+    tie_metric: ClassVar[str] = "hessian"
+    # Requirements, checked before any work (api): one calibration source for every task, chain
+    # networks only, at most this many tasks (None: any), and a cost that --max-cost can threshold.
+    same_calibration: ClassVar[bool] = False
+    chains_only: ClassVar[bool] = False
+    max_tasks: ClassVar[int | None] = None
+    thresholdable: ClassVar[bool] = True
+
+    def choose(self, problem: PairProblem) -> Pairs:
+        """The pairs of ``problem``: rows of A, columns of B (sorted by row) and each pair's cost."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, PairMethod] = {}
+
+
+def register(cls: type[PairMethod]) -> type[PairMethod]:
+    """Class decorator: make ``cls`` the method of its name."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"internal error: pair-choice method '{cls.name}' registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def method(name: str) -> PairMethod:
+    """The registered method ``name`` (options.COSTS lists the names)."""
+    return _REGISTRY[name]
+
+
+def methods() -> dict[str, PairMethod]:
+    """Every registered method by name, in the order options.COSTS lists them."""
+    return {name: _REGISTRY[name] for name in COSTS if name in _REGISTRY}

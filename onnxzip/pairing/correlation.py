@@ -1,0 +1,18 @@
+"""The activation baseline (ZipIt style): 1 - correlation of the units' pre-activations."""
+
+from __future__ import annotations
+
+from .base import PairMethod, PairProblem, Pairs, register
+
+
+@register
+class Correlation(PairMethod):
+    """Compares one layer's units on the same samples: one calibration source, chains, two tasks."""
+
+    name = "correlation"
+    same_calibration = True
+    chains_only = True
+    max_tasks = 2
+
+    def choose(self, problem: PairProblem) -> Pairs:
+        return problem.matched(problem.activation_costs())

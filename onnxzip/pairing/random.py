@@ -1,0 +1,18 @@
+"""The paper's random-sharing baseline: pairs drawn at random, reproducibly from --seed."""
+
+from __future__ import annotations
+
+from ..match import random_pairs
+from .base import PairMethod, PairProblem, Pairs, register
+
+
+@register
+class Random(PairMethod):
+    """k units of each side drawn without replacement; their reported cost is MTZ's."""
+
+    name = "random"
+    thresholdable = False
+
+    def choose(self, problem: PairProblem) -> Pairs:
+        rows, cols = random_pairs(problem.A[0].shape[1], problem.B[0].shape[1], problem.count, problem.seed)
+        return rows, cols, problem.costs_of(rows, cols, "hessian")
