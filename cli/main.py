@@ -20,10 +20,11 @@ from ..errors import OnnxZipError, printable
 from ..format import MULTI
 from ..merged import inspect as read_merged, split as split_task
 from ..runtime import resolve_device
-from ..options import DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_VERIFY_SAMPLES, ImageOptions, MergeOptions
+from ..options import PANEL_CHECKS, PANEL_DATA, PANEL_SHARING, ImageOptions, MergeOptions
 from ..retrain import RetrainOptions, RetrainResult, options as retrain_defaults, retrain as run_retrain
 from ..retrain.api import device_note
 from ..retrain.backend import require_torch
+from .fields import field_values, with_options
 
 EXIT_USER_ERROR = 2
 IMAGE_LAYOUTS = ("NCHW", "NHWC")
@@ -235,79 +236,65 @@ def _print_retraining(result: MergeResult) -> None:
     out.print(table)
 
 
+P_DATA, P_OUT, P_RETRAIN = PANEL_DATA, PANEL_CHECKS, "Retraining after each layer"
+
+
 @app.command()
 @_user_errors
+@with_options(MergeOptions)
 def merge(
     models: List[Path] = typer.Argument(..., help="Two or more ONNX models to merge (tasks are named after the files)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the merged model."),
-    calib: List[str] = typer.Option([], "--calib", help="Calibration folder for all models, or TASK=DIR (repeat)."),
-    share: float = typer.Option(1.0, help="Fraction of each hidden layer's units to share."),
-    share_layer: List[str] = typer.Option([], "--share-layer", help="NAME=FRACTION (with a dot) or NAME=COUNT."),
-    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Share only pairs whose cost is below this."),
-    alpha: float = typer.Option(0.5, help="Weight of the first task's Hessian (the second gets 1 - alpha)."),
-    cost: str = typer.Option("hessian", help="How to choose pairs: hessian (MTZ's functional difference), "
-                             "l2 (weight distance, Git Re-Basin style), correlation (pre-activation "
-                             "correlation, ZipIt style; needs one --calib folder) or random (see --seed). "
-                             "Merged weights are MTZ's for all."),
-    solver: str = typer.Option("optimal", help="Matching: optimal (exactly k, least total cost) or greedy."),
-    stream_pairing: str = typer.Option("all", "--stream-pairing", help="Residual streams: all (paired from the "
-                                       "costs of all their writers; two passes) or early (from the writers before "
-                                       "the stream is first read; one pass, faster)."),
-    correct: bool = typer.Option(True, "--correct/--no-correct", help="Label-free least-squares correction."),
-    layout: List[str] = typer.Option([], "--layout",
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the merged model.", rich_help_panel=P_OUT),
+    calib: List[str] = typer.Option([], "--calib", help="Calibration folder for all models, or TASK=DIR (repeat).",
+                                    rich_help_panel=P_DATA),
+    share_layer: List[str] = typer.Option([], "--share-layer", help="NAME=FRACTION (with a dot) or NAME=COUNT.",
+                                          rich_help_panel=PANEL_SHARING),
+    layout: List[str] = typer.Option([], "--layout", rich_help_panel=P_OUT,
                                      help="multi or gated (merged model); NCHW or NHWC (image input). Repeatable."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (default: file stems)."),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Use at most N samples per task."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size"),
-    max_patches: Optional[int] = typer.Option(None, "--max-patches",
-                                              help="Conv Hessians from at most N positions per sample (default: all)."),
-    resize: Optional[str] = typer.Option(None, help="Resize calibration images to HxW."),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255), e.g. 0.485,0.456,0.406."),
-    std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255)."),
-    eval_: List[str] = typer.Option([], "--eval", help="TASK=DIR of .npz files with a 'labels' array."),
-    report: Optional[Path] = typer.Option(None, help="Write the plan and every figure to this JSON file."),
-    damping: float = typer.Option(DEFAULT_DAMPING, help="Relative Hessian damping."),
-    verify_samples: int = typer.Option(DEFAULT_VERIFY_SAMPLES, "--verify-samples"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (ONNX Runtime execution provider)."),
-    seed: int = typer.Option(0, help="Seed of --cost random's pairing and of retraining (the same seed, the same "
-                             "result)."),
-    budget: Optional[float] = typer.Option(None, help="Choose per-layer shares: the most sharing with each task's "
-                                           "fidelity on held-out calibration samples dropping at most this many "
-                                           "points (accuracy where the samples have labels)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (default: file stems).",
+                                        rich_help_panel=P_DATA),
+    resize: Optional[str] = typer.Option(None, help="Resize calibration images to HxW.", rich_help_panel=P_DATA),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255), e.g. 0.485,0.456,0.406.",
+                                       rich_help_panel=P_DATA),
+    std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255).", rich_help_panel=P_DATA),
+    eval_: List[str] = typer.Option([], "--eval", help="TASK=DIR of .npz files with a 'labels' array.",
+                                    rich_help_panel=P_OUT),
+    report: Optional[Path] = typer.Option(None, help="Write the plan and every figure to this JSON file.",
+                                          rich_help_panel=P_OUT),
     budget_data: List[str] = typer.Option([], "--budget-data", help="Folder for all tasks, or TASK=DIR (repeat), "
                                           "of samples that measure --budget/--target-size fidelity instead of the "
                                           "last 20% of the calibration samples; best data the models were not "
-                                          "trained on."),
-    target_size: Optional[str] = typer.Option(None, "--target-size", help="Choose per-layer shares for the best "
-                                              "fidelity at this size: parameters (250000) or bytes (800KB, 1.2MB)."),
+                                          "trained on.", rich_help_panel=PANEL_SHARING),
     input_scale: List[str] = typer.Option([], "--input-scale", help="TASK=SCALE,OFFSET: that model expects "
                                           "SCALE * u + OFFSET of the raw input u; folded into its first layer so "
-                                          "that the merged model takes u (repeat per task)."),
+                                          "that the merged model takes u (repeat per task).", rich_help_panel=P_DATA),
     retrain_iters: int = typer.Option(0, "--retrain-iters", help="Retrain N iterations after each zipped layer "
-                                      "(MTZ's schedule; needs PyTorch). 0: no retraining."),
-    retrain_lr: float = typer.Option(retrain_defaults.DEFAULT_LR, "--retrain-lr", help="Retraining learning rate."),
+                                      "(MTZ's schedule; needs PyTorch). 0: no retraining.", rich_help_panel=P_RETRAIN),
+    retrain_lr: float = typer.Option(retrain_defaults.DEFAULT_LR, "--retrain-lr", help="Retraining learning rate.",
+                                     rich_help_panel=P_RETRAIN),
     retrain_lr_schedule: str = typer.Option("constant", "--retrain-lr-schedule", help="constant, or cosine: "
-                                            "annealed from --retrain-lr to 0 within each round."),
-    retrain_optimizer: str = typer.Option("adam", "--retrain-optimizer", help="adam or sgd (momentum 0.9)."),
-    retrain_batch_size: int = typer.Option(retrain_defaults.DEFAULT_BATCH_SIZE, "--retrain-batch-size"),
+                                            "annealed from --retrain-lr to 0 within each round.",
+                                            rich_help_panel=P_RETRAIN),
+    retrain_optimizer: str = typer.Option("adam", "--retrain-optimizer", help="adam or sgd (momentum 0.9).",
+                                          rich_help_panel=P_RETRAIN),
+    retrain_batch_size: int = typer.Option(retrain_defaults.DEFAULT_BATCH_SIZE, "--retrain-batch-size",
+                                           rich_help_panel=P_RETRAIN),
     retrain_data: List[str] = typer.Option([], "--retrain-data", help="Retraining folder for all tasks, or TASK=DIR "
                                            "(repeat); .npz 'labels' give cross-entropy, else distillation to the "
-                                           "originals. Default: the calibration folders."),
+                                           "originals. Default: the calibration folders.", rich_help_panel=P_RETRAIN),
+    **generated,
 ) -> None:
     """Zip two or more models into one multi-task ONNX model."""
     emit_layout, image_layout = _layouts(layout)
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
                          std=_floats(std, "--std", (1.0,)), layout=image_layout)
+    values = field_values(MergeOptions, generated)
     opts = MergeOptions(
-        share=share, share_layers=tuple((k, _number(v, "--share-layer")) for k, v in
-                                        _pairs(share_layer, "--share-layer").items()),
-        max_cost=max_cost, alpha=alpha, cost=cost, solver=solver, correct=correct, layout=emit_layout,
-        tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (), calib_samples=calib_samples,
-        max_patches=max_patches, stream_pairing=stream_pairing,
-        batch_size=batch_size, image=image, damping=damping, verify_samples=verify_samples, device=device,
-        budget=budget, target_size=target_size, input_scale=_input_scales(input_scale),
-        seed=seed, retrain=_retrain_options(retrain_iters, retrain_lr, retrain_lr_schedule, retrain_optimizer,
-                                            retrain_batch_size, alpha, image, device, seed))
+        **values, layout=emit_layout, image=image, input_scale=_input_scales(input_scale),
+        share_layers=tuple((k, _number(v, "--share-layer")) for k, v in _pairs(share_layer, "--share-layer").items()),
+        tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (),
+        retrain=_retrain_options(retrain_iters, retrain_lr, retrain_lr_schedule, retrain_optimizer,
+                                 retrain_batch_size, values["alpha"], image, values["device"], values["seed"]))
     out.print(resolve_device(opts.device)[1])
     bars = _Bars()
     with bars.progress:
@@ -370,40 +357,31 @@ def _print_retrain(result: RetrainResult) -> None:
 
 @app.command()
 @_user_errors
+@with_options(RetrainOptions)
 def retrain(
     model: Path = typer.Argument(..., help="A model written by onnxzip merge."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the retrained model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the retrained model.",
+                                rich_help_panel=P_OUT),
     data: List[str] = typer.Option([], "--data", help="Training folder for all tasks, or TASK=DIR (repeat). "
-                                   ".npz files with a 'labels' array allow cross-entropy; none are needed."),
+                                   ".npz files with a 'labels' array allow cross-entropy; none are needed.",
+                                   rich_help_panel=P_DATA),
     teacher: List[str] = typer.Option([], "--teacher", help="TASK=MODEL.onnx: the original model to distil from "
-                                      "(default: the merge's source model, found next to the merged model)."),
-    eval_: List[str] = typer.Option([], "--eval", help="TASK=DIR of .npz files with a 'labels' array."),
-    iters: int = typer.Option(retrain_defaults.DEFAULT_ITERS, help="Training iterations (one batch per task each)."),
-    lr: float = typer.Option(retrain_defaults.DEFAULT_LR, help="Learning rate."),
-    batch_size: int = typer.Option(retrain_defaults.DEFAULT_BATCH_SIZE, "--batch-size"),
-    alpha: float = typer.Option(0.5, help="Weight of the first task's loss (the second gets 1 - alpha), as in merge."),
-    loss: str = typer.Option("auto", help="labels (cross-entropy), distill (to the teacher's outputs), mix, or "
-                             "auto: labels where the data has them, else distill."),
+                                      "(default: the merge's source model, found next to the merged model).",
+                                      rich_help_panel=retrain_defaults.PANEL_LOSS),
+    eval_: List[str] = typer.Option([], "--eval", help="TASK=DIR of .npz files with a 'labels' array.",
+                                    rich_help_panel=P_OUT),
     task_loss: List[str] = typer.Option([], "--task-loss", help="TASK=KIND: that task's loss instead of --loss "
-                                        "(repeat), e.g. mix for a task with little training data."),
+                                        "(repeat), e.g. mix for a task with little training data.",
+                                        rich_help_panel=retrain_defaults.PANEL_LOSS),
     task_weight: List[str] = typer.Option([], "--task-weight", help="TASK=W: weight of that task's loss "
-                                          "(default 1; repeat); how hard it pulls on the shared weights."),
-    mix: float = typer.Option(retrain_defaults.DEFAULT_MIX, help="Weight of the cross-entropy in --loss mix."),
-    temperature: float = typer.Option(retrain_defaults.DEFAULT_TEMPERATURE, help="Distillation temperature."),
-    optimizer: str = typer.Option("adam", help="adam or sgd (momentum 0.9)."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine: annealed from --lr "
-                                    "to 0 over the iterations."),
-    holdout: float = typer.Option(retrain_defaults.DEFAULT_HOLDOUT,
-                                  help="Fraction of each task's data held out to measure fidelity."),
-    samples: Optional[int] = typer.Option(None, help="Use at most N samples per task."),
-    verify_samples: int = typer.Option(retrain_defaults.DEFAULT_VERIFY_SAMPLES, "--verify-samples"),
-    resize: Optional[str] = typer.Option(None, help="Resize image data to HxW."),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255)."),
-    std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255)."),
-    layout: str = typer.Option("NCHW", help="Layout of the model's image input: NCHW or NHWC."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (PyTorch and ONNX Runtime)."),
-    threads: Optional[int] = typer.Option(None, help="PyTorch threads (default: PyTorch's own)."),
-    seed: int = typer.Option(0, help="Seed of the data split and batch order."),
+                                          "(default 1; repeat); how hard it pulls on the shared weights.",
+                                          rich_help_panel=retrain_defaults.PANEL_LOSS),
+    resize: Optional[str] = typer.Option(None, help="Resize image data to HxW.", rich_help_panel=P_DATA),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255).", rich_help_panel=P_DATA),
+    std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255).", rich_help_panel=P_DATA),
+    layout: str = typer.Option("NCHW", help="Layout of the model's image input: NCHW or NHWC.",
+                               rich_help_panel=P_DATA),
+    **generated,
 ) -> None:
     """Retrain a merged model's weights jointly for all tasks, keeping its sharing (PyTorch needed)."""
     require_torch()
@@ -411,13 +389,10 @@ def retrain(
         raise OnnxZipError("--data is required: a folder for all tasks, or TASK=DIR per task")
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
                          std=_floats(std, "--std", (1.0,)), layout=layout.upper())
-    opts = RetrainOptions(iters=iters, lr=lr, batch_size=batch_size, alpha=alpha, loss=loss,
+    opts = RetrainOptions(**field_values(RetrainOptions, generated), image=image,
                           task_loss=tuple(_pairs(task_loss, "--task-loss").items()),
                           task_weight=tuple((t, float(_number(w, "--task-weight")))
-                                            for t, w in _pairs(task_weight, "--task-weight").items()), mix=mix,
-                          temperature=temperature, optimizer=optimizer, lr_schedule=lr_schedule, holdout=holdout,
-                          samples=samples, verify_samples=verify_samples, image=image, device=device, threads=threads,
-                          seed=seed)
+                                            for t, w in _pairs(task_weight, "--task-weight").items()))
     folders = data[0] if len(data) == 1 and "=" not in data[0] else _pairs(data, "--data")
     out.print(device_note(opts.device))
     bars = _RetrainBars()

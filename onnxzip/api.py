@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import onnx
 
 from . import __version__
 from .align import align

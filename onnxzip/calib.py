@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import OnnxZipError, clip, first_line, printable
-from .options import IMAGE_LAYOUTS as LAYOUTS, MAX_TARGET_PIXELS, ImageOptions
+from .options import MAX_TARGET_PIXELS, ImageOptions
 from .ir import TensorSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

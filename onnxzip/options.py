@@ -30,6 +30,29 @@ MAX_TARGET_PIXELS = 1 << 24
 MAX_ABS_MEAN = 1e6
 MIN_ABS_STD = 1e-6
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The command line's help panels, and the metadata key under which a field says how the command
+# line offers it (cli_field; the CLI generates its options from these, see onnxzip.cli.fields).
+PANEL_SHARING, PANEL_PAIRING, PANEL_DATA, PANEL_CHECKS, PANEL_RUN = (
+    "How much to share", "How to pair and merge", "Calibration data", "Output and checks", "Where and how to run")
+CLI_KEY = "cli"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How the command line offers an options field: help text, help panel, the flag (default:
+    --FIELD-NAME), and the type it parses when that is not the field's own (e.g. str for a size)."""
+
+    help: str
+    panel: str
+    flag: str | None = None
+    parse_as: type | None = None
+
+
+def cli_field(default, help: str, panel: str, flag: str | None = None, parse_as: type | None = None):
+    """A dataclass field with a default that the command line offers as an option."""
+    return field(default=default, metadata={CLI_KEY: Flag(help, panel, flag, parse_as)})
+
+
 # Relative damping of the layer-wise Hessians: lambda = DEFAULT_DAMPING * mean(diag H) (as GPTQ's).
 DEFAULT_DAMPING = 1e-2
 # Relative ridge of the label-free correction's least squares, towards the current weights.
@@ -115,42 +138,55 @@ def _real_values(values: object, what: str) -> tuple[float, ...]:
 class MergeOptions:
     """How to merge: how much to share, how to score and match, how to emit and verify."""
 
-    share: float = 1.0
+    share: float = cli_field(1.0, "Fraction of each hidden layer's units to share.", PANEL_SHARING)
     share_layers: tuple[tuple[str, float | int], ...] = ()
-    max_cost: float | None = None
-    alpha: float = 0.5
+    max_cost: float | None = cli_field(None, "Share only pairs whose cost is below this.", PANEL_SHARING)
+    alpha: float = cli_field(0.5, "Weight of the first task's Hessian (the second gets 1 - alpha).", PANEL_PAIRING)
     # How pairs are chosen: hessian (MTZ), l2 (weight distance), correlation (pre-activations on the
-    # same samples), random (seeded by ``seed``); see cost.py. Merged weights are MTZ's for all.
-    cost: str = "hessian"
-    solver: str = "optimal"
-    correct: bool = True
-    damping: float = DEFAULT_DAMPING
-    correct_damping: float = DEFAULT_CORRECT_DAMPING
+    # same samples), random (seeded by ``seed``); see pairing/. Merged weights are MTZ's for all.
+    cost: str = cli_field("hessian", "How to choose pairs: hessian (MTZ's functional difference), l2 (weight "
+                          "distance, Git Re-Basin style), correlation (pre-activation correlation, ZipIt style; "
+                          "needs one --calib folder) or random (see --seed). Merged weights are MTZ's for all.",
+                          PANEL_PAIRING)
+    solver: str = cli_field("optimal", "Matching: optimal (exactly k, least total cost) or greedy.", PANEL_PAIRING)
+    correct: bool = cli_field(True, "Label-free least-squares correction.", PANEL_PAIRING)
+    damping: float = cli_field(DEFAULT_DAMPING, "Relative Hessian damping.", PANEL_PAIRING)
+    correct_damping: float = cli_field(DEFAULT_CORRECT_DAMPING, "Relative ridge of the label-free correction, "
+                                       "towards the current weights.", PANEL_PAIRING)
     layout: str = MULTI
     tasks: tuple[str, ...] = ()
-    calib_samples: int | None = None
-    max_patches: int | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
+    calib_samples: int | None = cli_field(None, "Use at most N samples per task.", PANEL_DATA)
+    max_patches: int | None = cli_field(None, "Conv Hessians from at most N positions per sample (default: all).",
+                                        PANEL_DATA)
+    batch_size: int = cli_field(DEFAULT_BATCH_SIZE, "Samples per ONNX Runtime call.", PANEL_DATA)
     image: ImageOptions = field(default_factory=ImageOptions)
-    verify_samples: int = DEFAULT_VERIFY_SAMPLES
-    device: str = "auto"
+    verify_samples: int = cli_field(DEFAULT_VERIFY_SAMPLES, "Calibration samples per task on which the written "
+                                    "model is checked against its tied model (at least 1).", PANEL_CHECKS)
+    device: str = cli_field("auto", "auto, cpu or cuda (ONNX Runtime execution provider).", PANEL_RUN)
     # Seed of the random pairing of cost "random" (layer k draws from a generator seeded (seed, k)).
-    seed: int = 0
+    seed: int = cli_field(0, "Seed of --cost random's pairing and of retraining (the same seed, the same result).",
+                          PANEL_RUN)
     # Retrain after each zipped layer (MTZ Algorithm 1, line 10) with these options, ``iters``
     # per layer; None: no retraining. Needs PyTorch.
     retrain: "RetrainOptions | None" = None
     # Choose the per-layer shares automatically (budget.py): the most sharing with each task's
     # held-out fidelity dropping at most ``budget`` points, or the best fidelity at ``target_size``
     # (a parameter count, or bytes as '800KB'). Replaces --share and --share-layer.
-    budget: float | None = None
-    target_size: int | str | None = None
+    budget: float | None = cli_field(None, "Choose per-layer shares: the most sharing with each task's fidelity on "
+                                     "held-out calibration samples dropping at most this many points (accuracy "
+                                     "where the samples have labels).", PANEL_SHARING)
+    target_size: int | str | None = cli_field(None, "Choose per-layer shares for the best fidelity at this size: "
+                                              "parameters (250000) or bytes (800KB, 1.2MB).", PANEL_SHARING,
+                                              parse_as=str)
     # Per task (name, scale, offset): the model expects x = scale * u + offset of the raw input u
     # the merged model takes; folded into its first layer (canonical.fold_input_affine).
     input_scale: tuple[tuple[str, float, float], ...] = ()
     # How a unit space with writers after its first reader (a residual stream) is paired: "all"
     # from the pair costs of all its writers (a second pass over the layers), "early" from those
     # before its first reader only (one pass; faster). Chains always take one pass.
-    stream_pairing: str = "all"
+    stream_pairing: str = cli_field("all", "Residual streams: all (paired from the costs of all their writers; two "
+                                    "passes) or early (from the writers before the stream is first read; one pass, "
+                                    "faster).", PANEL_PAIRING)
 
     def __post_init__(self) -> None:
         checks = [

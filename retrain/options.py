@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 from ..errors import OnnxZipError
-from ..options import DEFAULT_BATCH_SIZE, DEVICES, ImageOptions
+from ..options import (DEFAULT_BATCH_SIZE, DEVICES, PANEL_CHECKS, PANEL_DATA, PANEL_RUN, ImageOptions,
+                       cli_field)
 
 # Per task: cross-entropy on the data's labels, distillation to the original model's outputs, or
 # a weighted mix of both; "auto" takes labels where the task's data has them, distillation elsewhere.
@@ -28,6 +29,8 @@ DEFAULT_MIX = 0.5
 DEFAULT_HOLDOUT = 0.1
 # Held-out samples per task on which the written model must equal the trained torch module.
 DEFAULT_VERIFY_SAMPLES = 256
+# The retrain command's own help panels (beside options.PANEL_DATA, PANEL_CHECKS, PANEL_RUN).
+PANEL_TRAIN, PANEL_LOSS = "How to train", "Losses and task balance"
 SGD_MOMENTUM = 0.9
 
 
@@ -39,30 +42,35 @@ def _is_int(value) -> bool:
 class RetrainOptions:
     """How to retrain: steps, optimiser, losses, task balance, data split, device, seed."""
 
-    iters: int = DEFAULT_ITERS
-    lr: float = DEFAULT_LR
-    batch_size: int = DEFAULT_BATCH_SIZE
-    alpha: float = 0.5
-    loss: str = "auto"
+    iters: int = cli_field(DEFAULT_ITERS, "Training iterations (one batch per task each).", PANEL_TRAIN)
+    lr: float = cli_field(DEFAULT_LR, "Learning rate.", PANEL_TRAIN)
+    batch_size: int = cli_field(DEFAULT_BATCH_SIZE, "Samples per task in each training batch.", PANEL_TRAIN)
+    alpha: float = cli_field(0.5, "Weight of the first task's loss (the second gets 1 - alpha), as in merge.",
+                             PANEL_LOSS)
+    loss: str = cli_field("auto", "labels (cross-entropy), distill (to the teacher's outputs), mix, or auto: labels "
+                          "where the data has them, else distill.", PANEL_LOSS)
     # Per-task overrides of ``loss``: ((task, kind), ...), e.g. distillation mixed in for a task
     # whose training set is small, cross-entropy for the others.
     task_loss: tuple[tuple[str, str], ...] = ()
     # Per-task loss weights: ((task, weight), ...); unnamed tasks weigh 1. Under Adam a task's own
     # (unshared) weights hardly feel this scale, so it sets how hard the task pulls on shared ones.
     task_weight: tuple[tuple[str, float], ...] = ()
-    mix: float = DEFAULT_MIX
-    temperature: float = DEFAULT_TEMPERATURE
-    optimizer: str = "adam"
-    lr_schedule: str = "constant"
-    holdout: float = DEFAULT_HOLDOUT
-    samples: int | None = None
-    verify_samples: int = DEFAULT_VERIFY_SAMPLES
+    mix: float = cli_field(DEFAULT_MIX, "Weight of the cross-entropy in --loss mix.", PANEL_LOSS)
+    temperature: float = cli_field(DEFAULT_TEMPERATURE, "Distillation temperature.", PANEL_LOSS)
+    optimizer: str = cli_field("adam", "adam or sgd (momentum 0.9).", PANEL_TRAIN)
+    lr_schedule: str = cli_field("constant", "constant, or cosine: annealed from --lr to 0 over the iterations.",
+                                 PANEL_TRAIN)
+    holdout: float = cli_field(DEFAULT_HOLDOUT, "Fraction of each task's data held out to measure fidelity.",
+                               PANEL_DATA)
+    samples: int | None = cli_field(None, "Use at most N samples per task.", PANEL_DATA)
+    verify_samples: int = cli_field(DEFAULT_VERIFY_SAMPLES, "Held-out samples per task on which the written model "
+                                    "is checked against the trained module (at least 1).", PANEL_CHECKS)
     image: ImageOptions = field(default_factory=ImageOptions)
-    device: str = "auto"
+    device: str = cli_field("auto", "auto, cpu or cuda (PyTorch and ONNX Runtime).", PANEL_RUN)
     # PyTorch intra-op threads while retraining (None: torch's default); small models train
     # fastest on one thread, especially on a busy machine.
-    threads: int | None = None
-    seed: int = 0
+    threads: int | None = cli_field(None, "PyTorch threads (default: PyTorch's own).", PANEL_RUN)
+    seed: int = cli_field(0, "Seed of the data split and batch order.", PANEL_RUN)
 
     def __post_init__(self) -> None:
         checks = [
