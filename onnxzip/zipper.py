@@ -31,6 +31,7 @@ from .ir import Network, is_sparse, unit_features
 from .options import MergeOptions
 from .pairing import PairProblem, method
 from .plan import LayerPlan, SharingPlan, unshared_plan
+from .schedule import late_writers, schedule
 from .scratch import scratch_dir
 from .spaces import INPUT, Spaces, read_offsets, unit_spaces
 from .runtime import session
@@ -405,11 +406,6 @@ def _run_hook(hook: LayerHook, names: tuple[str, ...], plan_layers: dict[int, La
         task.tied, task.stale = net, True
 
 
-def _late_writers(spaces: Spaces) -> bool:
-    """True when some space has writers after the layer where it is paired (a residual stream read early)."""
-    return any(k > spaces.decided_at(s) for s in spaces.spaces for k in spaces.writers(s))
-
-
 def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
               n_batches: Sequence[int], opts: MergeOptions, providers: list[str], progress: ProgressFn,
               timer: StageTimer, after_layer: LayerHook | None, guides: dict[int, list[_Writer]],
@@ -419,30 +415,28 @@ def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[n
     n_layers = len(nets[0].layers)
     spaces = unit_spaces(nets[0])
     plan_layers: dict[int, LayerPlan] = {}
-    waiting: list[_Writer] = []
+    waiting: dict[int, _Writer] = {}  # calibrated writers whose space is not tied yet, by layer
     late: dict[int, list[_Writer]] = {}
     with scratch_dir() as tmp:
         tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b) in enumerate(zip(nets, batches))]
-        for k in range(n_layers):
+        for step in schedule(spaces):
+            k = step.layer
             tick = progress(f"{label}layer {nets[0].layers[k].name}", sum(n_batches))
             with timer("calibrate"):
                 accs = [_calibrate(task, k, n_layers, providers, tick, opts.max_patches) for task in tasks]
-            waiting.append(_writer(k, tasks, accs, plan_layers, opts, timer))
-            space = spaces.space[k]
-            decided = plan_layers.get(space)
-            if decided is not None or k == spaces.decided_at(space):
-                writers = [w for w in waiting if spaces.space[w.k] == space]
-                waiting = [w for w in waiting if spaces.space[w.k] != space]
-                given = decided.shared if decided is not None else None
+            waiting[k] = _writer(k, tasks, accs, plan_layers, opts, timer)
+            if step.ties:
+                writers = [waiting.pop(w) for w in step.ties]
+                given = None if step.pairs else plan_layers[step.space].shared
                 plans = _tie_space(writers, given, tasks, plan_layers, spaces, opts, timer,
-                                   guides.get(space, ()), late.setdefault(space, []) if collect else None)
+                                   guides.get(step.space, ()), late.setdefault(step.space, []) if collect else None)
                 for w, plan in zip(writers, plans):
                     plan_layers[w.k] = plan
-                if any(w.k < k for w in writers):  # tied after the live tensors downstream were cached
+                if step.stale:  # tied after the live tensors downstream were cached
                     for task in tasks:
                         task.stale = True
-            if after_layer is not None and not waiting and k < n_layers - 1 and plan_layers[k].n_shared:
+            if after_layer is not None and step.settled and k < n_layers - 1 and plan_layers[k].n_shared:
                 _run_hook(after_layer, names, plan_layers, tasks, timer)
     return SharingPlan(names, tuple(plan_layers[k] for k in range(n_layers))), [t.tied for t in tasks], late
 
@@ -465,7 +459,7 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     """
     timer = timer or StageTimer()
     guides: dict[int, list[_Writer]] = {}
-    if opts.stream_pairing == "all" and _late_writers(unit_spaces(nets[0])):
+    if opts.stream_pairing == "all" and late_writers(unit_spaces(nets[0])):
         _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True,
                                  "pass 1 of 2: ")
     plan, tied, _ = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, after_layer, guides,
