@@ -4,7 +4,9 @@ The state after each layer is the tied networks (each task's own chain, shared b
 merged values) and the plan so far. Layer l+1's statistics come from running the partially merged
 models; to avoid rerunning whole prefixes, each task's live tensors at a layer (its input, and in
 a residual network the streams read later) are cached on disk batch by batch, and the next
-layer's are computed by running only the segment between the two.
+layer's are computed by running only the segment between the two. One pass (_Pass) holds the
+tasks, unit spaces, plan, options and timer, and follows schedule(): per layer, calibrate, then tie
+what the step ties.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class _DiskBatches:
             f.unlink(missing_ok=True)
         self.files = batches
 
-    def writer(self) -> Callable[[list[np.ndarray]], list[Path]]:
+    def saver(self) -> Callable[[list[np.ndarray]], list[Path]]:
         self.generation += 1
         gen, count = self.generation, iter(range(1 << 62))
 
@@ -103,7 +105,7 @@ class _Task:
     tied_cache: _DiskBatches
     orig_cache: _DiskBatches
     # True when the tied network changed upstream of the cached live tensors (a layer hook, or a
-    # writer tied after later layers were calibrated).
+    # layer tied after later layers were calibrated).
     stale: bool = False
 
 
@@ -157,7 +159,7 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     at = task.tied.live(step).index(task.tied.wiring()[step][0][0])  # layer k's input among the live tensors
     W0, b0 = layer.matrix(), layer.b
     acc = MomentAccumulator(layer.in_features, layer.out_units)
-    write_tied, write_orig = task.tied_cache.writer(), task.orig_cache.writer()
+    save_tied, save_orig = task.tied_cache.saver(), task.orig_cache.saver()
     tied_files, orig_files = [], []
     for tied_in, orig_in in source:
         live_tied = run_tied(tied_in)[1]
@@ -165,9 +167,9 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
         x_tied = live_tied[at]
         rows, z = layer_rows(layer, x_tied, max_patches), output_rows(layer, pre, max_patches)
         acc.add(rows, z - (rows @ W0.T + b0), z)
-        tied_files.append(write_tied(live_tied))
+        tied_files.append(save_tied(live_tied))
         if live_orig:
-            orig_files.append(write_orig(live_orig))
+            orig_files.append(save_orig(live_orig))
         tick()
     task.tied_cache.replace(tied_files)
     task.orig_cache.replace(orig_files)
@@ -209,8 +211,9 @@ def _paired_inputs(tasks: list[_Task]) -> Iterator[tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
-class _Writer:
-    """A layer writing into the unit space being paired: its weights (bias column last), statistics, columns."""
+class _LayerState:
+    """One layer of every task after its calibration, while its unit space is paired and tied: its
+    weights (bias column last), moments, and the Hessians and columns over its shared inputs."""
 
     k: int
     name: str
@@ -225,38 +228,15 @@ class _Writer:
         """Task t's incoming weights over the shared inputs, one column per unit."""
         return self.weights[t][:, self.feats[t]].T
 
-    def snapshot(self) -> "_Writer":
-        """A copy of the writer as it stands before tying (weights copied, moments dropped), for pairing only."""
-        return _Writer(self.k, self.name, [], [W.copy() for W in self.weights], [], self.corrected,
-                       list(self.feats), list(self.H))
+    def snapshot(self) -> "_LayerState":
+        """A copy of the layer as it stands before tying (weights copied, moments dropped), for pairing only."""
+        return _LayerState(self.k, self.name, [], [W.copy() for W in self.weights], [], self.corrected,
+                           list(self.feats), list(self.H))
 
     @cached_property
     def sparse(self) -> bool:
         """True when any task's layer is pruned (computed once; merging keeps the zero patterns)."""
         return any(is_sparse(W[:, :-1]) for W in self.weights)
-
-
-def _hessians(w: _Writer, tasks: list[_Task], plan_layers: dict[int, LayerPlan], spaces: Spaces,
-              opts: MergeOptions) -> None:
-    """Fill in the writer's shared input features and damped, task-weighted Hessians over them."""
-    w.feats = [_shared_features(plan_layers, spaces, w.k, t, task) for t, task in enumerate(tasks)]
-    w.H = []
-    for scale, acc, f in zip(opts.task_scales(len(tasks)), w.accs, w.feats):
-        Ht = acc.gram[np.ix_(f, f)]
-        Ht *= scale
-        w.H.append(damp(Ht, opts.damping))
-
-
-def _choose_pairs(tasks: list[_Task], writers: list[_Writer], metrics: list[PairMetric], A: list[np.ndarray],
-                  B: list[np.ndarray], count: int, opts: MergeOptions, seed: tuple[int, ...],
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs of columns of A and B by the --cost method (pairing), the pair costs summed over the writers."""
-    def activation_costs() -> np.ndarray:  # chains only (api refuses residual joins), so one writer
-        w = writers[0]
-        layers = (tasks[0].tied.layers[w.k], tasks[1].tied.layers[w.k])
-        return correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
-    problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost, seed, activation_costs)
-    return method(opts.cost).choose(problem)
 
 
 def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: bool) -> np.ndarray:
@@ -267,7 +247,7 @@ def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: boo
     return w.astype(np.float32).astype(np.float64)  # every task gets bit-identical float32 values
 
 
-def _fold_in(w: _Writer, merged: np.ndarray, H_acc: np.ndarray, t: int, units_t: np.ndarray,
+def _fold_in(w: _LayerState, merged: np.ndarray, H_acc: np.ndarray, t: int, units_t: np.ndarray,
              kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Task t's columns of ``units_t`` merged into the columns merged so far, whose Hessian is H_acc
     (Eq. 10/11; the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by exactly that pair cost).
@@ -280,7 +260,7 @@ def _fold_in(w: _Writer, merged: np.ndarray, H_acc: np.ndarray, t: int, units_t:
     return _merge_columns(metric, merged, C, w.sparse), step, H_acc + w.H[t]
 
 
-def _fold(w: _Writer, units: list[np.ndarray], kind: str | None = None
+def _fold(w: _LayerState, units: list[np.ndarray], kind: str | None = None
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The columns of the given units of tasks 0, 1, ... merged one task at a time (_fold_in); with
     ``kind`` each unit's summed pair cost (None without); and H_acc, the summed Hessians of those tasks.
@@ -292,153 +272,198 @@ def _fold(w: _Writer, units: list[np.ndarray], kind: str | None = None
     return merged, costs, H_acc
 
 
-def _pair_space(tasks: list[_Task], writers: list[_Writer], count: int, opts: MergeOptions
-                ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Choose the shared units of one unit space from the summed pair costs of all its writers.
-
-    Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched; each further task
-    is matched to the units merged so far, with H_acc as their Hessian, and then merged into them
-    (_fold_in). Units a later task does not match leave the shared set. Returns per task the shared
-    units' indices and each shared unit's summed cost.
-    """
-    k = writers[0].k
-    metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in writers]
-    rows0, rows1, costs = _choose_pairs(tasks, writers, metrics, [w.columns(0) for w in writers],
-                                        [w.columns(1) for w in writers], count, opts, (opts.seed, k))
-    units = [rows0, rows1]
-    if len(tasks) == 2:
-        return units, costs
-    folded = [_fold(w, units)[::2] for w in writers]  # per writer: (columns merged so far, H_acc)
-    for t in range(2, len(tasks)):
-        metrics = [PairMetric(H_acc, w.H[t], w.name) for (_, H_acc), w in zip(folded, writers)]
-        keep, rows_t, more = _choose_pairs(tasks, writers, metrics, [m for m, _ in folded],
-                                           [w.columns(t) for w in writers], len(units[0]), opts, (opts.seed, k, t))
-        units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
-        folded = [_fold_in(w, m[:, keep], H_acc, t, rows_t)[::2] for (m, H_acc), w in zip(folded, writers)]
-    return units, costs
-
-
-def _tie_writer(w: _Writer, units: list[np.ndarray], opts: MergeOptions) -> np.ndarray:
+def _tie_layer(w: _LayerState, units: list[np.ndarray], tie_metric: str) -> np.ndarray:
     """Write the merged columns of the given shared units into every task's weights; per-unit costs."""
-    merged, costs, _ = _fold(w, units, method(opts.cost).tie_metric)
+    merged, costs, _ = _fold(w, units, tie_metric)
     for W, u, f in zip(w.weights, units, w.feats):
         W[np.ix_(u, f)] = merged.T
     return costs
 
 
-def _writer(k: int, tasks: list[_Task], accs: list[MomentAccumulator], plan_layers: dict[int, LayerPlan],
-            opts: MergeOptions, timer: StageTimer) -> _Writer:
-    """Layer k with its weights corrected (once anything upstream is shared), ready to be paired and tied."""
-    before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
-    corrected = bool(opts.correct and any(p.n_shared for p in plan_layers.values()))
-    if corrected:
-        with timer("tie"):
-            weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
-    else:
-        weights = [W.copy() for W in before]
-    return _Writer(k, tasks[0].tied.layers[k].name, before, weights, accs, corrected)
+@dataclass
+class _Pass:
+    """One pass over the layers (MTZ Algorithm 1, as schedule() lays it out): the tasks, their unit
+    spaces, the plan so far, the options and where the time goes.
 
-
-def _can_share(writers: list[_Writer], plan_layers: dict[int, LayerPlan], spaces: Spaces) -> bool:
-    """False when no writer reads a shared input (a pair could only share its bias)."""
-    return any(s == INPUT or plan_layers[s].n_shared for w in writers for s in spaces.reads[w.k])
-
-
-def _tie_space(writers: list[_Writer], given: tuple | None, tasks: list[_Task], plan_layers: dict[int, LayerPlan],
-               spaces: Spaces, opts: MergeOptions, timer: StageTimer, guides: Sequence[_Writer] = (),
-               late: list[_Writer] | None = None) -> list[LayerPlan]:
-    """Pair a unit space (or follow its pairing, ``given``), tie every writer's shared units, plan them.
-
-    ``guides`` (later writers of the space, from a first pass) add their pair costs to the
-    pairing but are not tied. When ``late`` is a list, writers that follow a given pairing are
-    appended to it as they stand before tying, to guide a second pass.
+    ``guides`` holds, per space, the states of its later writers from a first pass (they add their
+    pair costs to its pairing); ``late``, when a dict, collects them in this pass.
     """
-    head = len(tasks[0].tied.layers) - 1
-    space = spaces.space[writers[0].k]
-    with timer("score+match"):
-        for w in writers:
-            _hessians(w, tasks, plan_layers, spaces, opts)
-    units, choice = None, None
-    if given is not None:
-        units = [np.array([s[t] for s in given], np.int64) for t in range(len(tasks))]
-        if late is not None:
-            late.extend(w.snapshot() for w in writers)
-    elif spaces.space[head] != space and _can_share(writers, plan_layers, spaces):
+
+    tasks: list[_Task]
+    spaces: Spaces
+    opts: MergeOptions
+    timer: StageTimer
+    providers: list[str]
+    guides: dict[int, list[_LayerState]]
+    late: dict[int, list[_LayerState]] | None
+    plan_layers: dict[int, LayerPlan] = field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.opts.tasks)
+
+    def layer_state(self, k: int, accs: list[MomentAccumulator]) -> _LayerState:
+        """Layer k with its weights corrected (once anything upstream is shared), ready to be paired and tied."""
+        tasks, opts = self.tasks, self.opts
+        before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
+        corrected = bool(opts.correct and any(p.n_shared for p in self.plan_layers.values()))
+        if corrected:
+            with self.timer("tie"):
+                weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
+        else:
+            weights = [W.copy() for W in before]
+        return _LayerState(k, tasks[0].tied.layers[k].name, before, weights, accs, corrected)
+
+    def hessians(self, w: _LayerState) -> None:
+        """Fill in the layer's shared input features and damped, task-weighted Hessians over them."""
+        w.feats = [_shared_features(self.plan_layers, self.spaces, w.k, t, task) for t, task in enumerate(self.tasks)]
+        w.H = []
+        for scale, acc, f in zip(self.opts.task_scales(len(self.tasks)), w.accs, w.feats):
+            Ht = acc.gram[np.ix_(f, f)]
+            Ht *= scale
+            w.H.append(damp(Ht, self.opts.damping))
+
+    def choose_pairs(self, states: list[_LayerState], metrics: list[PairMetric], A: list[np.ndarray],
+                     B: list[np.ndarray], count: int, seed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs of columns of A and B by the --cost method (pairing), the pair costs summed over the layers."""
+        tasks, opts = self.tasks, self.opts
+
+        def activation_costs() -> np.ndarray:  # chains only (api refuses residual joins), so one layer
+            w = states[0]
+            layers = (tasks[0].tied.layers[w.k], tasks[1].tied.layers[w.k])
+            return correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
+        problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost, seed, activation_costs)
+        return method(opts.cost).choose(problem)
+
+    def pair_space(self, states: list[_LayerState], count: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Choose the shared units of one unit space from the summed pair costs of all its writers.
+
+        Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched; each further task
+        is matched to the units merged so far, with H_acc as their Hessian, and then merged into them
+        (_fold_in). Units a later task does not match leave the shared set. Returns per task the shared
+        units' indices and each shared unit's summed cost.
+        """
+        k, seed, n_tasks = states[0].k, self.opts.seed, len(self.tasks)
+        metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in states]
+        rows0, rows1, costs = self.choose_pairs(states, metrics, [w.columns(0) for w in states],
+                                                [w.columns(1) for w in states], count, (seed, k))
+        units = [rows0, rows1]
+        if n_tasks == 2:
+            return units, costs
+        folded = [_fold(w, units)[::2] for w in states]  # per layer: (columns merged so far, H_acc)
+        for t in range(2, n_tasks):
+            metrics = [PairMetric(H_acc, w.H[t], w.name) for (_, H_acc), w in zip(folded, states)]
+            keep, rows_t, more = self.choose_pairs(states, metrics, [m for m, _ in folded],
+                                                   [w.columns(t) for w in states], len(units[0]), (seed, k, t))
+            units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
+            folded = [_fold_in(w, m[:, keep], H_acc, t, rows_t)[::2] for (m, H_acc), w in zip(folded, states)]
+        return units, costs
+
+    def can_share(self, states: list[_LayerState]) -> bool:
+        """False when no layer reads a shared input (a pair could only share its bias)."""
+        return any(s == INPUT or self.plan_layers[s].n_shared for w in states for s in self.spaces.reads[w.k])
+
+    def _units(self, states: list[_LayerState], space: int, given: tuple | None):
+        """The shared units per task (the pairing ``given``, or a new one of ``space``) and, when new,
+        each unit's summed cost; (None, None) when nothing is shared."""
+        tasks, guides = self.tasks, self.guides.get(space, ())
+        if given is not None:
+            if self.late is not None:
+                self.late.setdefault(space, []).extend(w.snapshot() for w in states)
+            return [np.array([s[t] for s in given], np.int64) for t in range(len(tasks))], None
+        head = len(tasks[0].tied.layers) - 1
+        if self.spaces.space[head] == space or not self.can_share(states):
+            return None, None
         first = tasks[0].tied.layers[space]
-        count = opts.shared_count(first.name, tuple(t.tied.layers[space].out_units for t in tasks))
-        if count:
-            with timer("score+match"):
-                units, choice = _pair_space(tasks, writers + list(guides), count, opts)
-    plans = []
-    for w in writers:
-        shared, cost = (), 0.0
-        if units is not None and len(units[0]):
-            with timer("tie"):
-                costs = _tie_writer(w, units, opts)
-            shared = tuple(zip(*(u.tolist() for u in units)))
-            alone = choice is not None and len(writers) == 1 and not guides
-            cost = float((choice if alone else costs).sum())
-        for task, W in zip(tasks, w.weights):
-            layer = task.tied.layers[w.k]
-            task.tied = task.tied.with_layer(w.k, layer.with_matrix(W[:, :-1], W[:, -1]))
-        with timer("tie"):
-            errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(w.weights, w.before, w.accs))
-        first = tasks[0].original.layers[w.k]
-        plans.append(LayerPlan(first.name, first.kind, tuple(t.original.layers[w.k].out_units for t in tasks),
-                               shared, cost, errors, corrected=w.corrected))
-    return plans
+        count = self.opts.shared_count(first.name, tuple(t.tied.layers[space].out_units for t in tasks))
+        if not count:
+            return None, None
+        with self.timer("score+match"):
+            return self.pair_space(states + list(guides), count)
 
+    def tie_space(self, states: list[_LayerState], space: int, given: tuple | None) -> list[LayerPlan]:
+        """Pair a unit space (or follow its pairing, ``given``), tie every layer's shared units, plan them.
 
-def _partial_plan(names: tuple[str, ...], plan_layers: dict[int, LayerPlan], tasks: list[_Task]) -> SharingPlan:
-    """The plan so far: layers not tied yet share nothing."""
-    layers = tasks[0].original.layers
-    rest = unshared_plan(names, [(l.name, l.kind, tuple(t.original.layers[k].out_units for t in tasks))
-                                 for k, l in enumerate(layers)]).layers
-    return SharingPlan(names, tuple(plan_layers.get(k, rest[k]) for k in range(len(layers))))
+        The space's guides add their pair costs to the pairing but are not tied. In a collecting
+        pass, layers that follow a given pairing are kept as they stand before tying, to guide a
+        second pass.
+        """
+        tasks, guides = self.tasks, self.guides.get(space, ())
+        with self.timer("score+match"):
+            for w in states:
+                self.hessians(w)
+        units, choice = self._units(states, space, given)
+        if self.late is not None:
+            self.late.setdefault(space, [])
+        plans = []
+        for w in states:
+            shared, cost = (), 0.0
+            if units is not None and len(units[0]):
+                with self.timer("tie"):
+                    costs = _tie_layer(w, units, method(self.opts.cost).tie_metric)
+                shared = tuple(zip(*(u.tolist() for u in units)))
+                alone = choice is not None and len(states) == 1 and not guides
+                cost = float((choice if alone else costs).sum())
+            for task, W in zip(tasks, w.weights):
+                layer = task.tied.layers[w.k]
+                task.tied = task.tied.with_layer(w.k, layer.with_matrix(W[:, :-1], W[:, -1]))
+            with self.timer("tie"):
+                errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(w.weights, w.before, w.accs))
+            first = tasks[0].original.layers[w.k]
+            plans.append(LayerPlan(first.name, first.kind, tuple(t.original.layers[w.k].out_units for t in tasks),
+                                   shared, cost, errors, corrected=w.corrected))
+        return plans
 
+    def partial_plan(self) -> SharingPlan:
+        """The plan so far: layers not tied yet share nothing."""
+        layers = self.tasks[0].original.layers
+        rest = unshared_plan(self.names, [(l.name, l.kind, tuple(t.original.layers[k].out_units for t in self.tasks))
+                                          for k, l in enumerate(layers)]).layers
+        return SharingPlan(self.names, tuple(self.plan_layers.get(k, rest[k]) for k in range(len(layers))))
 
-def _run_hook(hook: LayerHook, names: tuple[str, ...], plan_layers: dict[int, LayerPlan], tasks: list[_Task],
-              timer: StageTimer) -> None:
-    """Give the hook the plan so far and the tied networks; take its networks and mark the caches stale."""
-    with timer("retrain"):
-        nets = hook(_partial_plan(names, plan_layers, tasks), [t.tied for t in tasks])
-    for task, net in zip(tasks, nets):
-        task.tied, task.stale = net, True
+    def run_hook(self, hook: LayerHook) -> None:
+        """Give the hook the plan so far and the tied networks; take its networks and mark the caches stale."""
+        with self.timer("retrain"):
+            nets = hook(self.partial_plan(), [t.tied for t in self.tasks])
+        for task, net in zip(self.tasks, nets):
+            task.tied, task.stale = net, True
+
+    def run(self, n_batches: Sequence[int], progress: ProgressFn, after_layer: LayerHook | None,
+            label: str) -> SharingPlan:
+        """The steps of schedule(): calibrate a layer, tie what the step ties, retrain when settled."""
+        tasks, timer = self.tasks, self.timer
+        n_layers = len(tasks[0].original.layers)
+        waiting: dict[int, _LayerState] = {}  # calibrated layers whose space is not tied yet
+        for step in schedule(self.spaces):
+            k = step.layer
+            tick = progress(f"{label}layer {tasks[0].original.layers[k].name}", sum(n_batches))
+            with timer("calibrate"):
+                accs = [_calibrate(task, k, n_layers, self.providers, tick, self.opts.max_patches) for task in tasks]
+            waiting[k] = self.layer_state(k, accs)
+            if step.ties:
+                states = [waiting.pop(w) for w in step.ties]
+                given = None if step.pairs else self.plan_layers[step.space].shared
+                for w, plan in zip(states, self.tie_space(states, step.space, given)):
+                    self.plan_layers[w.k] = plan
+                if step.stale:  # tied after the live tensors downstream were cached
+                    for task in tasks:
+                        task.stale = True
+            if after_layer is not None and step.settled and k < n_layers - 1 and self.plan_layers[k].n_shared:
+                self.run_hook(after_layer)
+        return SharingPlan(self.names, tuple(self.plan_layers[k] for k in range(n_layers)))
 
 
 def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
               n_batches: Sequence[int], opts: MergeOptions, providers: list[str], progress: ProgressFn,
-              timer: StageTimer, after_layer: LayerHook | None, guides: dict[int, list[_Writer]],
-              collect: bool, label: str = "") -> tuple[SharingPlan, list[Network], dict[int, list[_Writer]]]:
+              timer: StageTimer, after_layer: LayerHook | None, guides: dict[int, list[_LayerState]],
+              collect: bool, label: str = "") -> tuple[SharingPlan, list[Network], dict[int, list[_LayerState]]]:
     """One pass over the layers; returns the plan, the tied networks and (if ``collect``) each space's late writers."""
-    names = tuple(opts.tasks)
-    n_layers = len(nets[0].layers)
-    spaces = unit_spaces(nets[0])
-    plan_layers: dict[int, LayerPlan] = {}
-    waiting: dict[int, _Writer] = {}  # calibrated writers whose space is not tied yet, by layer
-    late: dict[int, list[_Writer]] = {}
     with scratch_dir() as tmp:
         tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b) in enumerate(zip(nets, batches))]
-        for step in schedule(spaces):
-            k = step.layer
-            tick = progress(f"{label}layer {nets[0].layers[k].name}", sum(n_batches))
-            with timer("calibrate"):
-                accs = [_calibrate(task, k, n_layers, providers, tick, opts.max_patches) for task in tasks]
-            waiting[k] = _writer(k, tasks, accs, plan_layers, opts, timer)
-            if step.ties:
-                writers = [waiting.pop(w) for w in step.ties]
-                given = None if step.pairs else plan_layers[step.space].shared
-                plans = _tie_space(writers, given, tasks, plan_layers, spaces, opts, timer,
-                                   guides.get(step.space, ()), late.setdefault(step.space, []) if collect else None)
-                for w, plan in zip(writers, plans):
-                    plan_layers[w.k] = plan
-                if step.stale:  # tied after the live tensors downstream were cached
-                    for task in tasks:
-                        task.stale = True
-            if after_layer is not None and step.settled and k < n_layers - 1 and plan_layers[k].n_shared:
-                _run_hook(after_layer, names, plan_layers, tasks, timer)
-    return SharingPlan(names, tuple(plan_layers[k] for k in range(n_layers))), [t.tied for t in tasks], late
+        zip_pass = _Pass(tasks, unit_spaces(nets[0]), opts, timer, providers, guides, {} if collect else None)
+        plan = zip_pass.run(n_batches, progress, after_layer, label)
+    return plan, [t.tied for t in tasks], zip_pass.late or {}
 
 
 def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
@@ -448,17 +473,17 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     """Zip the hidden layers of two or more aligned networks in order, then refit the heads.
 
     A unit space written by several layers (a residual stream) is paired once, at the layer
-    Spaces.decided_at names, from the summed pair costs of its writers; later writers follow
-    that pairing. When a space has writers after that layer (a stream read before its last
-    writer), ``opts.stream_pairing`` "all" runs a first pass to get those writers' statistics
-    and pairs the space in a second pass from the costs of all its writers; "early" pairs it
-    from the writers before it is read only (one pass). ``after_layer`` runs after each hidden
+    Spaces.decided_at names, from the summed pair costs of its states; later states follow
+    that pairing. When a space has states after that layer (a stream read before its last
+    writer), ``opts.stream_pairing`` "all" runs a first pass to get those states' statistics
+    and pairs the space in a second pass from the costs of all its states; "early" pairs it
+    from the states before it is read only (one pass). ``after_layer`` runs after each hidden
     layer that shares units, when no writer is waiting for its space to be paired (see
     LayerHook), in the final pass only. Returns the sharing plan and the tied networks (same
     topology as the inputs).
     """
     timer = timer or StageTimer()
-    guides: dict[int, list[_Writer]] = {}
+    guides: dict[int, list[_LayerState]] = {}
     if opts.stream_pairing == "all" and late_writers(unit_spaces(nets[0])):
         _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True,
                                  "pass 1 of 2: ")
