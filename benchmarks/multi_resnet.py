@@ -12,7 +12,7 @@ exactly with onnxzip.budget.merged_params, before any merge): as even a share as
 allows, where one uniform share F on 16-wide spaces moves in steps of 1/16. Parameters shared:
 the saving as a fraction of the largest possible saving, N/(N-1) x (sum of inputs - merged) / sum
 of inputs (1.0 when everything but the heads is stored once). Tasks are added one at a time
-(zipper._pair_space). Residual streams are paired from all their writers (two passes, the
+(zipper, _Pass.pair_space). Residual streams are paired from all their writers (two passes, the
 default) or, with --stream-pairing early, from the writers before their first reader (one pass);
 give both to compare them in one run.
 
