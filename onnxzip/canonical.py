@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from .errors import OnnxZipError
 from .ir import CONV, FC, Layer, Network, Op, Step, TensorSpec
+from .fold import fold_constants
 from .load import file_sha256, load
 
 UNIT_WISE_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool", "AveragePool",
@@ -643,7 +644,7 @@ def import_network(path: str | Path) -> Network:
     loaded = load(path)
     try:
         with np.errstate(all="ignore"):  # hostile weights (NaN, inf) are refused by name, not warned about
-            net = canonicalise(loaded.model, Path(path), loaded.size)
+            net = canonicalise(fold_constants(loaded.model, Path(path)), Path(path), loaded.size)
     except MemoryError:
         raise OnnxZipError(f"{path}: not enough memory to import it") from None
     return replace(net, data_files=loaded.data_files)

@@ -32,6 +32,12 @@ def _probe_model() -> bytes:
                                   ir_version=8).SerializeToString()
 
 
+def quiet_default_logger() -> None:
+    """ONNX Runtime's default logger at errors only, also for the sessions other libraries create
+    (graphsurgeon's constant folding); onnxzip's own sessions set this per session."""
+    ort.set_default_logger_severity(ORT_LOG_ERRORS_ONLY)
+
+
 @lru_cache(maxsize=None)
 def cuda_usable() -> bool:
     """True when ONNX Runtime has the CUDA provider and a CUDA device answers."""
