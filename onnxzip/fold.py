@@ -22,11 +22,10 @@ CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
 
 
 def foldable(model: onnx.ModelProto) -> bool:
-    """True when some node computes from constants only (initializers that are not graph inputs,
-    Constant nodes, and what such nodes compute)."""
+    """True when some node computes from constants only (initializers, also those an exporter lists
+    as graph inputs as well; Constant nodes; and what such nodes compute)."""
     graph = model.graph
-    inputs = {i.name for i in graph.input}
-    const = {t.name for t in graph.initializer if t.name not in inputs}
+    const = {t.name for t in graph.initializer}
     for node in graph.node:
         if node.op_type in SOURCE_OPS:
             const.update(node.output)

@@ -5,6 +5,7 @@ write Reshape(initializer, shape)) is a weight, as the exporter writes it and ha
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper, numpy_helper
 
@@ -40,7 +41,7 @@ def _permuted(module: _TransposedWeightMLP, seed: int) -> _TransposedWeightMLP:
     return out
 
 
-def _export(module, path, opset: int, dynamo: bool):
+def _export(module, path, opset: int, dynamo: bool, initializers_as_inputs: bool = False):
     x = torch.randn(2, *SHAPE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -49,7 +50,8 @@ def _export(module, path, opset: int, dynamo: bool):
                               input_names=["input"], dynamic_shapes={"x": {0: torch.export.Dim("N")}})
         else:
             torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, do_constant_folding=False,
-                              opset_version=opset, input_names=["input"], dynamic_axes={"input": {0: "N"}})
+                              keep_initializers_as_inputs=initializers_as_inputs, opset_version=opset,
+                              input_names=["input"], dynamic_axes={"input": {0: "N"}})
     return path
 
 
@@ -65,6 +67,17 @@ def test_exported_weight_transposes_fold_and_a_permuted_copy_merges_back(tmp_pat
     np.testing.assert_allclose(net.layers[0].W, module.fc1.weight.detach().numpy(), rtol=0, atol=0)
     result, _ = B.merge_copies_back(tmp_path, [a, b], SHAPE)
     assert [lp.n_shared for lp in result.plan.layers] == [12, 0]
+
+
+@pytest.mark.parametrize("opset", [9, 11])
+def test_initializers_listed_as_graph_inputs_are_initializers(tmp_path, opset):
+    """Older exports (keep_initializers_as_inputs) list every weight as a graph input too."""
+    module = _TransposedWeightMLP(3)
+    a = _export(module, tmp_path / "a.onnx", opset, False, initializers_as_inputs=True)
+    b = _export(_permuted(module, 4), tmp_path / "b.onnx", opset, False, initializers_as_inputs=True)
+    assert "fc1.weight" in [i.name for i in onnx.load(str(a)).graph.input]
+    np.testing.assert_allclose(import_network(a).layers[0].W, module.fc1.weight.detach().numpy(), rtol=0, atol=0)
+    B.merge_copies_back(tmp_path, [a, b], SHAPE)
 
 
 def test_a_reshaped_initializer_is_a_weight(tmp_path):
