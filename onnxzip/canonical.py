@@ -41,11 +41,15 @@ NHWC_TO_NCHW = (0, 3, 1, 2)
 # A conv stack's output transposed back to NHWC right before flattening (Keras/tf2onnx): folded into
 # the next FC layer as a permutation of its input columns.
 NCHW_TO_NHWC = (0, 2, 3, 1)
+# ReduceMean over these axes of a 4-D NCHW tensor is a global average pool (torch's exporters write
+# AdaptiveAvgPool2d(1) and x.mean([2, 3]) so).
+IMAGE_RANK, SPATIAL = 4, {2, 3}
 FLATTENING_OPS = ("Flatten", "Reshape")
 POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
               "strides", "count_include_pad")
 SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add), BatchNormalization, " + ", ".join(UNIT_WISE_OPS)
-                     + ", Reshape (flattening), Identity, Dropout, Add of two tensors (residual), "
+                     + ", ReduceMean over the spatial axes (global average pool), Reshape (flattening), Identity, "
+                     "Dropout, Add of two tensors (residual), "
                      "Concat of channels, Softmax/LogSoftmax at the end, "
                      "scalar Mul/Div/Add/Sub on the input, Transpose of an NHWC input or before a flattening")
 
@@ -303,6 +307,21 @@ def _parse_reshape(p: _Parse, node: onnx.NodeProto) -> Op:
     return Op("Flatten", (("axis", 1),), node.name)
 
 
+def _parse_reduce_mean(p: _Parse, node: onnx.NodeProto) -> tuple[Op, ...]:
+    """ReduceMean over the spatial axes of an NCHW tensor: a global average pool, then (without
+    keepdims) the flattening to [N, C] that dropping the two unit axes amounts to."""
+    attrs, shape = _attrs(node), p.shapes.get(node.input[0])
+    if len(node.input) > 1 and node.input[1]:
+        axes = {int(a) for a in np.ravel(p.const(node, node.input[1], "axes"))}
+    else:
+        axes = {int(a) for a in attrs.get("axes", ())}
+    if shape is None or len(shape) != IMAGE_RANK or {a % IMAGE_RANK for a in axes} != SPATIAL:
+        raise p.fail(node, f"reduces axes {sorted(axes)} of a tensor of shape {shape}; only the mean over "
+                           "the spatial axes (2, 3) of an NCHW tensor, a global average pool, is supported")
+    pool = Op("GlobalAveragePool", (), node.name)
+    return (pool,) if attrs.get("keepdims", 1) else (pool, Op("Flatten", (("axis", 1),), node.name))
+
+
 def _parse_unit_op(p: _Parse, node: onnx.NodeProto) -> Op:
     attrs = _attrs(node)
     op = node.op_type
@@ -466,7 +485,7 @@ def _join(p: _Parse, node: onnx.NodeProto, raw: list[str]) -> Op:
     return Op("Add", (), node.name)
 
 
-def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step | None:
+def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step | tuple[Op, ...] | None:
     """The step for a node with one computed input ``raw``; None when the node folds away."""
     op = node.op_type
     if op in DROPPED_OPS:
@@ -478,6 +497,8 @@ def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step |
         return _parse_transpose(p, node)
     if op == "Reshape":
         return _parse_reshape(p, node)
+    if op == "ReduceMean":
+        return _parse_reduce_mean(p, node)
     if op in UNIT_WISE_OPS:
         return _parse_unit_op(p, node)
     if op in HEAD_OPS and node.output[0] == output:
@@ -518,6 +539,13 @@ def _walk(p: _Parse, source: str, output: str) -> str:
             step = _data_step(p, node, raw[0], output)
         if step is None:
             names[node.output[0]] = data[0]
+            continue
+        if isinstance(step, tuple):  # one node, several canonical steps: chained through inner tensors
+            for i, part in enumerate(step):
+                out = node.output[0] if i == len(step) - 1 else f"{node.output[0]}.{part.op_type}"
+                p.steps.append(replace(part, inputs=tuple(data), output=out))
+                data = [out]
+            names[node.output[0]] = node.output[0]
             continue
         if isinstance(step, Layer):
             step = replace(step, inputs=(data[0],))

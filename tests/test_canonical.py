@@ -209,3 +209,90 @@ def test_different_input_shapes_are_refused(tmp_path):
     with pytest.raises(OnnxZipError, match=r"b\.onnx: input 'input' has shape \['N', 1, 7, 7\]|b\.onnx: input"):
         merge([a, b], B.calib_folder(tmp_path / "c", (1, 8, 8), 16), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# ReduceMean over the spatial axes is a global average pool, as torch's exporters write it.
+
+class _PooledCNN:
+    """conv-relu-conv-relu-global average pool-fc in torch: AdaptiveAvgPool2d(1) + flatten, or x.mean([2, 3])."""
+
+    SHAPE, C1, C2, CLASSES = (1, 8, 8), 6, 8, 5
+
+    @staticmethod
+    def module(seed: int, mean: bool):
+        import torch
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(seed)
+                C = _PooledCNN
+                self.c1 = torch.nn.Conv2d(1, C.C1, 3, padding=1)
+                self.c2 = torch.nn.Conv2d(C.C1, C.C2, 3, padding=1)
+                self.fc = torch.nn.Linear(C.C2, C.CLASSES)
+                self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+            def forward(self, x):
+                x = torch.relu(self.c2(torch.relu(self.c1(x))))
+                return self.fc(x.mean([2, 3]) if mean else torch.flatten(self.pool(x), 1))
+        return Net().eval()
+
+    @staticmethod
+    def permuted(net, seed: int):
+        import torch
+        rng = np.random.default_rng(seed)
+        p1, p2 = (torch.from_numpy(rng.permutation(n)) for n in (_PooledCNN.C1, _PooledCNN.C2))
+        with torch.no_grad():
+            net.c1.weight.copy_(net.c1.weight[p1]), net.c1.bias.copy_(net.c1.bias[p1])
+            net.c2.weight.copy_(net.c2.weight[p2][:, p1]), net.c2.bias.copy_(net.c2.bias[p2])
+            net.fc.weight.copy_(net.fc.weight[:, p2])
+        return net
+
+    @staticmethod
+    def export(net, path, dynamo: bool, opset: int):
+        import warnings
+        import torch
+        x = torch.randn(2, *_PooledCNN.SHAPE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=opset, input_names=["input"],
+                                  dynamic_shapes={"x": {0: torch.export.Dim("N")}})
+            else:
+                torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                                  dynamic_axes={"input": {0: "N"}})
+        return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mean", [False, True], ids=["adaptive_pool", "mean"])
+@pytest.mark.parametrize("dynamo,opset", [(True, 18), (True, 20), (False, 11), (False, 17)])
+def test_reduce_mean_over_the_spatial_axes_is_a_global_average_pool(tmp_path, mean, dynamo, opset):
+    pytest.importorskip("torch")
+    C = _PooledCNN
+    a = C.export(C.module(0, mean), tmp_path / "a.onnx", dynamo, opset)
+    b = C.export(C.permuted(C.module(0, mean), 1), tmp_path / "b.onnx", dynamo, opset)
+    ops = {n.op_type for n in onnx.load(str(a)).graph.node}
+    net = import_network(a)
+    assert "GlobalAveragePool" in [getattr(s, "op_type", None) for s in net.steps]
+    assert [layer.name for layer in net.layers] == ["conv1", "conv2", "fc1"]
+    assert "ReduceMean" in ops or "GlobalAveragePool" in ops  # as the exporter wrote it
+    result, _ = B.merge_copies_back(tmp_path, [a, b], C.SHAPE)
+    assert [lp.n_shared for lp in result.plan.layers] == [C.C1, C.C2, 0]
+
+
+@pytest.mark.parametrize("axes,keepdims,features,why", [((1,), 1, 64, r"axes \[1\]"),
+                                                        ((2,), 0, 32, r"axes \[2\]"),
+                                                        ((1, 2, 3), 0, 1, r"axes \[1, 2, 3\]")])
+def test_other_reductions_are_refused_by_name(tmp_path, axes, keepdims, features, why):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["input", "W1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("ReduceMean", ["r1"], ["m"], name="odd_mean", axes=list(axes), keepdims=keepdims),
+             helper.make_node("Flatten", ["m"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "W2"], ["logits"], name="fc", transB=1)]
+    inits = {"W1": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
+             "W2": rng.standard_normal((3, features)).astype(np.float32)}
+    path = B.save(B.graph_model(nodes, inits, (1, 8, 8), (3,), opset=13), tmp_path / "odd.onnx")
+    with pytest.raises(OnnxZipError, match=rf"odd_mean.*ReduceMean.*reduces {why}"):
+        import_network(path)
