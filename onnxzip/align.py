@@ -19,23 +19,23 @@ def input_reps(net: Network) -> list[int]:
             continue
         prev = read_width(net, parts)
         if layer.kind == CONV and layer.W.shape[1] != prev:
-            raise OnnxZipError(f"{net.path}: layer '{layer.source}' reads {layer.W.shape[1]} channels "
+            raise OnnxZipError(f"{net.path}: layer {layer.describe()} reads {layer.W.shape[1]} channels "
                                f"but {_parts_words(net, parts)} write {prev}")
         per = layer.in_features // prev if layer.in_features % prev == 0 else 0
         if per == 0:
-            raise OnnxZipError(f"{net.path}: layer '{layer.source}' reads {layer.in_features} features, "
+            raise OnnxZipError(f"{net.path}: layer {layer.describe()} reads {layer.in_features} features, "
                                f"not a multiple of the {prev} units of {_parts_words(net, parts)}")
         reps.append(per)
     for k, s in enumerate(spaces.space):
         if net.layers[k].out_units != net.layers[s].out_units:
-            raise OnnxZipError(f"{net.path}: layers '{net.layers[s].source}' and '{net.layers[k].source}' are "
+            raise OnnxZipError(f"{net.path}: layers {net.layers[s].describe()} and {net.layers[k].describe()} are "
                                f"added together but write {net.layers[s].out_units} and "
                                f"{net.layers[k].out_units} units")
     return reps
 
 
 def _parts_words(net: Network, parts: tuple[int, ...]) -> str:
-    return " + ".join("the input" if s == INPUT else f"'{net.layers[s].source}'" for s in parts)
+    return " + ".join("the input" if s == INPUT else net.layers[s].describe() for s in parts)
 
 
 NHWC = "NHWC"
@@ -92,18 +92,18 @@ def _align_pair(a: Network, b: Network) -> None:
     reps_a, reps_b = input_reps(a), input_reps(b)
     for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
         if k == 0 and la.in_features != lb.in_features:
-            raise OnnxZipError(f"{b.path}: first layer '{lb.source}' reads {lb.in_features} features, "
+            raise OnnxZipError(f"{b.path}: first layer {lb.describe()} reads {lb.in_features} features, "
                                f"{a.path}'s reads {la.in_features}")
         if la.kernel != lb.kernel:
-            raise OnnxZipError(f"{b.path}: layer '{lb.source}' has kernel {list(lb.kernel)}, but "
-                               f"{a.path}'s '{la.source}' has {list(la.kernel)}")
+            raise OnnxZipError(f"{b.path}: layer {lb.describe()} has kernel {list(lb.kernel)}, but "
+                               f"{a.path}'s {la.describe()} has {list(la.kernel)}")
         if reps_a[k] != reps_b[k]:
-            raise OnnxZipError(f"{b.path}: layer '{lb.source}' sees {reps_b[k]} features per input unit, "
-                               f"{a.path}'s '{la.source}' sees {reps_a[k]} (different spatial sizes)")
+            raise OnnxZipError(f"{b.path}: layer {lb.describe()} sees {reps_b[k]} features per input unit, "
+                               f"{a.path}'s {la.describe()} sees {reps_a[k]} (different spatial sizes)")
 
 
 def _space_words(net: Network, parts: tuple[int, ...]) -> str:
-    words = ["the input" if s == INPUT else f"the units of '{net.layers[s].source}'" for s in parts]
+    words = ["the input" if s == INPUT else f"the units of {net.layers[s].describe()}" for s in parts]
     return words[0] if len(words) == 1 else "a Concat of " + ", ".join(words)
 
 
@@ -112,9 +112,9 @@ def _same_wiring(a: Network, b: Network) -> None:
     sa, sb = unit_spaces(a), unit_spaces(b)
     for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
         if sa.reads[k] != sb.reads[k]:
-            raise OnnxZipError(f"{b.path}: layer '{lb.source}' reads {_space_words(b, sb.reads[k])}, but {a.path}'s "
-                               f"'{la.source}' reads {_space_words(a, sa.reads[k])}; the models are wired differently")
+            raise OnnxZipError(f"{b.path}: layer {lb.describe()} reads {_space_words(b, sb.reads[k])}, but {a.path}'s "
+                               f"{la.describe()} reads {_space_words(a, sa.reads[k])}; the models are wired differently")
         if sa.space[k] != sb.space[k]:
-            raise OnnxZipError(f"{b.path}: layer '{lb.source}' adds into {_space_words(b, (sb.space[k],))}, but "
-                               f"{a.path}'s '{la.source}' adds into {_space_words(a, (sa.space[k],))}; the models "
+            raise OnnxZipError(f"{b.path}: layer {lb.describe()} adds into {_space_words(b, (sb.space[k],))}, but "
+                               f"{a.path}'s {la.describe()} adds into {_space_words(a, (sa.space[k],))}; the models "
                                "are wired differently")

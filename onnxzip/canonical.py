@@ -566,7 +566,7 @@ def _check_wiring(p: _Parse, source: str, final: str) -> None:
     read = {name for step in p.steps for name in step.inputs}
     for step in p.steps:
         if step.output not in read and step.output != final:
-            raise OnnxZipError(f"{p.path}: tensor '{step.output}' of '{step.source}' leads nowhere; every branch "
+            raise OnnxZipError(f"{p.path}: tensor '{step.output}' of {step.describe()} leads nowhere; every branch "
                                "must reach the graph output")
     if not p.steps or p.steps[-1].output != final:
         raise OnnxZipError(f"{p.path}: the graph output is not computed by a layer or an op after the last "
@@ -588,7 +588,7 @@ def _fold_affine(steps: tuple[Step, ...], scale: float, offset: float, start: in
     first = next(i for i, s in enumerate(steps) if isinstance(s, Layer))
     for step in steps[start:first]:
         if step.op_type not in AFFINE_COMMUTING_OPS:
-            raise OnnxZipError(f"{path}: {what} cannot be folded past '{step.source}' ({step.op_type}) into "
+            raise OnnxZipError(f"{path}: {what} cannot be folded past {step.describe()} into "
                                f"the first layer; only {', '.join(AFFINE_COMMUTING_OPS)} may lie between; {advice}")
     layer = steps[first]
     if offset != 0.0 and layer.kind == CONV and any(layer.pads):
@@ -661,7 +661,7 @@ def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Net
                            "head are needed to share anything")
     for layer in layers:
         if not (np.isfinite(layer.W).all() and np.isfinite(layer.b).all()):
-            raise OnnxZipError(f"{path}: layer '{layer.source}' has non-finite weights")
+            raise OnnxZipError(f"{path}: layer {layer.describe()} has non-finite weights")
     steps = _fold_graph_scaling(p)
     return Network(str(path), file_sha256(path), spec, _spec(graph.output[0]), steps,
                    opset=opset, ir_version=model.ir_version, file_bytes=file_bytes)

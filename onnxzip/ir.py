@@ -44,6 +44,10 @@ class Layer:
     inputs: tuple[str, ...] = ()
     output: str = ""
 
+    def describe(self) -> str:
+        """How messages name the layer: onnxzip's name, with its node's name beside it where that differs."""
+        return f"'{self.name}'" + (f" (node '{self.source}')" if self.source and self.source != self.name else "")
+
     @property
     def out_units(self) -> int:
         """Number of output units (neurons or conv kernels)."""
@@ -78,6 +82,10 @@ class Op:
     source: str = ""
     inputs: tuple[str, ...] = ()
     output: str = ""
+
+    def describe(self) -> str:
+        """How messages name the op: its node's name and type, or its type where the node is unnamed."""
+        return f"'{self.source}' ({self.op_type})" if self.source else f"an unnamed {self.op_type} node"
 
     def attr_dict(self) -> dict[str, Any]:
         """The attributes as a dict."""

@@ -83,13 +83,13 @@ def read_width(net: Network, parts: tuple[int, ...]) -> int:
 def _join(net: Network, step: Op, parts: list[tuple[int, ...]], parent: dict[int, int]) -> tuple[int, ...]:
     """The spaces of an Add's output: its inputs' spaces made one (the first writer names it)."""
     if any(len(p) > 1 for p in parts):
-        raise OnnxZipError(f"{net.path}: '{step.source}' ({step.op_type}) adds the output of a Concat to another "
+        raise OnnxZipError(f"{net.path}: {step.describe()} adds the output of a Concat to another "
                            "tensor; an Add after a Concat of branches is not supported")
     root = parts[0][0]
     for (other,) in parts[1:]:
         a, b = _find(parent, root), _find(parent, other)
         if a != b and INPUT in (a, b):
-            raise OnnxZipError(f"{net.path}: '{step.source}' ({step.op_type}) adds the model input to the "
+            raise OnnxZipError(f"{net.path}: {step.describe()} adds the model input to the "
                                "output of a layer; only tensors computed by layers can be joined")
         parent[max(a, b)] = root = min(a, b)  # the root of a space is its first writer
     return (root,)
@@ -111,7 +111,7 @@ def unit_spaces(net: Network) -> Spaces:
         elif step.op_type == "Concat":
             joined = sum(parts, ())
             if INPUT in joined:
-                raise OnnxZipError(f"{net.path}: '{step.source}' (Concat) concatenates the model input with "
+                raise OnnxZipError(f"{net.path}: {step.describe()} concatenates the model input with "
                                    "computed tensors; only tensors computed by layers can be concatenated")
             of_tensor[output] = joined
         elif len(parts) > 1:

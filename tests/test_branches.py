@@ -175,9 +175,10 @@ def test_differently_concatenated_models_are_refused(tmp_path):
     cat = next(n for n in model.graph.node if n.name == "fire_cat")
     cat.input[:] = list(reversed(cat.input))
     b = B.save(model, tmp_path / "b.onnx")
-    with pytest.raises(OnnxZipError, match=r"b\.onnx: layer 'b1_conv' reads a Concat of the units of 'e3_conv', "
-                                           r"the units of 'e1_conv', but .*a\.onnx's 'b1_conv' reads a Concat of "
-                                           r"the units of 'e1_conv', the units of 'e3_conv'"):
+    with pytest.raises(OnnxZipError, match=r"b\.onnx: layer 'conv5' \(node 'b1_conv'\) reads a Concat of the units "
+                                           r"of 'conv4' \(node 'e3_conv'\), the units of 'conv3' \(node 'e1_conv'\), "
+                                           r"but .*a\.onnx's 'conv5' \(node 'b1_conv'\) reads a Concat of the units of "
+                                           r"'conv3' \(node 'e1_conv'\), the units of 'conv4' \(node 'e3_conv'\)"):
         merge([a, b], B.calib_folder(tmp_path / "calib", SHAPE, n=32), tmp_path / "m.onnx", MergeOptions())
 
 

@@ -296,3 +296,20 @@ def test_other_reductions_are_refused_by_name(tmp_path, axes, keepdims, features
     path = B.save(B.graph_model(nodes, inits, (1, 8, 8), (3,), opset=13), tmp_path / "odd.onnx")
     with pytest.raises(OnnxZipError, match=rf"odd_mean.*ReduceMean.*reduces {why}"):
         import_network(path)
+
+
+def test_errors_name_layers_by_onnxzips_names_and_unnamed_nodes_by_their_type(tmp_path):
+    layers = B.mlp_weights([64, 16, 10], 0)
+    layers[1][0][0, 0] = np.nan
+    model = B.mlp_model(layers)
+    for node in model.graph.node:
+        node.name = ""
+    path = B.save(model, tmp_path / "unnamed.onnx")
+    with pytest.raises(OnnxZipError, match=r"layer 'fc2' has non-finite weights"):
+        import_network(path)
+    net = import_network(B.save(B.mlp_model(B.mlp_weights([64, 16, 10], 0)), tmp_path / "named.onnx"))
+    assert net.layers[0].describe() == "'fc1' (node 'gemm0')"
+    relu = next(s for s in net.steps if getattr(s, "op_type", None) == "Relu")
+    assert relu.describe() == "'relu0' (Relu)"
+    from dataclasses import replace
+    assert replace(relu, source="").describe() == "an unnamed Relu node"

@@ -111,8 +111,9 @@ def test_differently_wired_models_are_refused(tmp_path):
     a = B.save(B.resnet_model(w), tmp_path / "res.onnx")
     b = B.save(B.resnet_model(w, join_b1=False), tmp_path / "chain.onnx")
     calib = B.calib_folder(tmp_path / "calib", SHAPE, n=32)
-    with pytest.raises(OnnxZipError, match=r"chain\.onnx: layer 'b1b_conv' adds into the units of 'b1b_conv', "
-                                           r"but .*res\.onnx's 'b1b_conv' adds into the units of 'stem_conv'"):
+    with pytest.raises(OnnxZipError, match=r"chain\.onnx: layer 'conv3' \(node 'b1b_conv'\) adds into the units of "
+                                           r"'conv3' \(node 'b1b_conv'\), but .*res\.onnx's 'conv3' \(node 'b1b_conv'\) "
+                                           r"adds into the units of 'conv1' \(node 'stem_conv'\)"):
         merge([a, b], calib, tmp_path / "m.onnx", MergeOptions())
 
 
