@@ -265,6 +265,9 @@ def merge(
                                           "of samples that measure --budget/--target-size fidelity instead of the "
                                           "last 20% of the calibration samples; best data the models were not "
                                           "trained on.", rich_help_panel=PANEL_SHARING),
+    task_output: List[str] = typer.Option([], "--task-output", help="TASK=NAME: the graph output that is the "
+                                          "task's, of a model with several (e.g. beside a debug output); the "
+                                          "others are dropped (repeat per task).", rich_help_panel=P_DATA),
     input_scale: List[str] = typer.Option([], "--input-scale", help="TASK=SCALE,OFFSET: that model expects "
                                           "SCALE * u + OFFSET of the raw input u; folded into its first layer so "
                                           "that the merged model takes u (repeat per task).", rich_help_panel=P_DATA),
@@ -291,6 +294,7 @@ def merge(
     values = field_values(MergeOptions, generated)
     opts = MergeOptions(
         **values, layout=emit_layout, image=image, input_scale=_input_scales(input_scale),
+        task_outputs=tuple(_pairs(task_output, "--task-output").items()),
         share_layers=tuple((k, _number(v, "--share-layer")) for k, v in _pairs(share_layer, "--share-layer").items()),
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (),
         retrain=_retrain_options(retrain_iters, retrain_lr, retrain_lr_schedule, retrain_optimizer,

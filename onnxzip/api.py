@@ -134,8 +134,10 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     tick = progress("load", len(paths))
     with timer("load"):
         nets = []
-        for p in paths:
-            nets.append(import_network(p))
+        task_outputs = dict(opts.task_outputs)
+        check_known("--task-output", task_outputs, tasks)
+        for p, task in zip(paths, tasks):
+            nets.append(import_network(p, task_outputs.get(task)))
             tick()
         check_outputs(outputs, _reads(paths, nets, data))  # now with the models' external-data files
         nets = _rescale(nets, opts)

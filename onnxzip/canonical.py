@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .errors import OnnxZipError
@@ -667,12 +668,37 @@ def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Net
                    opset=opset, ir_version=model.ir_version, file_bytes=file_bytes)
 
 
-def import_network(path: str | Path) -> Network:
-    """Load an ONNX file and return its canonical Network (see load.load and canonicalise)."""
+def _one_output(model: onnx.ModelProto, path: Path, output: str | None) -> onnx.ModelProto:
+    """The model with one graph output: the only one, or ``output`` (the others and the nodes only
+    they need are dropped); several without a choice are refused naming the option."""
+    names = [o.name for o in model.graph.output]
+    if output is None:
+        if len(names) > 1:
+            raise OnnxZipError(f"{path}: has {len(names)} outputs ({', '.join(names)}); choose the task's output "
+                               f"with --task-output TASK=NAME")
+        return model
+    if output not in names:
+        raise OnnxZipError(f"{path}: --task-output names output '{output}', but its outputs are {', '.join(names)}")
+    if names == [output]:
+        return model
+    graph = gs.import_onnx(model)
+    graph.outputs = [t for t in graph.outputs if t.name == output]
+    graph.cleanup()
+    kept = gs.export_onnx(graph, do_type_check=False)
+    kept.ir_version = model.ir_version
+    del kept.opset_import[:]
+    kept.opset_import.extend(model.opset_import)
+    return kept
+
+
+def import_network(path: str | Path, output: str | None = None) -> Network:
+    """Load an ONNX file and return its canonical Network (see load.load and canonicalise); ``output``
+    names the graph output to keep of a model with several (--task-output)."""
     loaded = load(path)
     try:
         with np.errstate(all="ignore"):  # hostile weights (NaN, inf) are refused by name, not warned about
-            net = canonicalise(fold_constants(loaded.model, Path(path)), Path(path), loaded.size)
+            model = _one_output(loaded.model, Path(path), output)
+            net = canonicalise(fold_constants(model, Path(path)), Path(path), loaded.size)
     except MemoryError:
         raise OnnxZipError(f"{path}: not enough memory to import it") from None
     return replace(net, data_files=loaded.data_files)

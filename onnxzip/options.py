@@ -184,6 +184,9 @@ class MergeOptions:
     # How a unit space with writers after its first reader (a residual stream) is paired: "all"
     # from the pair costs of all its writers (a second pass over the layers), "early" from those
     # before its first reader only (one pass; faster). Chains always take one pass.
+    # Per task (name, output): the graph output that is the task's, of a model with several (a debug
+    # output beside the logits); the others are dropped on import.
+    task_outputs: tuple[tuple[str, str], ...] = ()
     stream_pairing: str = cli_field("all", "Residual streams: all (paired from the costs of all their writers; two "
                                     "passes) or early (from the writers before the stream is first read; one pass, "
                                     "faster).", PANEL_PAIRING)

@@ -51,10 +51,13 @@ class MergedRunner:
         return self.sess.run([self.tasks[t]], {self.input: x})[0]
 
 
-def _model_runner(model: onnx.ModelProto | bytes | str, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+def _model_runner(model: onnx.ModelProto | bytes | str, providers: list[str],
+                  output: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Runs a one-input model; its first output, or ``output`` of a model with several."""
     sess = session(model, providers)
     name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
+    wanted = None if output is None else [output]
+    return lambda x: sess.run(wanted, {name: x})[0]
 
 
 def original_runner(net: Network, providers: list[str]) -> Callable[[np.ndarray], np.ndarray]:
@@ -62,7 +65,7 @@ def original_runner(net: Network, providers: list[str]) -> Callable[[np.ndarray]
     folded in (--input-scale), runs in its canonical form."""
     if net.rescaled or (net.input.shape and net.input.shape[0] is not None):
         return _model_runner(task_model(net), providers)
-    return _model_runner(runtime_source(net.path), providers)
+    return _model_runner(runtime_source(net.path), providers, net.output.name)
 
 
 def _take(batches: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:

@@ -104,11 +104,11 @@ def _top1(outputs_: np.ndarray, reference: np.ndarray) -> float:
 
 
 def _prepare(data: TaskData, teacher: Path, spec: TensorSpec, opts: RetrainOptions,
-             providers: list[str]) -> _Prepared:
+             providers: list[str], output: str | None = None) -> _Prepared:
     """Teacher outputs on the task's training and held-out data (and accuracy set), and its loss."""
     from .losses import teacher_logits
     loss = _loss_kind(opts, data)
-    run, teacher_head = teacher_runner(teacher, spec, providers)
+    run, teacher_head = teacher_runner(teacher, spec, providers, output)
     held = outputs(run, data.held, opts.batch_size)
     _check_label_range(data, teacher, held)
     train = teacher_logits(outputs(run, data.train, opts.batch_size), teacher_head)
@@ -253,7 +253,8 @@ def _run(merged_path: Path, model: onnx.ModelProto, meta: dict[str, str], output
     step = progress("teachers", len(tasks))
     prepared = []
     for d in datasets:
-        prepared.append(_prepare(d, teacher_paths[d.task], spec, opts, providers))
+        recorded = json.loads(meta.get(KEY_SOURCES, "{}")).get(d.task, {}).get("output")
+        prepared.append(_prepare(d, teacher_paths[d.task], spec, opts, providers, recorded))
         step({})
     module.to(device)
     _check_bridge(merged_path, layout, module, prepared, opts, device, providers)

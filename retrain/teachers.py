@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+import onnx
 
 from ..canonical import import_network
 from ..errors import OnnxZipError
@@ -50,13 +51,15 @@ def _check_input(path: Path, spec: TensorSpec, merged: TensorSpec) -> None:
                            f"merged model's input '{merged.name}' {merged.shape} ({merged.dtype})")
 
 
-def teacher_runner(path: Path, merged_input: TensorSpec,
-                   providers: list[str]) -> tuple[Callable[[np.ndarray], np.ndarray], str | None]:
-    """Runs a teacher model file with ONNX Runtime (input checked against the merged model's).
+def teacher_runner(path: Path, merged_input: TensorSpec, providers: list[str],
+                   output: str | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], str | None]:
+    """Runs a teacher model file with ONNX Runtime (input checked against the merged model's); of a
+    teacher with several outputs, ``output`` (the one the merge recorded for the task).
 
     Also returns the op its output ends in (Softmax or LogSoftmax), None for plain logits.
     """
-    net = import_network(path)
+    several = len(onnx.load(str(path), load_external_data=False).graph.output) > 1
+    net = import_network(path, output if several else None)
     _check_input(path, net.input, merged_input)
     last = net.steps[-1]
     return original_runner(net, providers), (last.op_type if isinstance(last, Op) else None)

@@ -1,5 +1,7 @@
 """Canonicalisation of what exporters write: folding, bias Adds, flattening, heads, sparse layers."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -311,5 +313,57 @@ def test_errors_name_layers_by_onnxzips_names_and_unnamed_nodes_by_their_type(tm
     assert net.layers[0].describe() == "'fc1' (node 'gemm0')"
     relu = next(s for s in net.steps if getattr(s, "op_type", None) == "Relu")
     assert relu.describe() == "'relu0' (Relu)"
-    from dataclasses import replace
     assert replace(relu, source="").describe() == "an unnamed Relu node"
+
+
+# A model with a debug output beside the task's: --task-output picks the task's, the rest is dropped.
+
+def _two_output_export(path, seed: int, perm, dynamo: bool):
+    import warnings
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.fc1, self.fc2 = torch.nn.Linear(16, 12), torch.nn.Linear(12, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x.flatten(1)))
+            return h.mean(1, keepdim=True), self.fc2(h)  # the debug output first
+
+    net = Net().eval()
+    p = torch.from_numpy(perm)
+    with torch.no_grad():
+        net.fc1.weight.copy_(net.fc1.weight[p]), net.fc1.bias.copy_(net.fc1.bias[p])
+        net.fc2.weight.copy_(net.fc2.weight[:, p])
+    x = torch.randn(2, 1, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["debug", "logits"], dynamic_shapes={"x": {0: torch.export.Dim("N")}})
+        else:
+            torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=13, input_names=["input"],
+                              output_names=["debug", "logits"], dynamic_axes={"input": {0: "N"}})
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_task_output_picks_the_output_of_a_model_with_several(tmp_path, dynamo):
+    pytest.importorskip("torch")
+    a = _two_output_export(tmp_path / "a.onnx", 0, np.arange(12), dynamo)
+    b = _two_output_export(tmp_path / "b.onnx", 0, np.random.default_rng(1).permutation(12), dynamo)
+    calib = B.calib_folder(tmp_path / "calib", (1, 4, 4), 64)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(OnnxZipError, match=r"a\.onnx: has 2 outputs \(debug, logits\).*--task-output"):
+        merge([a, b], calib, out)
+    with pytest.raises(OnnxZipError, match=r"--task-output names output 'logit'"):
+        merge([a, b], calib, out, MergeOptions(task_outputs=(("a", "logit"), ("b", "logits"))))
+    result = merge([a, b], calib, out, MergeOptions(task_outputs=(("a", "logits"), ("b", "logits"))))
+    assert [c.top1_agreement for c in result.checks] == [1.0, 1.0]
+    x = np.random.default_rng(2).random((8, 1, 4, 4), dtype=np.float32)
+    want = B.run(a, x)[1]  # the logits, the second output
+    for y in B.run(out, x):
+        np.testing.assert_allclose(y, want, rtol=TOL, atol=TOL)
