@@ -122,9 +122,11 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
     folders = per_task(calib, tasks, "--calib")
-    data = {"--calib": folders, "--eval": list(some_tasks(evals, tasks, "--eval").values()),
-            "--retrain-data": [] if retrain_data is None else per_task(retrain_data, tasks, "--retrain-data"),
-            "--budget-data": [] if budget_data is None else per_task(budget_data, tasks, "--budget-data")}
+    eval_dirs = some_tasks(evals, tasks, "--eval")
+    retrain_dirs = None if retrain_data is None else per_task(retrain_data, tasks, "--retrain-data")
+    measure_dirs = None if budget_data is None else per_task(budget_data, tasks, "--budget-data")
+    data = {"--calib": folders, "--eval": list(eval_dirs.values()), "--retrain-data": retrain_dirs or [],
+            "--budget-data": measure_dirs or []}
     check_outputs(outputs, _reads(paths, [], data))
     _check_method_on_tasks(opts, tasks, folders)
     if opts.retrain is None and retrain_data is not None:
@@ -146,17 +148,16 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         _check_method_on_networks(opts, nets[0])
         _check_classifiers(opts, nets, evals)
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input, classes=nets[tasks.index(t)].classes)
-                    for t, d in some_tasks(evals, tasks, "--eval").items()}
+                    for t, d in eval_dirs.items()}
         streams, counts = _streams(folders, nets, opts)
     providers, device = resolve_device(opts.device)
     search_report = None
     if opts.budget is not None or opts.target_size is not None:
         tick = progress("search shares", 1)
         with timer("search"):
-            measure = None if budget_data is None else per_task(budget_data, tasks, "--budget-data")
-            opts, streams, counts, search_report = _search_shares(nets, folders, opts, providers, measure)
+            opts, streams, counts, search_report = _search_shares(nets, folders, opts, providers, measure_dirs)
         tick()
-    hook = _retrainer(nets, folders if retrain_data is None else per_task(retrain_data, tasks, "--retrain-data"),
+    hook = _retrainer(nets, folders if retrain_dirs is None else retrain_dirs,
                       opts, progress)
     plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook)
     tick = progress("emit", 1)

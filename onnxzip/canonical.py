@@ -701,4 +701,4 @@ def import_network(path: str | Path, output: str | None = None) -> Network:
             net = canonicalise(fold_constants(model, Path(path)), Path(path), loaded.size)
     except MemoryError:
         raise OnnxZipError(f"{path}: not enough memory to import it") from None
-    return replace(net, data_files=loaded.data_files)
+    return replace(net, data_files=loaded.data_files, runs_as_file=loaded.large or not loaded.changed)

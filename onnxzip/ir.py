@@ -114,6 +114,9 @@ class Network:
     file_bytes: int = 0
     # The external-data files the model was read from (absolute paths), if any.
     data_files: tuple[str, ...] = ()
+    # False when ONNX Runtime cannot be shown the file as it is (import had to read its external
+    # data in, rename duplicate nodes or drop unused sparse initializers; load.runtime_source).
+    runs_as_file: bool = True
     # True when an input scaling was folded in (--input-scale): the file itself expects other inputs.
     rescaled: bool = False
 

@@ -65,7 +65,8 @@ def original_runner(net: Network, providers: list[str]) -> Callable[[np.ndarray]
     folded in (--input-scale), runs in its canonical form."""
     if net.rescaled or (net.input.shape and net.input.shape[0] is not None):
         return _model_runner(task_model(net), providers)
-    return _model_runner(runtime_source(net.path), providers, net.output.name)
+    source = str(net.path) if net.runs_as_file else runtime_source(net.path)  # no second import when not needed
+    return _model_runner(source, providers, net.output.name)
 
 
 def _take(batches: Iterator[np.ndarray], limit: int) -> Iterator[np.ndarray]:

@@ -488,3 +488,21 @@ def test_the_command_line_refuses_hostile_models_in_one_line(tmp_path, kind):
     before = digest([case.a, case.calib, *[p for p in case.root.iterdir() if p.name.startswith("bad.onnx")]])
     proc = case.cli("merge", case.a, bad, "--calib", case.calib, "-o", out)
     assert_refused(proc, "bad.onnx", *needles, outputs=[out], folders=[case.root, case.scratch], before=before)
+
+
+def test_the_original_is_imported_once_unless_ort_cannot_run_the_file(tmp_path, monkeypatch):
+    """verify.original_runner hands ORT the file itself, without importing it again, when import
+    changed nothing; only a model import had to change goes through runtime_source."""
+    from onnxzip import verify
+    from onnxzip.canonical import import_network
+    from onnxzip.runtime import CPU
+    plain = import_network(B.save(_mlp(), tmp_path / "plain.onnx"))
+    onnx.save(_mlp(), str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    external = import_network(tmp_path / "ext.onnx")
+    assert plain.runs_as_file and not external.runs_as_file
+    calls = []
+    monkeypatch.setattr(verify, "runtime_source", lambda p: calls.append(p) or runtime_source(p))
+    for net in (plain, external):
+        np.testing.assert_allclose(verify.original_runner(net, [CPU])(_x()), B.run(tmp_path / "plain.onnx", _x())[0],
+                                   rtol=1e-6, atol=1e-6)
+    assert calls == [external.path]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
@@ -45,7 +46,7 @@ class PairProblem:
                    for m, a, b in zip(self.metrics, self.A, self.B))
 
 
-class PairMethod:
+class PairMethod(ABC):
     """How one pair-choice method chooses pairs, and what it needs."""
 
     name: ClassVar[str]
@@ -58,9 +59,9 @@ class PairMethod:
     max_tasks: ClassVar[int | None] = None
     thresholdable: ClassVar[bool] = True
 
+    @abstractmethod
     def choose(self, problem: PairProblem) -> Pairs:
         """The pairs of ``problem``: rows of A, columns of B (sorted by row) and each pair's cost."""
-        raise NotImplementedError
 
 
 _REGISTRY: dict[str, PairMethod] = {}
