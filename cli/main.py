@@ -18,7 +18,7 @@ from .. import __version__
 from ..api import MergeResult, merge as run_merge
 from ..errors import OnnxZipError, printable
 from ..format import MULTI
-from ..merged import inspect as read_merged, split as split_task
+from ..merged import input_line, inspect as read_merged, split as split_task
 from ..runtime import resolve_device
 from ..options import PANEL_CHECKS, PANEL_DATA, PANEL_SHARING, ImageOptions, MergeOptions
 from ..retrain import RetrainOptions, RetrainResult, options as retrain_defaults, retrain as run_retrain
@@ -158,13 +158,16 @@ def _fmt(value: Optional[float], pct: bool = False) -> str:
 
 def _print_result(result: MergeResult) -> None:
     tasks = result.plan.tasks
+    notes = any(row.note for row in result.layers)  # e.g. a correction skipped for lack of memory
     table = Table(title=f"onnxzip merge -> {result.output}")
     for col in ["layer", "units " + "/".join(tasks), "shared", "params saved", "summed cost"] + \
                [f"rel. error {t}" for t in tasks]:
         table.add_column(col, justify="right")
+    if notes:
+        table.add_column("note", justify="left")
     for row in result.layers:
         table.add_row(row.name, "/".join(map(str, row.units)), str(row.shared), f"{row.params_saved:,}",
-                      _fmt(row.cost), *(_fmt(e) for e in row.rel_error))
+                      _fmt(row.cost), *(_fmt(e) for e in row.rel_error), *([row.note] if notes else []))
     out.print(table)
     checks = Table(title="fidelity on calibration samples" + (" and accuracy on --eval data"
                                                                 if any(c.accuracy_merged is not None
@@ -176,6 +179,8 @@ def _print_result(result: MergeResult) -> None:
         checks.add_row(c.task, str(c.samples), _fmt(c.max_diff_vs_tied), _fmt(c.top1_agreement, True),
                        _fmt(c.rel_output_error), _fmt(c.accuracy_original, True), _fmt(c.accuracy_merged, True))
     out.print(checks)
+    for line in result.inputs + ((result.alignment,) if result.alignment else ()):
+        out.print(line, markup=False)
     total_in = sum(result.params_inputs)
     out.print(f"parameters: {total_in:,} in the inputs -> {result.params_merged:,} merged "
               f"({100 * (1 - result.params_merged / total_in):.1f}% fewer); file {result.bytes_merged:,} bytes "
@@ -319,7 +324,9 @@ def inspect(model: Path = typer.Argument(..., help="A model written by onnxzip m
     out.print(f"{info.path}: onnxzip {info.version}, layout {info.layout}, tasks {', '.join(info.plan.tasks)}")
     for task, src in info.sources.items():
         out.print(f"  {task}: from {src['file']} (sha256 {src['sha256'][:16]}..., {src['params']:,} params, "
-                  f"{src['bytes']:,} bytes)")
+                  f"{src['bytes']:,} bytes)", markup=False)
+        if "input" in src:
+            out.print("    " + input_line(src), markup=False)
     table = Table(title="per-layer sharing")
     for col in ("layer", "units " + "/".join(info.plan.tasks), "shared"):
         table.add_column(col, justify="right")

@@ -1,12 +1,16 @@
-"""Check that the models' layer sequences line up: same depth and kinds, matching geometry."""
+"""How far the models' layer sequences line up (DESIGN.md section 5): they must read the same data,
+and layers align from the input while they are of one kind, wired alike and read units of one
+geometry (widths may differ); each task's layers after that are its own."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import OnnxZipError
-from .ir import CONV, Network, Op
-from .spaces import INPUT, read_width, unit_spaces
+from .inputs import check_inputs
+from .ir import CONV, Network
+from .spaces import INPUT, Spaces, read_width, unit_spaces
 
 
 def input_reps(net: Network) -> list[int]:
@@ -38,68 +42,87 @@ def _parts_words(net: Network, parts: tuple[int, ...]) -> str:
     return " + ".join("the input" if s == INPUT else net.layers[s].describe() for s in parts)
 
 
-NHWC = "NHWC"
-AS_IS = "as is"
-_LAYOUT_WORDS = {NHWC: "channels last (NHWC, transposed to NCHW in the graph)",
-                 AS_IS: "without a leading Transpose (channels first, NCHW, for images)"}
+@dataclass(frozen=True)
+class Alignment:
+    """How far the models' layers line up: layers 0..depth-1 of every model may share units; from
+    layer ``depth`` on each task's layers are its own. ``stop`` says why layer ``depth`` does not
+    align ('' when every hidden layer does)."""
+
+    depth: int
+    stop: str = ""
 
 
-def input_layout(net: Network) -> str:
-    """How a model reads its input: NHWC when a Transpose before the first layer makes it NCHW, else AS_IS."""
-    before = net.steps[:net.layer_steps[0]] if net.layer_steps else ()
-    return NHWC if any(isinstance(s, Op) and s.op_type == "Transpose" for s in before) else AS_IS
-
-
-def _same_layout(nets: Sequence[Network]) -> None:
-    first = nets[0]
-    for net in nets[1:]:
-        if input_layout(net) != input_layout(first):
-            raise OnnxZipError(f"{net.path}: reads input '{net.input.name}' {list(net.input.shape)} "
-                               f"{_LAYOUT_WORDS[input_layout(net)]}, but {first.path} reads "
-                               f"{list(first.input.shape)} {_LAYOUT_WORDS[input_layout(first)]}; the models "
-                               "take different input layouts")
-
-
-def _same_input(nets: Sequence[Network]) -> None:
-    first = nets[0].input
-    for net in nets[1:]:
-        a = tuple(d for d in first.shape[1:])
-        b = tuple(d for d in net.input.shape[1:])
-        if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b)):
-            raise OnnxZipError(f"{net.path}: input '{net.input.name}' has shape {list(net.input.shape)}, "
-                               f"but {nets[0].path} takes {list(first.shape)}; the models must read the "
-                               "same kind of input")
-
-
-def align(nets: Sequence[Network]) -> None:
-    """Refuse models whose layers cannot be zipped with the first one's; the message names file and layer."""
+def align(nets: Sequence[Network]) -> Alignment:
+    """How far every model's layers align with the first one's (DESIGN.md section 5: share what aligns);
+    refuses models that read other data, or whose very first layers cannot share, naming file and layer."""
     if len(nets) < 2:
         raise OnnxZipError(f"got {len(nets)} model; zipping needs at least two models")
-    _same_layout(nets)
-    _same_input(nets)
-    for net in nets[1:]:
-        _align_pair(nets[0], net)
+    check_inputs(nets)
+    for net in nets:
+        input_reps(net)  # each model's own geometry first: a broken model is refused as itself
+    depth, stop = min((_aligned(nets[0], net) for net in nets[1:]), key=lambda a: a[0])
+    if depth == 0:
+        raise OnnxZipError(f"{stop}; the first layers must align to share anything")
+    return Alignment(depth, stop)
 
 
-def _align_pair(a: Network, b: Network) -> None:
-    """Same depth, layer kinds, kernels and spatial sizes in b as in a (widths may differ)."""
-    kinds_a = [l.kind for l in a.layers]
-    kinds_b = [l.kind for l in b.layers]
-    if kinds_a != kinds_b:
-        raise OnnxZipError(f"{b.path}: layer sequence {'-'.join(kinds_b)} does not match {a.path}'s "
-                           f"{'-'.join(kinds_a)}; the models must have the same depth and layer kinds")
-    _same_wiring(a, b)
-    reps_a, reps_b = input_reps(a), input_reps(b)
-    for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
-        if k == 0 and la.in_features != lb.in_features:
-            raise OnnxZipError(f"{b.path}: first layer {lb.describe()} reads {lb.in_features} features, "
-                               f"{a.path}'s reads {la.in_features}")
-        if la.kernel != lb.kernel:
-            raise OnnxZipError(f"{b.path}: layer {lb.describe()} has kernel {list(lb.kernel)}, but "
-                               f"{a.path}'s {la.describe()} has {list(la.kernel)}")
-        if reps_a[k] != reps_b[k]:
-            raise OnnxZipError(f"{b.path}: layer {lb.describe()} sees {reps_b[k]} features per input unit, "
-                               f"{a.path}'s {la.describe()} sees {reps_a[k]} (different spatial sizes)")
+def _aligned(a: Network, b: Network) -> tuple[int, str]:
+    """The number of leading hidden layers of b that align with a's, and why the next one does not."""
+    last = min(len(a.layers), len(b.layers)) - 1  # heads are never shared
+    depth, stop = last, _head_words(a, b, last)
+    for k in range(last):
+        why = _differs(a, b, k)
+        if why:
+            depth, stop = k, why
+            break
+    return _before_streams(a, b, depth, stop)
+
+
+def _head_words(a: Network, b: Network, k: int) -> str:
+    if len(a.layers) == len(b.layers):
+        return ""
+    short = a if len(a.layers) < len(b.layers) else b
+    return f"{short.path}: layer {short.layers[k].describe()} is its head ({len(short.layers)} layers against " \
+           f"{max(len(a.layers), len(b.layers))}), which is never shared"
+
+
+def _differs(a: Network, b: Network, k: int) -> str:
+    """Why layer k of b cannot share units with layer k of a ('' when it can)."""
+    la, lb = a.layers[k], b.layers[k]
+    if la.kind != lb.kind:
+        return f"{b.path}: layer {lb.describe()} is {lb.kind}, but {a.path}'s {la.describe()} is {la.kind}"
+    sa, sb = unit_spaces(a), unit_spaces(b)
+    if sa.reads[k] != sb.reads[k]:
+        return (f"{b.path}: layer {lb.describe()} reads {_space_words(b, sb.reads[k])}, but {a.path}'s "
+                f"{la.describe()} reads {_space_words(a, sa.reads[k])}; the models are wired differently")
+    if sa.space[k] != sb.space[k]:
+        return (f"{b.path}: layer {lb.describe()} adds into {_space_words(b, (sb.space[k],))}, but {a.path}'s "
+                f"{la.describe()} adds into {_space_words(a, (sa.space[k],))}; the models are wired differently")
+    if k == 0 and la.in_features != lb.in_features:
+        return f"{b.path}: first layer {lb.describe()} reads {lb.in_features} features, {a.path}'s reads {la.in_features}"
+    if la.kernel != lb.kernel:
+        return (f"{b.path}: layer {lb.describe()} has kernel {list(lb.kernel)}, but {a.path}'s {la.describe()} "
+                f"has {list(la.kernel)}")
+    ra, rb = input_reps(a)[k], input_reps(b)[k]
+    if ra != rb:
+        return (f"{b.path}: layer {lb.describe()} sees {rb} features per input unit, {a.path}'s {la.describe()} "
+                f"sees {ra} (different spatial sizes)")
+    return ""
+
+
+def _before_streams(a: Network, b: Network, depth: int, stop: str) -> tuple[int, str]:
+    """The aligned depth cut back to before any unit space that a layer past it still adds into
+    (a residual stream is paired once for all its writers, so it is shared whole or not at all)."""
+    for net in (a, b):
+        spaces = unit_spaces(net)
+        late = [s for k, s in enumerate(spaces.space) if k >= depth and s < depth]
+        if late:
+            s = min(late)
+            writer = next(k for k in spaces.writers(s) if k >= depth)
+            stop = (f"{stop}; {net.path}'s layer {net.layers[writer].describe()} adds into the units of "
+                    f"{net.layers[s].describe()}, so that residual stream cannot be shared either")
+            return _before_streams(a, b, s, stop)
+    return depth, stop
 
 
 def _space_words(net: Network, parts: tuple[int, ...]) -> str:
@@ -107,14 +130,19 @@ def _space_words(net: Network, parts: tuple[int, ...]) -> str:
     return words[0] if len(words) == 1 else "a Concat of " + ", ".join(words)
 
 
-def _same_wiring(a: Network, b: Network) -> None:
-    """The same residual joins and Concats: each layer of b reads and writes the spaces its counterpart in a does."""
-    sa, sb = unit_spaces(a), unit_spaces(b)
-    for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
-        if sa.reads[k] != sb.reads[k]:
-            raise OnnxZipError(f"{b.path}: layer {lb.describe()} reads {_space_words(b, sb.reads[k])}, but {a.path}'s "
-                               f"{la.describe()} reads {_space_words(a, sa.reads[k])}; the models are wired differently")
-        if sa.space[k] != sb.space[k]:
-            raise OnnxZipError(f"{b.path}: layer {lb.describe()} adds into {_space_words(b, (sb.space[k],))}, but "
-                               f"{a.path}'s {la.describe()} adds into {_space_words(a, (sa.space[k],))}; the models "
-                               "are wired differently")
+def aligned_spaces(net: Network, depth: int) -> Spaces:
+    """The unit spaces of the first ``depth`` layers (the aligned ones, which may share)."""
+    spaces = unit_spaces(net)
+    return Spaces(spaces.space[:depth], spaces.reads[:depth])
+
+
+def slots(nets: Sequence[Network]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Per layer index of the deepest model: a name (the tasks' names for it, '/'-joined where they
+    differ), the first task's kind there, and each task's units (0 for a task without that layer)."""
+    out = []
+    for k in range(max(len(n.layers) for n in nets)):
+        present = [n.layers[k] for n in nets if k < len(n.layers)]
+        names = list(dict.fromkeys(layer.name for layer in present))
+        units = tuple(n.layers[k].out_units if k < len(n.layers) else 0 for n in nets)
+        out.append(("/".join(names), present[0].kind, units))
+    return out

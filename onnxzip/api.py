@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import __version__
-from .align import align
+from .align import Alignment, align
 from .budget import (SearchReport, layer_counts, merged_params, params_saved, search, separate_samples,
                      split_samples)
 from .calib import count_samples, iter_batches, load_labeled
@@ -21,6 +21,7 @@ from .errors import OnnxZipError
 from .format import (KEY_LAYOUT, KEY_PLAN, KEY_SHARING, KEY_SOURCES, KEY_TASKS, KEY_VERSION, MULTI, meta_key,
                      weight_params)
 from .guard import Output, Read, check_outputs
+from .inputs import expected, feeder, input_words, same_form
 from .ir import Network
 from .options import PARAMS, MergeOptions, parse_size
 from .pairing import method, methods
@@ -35,7 +36,8 @@ from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One row of the merge table."""
+    """One row of the merge table; ``note`` says what did not run as asked (e.g. a correction skipped
+    for lack of memory), "" when everything did."""
 
     name: str
     units: tuple[int, ...]
@@ -43,6 +45,7 @@ class LayerReport:
     params_saved: int
     cost: float
     rel_error: tuple[float, ...]
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class MergeResult:
     retraining: tuple = ()
     # What --budget or --target-size searched and chose (budget.SearchReport), else None.
     search: SearchReport | None = None
+    # Per task, one line on what the merged input feeds it (inputs.input_words).
+    inputs: tuple[str, ...] = ()
+    # Why the layers after the aligned ones are each task's own (align.Alignment.stop), or ''.
+    alignment: str = ""
 
     def to_json(self) -> dict:
         """A JSON-ready dict: the plan and every figure."""
@@ -73,16 +80,19 @@ class MergeResult:
 
 def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
     """Per layer: shared units and parameters saved (a shared block is stored once, not once per task)."""
-    saved = params_saved(net, [lp.n_shared for lp in plan.layers], len(plan.tasks))
-    return tuple(LayerReport(lp.name, lp.units, lp.n_shared, s, lp.cost, lp.rel_error)
+    depth = len(net.layers)  # the plan may go deeper (another task's own layers): those save nothing
+    saved = params_saved(net, [lp.n_shared for lp in plan.layers[:depth]], len(plan.tasks))
+    saved += [0] * (len(plan.layers) - depth)
+    return tuple(LayerReport(lp.name, lp.units, lp.n_shared, s, lp.cost, lp.rel_error, lp.note)
                  for lp, s in zip(plan.layers, saved))
 
 
 def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) -> dict[str, str]:
     scales = {t: [s, o] for t, s, o in opts.input_scale}
     sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": n.params, "bytes": n.file_bytes,
-                   "output": n.output.name, **({"input_scale": scales[t]} if t in scales else {})}
-               for t, n in zip(plan.tasks, nets)}
+                   "output": n.output.name, "input": e.to_json(),
+                   **({"input_scale": scales[t]} if t in scales else {})}
+               for t, n, e in zip(plan.tasks, nets, expected(nets))}
     sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
     return {meta_key(KEY_VERSION): __version__, meta_key(KEY_TASKS): json.dumps(list(plan.tasks)),
             meta_key(KEY_SOURCES): json.dumps(sources), meta_key(KEY_LAYOUT): opts.layout,
@@ -143,8 +153,10 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
             tick()
         check_outputs(outputs, _reads(paths, nets, data))  # now with the models' external-data files
         nets = _rescale(nets, opts)
-        align(nets)
-        _check_layer_names(opts, nets[0])
+        alignment = align(nets)
+        _check_retrain_inputs(opts, nets)
+        _check_partial_alignment(opts, nets, alignment)
+        _check_layer_names(opts, nets[0], alignment.depth)
         _check_method_on_networks(opts, nets[0])
         _check_classifiers(opts, nets, evals)
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input, classes=nets[tasks.index(t)].classes)
@@ -159,7 +171,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         tick()
     hook = _retrainer(nets, folders if retrain_dirs is None else retrain_dirs,
                       opts, progress)
-    plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook)
+    plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook, alignment.depth)
     tick = progress("emit", 1)
     with timer("emit"):
         model = merged_model(plan, tied, opts.layout, _metadata(plan, nets, opts))
@@ -169,7 +181,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     def verify(path: Path) -> None:
         tick = progress("verify", len(tasks))
         with timer("verify"):
-            runner = MergedRunner(path, tasks, opts.layout, providers)
+            runner = MergedRunner(path, tasks, opts.layout, providers, [feeder(nets[0], n) for n in nets])
             for t in range(len(tasks)):
                 check = check_task(runner, t, tied[t], nets[t], streams[t](), opts.verify_samples, providers)
                 if t in labelled:
@@ -183,7 +195,9 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     result = MergeResult(str(output), plan, _layer_reports(plan, nets[0]), tuple(checks),
                          tuple(n.params for n in nets), params, tuple(n.file_bytes for n in nets),
                          sum(f.stat().st_size for f in written), dict(timer.seconds), device, tuple(hook.rounds) if hook else (),
-                         search_report)
+                         search_report, input_words(nets, tasks, {t for t, _, _ in opts.input_scale},
+                                                    len({f.resolve() for f in folders}) > 1),
+                         _alignment_words(alignment, nets))
     if report is not None:
         _write_report(result, Path(report), output)
     return result
@@ -299,7 +313,34 @@ def _rescale(nets: list[Network], opts: MergeOptions) -> list[Network]:
     return [fold_input_affine(n, *scales[t]) if t in scales else n for t, n in zip(opts.tasks, nets)]
 
 
-def _check_layer_names(opts: MergeOptions, net: Network) -> None:
+def _check_retrain_inputs(opts: MergeOptions, nets: Sequence[Network]) -> None:
+    """--retrain-iters trains every task on the merged input: the models must read one input form."""
+    if opts.retrain is not None and not same_form(nets):
+        forms = ", ".join(f"{t}: {list(n.input.shape)}" for t, n in zip(opts.tasks, nets))
+        raise OnnxZipError(f"--retrain-iters trains every task on the merged input, but the models read their "
+                           f"inputs in different forms ({forms}); it cannot combine them yet")
+
+
+def _alignment_words(alignment: Alignment, nets: Sequence[Network]) -> str:
+    """One line on where sharing stops when the layers align only in part, else ''."""
+    if not alignment.stop:
+        return ""
+    return f"layers after '{nets[0].layers[alignment.depth - 1].name}' are each task's own: {alignment.stop}"
+
+
+def _check_partial_alignment(opts: MergeOptions, nets: Sequence[Network], alignment: Alignment) -> None:
+    """What cannot yet work on models whose layers align only in part (different depths, say)."""
+    if alignment.depth == min(len(n.layers) for n in nets) - 1 and len({len(n.layers) for n in nets}) == 1:
+        return
+    what = ("--budget" if opts.budget is not None else "--target-size" if opts.target_size is not None
+            else "--retrain-iters" if opts.retrain is not None else None)
+    if what:
+        raise OnnxZipError(f"{what} needs models whose hidden layers all align, but these align up to layer "
+                           f"{nets[0].layers[alignment.depth - 1].name} only ({alignment.stop}); use --share or "
+                           "--share-layer instead")
+
+
+def _check_layer_names(opts: MergeOptions, net: Network, depth: int) -> None:
     names, spaces = [l.name for l in net.layers], unit_spaces(net)
     for name, _ in opts.share_layers:
         if name not in names:
@@ -307,6 +348,9 @@ def _check_layer_names(opts: MergeOptions, net: Network) -> None:
         k = names.index(name)
         if spaces.space[k] == spaces.space[-1]:
             raise OnnxZipError(f"--share-layer {name}: '{name}' is a task head, which is never shared")
+        if k >= depth:
+            raise OnnxZipError(f"--share-layer {name}: the models' layers align up to '{names[depth - 1]}' only, so "
+                               f"'{name}' is each task's own")
         if spaces.space[k] != k:
             first = names[spaces.space[k]]
             raise OnnxZipError(f"--share-layer {name}: '{name}' adds into the units of '{first}' (a residual "

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .format import (CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
                      TASK_INPUT, TASK_ONE_DIM, TASK_OUT_OF_RANGE, TASK_PROBE, TASK_REST, task_index_name)
+from .inputs import adapted
 from .ir import CONV, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
 from .save import EXTERNAL_DATA_ABOVE
@@ -198,8 +199,19 @@ def _value(values: dict[str, np.ndarray], name: str) -> np.ndarray:
     return value
 
 
+# Steps whose operand is a constant input of the node, kept in the step's attributes: a Reshape's
+# target shape (an input adapter, or an exporter's reshape of the input to an image), and the scale
+# and offset of an input affine that cannot be folded into the first layer.
+CONST_OPERAND_OPS = {"Reshape": ("shape", np.int64), "Mul": ("value", np.float32), "Add": ("value", np.float32)}
+
+
 def _op_inputs(b: _Builder, op: Op) -> tuple[list[str], dict]:
     attrs = op.attr_dict()
+    if op.op_type in CONST_OPERAND_OPS:
+        key, dtype = CONST_OPERAND_OPS[op.op_type]
+        value = np.array(attrs[key], dtype)
+        text = "_".join(str(v) for v in value.reshape(-1)) if dtype == np.int64 else repr(float(value))
+        return [b.const(f"{CONST_PREFIX}{op.op_type.lower()}_{text}", value)], {}
     if op.op_type == "Clip":
         names = [b.const(f"{CONST_PREFIX}clip_{k}_{attrs[k]!r}", np.array(attrs[k], np.float32))
                  if attrs[k] is not None else "" for k in ("min", "max")]
@@ -276,7 +288,7 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
             where, k = step.name, k + 1
         elif step.op_type == "Concat":
             env[output] = _emit_concat(b, step, where, groups, [width[name] for name in inputs], task)
-        elif step.op_type == "Add":
+        elif step.op_type == "Add" and len(inputs) > 1:  # a residual join (one input: an input offset)
             env[output] = _emit_add(b, step, where, groups, task)
         else:
             env[output] = _emit_op(b, step, where, groups[0], task)
@@ -483,8 +495,10 @@ def _gated_graph(b: _Builder, g: _GsGraph, tasks: list[int], finals: dict[int, s
 
 def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
                  meta: dict[str, str]) -> onnx.ModelProto:
-    """The merged model of the tied networks under ``plan``, in the 'multi' or 'gated' layout."""
+    """The merged model of the tied networks under ``plan``, in the 'multi' or 'gated' layout, reading
+    the first network's input (inputs.adapted: every other task through its weight-free adapter)."""
     b = _Builder(plan)
+    nets = adapted(nets)  # one input: each task reaches its first layer from the first model's input
     x_name = nets[0].input.name
     finals = {t: _final(net, _emit_task(b, net, t, x_name)[0]) for t, net in enumerate(nets)}
     names = _finalise_names(b)

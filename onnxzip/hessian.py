@@ -2,17 +2,40 @@
 
 For conv layers x is every kernel-sized patch of the input (im2col), pads, strides and dilations
 respected; the bias is the weight of a constant input 1, appended as the last feature.
+
+Memory follows the work. A layer with more than ROWS_MIN_FEATURES inputs keeps its input rows
+instead of the (d+1) x (d+1) Gram for as long as the rows, with the n x n kernel of the dual
+correction (correct.py), take less memory than the Gram would; after that the rows are folded into
+the Gram. Before the Gram is allocated or more rows are kept, the bytes of the layer's moments and
+correction are checked against the memory available (memory_budget; the environment variable
+ONNXZIP_MEMORY_LIMIT_BYTES overrides it). Where they do not fit, the accumulator keeps only the
+cheap moments and its ``note`` says what was needed.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .errors import OnnxZipError
 from .ir import CONV, Layer
 
 # Bytes of input rows (and targets) buffered before one GEMM folds them into the moments.
 CHUNK_BYTES = 16 << 20
+# Layers with more inputs than this (bias included) keep their rows while that is cheaper than the Gram.
+ROWS_MIN_FEATURES = 2048
+# Bytes one layer's moments and correction may take in all; when unset, memory_budget measures the machine.
+MEMORY_LIMIT_ENV = "ONNXZIP_MEMORY_LIMIT_BYTES"
+# Share of the machine's available memory that one layer's moments and correction may plan to take.
+MEMORY_USABLE_FRACTION = 0.9
+# Copies of an [out_units, in_features + 1] float64 matrix (the cross moments, the solve's right-hand
+# side and its result) that a correction holds at once.
+SOLVE_COPIES = 3
+# The forms of a MomentAccumulator (see there).
+GRAM, ROWS, MOMENTS, SKIPPED = "gram", "rows", "moments", "skipped"
 
 
 def patch_subset(oh: int, ow: int, max_patches: int | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -60,6 +83,57 @@ def with_bias(rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def memory_available() -> int:
+    """Bytes of memory the machine can still give: MemAvailable of /proc/meminfo (it counts the
+    caches the kernel can reclaim), else the free pages of os.sysconf; no limit where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return sys.maxsize
+
+
+def memory_budget(held: int = 0) -> int:
+    """Bytes one layer's moments and correction may take in all, ``held`` of which are allocated already.
+
+    The environment variable ONNXZIP_MEMORY_LIMIT_BYTES, when set, is that number (tests force a small
+    machine with it); otherwise it is ``held`` plus MEMORY_USABLE_FRACTION of the memory available now.
+    """
+    limit = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if limit:
+        try:
+            return int(float(limit))
+        except ValueError:
+            raise OnnxZipError(f"{MEMORY_LIMIT_ENV} must be a number of bytes, got '{limit}'") from None
+    return held + int(MEMORY_USABLE_FRACTION * memory_available())
+
+
+def gram_bytes(d1: int, m: int) -> int:
+    """Bytes of a layer's moments and correction in the Gram (primal) form, d1 inputs with the bias and
+    m outputs: the float64 Gram, one float32 chunk product while accumulating, and the solve's copies."""
+    return 12 * d1 * d1 + SOLVE_COPIES * 8 * m * d1
+
+
+def rows_bytes(n: int, d1: int, m: int) -> int:
+    """Bytes of a layer's moments and correction in the rows (dual) form with n rows: the float32 input
+    and residual rows, the float64 n x n kernel and n x m solution, and the solve's copies."""
+    return 4 * n * (d1 + m) + 8 * n * n + 8 * n * m + SOLVE_COPIES * 8 * m * d1
+
+
+def format_bytes(count: int) -> str:
+    """A byte count for people: '3.7 GiB', '12.0 MiB', '512 B'."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
 class MomentAccumulator:
     """Running means of X^T X (the Gram), R^T X (cross term), |R|^2 and |Z|^2, in float64.
 
@@ -68,18 +142,79 @@ class MomentAccumulator:
     moments near zero instead of a difference of two large numbers; |Z|^2 normalises errors.
     Rows are buffered up to CHUNK_BYTES and each chunk's product is one float32 GEMM (relative
     error about 1e-6, twice as fast as float64); the running mean over chunks is kept in float64.
-    Memory is bounded by the moments and one chunk, whatever the number of samples.
+
+    ``form`` says what is kept besides R^T X, |R|^2 and |Z|^2:
+    GRAM, the Gram; ROWS, the chunks of X and R themselves, for a layer with more than
+    ROWS_MIN_FEATURES inputs while they take less memory than the Gram (rows_bytes < gram_bytes),
+    so that a wide layer with few samples never holds a d x d matrix (correct.py solves its dual
+    form); MOMENTS, neither (``gram=False``: nothing will ask for them); SKIPPED, neither, because
+    they would not fit in memory_budget: ``note`` says what they needed. ``rows`` forces the form:
+    True keeps the rows whatever their size, False the Gram. Memory is bounded by what the form
+    keeps and one chunk, whatever the number of samples.
     """
 
-    def __init__(self, n_features: int, n_targets: int = 0):
+    def __init__(self, n_features: int, n_targets: int = 0, gram: bool = True, rows: bool | None = None):
         self.n = 0
-        self._gram = np.zeros((n_features + 1, n_features + 1))
+        self.d1, self.m = n_features + 1, n_targets
+        self.note: str | None = None
+        self._auto = rows is None
+        self._gram: np.ndarray | None = None
+        self._chunks: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._diag: np.ndarray | None = None
         self._cross = np.zeros((n_targets, n_features + 1)) if n_targets else None
         self._rr = 0.0
         self._zz_sum = 0.0
         self._chunk_rows = max(1, CHUNK_BYTES // (4 * (n_features + 1 + n_targets)))
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_rows = 0
+        if not gram:
+            self._form = MOMENTS
+        elif rows or (rows is None and self.d1 > ROWS_MIN_FEATURES):
+            self._form, self._diag = ROWS, np.zeros(self.d1)
+        else:
+            self._form = GRAM
+            self._to_gram()  # allocates the Gram, or makes the form SKIPPED and says why
+
+    @property
+    def form(self) -> str:
+        """GRAM, ROWS, MOMENTS or SKIPPED: what is kept of everything added so far (see the class)."""
+        self._flush()
+        return self._form
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the Gram or rows kept now."""
+        kept = sum(X.nbytes + (0 if R is None else R.nbytes) for X, R in self._chunks)
+        return kept + (0 if self._gram is None else self._gram.nbytes)
+
+    def _fits(self, total: int) -> bool:
+        """True when ``total`` bytes fit in memory_budget; otherwise drop the Gram and rows, saying why."""
+        budget = memory_budget(self.held_bytes)
+        if total <= budget:
+            return True
+        self._form, self.note = SKIPPED, f"needs {format_bytes(total)}, {format_bytes(budget)} available"
+        self._gram, self._chunks, self._diag = None, [], None
+        return False
+
+    def _to_gram(self) -> None:
+        """Allocate the Gram (if it fits, with the rows it replaces still held) and fold the kept rows into it."""
+        if not self._fits(gram_bytes(self.d1, self.m) + self.held_bytes):
+            return
+        self._gram, n = np.zeros((self.d1, self.d1)), 0
+        for X, _ in self._chunks:  # the same chunks, in the same order, as a Gram kept from the start
+            self._fold(X, n)
+            n += X.shape[0]
+        self._form, self._chunks, self._diag = GRAM, [], None
+
+    def _fold(self, X: np.ndarray, n_before: int) -> None:
+        """Fold one chunk's product X^T X into the running mean over n_before rows, in row blocks."""
+        m = X.shape[0]
+        keep, share = n_before / (n_before + m), 1.0 / (n_before + m)
+        P = X.T @ X  # a syrk: exactly symmetric, as correct.py's in-place factorisation requires
+        self._gram *= keep
+        step = max(1, CHUNK_BYTES // (8 * self.d1))
+        for a in range(0, self.d1, step):
+            self._gram[a:a + step] += P[a:a + step].astype(np.float64) * share
 
     def add(self, rows: np.ndarray, residuals: np.ndarray | None = None, targets: np.ndarray | None = None) -> None:
         """Add a batch of input rows (with the matching residual rows and target rows)."""
@@ -99,21 +234,76 @@ class MomentAccumulator:
         X = with_bias(np.concatenate([r for r, _ in self._pending]))
         m = X.shape[0]
         keep, share = self.n / (self.n + m), 1.0 / (self.n + m)
-        self._gram *= keep
-        self._gram += (X.T @ X).astype(np.float64) * share
+        Z = None
         if self._cross is not None and self._pending[0][1] is not None:
             Z = np.concatenate([z for _, z in self._pending]).astype(np.float32, copy=False)
+        if self._form == GRAM:
+            self._fold(X, self.n)
+        elif self._form == ROWS:
+            self._chunks.append((X, Z))
+            self._diag *= keep
+            self._diag += np.einsum("ij,ij->j", X, X, dtype=np.float64) * share
+        if Z is not None:
             self._cross *= keep
             self._cross += (Z.T @ X).astype(np.float64) * share
             self._rr = self._rr * keep + float(np.einsum("ij,ij->", Z, Z, dtype=np.float64)) * share
         self.n += m
         self._pending, self._pending_rows = [], 0
+        if self._form == ROWS:
+            self._review_rows()
+
+    def _review_rows(self) -> None:
+        """After rows were kept: fold them into the Gram once that is the smaller form, or check they still fit."""
+        total = rows_bytes(self.n, self.d1, self.m)
+        if self._auto and total >= gram_bytes(self.d1, self.m):
+            self._to_gram()
+        else:
+            self._fits(total)
+
+    @property
+    def has_moments(self) -> bool:
+        """True when the Gram or the rows are kept (a correction and Hessians can be computed)."""
+        self._flush()
+        return self._form in (GRAM, ROWS)
 
     @property
     def gram(self) -> np.ndarray:
-        """E[x x^T] over everything added, bias feature last."""
+        """E[x x^T] over everything added, bias feature last; in the ROWS form a new (d+1) x (d+1) array."""
         self._flush()
-        return self._gram
+        return self._gram if self._form == GRAM else self.gram_block(np.arange(self.d1))
+
+    def gram_block(self, f: np.ndarray) -> np.ndarray:
+        """E[x_f x_f^T] over the features f, as a new array: a layer's Hessian over some of its inputs."""
+        self._flush()
+        if self._form == GRAM:
+            return self._gram[np.ix_(f, f)]
+        out, n = np.zeros((len(f), len(f))), 0
+        for X, _ in self.row_chunks:
+            Xf, m = X[:, f], X.shape[0]
+            out *= n / (n + m)
+            out += (Xf.T @ Xf).astype(np.float64) * (1.0 / (n + m))
+            n += m
+        return out
+
+    @property
+    def diag(self) -> np.ndarray:
+        """E[x_j^2] per feature (the Gram's diagonal)."""
+        self._flush()
+        if self._form == GRAM:
+            return np.diag(self._gram)
+        self._require_rows()
+        return self._diag
+
+    @property
+    def row_chunks(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """The kept chunks (X with the bias column, R) in float32, in the order added (ROWS form only)."""
+        self._flush()
+        self._require_rows()
+        return self._chunks
+
+    def _require_rows(self) -> None:
+        if self._form != ROWS:
+            raise ValueError(f"the layer's input rows were not kept ({self.note or self._form})")
 
     @property
     def cross(self) -> np.ndarray | None:
@@ -134,10 +324,15 @@ class MomentAccumulator:
         return self._zz_sum / max(self.n, 1)
 
 
-def damping_value(H: np.ndarray, rel: float) -> float:
-    """lambda = rel * mean(diag H), or rel itself when every input is dead."""
-    lam = rel * float(np.mean(np.diag(H)))
+def damping_from_diag(diag: np.ndarray, rel: float) -> float:
+    """lambda = rel * mean(diag), diag the Gram's diagonal, or rel itself when every input is dead."""
+    lam = rel * float(np.mean(diag))
     return lam if lam > 0.0 else rel
+
+
+def damping_value(H: np.ndarray, rel: float) -> float:
+    """lambda = rel * mean(diag H), or rel itself when every input is dead (damping_from_diag)."""
+    return damping_from_diag(np.diag(H), rel)
 
 
 def damp(H: np.ndarray, rel: float) -> np.ndarray:

@@ -29,6 +29,8 @@ REQUIRED_KEYS = (KEY_TASKS, KEY_SOURCES, KEY_PLAN)
 # Per task in the sources metadata (format.KEY_SOURCES): each key and the type of its value.
 SOURCE_FIELDS: dict[str, type] = {"file": str, "sha256": str, "output": str, "params": int, "bytes": int}
 SOURCE_KINDS = {str: "a non-empty string", int: "an integer"}
+# The optional per-task 'input' entry (inputs.ExpectedInput): its text fields besides 'shape'.
+INPUT_TEXT_FIELDS = ("name", "layout", "from_merged")
 EDITED = "the file was not written by this onnxzip or was edited"
 
 
@@ -109,16 +111,40 @@ def _parse_sources(value, tasks: tuple[str, ...], path: Path) -> dict:
             ok = _is_int(source.get(key)) if kind is int else isinstance(source.get(key), kind)
             if not ok or (kind is str and not source[key]):
                 raise _tampered(path, KEY_SOURCES, f"needs '{key}' ({SOURCE_KINDS[kind]}) for task '{task}'")
+        scale = source.get("input_scale", [1.0, 0.0])
+        if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) and
+                                                                    not isinstance(v, bool) for v in scale)):
+            raise _tampered(path, KEY_SOURCES, f"has a malformed 'input_scale' entry for task '{task}'")
+        if "input" in source and not _valid_input(source["input"]):
+            raise _tampered(path, KEY_SOURCES, f"has a malformed 'input' entry for task '{task}'")
     extra = [t for t in value if t not in tasks]
     if extra:
         raise _tampered(path, KEY_SOURCES, f"names task {extra[0]!r}, which '{meta_key(KEY_TASKS)}' does not")
     return value
 
 
+def _valid_input(entry) -> bool:
+    """A task's expected input as inputs.ExpectedInput.to_json writes it."""
+    return (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in INPUT_TEXT_FIELDS)
+            and isinstance(entry.get("shape"), list)
+            and all(d is None or _is_int(d) for d in entry["shape"]))
+
+
+def input_line(source: Mapping) -> str:
+    """One line on what a task's file reads and how the merged input reaches it (for `inspect`)."""
+    e = source["input"]
+    dims = ", ".join("N" if i == 0 else "?" if d is None else str(d) for i, d in enumerate(e["shape"]))
+    line = f"its file reads '{e['name']}' [{dims}] ({e['layout']}); from the merged input: {e['from_merged']}"
+    if "input_scale" in source:
+        scale, offset = source["input_scale"]
+        line += f"; it expects {scale:g} * u {'-' if offset < 0 else '+'} {abs(offset):g} of the merged input u"
+    return line
+
+
 def _check_layers(plan: SharingPlan, path: Path) -> None:
     n = len(plan.tasks)
     for k, lp in enumerate(plan.layers):
-        units_ok = len(lp.units) == n and all(_is_int(u) and u > 0 for u in lp.units)
+        units_ok = len(lp.units) == n and all(_is_int(u) and u >= 0 for u in lp.units)  # 0: past its depth
         shared_ok = units_ok and all(len(s) == n and all(_is_int(i) and 0 <= i < u for i, u in zip(s, lp.units))
                                      for s in lp.shared)
         if not isinstance(lp.name, str) or not shared_ok:

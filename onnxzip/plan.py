@@ -15,7 +15,9 @@ class LayerPlan:
     """Sharing in one layer's output unit space.
 
     ``shared[k][t]`` is the index, in task t's own layer, of shared unit k. Units of a task that are
-    not shared keep their original order after the shared ones.
+    not shared keep their original order after the shared ones. ``note`` says what did not run as
+    asked, e.g. a correction skipped for lack of memory ("" when everything did; then it is left out
+    of the JSON, and JSON without it parses as "").
     """
 
     name: str
@@ -25,6 +27,7 @@ class LayerPlan:
     cost: float = 0.0
     rel_error: tuple[float, ...] = ()
     corrected: bool = False
+    note: str = ""
 
     @property
     def n_shared(self) -> int:
@@ -67,7 +70,7 @@ class SharingPlan:
 
     def to_json(self) -> str:
         """Serialise to a JSON string."""
-        return json.dumps({"tasks": list(self.tasks), "layers": [asdict(l) for l in self.layers]})
+        return json.dumps({"tasks": list(self.tasks), "layers": [_layer_json(l) for l in self.layers]})
 
     @staticmethod
     def from_json(text: str) -> "SharingPlan":
@@ -75,9 +78,18 @@ class SharingPlan:
         raw = json.loads(text)
         layers = tuple(LayerPlan(name=l["name"], kind=l["kind"], units=tuple(l["units"]),
                                  shared=tuple(tuple(s) for s in l["shared"]), cost=l["cost"],
-                                 rel_error=tuple(l["rel_error"]), corrected=l.get("corrected", False))
+                                 rel_error=tuple(l["rel_error"]), corrected=l.get("corrected", False),
+                                 note=l.get("note", ""))
                        for l in raw["layers"])
         return SharingPlan(tuple(raw["tasks"]), layers)
+
+
+def _layer_json(layer: LayerPlan) -> dict:
+    """A layer's plan as a JSON-ready dict; an empty note is left out (the plan's JSON stays as it was)."""
+    out = asdict(layer)
+    if not out["note"]:
+        del out["note"]
+    return out
 
 
 def unshared_plan(tasks: tuple[str, ...], widths: list[tuple[str, str, tuple[int, ...]]]) -> SharingPlan:

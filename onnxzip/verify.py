@@ -38,14 +38,19 @@ class TaskCheck:
 
 
 class MergedRunner:
-    """Runs one task of a merged model file (either layout)."""
+    """Runs one task of a merged model file (either layout); ``feeds`` turn each task's own input form
+    into the merged input (inputs.feeder), where they differ."""
 
-    def __init__(self, path: Path, tasks: Sequence[str], layout: str, providers: list[str]):
+    def __init__(self, path: Path, tasks: Sequence[str], layout: str, providers: list[str],
+                 feeds: Sequence[Callable[[np.ndarray], np.ndarray]] | None = None):
         self.sess = session(str(path), providers)
         self.input = [i.name for i in self.sess.get_inputs() if i.name != TASK_INPUT][0]
         self.tasks, self.layout = list(tasks), layout
+        self.feeds = list(feeds) if feeds is not None else [lambda x: x] * len(self.tasks)
 
     def __call__(self, t: int, x: np.ndarray) -> np.ndarray:
+        """Task t's output on ``x``, given in the task's own input form (``feeds`` bring it to the merged input)."""
+        x = self.feeds[t](x)
         if self.layout == GATED:
             return self.sess.run(None, {self.input: x, TASK_INPUT: np.array(t, np.int64)})[0]
         return self.sess.run([self.tasks[t]], {self.input: x})[0]

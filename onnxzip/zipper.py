@@ -21,24 +21,30 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .align import input_reps
+from .align import align, aligned_spaces, input_reps, slots
 from .correct import refit_update, relative_error, with_bias_column
 from .correlate import correlation_costs
 from .cost import PairMetric, matched_costs
 from .emit import task_model
 from .errors import OnnxZipError
 from .format import LIVE_PREFIX
-from .hessian import MomentAccumulator, damp, layer_rows, output_rows
+from .hessian import GRAM, MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
 from .options import MergeOptions
 from .pairing import PairProblem, method
 from .plan import LayerPlan, SharingPlan, unshared_plan
 from .schedule import late_writers, schedule
 from .scratch import scratch_dir
-from .spaces import INPUT, Spaces, read_offsets, unit_spaces
+from .spaces import INPUT, Spaces, read_offsets
 from .runtime import session
 
 ProgressFn = Callable[[str, int], Callable[[], None]]
+# Steps of about this many floating-point operations or more (seconds on a small machine) get a progress
+# stage of their own: a large layer's correction ("correct layer fc1") and pairing ("pair layer fc1").
+PROGRESS_MIN_FLOPS = 1e10
+# Floating-point operations per task pair and cube of the shared-input dimension of pairing a layer:
+# the factorisation of H_A + H_B and the solve and product of the metric M (cost.PairMetric).
+PAIR_FLOPS_PER_CUBE = 4
 # Called after each zipped layer with the plan so far (later layers unshared) and the tied networks;
 # returns new tied networks (same plan), e.g. retrained ones (MTZ Algorithm 1, line 10).
 LayerHook = Callable[[SharingPlan, list[Network]], list[Network]]
@@ -151,14 +157,18 @@ def _sources(task: _Task, k: int, n_layers: int, providers):
     return _runner(task.tied, ls[k - 1], ls[k], [], providers), run_orig, zip(task.tied_cache, task.orig_cache)
 
 
-def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches: int | None) -> MomentAccumulator:
-    """One pass: layer k's inputs in the tied model, the original's pre-activations (and live tensors after)."""
+def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches: int | None,
+               need_gram: bool = True) -> MomentAccumulator:
+    """One pass: layer k's inputs in the tied model, the original's pre-activations (and live tensors after).
+
+    Without ``need_gram`` (a layer that is neither corrected nor ever paired) only the cheap moments are kept.
+    """
     run_tied, run_orig, source = _sources(task, k, n_layers, providers)
     layer = task.tied.layers[k]
     step = task.tied.layer_steps[k]
     at = task.tied.live(step).index(task.tied.wiring()[step][0][0])  # layer k's input among the live tensors
     W0, b0 = layer.matrix(), layer.b
-    acc = MomentAccumulator(layer.in_features, layer.out_units)
+    acc = MomentAccumulator(layer.in_features, layer.out_units, gram=need_gram)
     save_tied, save_orig = task.tied_cache.saver(), task.orig_cache.saver()
     tied_files, orig_files = [], []
     for tied_in, orig_in in source:
@@ -221,6 +231,7 @@ class _LayerState:
     weights: list[np.ndarray]  # per task, corrected; shared columns are written here
     accs: list[MomentAccumulator]
     corrected: bool
+    note: str = ""  # why a task's correction was skipped, for the plan and the report
     feats: list[np.ndarray] = field(default_factory=list)  # per task, the shared input features, bias last
     H: list[np.ndarray] = field(default_factory=list)  # per task, damped and scaled Hessian over feats
 
@@ -231,7 +242,7 @@ class _LayerState:
     def snapshot(self) -> "_LayerState":
         """A copy of the layer as it stands before tying (weights copied, moments dropped), for pairing only."""
         return _LayerState(self.k, self.name, [], [W.copy() for W in self.weights], [], self.corrected,
-                           list(self.feats), list(self.H))
+                           self.note, list(self.feats), list(self.H))
 
     @cached_property
     def sparse(self) -> bool:
@@ -280,6 +291,39 @@ def _tie_layer(w: _LayerState, units: list[np.ndarray], tie_metric: str) -> np.n
     return costs
 
 
+def _correction_flops(acc: MomentAccumulator) -> float:
+    """Floating-point operations of one task's correction: the Cholesky solve of its primal or dual form."""
+    if not acc.has_moments:
+        return 0.0
+    d, m, n = acc.d1, acc.m, acc.n
+    if acc.form == GRAM:
+        return d ** 3 / 3 + 2 * m * d * d
+    return n * n * d + n ** 3 / 3 + 2 * m * n * d
+
+
+def _pair_flops(states: list["_LayerState"], n_tasks: int) -> float:
+    """Floating-point operations of pairing (and tying) layers, from their shared-input dimensions."""
+    return (n_tasks - 1) * PAIR_FLOPS_PER_CUBE * sum(float(len(w.feats[0])) ** 3 for w in states)
+
+
+def _corrected_weights(Wb: np.ndarray, acc: MomentAccumulator, rel_damping: float, name: str) -> np.ndarray:
+    """[W | b] + refit_update, refused with the layer's name when not finite (non-finite calibration data)."""
+    W = Wb + refit_update(Wb, acc, rel_damping)
+    if not np.all(np.isfinite(W)):
+        raise OnnxZipError(f"layer '{name}': the label-free correction is not finite; check the calibration "
+                           "data for NaN or Inf values, or merge without the correction")
+    return W
+
+
+def _skip_note(skips: list[tuple[str, str]]) -> str:
+    """One note for the (task, why) whose correction was skipped because the layer's moments did not fit in
+    memory, e.g. 'correction skipped for a, b: needs 3.7 GiB, 1.2 GiB available'; "" for none."""
+    tasks_by_reason: dict[str, list[str]] = {}
+    for task, reason in skips:
+        tasks_by_reason.setdefault(reason, []).append(task)
+    return "; ".join(f"correction skipped for {', '.join(ts)}: {why}" for why, ts in tasks_by_reason.items())
+
+
 @dataclass
 class _Pass:
     """One pass over the layers (MTZ Algorithm 1, as schedule() lays it out): the tasks, their unit
@@ -296,32 +340,70 @@ class _Pass:
     providers: list[str]
     guides: dict[int, list[_LayerState]]
     late: dict[int, list[_LayerState]] | None
+    depth: int  # layers 0..depth-1 align (may share, ``spaces`` covers them); the rest are each task's own
     plan_layers: dict[int, LayerPlan] = field(default_factory=dict)
+    progress: ProgressFn = no_progress  # set by run()
+    label: str = ""  # the pass's prefix of progress labels, set by run()
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.opts.tasks)
 
+    def stage(self, text: str, total: int, flops: float) -> Callable[[], None]:
+        """A progress stage for a step of about ``flops`` operations; a silent one below PROGRESS_MIN_FLOPS."""
+        return self.progress(f"{self.label}{text}", total) if flops >= PROGRESS_MIN_FLOPS else no_progress(text, total)
+
+    def correcting(self) -> bool:
+        """True when layers calibrated now are corrected: the option is on and something upstream is shared."""
+        return bool(self.opts.correct and any(p.n_shared for p in self.plan_layers.values()))
+
     def layer_state(self, k: int, accs: list[MomentAccumulator]) -> _LayerState:
-        """Layer k with its weights corrected (once anything upstream is shared), ready to be paired and tied."""
+        """Layer k with its weights corrected (once anything upstream is shared), ready to be paired and tied.
+
+        A task whose moments did not fit in memory keeps its weights; the state's note says so.
+        """
         tasks, opts = self.tasks, self.opts
+        name = tasks[0].tied.layers[k].name
         before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
-        corrected = bool(opts.correct and any(p.n_shared for p in self.plan_layers.values()))
+        weights, skips = [W.copy() for W in before], []
+        corrected = self.correcting()
         if corrected:
+            tick = self.stage(f"correct layer {name}", len(tasks), sum(_correction_flops(a) for a in accs))
             with self.timer("tie"):
-                weights = [W + refit_update(W, acc, opts.correct_damping) for W, acc in zip(before, accs)]
-        else:
-            weights = [W.copy() for W in before]
-        return _LayerState(k, tasks[0].tied.layers[k].name, before, weights, accs, corrected)
+                for t, acc in enumerate(accs):
+                    if acc.has_moments:
+                        weights[t] = _corrected_weights(before[t], acc, opts.correct_damping, name)
+                    else:
+                        skips.append((self.names[t], acc.note))
+                    tick()
+        return _LayerState(k, name, before, weights, accs, corrected and len(skips) < len(tasks), _skip_note(skips))
 
     def hessians(self, w: _LayerState) -> None:
-        """Fill in the layer's shared input features and damped, task-weighted Hessians over them."""
-        w.feats = [_shared_features(self.plan_layers, self.spaces, w.k, t, task) for t, task in enumerate(self.tasks)]
+        """Fill in the layer's damped, task-weighted Hessians over its shared input features (shared_inputs)."""
         w.H = []
         for scale, acc, f in zip(self.opts.task_scales(len(self.tasks)), w.accs, w.feats):
-            Ht = acc.gram[np.ix_(f, f)]
+            if not acc.has_moments:
+                raise OnnxZipError(f"layer '{w.name}': pairing its units needs the Hessian over its {len(f)} shared "
+                                   f"inputs, but the layer's input moments did not fit in memory ({acc.note}); "
+                                   "share fewer units of the layers it reads, or use a machine with more memory")
+            Ht = acc.gram_block(f)
             Ht *= scale
             w.H.append(damp(Ht, self.opts.damping))
+
+    def shared_inputs(self, w: _LayerState) -> None:
+        """Fill in the layer's shared input features per task, bias last."""
+        w.feats = [_shared_features(self.plan_layers, self.spaces, w.k, t, task) for t, task in enumerate(self.tasks)]
+
+    def with_hessians(self, states: list[_LayerState]) -> Callable[[], None]:
+        """Shared inputs and Hessians of the layers to pair or tie, only these (a layer never shared gets
+        none); under a progress stage when pairing them is long. Returns the stage's tick for the pairing."""
+        for w in states:
+            self.shared_inputs(w)
+        tick = self.stage(f"pair layer {states[0].name}", len(states) + 1, _pair_flops(states, len(self.tasks)))
+        for w in states:
+            self.hessians(w)
+            tick()
+        return tick
 
     def choose_pairs(self, states: list[_LayerState], metrics: list[PairMetric], A: list[np.ndarray],
                      B: list[np.ndarray], count: int, seed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -368,18 +450,23 @@ class _Pass:
         each unit's summed cost; (None, None) when nothing is shared."""
         tasks, guides = self.tasks, self.guides.get(space, ())
         if given is not None:
+            if self.late is not None or len(given):  # the Hessians tie the units and guide a second pass
+                with self.timer("score+match"):
+                    self.with_hessians(states)()
             if self.late is not None:
                 self.late.setdefault(space, []).extend(w.snapshot() for w in states)
             return [np.array([s[t] for s in given], np.int64) for t in range(len(tasks))], None
-        head = len(tasks[0].tied.layers) - 1
-        if self.spaces.space[head] == space or not self.can_share(states):
+        if not self.can_share(states):  # the spaces here are the aligned layers': heads are never among them
             return None, None
         first = tasks[0].tied.layers[space]
         count = self.opts.shared_count(first.name, tuple(t.tied.layers[space].out_units for t in tasks))
         if not count:
             return None, None
         with self.timer("score+match"):
-            return self.pair_space(states + list(guides), count)
+            tick = self.with_hessians(states)
+            units = self.pair_space(states + list(guides), count)
+            tick()
+            return units
 
     def tie_space(self, states: list[_LayerState], space: int, given: tuple | None) -> list[LayerPlan]:
         """Pair a unit space (or follow its pairing, ``given``), tie every layer's shared units, plan them.
@@ -389,10 +476,7 @@ class _Pass:
         second pass.
         """
         tasks, guides = self.tasks, self.guides.get(space, ())
-        with self.timer("score+match"):
-            for w in states:
-                self.hessians(w)
-        units, choice = self._units(states, space, given)
+        units, choice = self._units(states, space, given)  # Hessians only where units are paired or tied
         if self.late is not None:
             self.late.setdefault(space, [])
         plans = []
@@ -411,15 +495,51 @@ class _Pass:
                 errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(w.weights, w.before, w.accs))
             first = tasks[0].original.layers[w.k]
             plans.append(LayerPlan(first.name, first.kind, tuple(t.original.layers[w.k].out_units for t in tasks),
-                                   shared, cost, errors, corrected=w.corrected))
+                                   shared, cost, errors, corrected=w.corrected, note=w.note))
+            w.accs.clear()  # the moments (a Gram or rows each) are not needed any more
         return plans
 
     def partial_plan(self) -> SharingPlan:
         """The plan so far: layers not tied yet share nothing."""
-        layers = self.tasks[0].original.layers
-        rest = unshared_plan(self.names, [(l.name, l.kind, tuple(t.original.layers[k].out_units for t in self.tasks))
-                                          for k, l in enumerate(layers)]).layers
-        return SharingPlan(self.names, tuple(self.plan_layers.get(k, rest[k]) for k in range(len(layers))))
+        rest = unshared_plan(self.names, slots([t.original for t in self.tasks])).layers
+        return SharingPlan(self.names, tuple(self.plan_layers.get(k, lp) for k, lp in enumerate(rest)))
+
+    def own_layer(self, t: int, k: int, acc: MomentAccumulator) -> tuple[float, bool, str]:
+        """Task t's layer k, past the aligned layers (or a head): never shared, corrected once anything
+        upstream is shared, unless its moments did not fit in memory (then it keeps its weights).
+        Returns its relative error, whether it was corrected and why its correction was skipped ("": not)."""
+        task = self.tasks[t]
+        layer = task.tied.layers[k]
+        W0 = with_bias_column(layer.matrix(), layer.b)
+        corrected = self.correcting() and acc.has_moments
+        skipped = acc.note if self.correcting() and not corrected else ""
+        flops = _correction_flops(acc) if corrected else 0.0
+        tick = self.stage(f"correct layer {layer.name} ({self.names[t]})", 1, flops)
+        with self.timer("tie"):
+            W = _corrected_weights(W0, acc, self.opts.correct_damping, layer.name) if corrected else W0
+            error = relative_error(W - W0, acc)
+        tick()
+        task.tied = task.tied.with_layer(k, layer.with_matrix(W[:, :-1], W[:, -1]))
+        return error, corrected, skipped
+
+    def own_layers(self, n_batches: Sequence[int], progress: ProgressFn, label: str) -> None:
+        """Calibrate and correct, task by task, every layer past the aligned ones (heads included)."""
+        slot_list = slots([t.original for t in self.tasks])
+        for k in range(self.depth, len(slot_list)):
+            name, kind, units = slot_list[k]
+            have = [t for t, task in enumerate(self.tasks) if k < len(task.original.layers)]
+            tick = progress(f"{label}layer {name}", sum(n_batches[t] for t in have))
+            errors, corrected, skips = [0.0] * len(self.tasks), False, []
+            for t in have:
+                task = self.tasks[t]
+                with self.timer("calibrate"):  # never paired: the Gram (or rows) only for the correction
+                    acc = _calibrate(task, k, len(task.original.layers), self.providers, tick, self.opts.max_patches,
+                                     self.correcting())
+                errors[t], done, skipped = self.own_layer(t, k, acc)
+                del acc
+                corrected, skips = corrected or done, skips + [(self.names[t], skipped)] * bool(skipped)
+            self.plan_layers[k] = LayerPlan(name, kind, units, (), 0.0, tuple(errors), corrected=corrected,
+                                            note=_skip_note(skips))
 
     def run_hook(self, hook: LayerHook) -> None:
         """Give the hook the plan so far and the tied networks; take its networks and mark the caches stale."""
@@ -432,14 +552,16 @@ class _Pass:
             label: str) -> SharingPlan:
         """The steps of schedule(): calibrate a layer, tie what the step ties, retrain when settled."""
         tasks, timer = self.tasks, self.timer
-        n_layers = len(tasks[0].original.layers)
+        self.progress, self.label = progress, label
         waiting: dict[int, _LayerState] = {}  # calibrated layers whose space is not tied yet
         for step in schedule(self.spaces):
             k = step.layer
             tick = progress(f"{label}layer {tasks[0].original.layers[k].name}", sum(n_batches))
             with timer("calibrate"):
-                accs = [_calibrate(task, k, n_layers, self.providers, tick, self.opts.max_patches) for task in tasks]
+                accs = [_calibrate(task, k, len(task.original.layers), self.providers, tick, self.opts.max_patches)
+                        for task in tasks]
             waiting[k] = self.layer_state(k, accs)
+            del accs  # held by the layer's state until it is tied
             if step.ties:
                 states = [waiting.pop(w) for w in step.ties]
                 given = None if step.pairs else self.plan_layers[step.space].shared
@@ -448,20 +570,22 @@ class _Pass:
                 if step.stale:  # tied after the live tensors downstream were cached
                     for task in tasks:
                         task.stale = True
-            if after_layer is not None and step.settled and k < n_layers - 1 and self.plan_layers[k].n_shared:
+            if after_layer is not None and step.settled and self.plan_layers[k].n_shared:
                 self.run_hook(after_layer)
-        return SharingPlan(self.names, tuple(self.plan_layers[k] for k in range(n_layers)))
+        self.own_layers(n_batches, progress, label)
+        return SharingPlan(self.names, tuple(self.plan_layers[k] for k in range(len(self.plan_layers))))
 
 
 def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
               n_batches: Sequence[int], opts: MergeOptions, providers: list[str], progress: ProgressFn,
               timer: StageTimer, after_layer: LayerHook | None, guides: dict[int, list[_LayerState]],
-              collect: bool, label: str = "") -> tuple[SharingPlan, list[Network], dict[int, list[_LayerState]]]:
+              collect: bool, depth: int, label: str = "") -> tuple[SharingPlan, list[Network], dict[int, list[_LayerState]]]:
     """One pass over the layers; returns the plan, the tied networks and (if ``collect``) each space's late writers."""
     with scratch_dir() as tmp:
         tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b) in enumerate(zip(nets, batches))]
-        zip_pass = _Pass(tasks, unit_spaces(nets[0]), opts, timer, providers, guides, {} if collect else None)
+        zip_pass = _Pass(tasks, aligned_spaces(nets[0], depth), opts, timer, providers, guides,
+                         {} if collect else None, depth)
         plan = zip_pass.run(n_batches, progress, after_layer, label)
     return plan, [t.tied for t in tasks], zip_pass.late or {}
 
@@ -469,7 +593,7 @@ def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[n
 def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
                  n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
                  progress: ProgressFn = no_progress, timer: StageTimer | None = None,
-                 after_layer: LayerHook | None = None) -> tuple[SharingPlan, list[Network]]:
+                 after_layer: LayerHook | None = None, depth: int | None = None) -> tuple[SharingPlan, list[Network]]:
     """Zip the hidden layers of two or more aligned networks in order, then refit the heads.
 
     A unit space written by several layers (a residual stream) is paired once, at the layer
@@ -479,14 +603,18 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     and pairs the space in a second pass from the costs of all its states; "early" pairs it
     from the states before it is read only (one pass). ``after_layer`` runs after each hidden
     layer that shares units, when no writer is waiting for its space to be paired (see
-    LayerHook), in the final pass only. Returns the sharing plan and the tied networks (same
+    LayerHook), in the final pass only. Only layers 0..``depth``-1 may share (default: as far as
+    the layers align, align.Alignment); each task's layers after them are its own,
+    calibrated and corrected task by task. Returns the sharing plan (one entry per layer of the
+    deepest model; a task without that layer has 0 units there) and the tied networks (same
     topology as the inputs).
     """
     timer = timer or StageTimer()
     guides: dict[int, list[_LayerState]] = {}
-    if opts.stream_pairing == "all" and late_writers(unit_spaces(nets[0])):
-        _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True,
+    depth = align(nets).depth if depth is None else depth
+    if opts.stream_pairing == "all" and late_writers(aligned_spaces(nets[0], depth)):
+        _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True, depth,
                                  "pass 1 of 2: ")
     plan, tied, _ = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, after_layer, guides,
-                              False, "pass 2 of 2: " if guides else "")
+                              False, depth, "pass 2 of 2: " if guides else "")
     return plan, tied

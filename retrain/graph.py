@@ -26,7 +26,7 @@ from torch import nn
 
 from ..canonical import HEAD_OPS
 from ..errors import OnnxZipError
-from ..format import KEY_TASKS
+from ..format import CONST_PREFIX, KEY_TASKS
 from ..ir import is_sparse
 from ..merged import task_part
 
@@ -184,7 +184,7 @@ def _interpreter(opset: int) -> dict[str, Callable]:
     """op type -> function(node, *inputs) -> output; an absent optional input is None."""
     return {
         "Conv": _conv, "Gemm": _gemm, "MatMul": lambda n, a, b: torch.matmul(a, b),
-        "Add": lambda n, a, b: a + b, "Sum": lambda n, *xs: reduce(torch.add, xs),
+        "Add": lambda n, a, b: a + b, "Mul": lambda n, a, b: a * b, "Sum": lambda n, *xs: reduce(torch.add, xs),
         "Concat": lambda n, *xs: torch.cat(xs, n.attrs["axis"]),
         "Relu": lambda n, x: F.relu(x),
         "LeakyRelu": lambda n, x: F.leaky_relu(x, n.attrs.get("alpha", DEFAULT_LEAKY_ALPHA)),
@@ -235,7 +235,8 @@ def _weight_names(programs: Sequence[Program], floats: set[str]) -> tuple[list[s
     for program in programs:
         for node in program.nodes:
             for pos in WEIGHT_INPUTS.get(node.op, ()):
-                if pos < len(node.inputs) and node.inputs[pos] in floats:
+                name = node.inputs[pos] if pos < len(node.inputs) else ""
+                if name in floats and not name.startswith(CONST_PREFIX):  # helper constants stay fixed
                     weights[node.inputs[pos]] = None
                     if pos == MASKED_INPUT.get(node.op):
                         proper.add(node.inputs[pos])

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 import builders as B
 from onnxzip.api import merge
@@ -65,12 +64,12 @@ def test_unsupported_op(tmp_path):
     _assert_user_error(proc, out, "b.onnx", "strange_act", "Softplus")
 
 
-def test_different_depths(tmp_path):
+def test_first_layers_of_different_kinds(tmp_path):
     a, _ = _good_pair(tmp_path)
-    b = B.save(B.mlp_model(B.mlp_weights([64, 16, 12, 10], 1)), tmp_path / "deep.onnx")
+    b = B.save(B.cnn_model(B.cnn_weights(1, size=8), size=8), tmp_path / "cnn.onnx")
     out = tmp_path / "m.onnx"
     proc = _cli("merge", a, b, "--calib", B.calib_folder(tmp_path / "c", SHAPE, 32), "-o", out)
-    _assert_user_error(proc, out, "deep.onnx", "same depth")
+    _assert_user_error(proc, out, "cnn.onnx", "'conv1'", "is conv", "the first layers must align")
 
 
 @pytest.mark.parametrize("case,x,needle", [
