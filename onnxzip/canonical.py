@@ -1,13 +1,24 @@
 """Turn a loaded ONNX graph into the canonical network (ir.Network), folding what can be folded.
 
-Folds BatchNormalization (also BatchNorm1d's Unsqueeze -> BatchNormalization -> Squeeze) and
-separate bias Adds into the preceding layer, drops Identity and Dropout, turns flattening Reshapes
-into Flatten, folds scalar input scaling (Mul/Div/Add/Sub by a constant in front of the first
-layer) into the first layer, keeps an NHWC input's leading Transpose as a step before the first
-layer, folds a Transpose back to NHWC in front of a flattening into the next FC layer's columns,
-keeps an elementwise Add of two computed tensors (a residual join) as a step, and refuses anything
-else by node name and op. Nodes are read in the graph's topological order; before the first layer
-the data path must be a single chain.
+Folds into the preceding layer what directly follows it: BatchNormalization (also BatchNorm1d's
+Unsqueeze -> BatchNormalization -> Squeeze), bias Adds and Mul/Sub/Div by per-unit constants. Folds
+a per-channel affine that follows an activation (BatchNormalization, BatchNorm1d's form, or
+Mul/Add/Sub/Div by a scalar or per-channel constant) forward into the next layer's weights,
+W'[o, c] = W[o, c] * s[c], b' = b + sum_c W[o, c] * t[c], through Identity/Dropout, flattenings,
+global and unpadded average pools and (for non-negative scales) max pools; it refuses an affine
+whose output forks or joins, and an offset in front of a zero-padded conv. Drops Identity and
+Dropout; turns flattening Reshapes (also to [batch, 1, ..., 1, features]), Squeezes of the unit
+axes of a pooled [N, C, 1, 1] tensor and ReduceMean over the spatial axes into Flatten / a global
+average pool; reads a MatMul on [batch, 1, ..., 1, features] as a fully connected layer and keeps
+a final Reshape that restores such unit axes in the output. In front of the first layer it keeps a
+Reshape or Unsqueeze of the input to an image as a Reshape step (target (0, C, H, W)), folds
+scalar input scaling (Mul/Div/Add/Sub by a constant, before or after that Reshape) into the first
+layer and keeps an NHWC input's leading Transpose as a step. Folds a Transpose back to NHWC in
+front of a flattening into the next FC layer's columns, keeps an elementwise Add of two computed
+tensors (a residual join) and a Concat of channels as steps, and refuses anything else by node name
+and op. Nodes are read in the graph's topological order; before the first layer the data path must
+be a single chain. Shapes that static inference leaves unknown (Unsqueeze before opset 13,
+computed Reshape targets) come from ONNX Runtime's symbolic shape inference.
 """
 
 from __future__ import annotations
@@ -25,18 +36,26 @@ from .errors import OnnxZipError
 from .ir import CONV, FC, Layer, Network, Op, Step, TensorSpec
 from .fold import fold_constants
 from .load import file_sha256, load
+from .save import EXTERNAL_DATA_ABOVE
 
 UNIT_WISE_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "Flatten")
 HEAD_OPS = ("Softmax", "LogSoftmax")
 DROPPED_OPS = ("Identity", "Dropout")
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # Ops allowed off the data path, only to compute the target shape of a flattening Reshape.
 SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "Slice", "Cast",
              "Mul", "Div", "ReduceProd", "ConstantOfShape", "Identity")
 # Scalar input scaling in front of the first layer (x/255, (x-0.5)/0.5, ...), folded into that layer.
 AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
 # Steps that commute with a scalar affine map of their input, so the map folds past them.
-AFFINE_COMMUTING_OPS = ("Transpose", "Flatten")
+AFFINE_COMMUTING_OPS = ("Transpose", "Flatten", "Reshape")
+# Ops through which a per-channel affine after an activation folds forward into the next layer
+# (MaxPool only for non-negative scales; AveragePool only where it averages no zero padding).
+AFFINE_THROUGH_OPS = DROPPED_OPS + ("Flatten", "Reshape", "Squeeze", "GlobalAveragePool", "ReduceMean",
+                                    "AveragePool", "MaxPool")
+# Ops that reshape the input in front of the first layer ([N, 784] -> [N, 1, 28, 28]), kept as a Reshape step.
+INPUT_RESHAPE_OPS = ("Reshape", "Unsqueeze", "Squeeze")
 # An NHWC input's Transpose to NCHW in front of the first layer, kept as a step (the input stays NHWC).
 NHWC_TO_NCHW = (0, 3, 1, 2)
 # A conv stack's output transposed back to NHWC right before flattening (Keras/tf2onnx): folded into
@@ -45,14 +64,37 @@ NCHW_TO_NHWC = (0, 2, 3, 1)
 # ReduceMean over these axes of a 4-D NCHW tensor is a global average pool (torch's exporters write
 # AdaptiveAvgPool2d(1) and x.mean([2, 3]) so).
 IMAGE_RANK, SPATIAL = 4, {2, 3}
-FLATTENING_OPS = ("Flatten", "Reshape")
+FC_RANK = 2  # [batch, features]
+FLATTENING_OPS = ("Flatten", "Reshape", "Squeeze")
 POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
               "strides", "count_include_pad")
-SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add), BatchNormalization, " + ", ".join(UNIT_WISE_OPS)
-                     + ", ReduceMean over the spatial axes (global average pool), Reshape (flattening), Identity, "
-                     "Dropout, Add of two tensors (residual), "
-                     "Concat of channels, Softmax/LogSoftmax at the end, "
-                     "scalar Mul/Div/Add/Sub on the input, Transpose of an NHWC input or before a flattening")
+BN_EPSILON = 1e-5  # BatchNormalization's default epsilon
+SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add) (also on [batch, 1, ..., features]), BatchNormalization, "
+                     + ", ".join(UNIT_WISE_OPS)
+                     + ", ReduceMean over the spatial axes (global average pool), Reshape/Squeeze (flattening), "
+                     "Identity, Dropout, Add of two tensors (residual), Concat of channels, Softmax/LogSoftmax "
+                     "at the end, per-unit Mul/Add/Sub/Div right after a layer, per-channel BatchNormalization "
+                     "and Mul/Add/Sub/Div after an activation (folded into the next layer), scalar "
+                     "Mul/Div/Add/Sub and a Reshape/Unsqueeze to an image on the input, Transpose of an NHWC "
+                     "input or before a flattening")
+
+
+@dataclass(eq=False)
+class _Affine:
+    """A per-channel affine y = s * x + t after an activation, waiting to fold into the next layer.
+
+    s and t have one entry per channel (or one for all); ``tensors`` are the ONNX tensors that carry
+    it: the affine's output and what the ops it folds through compute from it.
+    """
+
+    nodes: list[onnx.NodeProto]
+    s: np.ndarray
+    t: np.ndarray
+    tensors: set[str]
+
+    def describe(self) -> str:
+        """How messages name the affine: its nodes' names and types."""
+        return "per-channel affine " + ", ".join(f"'{n.name or n.output[0]}' ({n.op_type})" for n in self.nodes)
 
 
 @dataclass
@@ -74,6 +116,12 @@ class _Parse:
     affine_from: int | None = None  # index into steps where the scaling was applied
     # A Transpose back to NHWC before a flattening, and the column order the next FC layer needs.
     columns: tuple[onnx.NodeProto, np.ndarray] | None = None
+    # Per-channel affines after an activation, each folded into the next layer that reads it.
+    pending: list[_Affine] = field(default_factory=list)
+    # Outputs of nodes folded together with the node being parsed that stand for its input.
+    aliases: list[str] = field(default_factory=list)
+    source: str = ""  # the graph input's name
+    source_rank: int = 0
 
     def has_layer(self) -> bool:
         """True once a weight layer is on the chain."""
@@ -130,16 +178,36 @@ def _next_user(p: _Parse, tensor: str) -> onnx.NodeProto | None:
     return users[0] if len(users) == 1 else None
 
 
-def _bias_vector(p: _Parse, node: onnx.NodeProto, value: np.ndarray, units: int, conv: bool) -> np.ndarray:
-    """A constant added to a layer's output as a per-unit bias, or an error if it is not one."""
+def _unit_axis(shape: tuple | None) -> int | None:
+    """The axis of a tensor's channels (units): 1 of [N, C, H, W] and [N, F], the last of
+    [N, 1, ..., 1, F] (a MatMul's rank-3 output); None for other or unknown shapes."""
+    if shape is None or len(shape) < FC_RANK:
+        return None
+    if len(shape) in (FC_RANK, IMAGE_RANK):
+        return 1
+    return len(shape) - 1 if all(d == 1 for d in shape[1:-1]) else None
+
+
+def _channel_vector(p: _Parse, node: onnx.NodeProto, value: np.ndarray, shape: tuple | None) -> np.ndarray:
+    """A constant that ``node`` applies to a tensor of ``shape`` as one value for all ([1]) or one per
+    channel ([C]), or an error naming the node if it is neither (or would broadcast the tensor)."""
     value = np.asarray(value, dtype=np.float64)
-    if value.size == 1:
-        return np.full(units, float(value.reshape(-1)[0]))
-    allowed = [(units, 1, 1), (1, units, 1, 1)] if conv else [(units,), (1, units)]
-    if value.shape not in allowed:
-        raise p.fail(node, f"adds a constant of shape {list(value.shape)} that is not a per-unit bias "
-                           f"for {units} units")
+    rank = len(shape) if shape is not None else 0
+    if value.size == 1 and (shape is None or value.ndim <= rank):
+        return value.reshape(1)
+    axis = _unit_axis(shape)
+    padded = (1,) * (rank - value.ndim) + value.shape
+    if axis is None or value.ndim > rank or padded[axis] != shape[axis] or \
+            any(d != 1 for i, d in enumerate(padded) if i != axis):
+        raise p.fail(node, f"applies a constant of shape {list(value.shape)} to a tensor of shape "
+                           f"{list(shape) if shape is not None else 'unknown'}; only a scalar or one value per "
+                           "channel is supported")
     return value.reshape(-1)
+
+
+def _bias_vector(p: _Parse, node: onnx.NodeProto, value: np.ndarray, units: int) -> np.ndarray:
+    """A Gemm's constant C as a per-unit bias of its [batch, units] output, or an error if it is not one."""
+    return np.broadcast_to(_channel_vector(p, node, value, (None, units)), (units,)).copy()
 
 
 def _conv_pads(p: _Parse, node: onnx.NodeProto, attrs: dict, kernel: tuple, x_shape: tuple) -> tuple:
@@ -181,8 +249,9 @@ def _parse_conv(p: _Parse, node: onnx.NodeProto) -> Layer:
 
 def _parse_fc(p: _Parse, node: onnx.NodeProto) -> Layer:
     x_shape = p.shapes.get(node.input[0])
-    if x_shape is not None and len(x_shape) != 2:
-        raise p.fail(node, f"reads a rank-{len(x_shape)} input; fully connected layers need [batch, features]")
+    if x_shape is not None and (len(x_shape) < FC_RANK or any(d != 1 for d in x_shape[1:-1])):
+        raise p.fail(node, f"reads an input of shape {list(x_shape)}; fully connected layers need [batch, features] "
+                           "(or [batch, 1, ..., 1, features])")
     if node.op_type == "Gemm":
         attrs = _attrs(node)
         if attrs.get("transA", 0):
@@ -191,7 +260,7 @@ def _parse_fc(p: _Parse, node: onnx.NodeProto) -> Layer:
         W = (B if attrs.get("transB", 0) else B.T) * attrs.get("alpha", 1.0)
         b = np.zeros(W.shape[0])
         if len(node.input) > 2 and node.input[2]:
-            b = attrs.get("beta", 1.0) * _bias_vector(p, node, p.const(node, node.input[2], "bias"), W.shape[0], False)
+            b = attrs.get("beta", 1.0) * _bias_vector(p, node, p.const(node, node.input[2], "bias"), W.shape[0])
     else:
         B = p.const(node, node.input[1], "weight")
         if B.ndim != 2:
@@ -201,22 +270,65 @@ def _parse_fc(p: _Parse, node: onnx.NodeProto) -> Layer:
     return Layer(f"fc{p.counts[FC]}", FC, W.astype(np.float32), b.astype(np.float32), node.name)
 
 
-def _fold_bias_add(p: _Parse, layer: Layer, node: onnx.NodeProto) -> Layer | None:
-    const = [i for i in node.input if i in p.consts]
-    if len(const) != 1:
+def _batchnorm_affine(p: _Parse, node: onnx.NodeProto, channels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) of an inference-mode BatchNormalization: y = s * x + t per channel (axis 1)."""
+    attrs = _attrs(node)
+    if len([o for o in node.output if o]) > 1 or attrs.get("training_mode", 0):
+        raise p.fail(node, "is in training mode (several outputs or training_mode=1); export the model in eval mode")
+    if attrs.get("spatial", 1) != 1:
+        raise p.fail(node, "normalises every activation on its own (spatial=0); only per-channel BatchNormalization "
+                           "is supported")
+    gamma, beta, mean, var = (p.const(node, n, "BatchNorm parameter").astype(np.float64).reshape(-1)
+                              for n in node.input[1:5])
+    if channels is not None and gamma.size != channels:
+        raise p.fail(node, f"normalises {gamma.size} channels of a tensor with {channels}")
+    s = gamma / np.sqrt(var + attrs.get("epsilon", BN_EPSILON))
+    return s, beta - mean * s
+
+
+def _affine_of(p: _Parse, node: onnx.NodeProto, tensor: str, shape: tuple | None
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(s, t) with node(x) = s * x + t per channel of ``tensor`` (of ``shape``), for a BatchNormalization
+    or a Mul/Add/Sub/Div of it by a constant; None when ``node`` is no such map (an Add of two
+    computed tensors, say). A constant that is not per channel is refused by name."""
+    if node.op_type == "BatchNormalization":
+        return _batchnorm_affine(p, node, shape[1] if shape is not None and len(shape) > 1 else None)
+    if node.op_type not in AFFINE_OPS or len(node.input) != 2 or list(node.input).count(tensor) != 1:
         return None
-    extra = _bias_vector(p, node, p.consts[const[0]], layer.out_units, layer.kind == CONV)
-    return replace(layer, b=(layer.b + extra).astype(np.float32))
+    first = node.input[0] == tensor
+    other = node.input[1] if first else node.input[0]
+    if other not in p.consts:
+        return None
+    c = _channel_vector(p, node, p.consts[other], shape)
+    one, zero = np.ones_like(c), np.zeros_like(c)
+    if node.op_type == "Mul":
+        return c, zero
+    if node.op_type == "Add":
+        return one, c
+    if node.op_type == "Sub":
+        return (one, -c) if first else (-one, c)
+    if not first:
+        raise p.fail(node, "divides a constant by a computed tensor, which is not an affine map")
+    if (c == 0).any():
+        raise p.fail(node, "divides by zero")
+    return 1.0 / c, zero
 
 
-def _fold_batchnorm(p: _Parse, layer: Layer, node: onnx.NodeProto) -> Layer:
-    if len([o for o in node.output if o]) > 1:
-        raise p.fail(node, "is in training mode (several outputs); export the model in eval mode")
-    gamma, beta, mean, var = (p.const(node, n, "BatchNorm parameter").astype(np.float64) for n in node.input[1:5])
-    s = gamma / np.sqrt(var + _attrs(node).get("epsilon", 1e-5))
+def _with_output_affine(p: _Parse, node: onnx.NodeProto, layer: Layer, s: np.ndarray, t: np.ndarray) -> Layer:
+    """The layer followed by y -> s * y + t per unit (the affine ``node`` right after it), as one layer."""
+    if s.size not in (1, layer.out_units):
+        raise p.fail(node, f"applies {s.size} values to the {layer.out_units} units of layer {layer.describe()}")
     W = layer.W.astype(np.float64) * s.reshape((-1,) + (1,) * (layer.W.ndim - 1))
-    b = (layer.b - mean) * s + beta
-    return replace(layer, W=W.astype(np.float32), b=b.astype(np.float32))
+    b = layer.b.astype(np.float64) * s + t
+    return replace(layer, W=W.astype(np.float32), b=np.broadcast_to(b, (layer.out_units,)).astype(np.float32))
+
+
+def _layer_output_shape(p: _Parse, layer: Layer, tensor: str) -> tuple:
+    """The shape of a layer's output (as inferred, or [N, units, ...] of its kind)."""
+    shape = p.shapes.get(tensor)
+    if shape is not None:
+        return shape
+    return (None, layer.out_units, None, None) if layer.kind == CONV else (None, layer.out_units)
 
 
 def _axes(p: _Parse, node: onnx.NodeProto) -> list[int] | None:
@@ -229,15 +341,18 @@ def _axes(p: _Parse, node: onnx.NodeProto) -> list[int] | None:
     return None
 
 
-def _fold_unsqueezed_batchnorm(p: _Parse, layer: Layer, node: onnx.NodeProto) -> tuple[Layer, str] | None:
-    """BatchNorm1d as PyTorch exports it after an FC layer: Unsqueeze -> BatchNormalization -> Squeeze.
+def _unsqueezed_batchnorm(p: _Parse, node: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """BatchNorm1d as PyTorch exports it on [batch, features]: Unsqueeze -> BatchNormalization -> Squeeze.
 
-    Returns the folded layer and the Squeeze's output, or None when ``node`` does not start that pattern.
+    Returns the BatchNormalization and the Squeeze, or None when ``node`` does not start that pattern.
     """
     axes = _axes(p, node)
-    rank = 2 + len(axes or ())
-    trailing = list(range(2, rank))
-    if layer.kind != FC or not axes or sorted(a % rank for a in axes) != trailing:
+    x_shape = p.shapes.get(node.input[0])
+    if not axes or (x_shape is not None and len(x_shape) != FC_RANK):
+        return None
+    rank = FC_RANK + len(axes)
+    trailing = list(range(FC_RANK, rank))
+    if sorted(a % rank for a in axes) != trailing:
         return None
     bn = _next_user(p, node.output[0])
     squeeze = _next_user(p, bn.output[0]) if bn is not None and bn.op_type == "BatchNormalization" else None
@@ -247,32 +362,32 @@ def _fold_unsqueezed_batchnorm(p: _Parse, layer: Layer, node: onnx.NodeProto) ->
     if squeezed is not None and sorted(a % rank for a in squeezed) != trailing:
         raise p.fail(squeeze, f"squeezes axes {squeezed} after BatchNormalization '{bn.name}', not the axes "
                               f"{axes} that '{node.name}' added")
-    layer = _fold_batchnorm(p, layer, bn)
-    p.visited.update((id(node), id(bn), id(squeeze)))
-    return layer, squeeze.output[0]
+    return bn, squeeze
 
 
 def _absorb_followers(p: _Parse, layer: Layer, tensor: str) -> tuple[Layer, str]:
-    """Fold bias Adds and BatchNormalizations (BatchNorm1d too) that directly follow a layer into it."""
+    """Fold what directly follows a layer into it: bias Adds, BatchNormalizations (BatchNorm1d's
+    Unsqueeze -> BatchNormalization -> Squeeze too) and Mul/Sub/Div by per-unit constants."""
     while True:
         node = _next_user(p, tensor)
         if node is None:
             return layer, tensor
         if node.op_type == "Unsqueeze":
-            folded = _fold_unsqueezed_batchnorm(p, layer, node)
-            if folded is None:
+            found = _unsqueezed_batchnorm(p, node) if layer.kind == FC else None
+            if found is None:
                 return layer, tensor
-            layer, tensor = folded
+            bn, squeeze = found
+            layer = _with_output_affine(p, bn, layer, *_batchnorm_affine(p, bn, layer.out_units))
+            p.visited.update((id(node), id(bn), id(squeeze)))
+            tensor = squeeze.output[0]
             continue
-        if node.op_type == "Add":
-            folded = _fold_bias_add(p, layer, node)
-            if folded is None:
-                return layer, tensor
-            layer = folded
-        elif node.op_type == "BatchNormalization":
-            layer = _fold_batchnorm(p, layer, node)
-        elif node.op_type in DROPPED_OPS:
+        if node.op_type in DROPPED_OPS:
             pass
+        elif node.op_type in AFFINE_OPS or node.op_type == "BatchNormalization":
+            affine = _affine_of(p, node, tensor, _layer_output_shape(p, layer, tensor))
+            if affine is None:
+                return layer, tensor
+            layer = _with_output_affine(p, node, layer, *affine)
         else:
             return layer, tensor
         p.visited.add(id(node))
@@ -294,18 +409,97 @@ def _mark_shape_helpers(p: _Parse, node: onnx.NodeProto, tensor: str) -> None:
             stack.extend(i for i in producer.input if i)
 
 
-def _parse_reshape(p: _Parse, node: onnx.NodeProto) -> Op:
-    x_shape, y_shape = p.shapes.get(node.input[0]), p.shapes.get(node.output[0])
-    if node.input[1] in p.consts:
-        target = [int(v) for v in p.consts[node.input[1]].reshape(-1)]
-        flat = len(target) == 2 and target[1] in (-1, int(np.prod(x_shape[1:]))) if x_shape and None not in x_shape[1:] \
-            else len(target) == 2 and target[1] == -1
-    else:
+def _features(shape: tuple | None) -> int | None:
+    """Values per sample of a tensor of ``shape`` (None when a non-batch dimension is unknown)."""
+    if shape is None or None in shape[1:]:
+        return None
+    return int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _reshaped_shape(p: _Parse, node: onnx.NodeProto, x_shape: tuple | None) -> tuple | None:
+    """The output shape of a Reshape, Squeeze or Unsqueeze: inferred (statically or symbolically), else worked out
+    from a constant target or the axes (None: a dimension that stays unknown)."""
+    y_shape = p.shapes.get(node.output[0])
+    if (y_shape is not None and None not in y_shape[1:]) or x_shape is None:
+        return y_shape
+    if node.op_type != "Reshape":
+        return _axes_shape(p, node, x_shape)
+    if node.input[1] not in p.consts:
+        return y_shape
+    target = [int(v) for v in p.consts[node.input[1]].reshape(-1)]
+    copy_zeros = not _attrs(node).get("allowzero", 0)  # a 0 copies the input's dimension
+    return tuple(x_shape[i] if v == 0 and copy_zeros and i < len(x_shape) else (None if v < 0 else v)
+                 for i, v in enumerate(target))
+
+
+def _axes_shape(p: _Parse, node: onnx.NodeProto, x_shape: tuple) -> tuple:
+    """The output shape of a Squeeze or Unsqueeze of a tensor of shape ``x_shape``."""
+    axes = _axes(p, node)
+    if node.op_type == "Squeeze":
+        removed = {a % len(x_shape) for a in axes} if axes is not None else {i for i, d in enumerate(x_shape) if d == 1}
+        return tuple(d for i, d in enumerate(x_shape) if i not in removed)
+    rank = len(x_shape) + len(axes or ())
+    added, dims = {a % rank for a in axes or ()}, iter(x_shape)
+    return tuple(1 if i in added else next(dims) for i in range(rank))
+
+
+def _is_flattening(x_shape: tuple | None, y_shape: tuple | None) -> bool:
+    """True when reshaping x_shape to y_shape keeps the batch and flattens the rest, to [batch, features]
+    or [batch, 1, ..., 1, features]; an unknown output shape (a computed target) counts as one."""
+    if y_shape is None:
+        return True
+    if len(y_shape) < FC_RANK or any(d != 1 for d in y_shape[1:-1]):
+        return False
+    features = _features(x_shape)
+    return y_shape[-1] is None or features is None or y_shape[-1] == features
+
+
+def _input_reshape(p: _Parse, node: onnx.NodeProto, x_shape: tuple | None, y_shape: tuple | None) -> Op:
+    """A reshape of the input in front of the first layer ([N, 784] -> [N, 1, 28, 28]) as a Reshape step
+    with target (0, *dims): 0 copies the batch size."""
+    features = _features(x_shape)
+    if y_shape is None or features is None or _features(y_shape) != features:
+        raise p.fail(node, f"reshapes the input of shape {list(x_shape or ())} to "
+                           f"{list(y_shape) if y_shape is not None else 'an unknown shape'}; only a reshape of "
+                           "known sizes that keeps the batch axis is supported in front of the first layer")
+    return Op("Reshape", (("shape", (0, *(int(d) for d in y_shape[1:]))),), node.name)
+
+
+def _squeeze_step(p: _Parse, node: onnx.NodeProto, x_shape: tuple | None, y_shape: tuple | None) -> Op | None:
+    """A Squeeze after the first layer: a flattening ([N, C, 1, 1] or [N, 1, F] to [N, features]), or
+    None for part of a pooled tensor's unit axes when the next node (Squeeze, Flatten, Reshape) ends
+    the flattening; the canonical tensor then keeps the squeezed axes."""
+    if x_shape is None or None in x_shape[1:]:
+        raise p.fail(node, "squeezes a tensor of unknown shape; run shape inference or export with fixed image sizes")
+    axes = _axes(p, node)
+    removed = sorted({a % len(x_shape) for a in axes} if axes is not None else
+                     {i for i, d in enumerate(x_shape) if d == 1})
+    if not removed or removed[0] == 0 or any(x_shape[a] != 1 for a in removed):
+        raise p.fail(node, f"squeezes axes {removed} of a tensor of shape {list(x_shape)}; only unit axes after the "
+                           "batch axis can be squeezed")
+    if _is_flattening(x_shape, y_shape):
+        return Op("Flatten", (("axis", 1),), node.name)
+    follower = _next_data_op(p, node.output[0])
+    if removed[0] >= 2 and follower is not None and follower.op_type in FLATTENING_OPS:
+        return None
+    raise p.fail(node, f"squeezes a tensor of shape {list(x_shape)} to {list(y_shape or ())}; only a squeeze to "
+                       "[batch, features] (or one that the next Squeeze or Flatten completes) is supported")
+
+
+def _reshape_step(p: _Parse, node: onnx.NodeProto) -> Op | None:
+    """A Reshape, Squeeze or Unsqueeze on the data path: a flattening (Flatten); a Squeeze that the
+    next node completes (None); in front of the first layer, a reshape of the input (Reshape step)."""
+    if node.op_type == "Reshape" and node.input[1] not in p.consts:
         _mark_shape_helpers(p, node, node.input[1])
-        flat = y_shape is None or len(y_shape) == 2
-    if not flat or (x_shape is not None and len(x_shape) < 2):
-        raise p.fail(node, "reshapes to something other than [batch, features]; only flattening is supported")
-    return Op("Flatten", (("axis", 1),), node.name)
+    x_shape = p.shapes.get(node.input[0])
+    y_shape = _reshaped_shape(p, node, x_shape)
+    if node.op_type == "Squeeze" and p.has_layer():
+        return _squeeze_step(p, node, x_shape, y_shape)
+    if (x_shape is None or len(x_shape) >= FC_RANK) and _is_flattening(x_shape, y_shape):
+        return Op("Flatten", (("axis", 1),), node.name)
+    if not p.has_layer():
+        return _input_reshape(p, node, x_shape, y_shape)
+    raise p.fail(node, "reshapes to something other than [batch, features]; only flattening is supported")
 
 
 def _parse_reduce_mean(p: _Parse, node: onnx.NodeProto) -> tuple[Op, ...]:
@@ -350,9 +544,17 @@ def _parse_unit_op(p: _Parse, node: onnx.NodeProto) -> Op:
 
 
 def _parse_head(p: _Parse, node: onnx.NodeProto) -> Op:
-    rank = len(p.shapes.get(node.input[0], ()) or (0, 0))
+    """A Softmax/LogSoftmax over the classes of [batch, classes] (or [batch, 1, ..., 1, classes]).
+
+    Before opset 13 the op normalises the input flattened from ``axis`` on (default 1), which is the
+    classes for any axis after the batch of such a shape; since, only ``axis`` itself (default -1).
+    """
+    shape = p.shapes.get(node.input[0])
+    rank = len(shape) if shape is not None else FC_RANK
     axis = _attrs(node).get("axis", -1 if p.opset >= 13 else 1)
-    if rank != 2 or axis not in (1, -1):
+    unit_middle = shape is None or all(d == 1 for d in shape[1:-1])
+    last = axis % rank == rank - 1 if p.opset >= 13 else axis % rank != 0
+    if rank < FC_RANK or not unit_middle or not -rank <= axis < rank or not last:
         raise p.fail(node, "must act on the last axis of a [batch, classes] output")
     return Op(node.op_type, (("axis", -1),), node.name)
 
@@ -432,11 +634,134 @@ def _with_nhwc_columns(p: _Parse, node: onnx.NodeProto, layer: Layer) -> Layer:
     return replace(layer, W=np.ascontiguousarray(layer.W[:, order]))
 
 
+def _pending_of(p: _Parse, tensor: str) -> _Affine | None:
+    """The per-channel affine waiting for a layer that ``tensor`` carries, if any."""
+    return next((a for a in p.pending if tensor in a.tensors), None)
+
+
+def _carry(p: _Parse, affine: _Affine, tensor: str) -> None:
+    """Mark ``tensor`` as carrying ``affine``: it must reach exactly one node (on the way to one layer)."""
+    users = _data_users(p, tensor)
+    if not users:
+        raise p.fail(affine.nodes[0], "is a per-channel affine after an activation that no weight layer follows; "
+                                      "it can only be folded into the next layer")
+    if len(users) > 1:
+        names = ", ".join(f"'{n.name or n.output[0]}' ({n.op_type})" for n in users)
+        raise p.fail(affine.nodes[0], f"is a per-channel affine after an activation whose output '{tensor}' feeds "
+                                      f"several nodes ({names}); it can only be folded into a single next layer")
+    affine.tensors.add(tensor)
+
+
+def _averages_padding(node: onnx.NodeProto) -> bool:
+    """True when an AveragePool counts zero padding (or ceil-mode overhang) in its averages."""
+    attrs = _attrs(node)
+    auto = attrs.get("auto_pad", b"NOTSET")
+    padded = any(attrs.get("pads", ())) or (auto.decode() if isinstance(auto, bytes) else auto) in ("SAME_UPPER",
+                                                                                                  "SAME_LOWER")
+    return bool(attrs.get("count_include_pad", 0)) and (padded or bool(attrs.get("ceil_mode", 0)))
+
+
+def _check_through(p: _Parse, node: onnx.NodeProto, raw: list[str], affine: _Affine) -> None:
+    """Refuse a node reading the output of a pending affine unless the affine folds past it (or into it)."""
+    op = node.op_type
+    if len(raw) > 1:
+        raise p.fail(node, f"joins the output of the {affine.describe()} with another tensor; a per-channel affine "
+                           "after an activation can only be folded into a single next layer")
+    if op in LAYER_OPS or op in AFFINE_OPS or op in ("BatchNormalization", "Unsqueeze"):
+        return
+    if op not in AFFINE_THROUGH_OPS:
+        raise p.fail(node, f"lies between the {affine.describe()} and the next layer; the affine folds into that "
+                           f"layer only through {', '.join(AFFINE_THROUGH_OPS)}")
+    if op == "MaxPool" and (affine.s < 0).any():
+        raise p.fail(node, f"max-pools the output of the {affine.describe()}, which has negative scales for channel(s) "
+                           f"{np.flatnonzero(affine.s < 0).tolist()}; a max pool commutes only with non-negative "
+                           "scales")
+    if op == "AveragePool" and (affine.t != 0).any() and _averages_padding(node):
+        raise p.fail(node, f"averages zero padding (count_include_pad=1) of the output of the {affine.describe()}, "
+                           "whose offset the padding lacks; only an average pool without padding commutes with it")
+
+
+def _start_affine(p: _Parse, node: onnx.NodeProto, raw: str) -> bool:
+    """Record a per-channel affine after an activation (``node`` reads ``raw``), composed with one
+    that ``raw`` already carries, to fold into the next layer; False when ``node`` is no such affine."""
+    shape = p.shapes.get(raw)
+    if node.op_type == "Unsqueeze":
+        found = _unsqueezed_batchnorm(p, node)
+        if found is None:
+            return False
+        bn, squeeze = found
+        s, t = _batchnorm_affine(p, bn, shape[1] if shape is not None else None)
+        nodes, out = [node, bn, squeeze], squeeze.output[0]
+        p.visited.update((id(bn), id(squeeze)))
+        p.aliases.append(out)
+    else:
+        affine = _affine_of(p, node, raw, shape)
+        if affine is None:
+            return False
+        (s, t), nodes, out = affine, [node], node.output[0]
+    pending = _pending_of(p, raw)
+    if pending is None:
+        pending = _Affine(nodes, s, t, set())
+        p.pending.append(pending)
+    else:
+        if pending.s.size != s.size and 1 not in (pending.s.size, s.size):
+            raise p.fail(node, f"applies {s.size} values after the {pending.describe()} of {pending.s.size} "
+                               "channels; two per-channel affines in a row must have the same channels")
+        pending.s, pending.t, pending.nodes = s * pending.s, s * pending.t + t, pending.nodes + nodes
+    _carry(p, pending, out)
+    return True
+
+
+def _with_input_affine(p: _Parse, node: onnx.NodeProto, layer: Layer, affine: _Affine) -> Layer:
+    """The layer reading x where it read s * x + t per channel: W'[o, c] = W[o, c] * s[c],
+    b' = b + sum over c and taps of W[o, c] * t[c]. An FC layer after a flattening reads each
+    channel's positions as consecutive features (channel-major)."""
+    W = layer.W.astype(np.float64)
+    inputs, size = W.shape[1], affine.s.size
+    if size != 1 and (inputs % size or (layer.kind == CONV and inputs != size)):
+        raise p.fail(node, f"reads {inputs} input {'channels' if layer.kind == CONV else 'features'}, which do not "
+                           f"match the {size} channels of the {affine.describe()}")
+    rep = inputs // size if size != 1 else 1
+    s, t = np.repeat(affine.s, rep), np.repeat(affine.t, rep)
+    if layer.kind == CONV and (t != 0).any() and any(layer.pads):
+        raise p.fail(node, f"is zero-padded (pads {list(layer.pads)}), so the offset of the {affine.describe()} "
+                           "cannot be folded into it exactly (its padding would read the offset instead of 0); "
+                           "export the model with the affine before the activation or with an unpadded conv")
+    shape = (1, -1) + (1,) * (W.ndim - 2)
+    b = layer.b.astype(np.float64) + (W * t.reshape(shape)).reshape(layer.out_units, -1).sum(axis=1)
+    return replace(layer, W=(W * s.reshape(shape)).astype(np.float32), b=b.astype(np.float32))
+
+
+def _fold_pending(p: _Parse, node: onnx.NodeProto, layer: Layer) -> Layer:
+    """The layer with the pending per-channel affine it reads (if any) folded into its weights."""
+    affine = _pending_of(p, node.input[0])
+    if affine is None:
+        return layer
+    p.pending = [a for a in p.pending if a is not affine]
+    return _with_input_affine(p, node, layer, affine)
+
+
 def _layer_step(p: _Parse, node: onnx.NodeProto) -> Layer:
-    """A Conv, Gemm or MatMul with the bias Adds and BatchNorms after it folded in."""
+    """A Conv, Gemm or MatMul with the affine before it and the bias Adds and BatchNorms after it folded in."""
     layer = _parse_conv(p, node) if node.op_type == "Conv" else _with_nhwc_columns(p, node, _parse_fc(p, node))
-    layer, tensor = _absorb_followers(p, layer, node.output[0])
+    layer, tensor = _absorb_followers(p, _fold_pending(p, node, layer), node.output[0])
     return replace(layer, output=tensor)
+
+
+def _canonical_rank(p: _Parse, tensor: str) -> int | None:
+    """The rank of a canonical tensor (which may differ from the ONNX tensor's: a MatMul on
+    [N, 1, F] is an FC layer writing [N, units]); None where it is unknown."""
+    by_output = {s.output: s for s in p.steps}
+    while tensor in by_output:
+        step = by_output[tensor]
+        if isinstance(step, Layer):
+            return IMAGE_RANK if step.kind == CONV else FC_RANK
+        if step.op_type == "Flatten":
+            return FC_RANK
+        if step.op_type == "Reshape":
+            return len(step.attr_dict()["shape"])
+        tensor = step.inputs[0]
+    return p.source_rank if tensor == p.source else None
 
 
 def _flattened_positions(p: _Parse, tensor: str) -> int:
@@ -494,10 +819,12 @@ def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step |
     if op in AFFINE_OPS and not p.has_layer():
         _absorb_input_affine(p, node, raw)
         return None
+    if p.has_layer() and op in AFFINE_OPS + ("BatchNormalization", "Unsqueeze") and _start_affine(p, node, raw):
+        return None
     if op == "Transpose":
         return _parse_transpose(p, node)
-    if op == "Reshape":
-        return _parse_reshape(p, node)
+    if op in ("Reshape", "Squeeze") or (op in INPUT_RESHAPE_OPS and not p.has_layer()):
+        return _reshape_step(p, node)
     if op == "ReduceMean":
         return _parse_reduce_mean(p, node)
     if op in UNIT_WISE_OPS:
@@ -509,6 +836,38 @@ def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step |
         return _parse_head(p, node)
     where = "is only supported right after the last layer" if op in HEAD_OPS else "is not supported"
     raise p.fail(node, f"{where} (supported: {SUPPORTED_SUMMARY})")
+
+
+def _node_step(p: _Parse, node: onnx.NodeProto, raw: list[str], data: list[str], output: str
+               ) -> Step | tuple[Step, ...] | None:
+    """The canonical step(s) of a node that reads the computed tensors ``raw`` (``data`` after folding)."""
+    if node.op_type in LAYER_OPS:
+        if node.input[0] != raw[0] or len(raw) > 1:
+            raise p.fail(node, "computes its weight from the input; only constant weights are supported")
+        layer = _layer_step(p, node)
+        if layer.kind == FC and _canonical_rank(p, data[0]) not in (None, FC_RANK):  # a MatMul on [N, 1, F]
+            return Op("Flatten", (("axis", 1),), node.name), layer
+        return layer
+    if node.op_type == "Concat" and p.has_layer():
+        return _concat(p, node, raw, data)
+    if len(raw) > 1 and p.has_layer():
+        return _join(p, node, raw)
+    return _data_step(p, node, raw[0], output)
+
+
+def _append(p: _Parse, node: onnx.NodeProto, step: Step | tuple[Step, ...], data: list[str]) -> str:
+    """Append a node's step(s), chained through inner tensors; returns the canonical tensor it writes."""
+    parts = step if isinstance(step, tuple) else (step,)
+    out = data[0]
+    for i, part in enumerate(parts):
+        if isinstance(part, Layer):
+            out = part.output
+            p.steps.append(replace(part, inputs=(data[0],)))
+        else:
+            out = node.output[0] if i == len(parts) - 1 else f"{node.output[0]}.{part.op_type}"
+            p.steps.append(replace(part, inputs=tuple(data), output=out))
+        data = [out]
+    return out
 
 
 def _walk(p: _Parse, source: str, output: str) -> str:
@@ -528,35 +887,24 @@ def _walk(p: _Parse, source: str, output: str) -> str:
                                "layer; the input must reach the first layer by a single path")
         p.visited.add(id(node))
         data = [names[i] for i in raw]
-        if node.op_type in ("Conv", "Gemm", "MatMul"):
-            if node.input[0] != raw[0] or len(raw) > 1:
-                raise p.fail(node, "computes its weight from the input; only constant weights are supported")
-            step = _layer_step(p, node)
-        elif node.op_type == "Concat" and p.has_layer():
-            step = _concat(p, node, raw, data)
-        elif len(raw) > 1 and p.has_layer():
-            step = _join(p, node, raw)
-        else:
-            step = _data_step(p, node, raw[0], output)
+        affine = next((a for a in map(lambda name: _pending_of(p, name), raw) if a is not None), None)
+        if affine is not None:
+            _check_through(p, node, raw, affine)
+        step = _node_step(p, node, raw, data, output)
+        for alias in p.aliases:
+            names[alias] = data[0]
+        p.aliases.clear()
         if step is None:
             names[node.output[0]] = data[0]
-            continue
-        if isinstance(step, tuple):  # one node, several canonical steps: chained through inner tensors
-            for i, part in enumerate(step):
-                out = node.output[0] if i == len(step) - 1 else f"{node.output[0]}.{part.op_type}"
-                p.steps.append(replace(part, inputs=tuple(data), output=out))
-                data = [out]
-            names[node.output[0]] = node.output[0]
-            continue
-        if isinstance(step, Layer):
-            step = replace(step, inputs=(data[0],))
-            names[step.output] = step.output
         else:
-            step = replace(step, inputs=tuple(data), output=node.output[0])
-            names[node.output[0]] = node.output[0]
-        p.steps.append(step)
+            out = _append(p, node, step, data)
+            names[out] = out
+        if affine is not None and any(a is affine for a in p.pending) and node.output[0] not in affine.tensors:
+            _carry(p, affine, node.output[0])  # folded through this node; the next layer takes it
     if p.columns is not None:
         raise p.fail(p.columns[0], "transposes to NHWC before a flattening that no fully connected layer reads")
+    if p.pending:
+        raise p.fail(p.pending[0].nodes[0], "is a per-channel affine after an activation that no weight layer follows")
     if output not in names:
         raise OnnxZipError(f"{p.path}: the graph output '{output}' is not computed from the input '{source}'")
     return names[output]
@@ -593,9 +941,7 @@ def _fold_affine(steps: tuple[Step, ...], scale: float, offset: float, start: in
                                f"the first layer; only {', '.join(AFFINE_COMMUTING_OPS)} may lie between; {advice}")
     layer = steps[first]
     if offset != 0.0 and layer.kind == CONV and any(layer.pads):
-        raise OnnxZipError(f"{path}: {what} has offset {offset:g}, which cannot be folded exactly into the "
-                           f"zero-padded first convolution '{layer.source}' (its padding would read {offset:g} "
-                           f"instead of 0); {advice}")
+        return _explicit_affine(steps, first, scale, offset)
     W = layer.W.astype(np.float64)
     b = layer.b.astype(np.float64) + offset * W.reshape(layer.out_units, -1).sum(axis=1)
     W = scale * W
@@ -605,14 +951,28 @@ def _fold_affine(steps: tuple[Step, ...], scale: float, offset: float, start: in
     return steps[:first] + (folded,) + steps[first + 1:]
 
 
+def _explicit_affine(steps: tuple[Step, ...], first: int, scale: float, offset: float) -> tuple[Step, ...]:
+    """The scaling as two steps in front of the first layer, a zero-padded conv: folding its offset
+    would make the padding read the offset instead of 0 (DESIGN.md section 5)."""
+    layer = steps[first]
+    x = layer.inputs[0]
+    ops = []
+    for op, value in (("Mul", scale), ("Add", offset)):
+        if value != (1.0 if op == "Mul" else 0.0):
+            ops.append(Op(op, (("value", float(value)),), f"input.{op.lower()}", (x,), f"{x}.{op.lower()}"))
+            x = ops[-1].output
+    return steps[:first] + tuple(ops) + (replace(layer, inputs=(x,)),) + steps[first + 1:]
+
+
 def fold_input_affine(net: Network, scale: float, offset: float) -> Network:
     """The network taking raw input u, for a model that expects x = scale * u + offset.
 
     Folds the scaling into the first layer: W' = scale * W, b' = b + offset * (W summed over its
     inputs). E.g. a model trained on (p/255 - 0.5)/0.5 of pixels p becomes one on raw pixels with
     scale = 2/255, offset = -1. Exact for a fully connected first layer and for an unpadded first
-    convolution; a non-zero offset with a zero-padded first convolution is refused (the padding
-    would read the offset, not 0). Only Transpose and Flatten steps may lie before the first layer.
+    convolution; with a non-zero offset a zero-padded first convolution would read the offset at its
+    padding, so the scaling runs as Mul and Add steps in front of it instead (exact too). Only
+    Transpose, Flatten and Reshape steps may lie before the first layer.
     The input spec, path and hash stay as they were, so the result no longer computes what the
     file does on the same input. Raises OnnxZipError naming the file.
     """
@@ -636,6 +996,44 @@ def _fold_graph_scaling(p: _Parse) -> tuple[Step, ...]:
     return _fold_affine(tuple(p.steps), *p.affine, p.affine_from, str(p.path), what, advice)
 
 
+def _incomplete(shape: tuple | None) -> bool:
+    """True for an unknown shape or one with an unknown non-batch dimension."""
+    return shape is None or None in shape[1:]
+
+
+def _inferred_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """The shapes that ONNX's static inference left incomplete (Unsqueeze with attribute axes before
+    opset 13 stops its data propagation, so a computed Reshape target stays unknown), from ONNX
+    Runtime's symbolic shape inference, the pass its quantization tools run first. Empty when
+    nothing is incomplete, the model is too large to copy in memory, or the inference fails."""
+    wanted = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output
+              if o and _incomplete(shapes.get(o))]
+    if not wanted or model.ByteSize() > EXTERNAL_DATA_ABOVE:
+        return {}
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # imports sympy: only when needed
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # it refuses what it cannot follow in many ways; the parse then goes without
+        return {}
+    found = _shapes(inferred.graph)
+    return {name: found[name] for name in wanted if name in found and not _incomplete(found[name])}
+
+
+def _restore_output_rank(p: _Parse, final: str, output: str) -> str:
+    """A final Reshape step back to the file's output shape [N, 1, ..., 1, classes] where the canonical
+    network ends in [N, classes] (a MatMul on [N, 1, F] is an FC layer); returns the final tensor."""
+    shape = p.shapes.get(output)
+    if shape is None or len(shape) <= FC_RANK or _canonical_rank(p, final) != FC_RANK:
+        return final
+    if any(d != 1 for d in shape[1:-1]):
+        raise OnnxZipError(f"{p.path}: the graph output '{output}' has shape {list(shape)}, which its [batch, "
+                           "features] computation can only give with unit axes between batch and features")
+    target = (0, *shape[1:-1], shape[-1] if shape[-1] is not None else -1)
+    out = f"{final}.Reshape"
+    p.steps.append(Op("Reshape", (("shape", target),), output, inputs=(final,), output=out))
+    return out
+
+
 def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Network:
     """Parse a loaded, shape-inferred model into a canonical Network, or refuse it precisely."""
     graph = model.graph
@@ -652,8 +1050,10 @@ def canonicalise(model: onnx.ModelProto, path: Path, file_bytes: int = 0) -> Net
         for name in node.input:
             users[name].append(node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    p = _Parse(path, graph, consts, _shapes(graph), users, opset=opset)
-    final = _walk(p, spec.name, graph.output[0].name)
+    shapes = _shapes(graph)
+    shapes.update(_inferred_shapes(model, shapes))
+    p = _Parse(path, graph, consts, shapes, users, opset=opset, source=spec.name, source_rank=len(spec.shape))
+    final = _restore_output_rank(p, _walk(p, spec.name, graph.output[0].name), graph.output[0].name)
     _check_wiring(p, spec.name, final)
     _check_all_visited(p)
     layers = [s for s in p.steps if isinstance(s, Layer)]

@@ -208,7 +208,7 @@ def test_mixed_opsets_bias_adds_constant_reshape_and_fixed_batch(tmp_path):
 def test_different_input_shapes_are_refused(tmp_path):
     a = B.save(B.mlp_model(B.mlp_weights([64, 16, 10], 0)), tmp_path / "a.onnx")
     b = B.save(B.mlp_model(B.mlp_weights([49, 16, 10], 1), in_shape=(1, 7, 7)), tmp_path / "b.onnx")
-    with pytest.raises(OnnxZipError, match=r"b\.onnx: input 'input' has shape \['N', 1, 7, 7\]|b\.onnx: input"):
+    with pytest.raises(OnnxZipError, match=r"b\.onnx: (reads )?input 'input'"):
         merge([a, b], B.calib_folder(tmp_path / "c", (1, 8, 8), 16), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 

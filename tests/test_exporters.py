@@ -6,6 +6,7 @@ in the canonical form or another exporter's form: the merge checks emitted == ti
 reproduces the original model.
 """
 
+import json
 import re
 
 import numpy as np
@@ -21,6 +22,7 @@ from onnxzip.calib import iter_batches
 from onnxzip.canonical import fold_input_affine, import_network
 from onnxzip.emit import merged_model, task_model
 from onnxzip.errors import OnnxZipError
+from onnxzip.format import KEY_SOURCES, meta_key
 from onnxzip.ir import Layer
 from onnxzip.options import MergeOptions
 from onnxzip.zipper import zip_networks
@@ -159,19 +161,40 @@ def test_nhwc_input_stays_nhwc_in_the_merged_model(tmp_path, kind, layout):
     merged = onnx.load(str(out))
     dims = merged.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims[1:]] == list(shape)
-    assert [n.op_type for n in merged.graph.node].count("Transpose") == 1  # one, shared by both tasks
+    ops = [n.op_type for n in merged.graph.node]
+    # One layout node, shared by both tasks: with one channel the NHWC -> NCHW Transpose moves no
+    # value, and the adapter (inputs.adapted) writes the cheaper Reshape (or the MLP's Flatten).
+    first = next(i for i, op in enumerate(ops) if op in ("Conv", "Gemm"))
+    assert first == 1  # one layout node, then the first layer, shared (a permuted copy) and run once:
+    assert [n.op_type for n in merged.graph.node if n.input[0] == merged.graph.node[0].output[0]] == [ops[first]]
     _assert_recovers(out, a, x, layout)
 
 
-def test_nhwc_and_nchw_models_are_refused_as_different_layouts(tmp_path):
-    layers = B.cnn_weights(0)
-    a = B.save(B.exporter_model(layers, CNN_SHAPE, B.ExportForm(nhwc=True)), tmp_path / "a.onnx")
-    b = B.save(B.cnn_model(layers), tmp_path / "b.onnx")
-    with pytest.raises(OnnxZipError, match=r"b\.onnx: reads input 'input' \[None, 1, 12, 12\] without a leading "
-                                           r"Transpose.*a\.onnx reads \[None, 12, 12, 1\] channels last.*"
-                                           r"different input layouts"):
-        merge([a, b], B.calib_folder(tmp_path / "c", CNN_SHAPE, 16), tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+def test_nhwc_and_nchw_models_of_one_image_merge_through_an_adapter(tmp_path):
+    """A channels-last export and a channels-first one of the same weights: one merged input (the
+    first model's, NHWC), the NCHW task reads it through a weight-free adapter, and a permuted copy is
+    recovered exactly for both (DESIGN.md section 5)."""
+    layers = B.cnn_weights(0, in_ch=3)
+    shape_b = (3, 12, 12)
+    a = B.save(B.exporter_model(layers, shape_b, B.ExportForm(nhwc=True)), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(B.permute_hidden(layers, 1)[0]), tmp_path / "b.onnx")
+    x_a = _inputs(_nhwc(shape_b), 6, 2)
+    calib = {"a": B.calib_folder(tmp_path / "ca", _nhwc(shape_b), CALIB_SAMPLES),
+             "b": B.calib_folder(tmp_path / "cb", shape_b, CALIB_SAMPLES)}
+    result, out = _merge(tmp_path, a, b, calib, MergeOptions(tasks=("a", "b")))
+    assert all(lp.n_shared == lp.units[0] for lp in result.plan.layers[:-1])
+    merged = onnx.load(str(out))
+    assert [d.dim_value for d in merged.graph.input[0].type.tensor_type.shape.dim[1:]] == list(_nhwc(shape_b))
+    ops = [n.op_type for n in merged.graph.node]
+    assert ops.count("Transpose") == 1 and ops.count("Conv") == 2  # one adapter, conv1 shared and run once
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ya, yb = sess.run(None, {"input": x_a})
+    want = B.run(a, x_a)[0]
+    np.testing.assert_allclose(ya, want, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(yb, want, rtol=TOL, atol=TOL)
+    sources = json.loads({p.key: p.value for p in merged.metadata_props}[meta_key(KEY_SOURCES)])
+    assert sources["b"]["input"]["from_merged"] == "Transpose [0, 3, 1, 2]"
+    assert sources["a"]["input"]["layout"] == "NHWC" and sources["b"]["input"]["shape"] == [None, 3, 12, 12]
 
 
 def _transposed_mlp(perm: list[int], after_layer: bool) -> onnx.ModelProto:
@@ -325,13 +348,37 @@ def test_input_scaling_in_the_graph_is_folded(tmp_path, kind, scaling, nhwc):
     _assert_recovers(out, a, u, tol=SCALED_TOL)
 
 
-def test_input_offset_before_a_padded_conv_is_refused(tmp_path):
+def test_input_offset_before_a_padded_conv_runs_as_two_steps_in_front_of_it(tmp_path):
+    """torchvision's Normalize before a zero-padded conv: folding the offset would make the padding read
+    it, so the scaling stays as Mul and Add in front of the conv; exact, and a permuted copy is recovered."""
     form = B.ExportForm(prefix=SCALINGS["torch_normalize"][0])
-    path = B.save(B.exporter_model(B.cnn_weights(0), CNN_SHAPE, form), tmp_path / "s.onnx")
-    with pytest.raises(OnnxZipError, match=r"s\.onnx: the input scaling by node\(s\) 'div1' \(Div\), 'sub2' \(Sub\), "
-                                           r"'div3' \(Div\) has offset -1, which cannot be folded exactly into the "
-                                           r"zero-padded first convolution 'conv4'"):
-        import_network(path)
+    layers = B.cnn_weights(0)
+    a = B.save(B.exporter_model(layers, CNN_SHAPE, form), tmp_path / "a.onnx")
+    b = B.save(B.exporter_model(B.permute_hidden(layers, 1)[0], CNN_SHAPE, form), tmp_path / "b.onnx")
+    u = _inputs(CNN_SHAPE, 6, 1, PIXEL_MAX)
+    net = _imports_same_function(a, u, SCALED_TOL)
+    assert _op_types(net)[:2] == ["Mul", "Add"] and isinstance(net.steps[2], Layer)
+    calib = B.calib_from_array(tmp_path / "c", _inputs(CNN_SHAPE, CALIB_SAMPLES, 2, PIXEL_MAX))
+    result, out = _merge(tmp_path, a, b, calib)
+    assert all(lp.n_shared == lp.units[0] for lp in result.plan.layers[:-1])
+    _assert_recovers(out, a, u, tol=SCALED_TOL)
+
+
+def test_input_scale_on_a_padded_conv_is_exact_with_the_first_layer_shared(tmp_path):
+    """a expects x = (u/255 - 0.5)/0.5 from outside (--input-scale), b does it in its graph; the merged
+    model on raw u equals a on scaled input, conv1 shared by both."""
+    scale, offset = SCALINGS["torch_normalize"][1:]
+    layers = B.cnn_weights(3)
+    a = B.save(B.cnn_model(layers), tmp_path / "a.onnx")
+    b = B.save(B.exporter_model(B.permute_hidden(layers, 4)[0], CNN_SHAPE,
+                                B.ExportForm(prefix=SCALINGS["torch_normalize"][0])), tmp_path / "b.onnx")
+    calib = B.calib_from_array(tmp_path / "c", _inputs(CNN_SHAPE, CALIB_SAMPLES, 2, PIXEL_MAX))
+    result, out = _merge(tmp_path, a, b, calib, MergeOptions(input_scale=(("a", scale, offset),)))
+    assert result.plan.layers[0].n_shared == result.plan.layers[0].units[0]
+    u = _inputs(CNN_SHAPE, 6, 5, PIXEL_MAX)
+    want = B.run(a, (scale * u.astype(np.float64) + offset).astype(np.float32))[0]
+    for y in _task_outputs(out, u):
+        np.testing.assert_allclose(y, want, rtol=SCALED_TOL, atol=SCALED_TOL)
 
 
 def _scaled_mlp(first: onnx.NodeProto, between: str) -> onnx.ModelProto:
@@ -365,7 +412,8 @@ def test_input_scaling_that_cannot_be_folded_is_refused_by_name(tmp_path, first,
 
 
 @pytest.mark.parametrize("kind, scale, offset", [("mlp", 2 / PIXEL_MAX, -1.0), ("cnn_valid", 1 / 0.3081, -0.1307 / 0.3081),
-                                                 ("cnn", 1 / PIXEL_MAX, 0.0), ("nhwc_cnn", -2.0, 0.0)])
+                                                 ("cnn", 1 / PIXEL_MAX, 0.0), ("nhwc_cnn", -2.0, 0.0),
+                                                 ("cnn", 1 / PIXEL_MAX, -0.5)])
 def test_fold_input_affine_gives_the_model_on_raw_input(tmp_path, kind, scale, offset):
     shape = {"mlp": MLP_SHAPE, "cnn_valid": VALID_CNN_SHAPE}.get(kind, CNN_SHAPE)
     form = B.ExportForm(conv_pad=0 if kind == "cnn_valid" else 1, nhwc=kind == "nhwc_cnn")
@@ -380,8 +428,6 @@ def test_fold_input_affine_gives_the_model_on_raw_input(tmp_path, kind, scale, o
 
 
 @pytest.mark.parametrize("kind, scale, offset, why", [
-    ("cnn", 1 / PIXEL_MAX, -0.5, r"the input scaling x = 0.00392157 \* u - 0.5 has offset -0.5, which cannot be "
-                                 r"folded exactly into the zero-padded first convolution 'conv1'"),
     ("mlp", 0.0, 1.0, r"the input scaling x = 0 \* u \+ 1 needs a finite, non-zero scale and a finite offset"),
     ("mlp", 1.0, float("nan"), r"the input scaling .* needs a finite, non-zero scale and a finite offset"),
 ])
@@ -418,11 +464,11 @@ def test_fold_input_affine_lets_a_model_on_scaled_input_zip_with_one_on_raw_inpu
 # 9. Models that really read different inputs
 
 
-@pytest.mark.parametrize("kw_b, shape_b", [({"size": 16}, "[None, 1, 16, 16]"), ({"in_ch": 3}, "[None, 3, 12, 12]")])
+@pytest.mark.parametrize("kw_b, shape_b", [({"size": 16}, "[N, 1, 16, 16]"), ({"in_ch": 3}, "[N, 3, 12, 12]")])
 def test_models_that_read_different_inputs_are_refused_naming_both(tmp_path, kw_b, shape_b):
     a = B.save(B.cnn_model(B.cnn_weights(0)), tmp_path / "a.onnx")
     b = B.save(B.cnn_model(B.cnn_weights(1, **kw_b), size=kw_b.get("size", 12)), tmp_path / "b.onnx")
-    pattern = rf"b\.onnx: input 'input' has shape {re.escape(shape_b)}, but \S*a\.onnx takes \[None, 1, 12, 12\]"
+    pattern = rf"b\.onnx: reads input 'input' {re.escape(shape_b)} .*but \S*a\.onnx reads \[N, 1, 12, 12\].*same data"
     with pytest.raises(OnnxZipError, match=pattern):
         merge([a, b], B.calib_folder(tmp_path / "c", CNN_SHAPE, 16), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
