@@ -723,29 +723,43 @@ def _with_input_affine(p: _Parse, node: onnx.NodeProto, layer: Layer, affine: _A
                            f"match the {size} channels of the {affine.describe()}")
     rep = inputs // size if size != 1 else 1
     s, t = np.repeat(affine.s, rep), np.repeat(affine.t, rep)
-    if layer.kind == CONV and (t != 0).any() and any(layer.pads):
-        raise p.fail(node, f"is zero-padded (pads {list(layer.pads)}), so the offset of the {affine.describe()} "
-                           "cannot be folded into it exactly (its padding would read the offset instead of 0); "
-                           "export the model with the affine before the activation or with an unpadded conv")
     shape = (1, -1) + (1,) * (W.ndim - 2)
     b = layer.b.astype(np.float64) + (W * t.reshape(shape)).reshape(layer.out_units, -1).sum(axis=1)
     return replace(layer, W=(W * s.reshape(shape)).astype(np.float32), b=b.astype(np.float32))
 
 
-def _fold_pending(p: _Parse, node: onnx.NodeProto, layer: Layer) -> Layer:
-    """The layer with the pending per-channel affine it reads (if any) folded into its weights."""
+def _channel_steps(p: _Parse, node: onnx.NodeProto, layer: Layer, affine: _Affine) -> tuple[Op, ...]:
+    """The affine as per-channel Mul and Add steps in front of a zero-padded conv: folding its offset
+    would make the padding read the offset instead of 0 (DESIGN.md section 5)."""
+    size, channels = affine.s.size, layer.W.shape[1]
+    if size not in (1, channels):
+        raise p.fail(node, f"reads {channels} input channels, which do not match the {size} channels of the "
+                           f"{affine.describe()}")
+    s, t = np.broadcast_to(affine.s, channels), np.broadcast_to(affine.t, channels)
+    name = affine.nodes[0].name or affine.nodes[0].output[0]
+    ops = [] if (s == 1).all() else [Op("Mul", (("value", tuple(float(v) for v in s)),), name)]
+    return tuple(ops) + (Op("Add", (("value", tuple(float(v) for v in t)),), name),)
+
+
+def _fold_pending(p: _Parse, node: onnx.NodeProto, layer: Layer) -> tuple[tuple[Op, ...], Layer]:
+    """The layer with the pending per-channel affine it reads (if any) folded into its weights, or,
+    in front of a zero-padded conv where its offset cannot fold, as steps before the layer."""
     affine = _pending_of(p, node.input[0])
     if affine is None:
-        return layer
+        return (), layer
     p.pending = [a for a in p.pending if a is not affine]
-    return _with_input_affine(p, node, layer, affine)
+    if layer.kind == CONV and any(layer.pads) and (affine.t != 0).any():
+        return _channel_steps(p, node, layer, affine), layer
+    return (), _with_input_affine(p, node, layer, affine)
 
 
-def _layer_step(p: _Parse, node: onnx.NodeProto) -> Layer:
-    """A Conv, Gemm or MatMul with the affine before it and the bias Adds and BatchNorms after it folded in."""
+def _layer_step(p: _Parse, node: onnx.NodeProto) -> tuple[tuple[Op, ...], Layer]:
+    """A Conv, Gemm or MatMul with the affine before it and the bias Adds and BatchNorms after it folded
+    in; with the steps of an affine that could not be folded, which come before it."""
     layer = _parse_conv(p, node) if node.op_type == "Conv" else _with_nhwc_columns(p, node, _parse_fc(p, node))
-    layer, tensor = _absorb_followers(p, _fold_pending(p, node, layer), node.output[0])
-    return replace(layer, output=tensor)
+    before, layer = _fold_pending(p, node, layer)
+    layer, tensor = _absorb_followers(p, layer, node.output[0])
+    return before, replace(layer, output=tensor)
 
 
 def _canonical_rank(p: _Parse, tensor: str) -> int | None:
@@ -844,10 +858,10 @@ def _node_step(p: _Parse, node: onnx.NodeProto, raw: list[str], data: list[str],
     if node.op_type in LAYER_OPS:
         if node.input[0] != raw[0] or len(raw) > 1:
             raise p.fail(node, "computes its weight from the input; only constant weights are supported")
-        layer = _layer_step(p, node)
+        before, layer = _layer_step(p, node)
         if layer.kind == FC and _canonical_rank(p, data[0]) not in (None, FC_RANK):  # a MatMul on [N, 1, F]
             return Op("Flatten", (("axis", 1),), node.name), layer
-        return layer
+        return before + (layer,) if before else layer
     if node.op_type == "Concat" and p.has_layer():
         return _concat(p, node, raw, data)
     if len(raw) > 1 and p.has_layer():

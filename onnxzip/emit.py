@@ -201,8 +201,18 @@ def _value(values: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 # Steps whose operand is a constant input of the node, kept in the step's attributes: a Reshape's
 # target shape (an input adapter, or an exporter's reshape of the input to an image), and the scale
-# and offset of an input affine that cannot be folded into the first layer.
+# and offset of an affine that cannot be folded into the layer after it (one value for every channel,
+# or one per channel: a BatchNorm after an activation in front of a zero-padded conv).
 CONST_OPERAND_OPS = {"Reshape": ("shape", np.int64), "Mul": ("value", np.float32), "Add": ("value", np.float32)}
+
+
+def _channel_operand(b: _Builder, op: Op, where: str, g: _Group, task: int) -> str:
+    """A per-channel Mul/Add operand for one unit group, [1, units, 1, 1]: the task's own values of
+    those channels (each task's affine is its own, also on a shared group)."""
+    value = np.asarray(op.attr_dict()["value"], np.float32)
+    part = value if g.units is None else value[g.units]
+    name = f"{CONST_PREFIX}{where}.{b.plan.group_name(g.owners)}.{op.op_type.lower()}.{b.plan.tasks[task]}"
+    return b.const(name, part.reshape(1, -1, 1, 1))
 
 
 def _op_inputs(b: _Builder, op: Op) -> tuple[list[str], dict]:
@@ -222,6 +232,10 @@ def _op_inputs(b: _Builder, op: Op) -> tuple[list[str], dict]:
 
 
 def _emit_op(b: _Builder, op: Op, where: str, groups: list[_Group], task: int) -> list[_Group]:
+    if op.op_type in ("Mul", "Add") and np.size(op.attr_dict()["value"]) > 1:
+        return [_Group(g.owners, b.node(op.op_type, [g.tensor, _channel_operand(b, op, where, g, task)], {},
+                                        f"{where}.{b.plan.group_name(g.owners)}.{op.op_type}", task), g.units)
+                for g in groups]
     extra, attrs = _op_inputs(b, op)
     return [_Group(g.owners, b.node(op.op_type, [g.tensor] + extra, attrs,
                                     f"{where}.{b.plan.group_name(g.owners)}.{op.op_type}", task), g.units)

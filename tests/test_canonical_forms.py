@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import builders as B
 from onnxzip.canonical import import_network
@@ -273,10 +273,33 @@ def _refused(model: onnx.ModelProto, tmp_path, why: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_an_offset_before_a_zero_padded_conv_is_refused(tmp_path):
-    model = _conv_pair([BN], _bn_inits(np.random.default_rng(4)), pad2=1)
-    _refused(model, tmp_path, r"node 'conv2' \(Conv\) is zero-padded \(pads \[1, 1, 1, 1\]\), so the offset of the "
-                              r"per-channel affine 'bn' \(BatchNormalization\) cannot be folded into it exactly")
+def _permuted_conv_pair(inits: dict, seed: int) -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """_conv_pair([BN], inits, pad2=1) with conv1's and conv2's units permuted (BN channels with conv1's)."""
+    rng = np.random.default_rng(seed)
+    model = _conv_pair([BN], inits, pad2=1)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    p1, p2 = rng.permutation(4), rng.permutation(5)
+    new = {"W1": values["W1"][p1], "b1": values["b1"][p1], "W2": values["W2"][p2][:, p1], "b2": values["b2"][p2],
+           "W3": values["W3"][:, p2], **{k: values[k][p1] for k in ("gamma", "beta", "mean", "var")}}
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name))
+    return model, [p1, p2]
+
+
+def test_an_offset_before_a_zero_padded_conv_runs_as_per_channel_steps(tmp_path):
+    """A BatchNorm after a ReLU in front of a zero-padded conv (VGG with BN after the activation):
+    folding its offset would make the padding read it, so it runs as per-channel Mul and Add steps in
+    front of the conv; exact, and a permuted copy is recovered with both convs shared."""
+    inits = _bn_inits(np.random.default_rng(4))
+    a = B.save(_conv_pair([BN], inits, pad2=1), tmp_path / "a.onnx")
+    permuted, perms = _permuted_conv_pair(inits, 5)
+    b = B.save(permuted, tmp_path / "b.onnx")
+    net = _reproduces(a)
+    assert _op_types(net) == ["conv", "Relu", "Mul", "Add", "conv", "Relu", "GlobalAveragePool", "Flatten", "fc"]
+    result, out = B.merge_copies_back(tmp_path, [a, b], SHAPE, tol=FOLD_TOL)
+    _assert_pairs(result.plan, perms)
+    consts = {t.name for t in onnx.load(str(out)).graph.initializer if ".add." in t.name or ".mul." in t.name}
+    assert len(consts) == 4  # each task's own scale and offset of the shared channels
 
 
 @pytest.mark.parametrize("middle, consts, why", [
