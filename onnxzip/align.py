@@ -44,12 +44,22 @@ def _parts_words(net: Network, parts: tuple[int, ...]) -> str:
 
 @dataclass(frozen=True)
 class Alignment:
-    """How far the models' layers line up: layers 0..depth-1 of every model may share units; from
-    layer ``depth`` on each task's layers are its own. ``stop`` says why layer ``depth`` does not
-    align ('' when every hidden layer does)."""
+    """How far each model's layers line up with the first one's: task t's layers 0..depths[t]-1 may
+    share units (the first model's depth is the deepest of the others'); from there on its layers
+    are its own. ``stops[t]`` says why its next layer does not align ('' when every hidden layer does)."""
 
-    depth: int
-    stop: str = ""
+    depths: tuple[int, ...]
+    stops: tuple[str, ...]
+
+    @property
+    def depth(self) -> int:
+        """The layers that some tasks share: the first model's aligned depth."""
+        return self.depths[0]
+
+    @property
+    def stop(self) -> str:
+        """Why sharing stops before some task's last hidden layer ('' when every model aligns fully)."""
+        return "; ".join(dict.fromkeys(s for s in self.stops if s))
 
 
 def align(nets: Sequence[Network]) -> Alignment:
@@ -60,10 +70,12 @@ def align(nets: Sequence[Network]) -> Alignment:
     check_inputs(nets)
     for net in nets:
         input_reps(net)  # each model's own geometry first: a broken model is refused as itself
-    depth, stop = min((_aligned(nets[0], net) for net in nets[1:]), key=lambda a: a[0])
-    if depth == 0:
-        raise OnnxZipError(f"{stop}; the first layers must align to share anything")
-    return Alignment(depth, stop)
+    found = [_aligned(nets[0], net) for net in nets[1:]]  # each added model aligns as far as it can
+    for depth, stop in found:
+        if depth == 0:
+            raise OnnxZipError(f"{stop}; the first layers must align to share anything")
+    depths = [d for d, _ in found]
+    return Alignment((max(depths), *depths), ("", *(s for _, s in found)))
 
 
 def _aligned(a: Network, b: Network) -> tuple[int, str]:

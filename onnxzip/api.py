@@ -81,8 +81,8 @@ class MergeResult:
 def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
     """Per layer: shared units and parameters saved (a shared block is stored once, not once per task)."""
     depth = len(net.layers)  # the plan may go deeper (another task's own layers): those save nothing
-    saved = params_saved(net, [lp.n_shared for lp in plan.layers[:depth]], len(plan.tasks))
-    saved += [0] * (len(plan.layers) - depth)
+    once = params_saved(net, [lp.n_shared for lp in plan.layers[:depth]], 2)  # one copy saved per block
+    saved = [s * (len(lp.members) - 1) for s, lp in zip(once, plan.layers)] + [0] * (len(plan.layers) - depth)
     return tuple(LayerReport(lp.name, lp.units, lp.n_shared, s, lp.cost, lp.rel_error, lp.note)
                  for lp, s in zip(plan.layers, saved))
 
@@ -171,7 +171,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         tick()
     hook = _retrainer(nets, folders if retrain_dirs is None else retrain_dirs,
                       opts, progress)
-    plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook, alignment.depth)
+    plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook, alignment.depths)
     tick = progress("emit", 1)
     with timer("emit"):
         model = merged_model(plan, tied, opts.layout, _metadata(plan, nets, opts))
@@ -197,7 +197,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                          sum(f.stat().st_size for f in written), dict(timer.seconds), device, tuple(hook.rounds) if hook else (),
                          search_report, input_words(nets, tasks, {t for t, _, _ in opts.input_scale},
                                                     len({f.resolve() for f in folders}) > 1),
-                         _alignment_words(alignment, nets))
+                         _alignment_words(alignment, nets, tasks))
     if report is not None:
         _write_report(result, Path(report), output)
     return result
@@ -321,22 +321,21 @@ def _check_retrain_inputs(opts: MergeOptions, nets: Sequence[Network]) -> None:
                            f"inputs in different forms ({forms}); it cannot combine them yet")
 
 
-def _alignment_words(alignment: Alignment, nets: Sequence[Network]) -> str:
-    """One line on where sharing stops when the layers align only in part, else ''."""
-    if not alignment.stop:
-        return ""
-    return f"layers after '{nets[0].layers[alignment.depth - 1].name}' are each task's own: {alignment.stop}"
+def _alignment_words(alignment: Alignment, nets: Sequence[Network], tasks: Sequence[str]) -> str:
+    """Where sharing stops for each task whose layers align only in part, else ''."""
+    return "; ".join(f"task {task}'s layers after '{net.layers[depth - 1].name}' are its own: {stop}"
+                     for task, net, depth, stop in zip(tasks, nets, alignment.depths, alignment.stops) if stop)
 
 
 def _check_partial_alignment(opts: MergeOptions, nets: Sequence[Network], alignment: Alignment) -> None:
     """What cannot yet work on models whose layers align only in part (different depths, say)."""
-    if alignment.depth == min(len(n.layers) for n in nets) - 1 and len({len(n.layers) for n in nets}) == 1:
+    if not alignment.stop:
         return
     what = ("--budget" if opts.budget is not None else "--target-size" if opts.target_size is not None
             else "--retrain-iters" if opts.retrain is not None else None)
     if what:
         raise OnnxZipError(f"{what} needs models whose hidden layers all align, but these align up to layer "
-                           f"{nets[0].layers[alignment.depth - 1].name} only ({alignment.stop}); use --share or "
+                           f"{nets[0].layers[min(alignment.depths) - 1].name} only ({alignment.stop}); use --share or "
                            "--share-layer instead")
 
 

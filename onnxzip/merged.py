@@ -20,7 +20,7 @@ from .format import (GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_PLAN, KEY_SOURCES, KEY
 from .errors import OnnxZipError
 from .guard import Output, check_outputs, model_reads
 from .load import load_model
-from .plan import SharingPlan
+from .plan import NOT_A_MEMBER, SharingPlan
 from .save import save_atomically
 
 DEFAULT_LAYOUT = MULTI
@@ -145,8 +145,10 @@ def _check_layers(plan: SharingPlan, path: Path) -> None:
     n = len(plan.tasks)
     for k, lp in enumerate(plan.layers):
         units_ok = len(lp.units) == n and all(_is_int(u) and u >= 0 for u in lp.units)  # 0: past its depth
-        shared_ok = units_ok and all(len(s) == n and all(_is_int(i) and 0 <= i < u for i, u in zip(s, lp.units))
-                                     for s in lp.shared)
+        shared_ok = units_ok and all(len(s) == n and all(_is_int(i) and (i == NOT_A_MEMBER or 0 <= i < u)
+                                                         for i, u in zip(s, lp.units)) for s in lp.shared)
+        members = {tuple(i != NOT_A_MEMBER for i in s) for s in lp.shared} if shared_ok else set()
+        shared_ok = shared_ok and len(members) <= 1 and all(sum(m) >= 2 for m in members)  # one set of 2+ members
         if not isinstance(lp.name, str) or not shared_ok:
             raise _tampered(path, KEY_PLAN, f"has a malformed layer {k} ({lp.name!r})")
 

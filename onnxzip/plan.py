@@ -8,14 +8,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 SHARED = "shared"
+# LayerPlan.shared's entry for a task that does not share the layer.
+NOT_A_MEMBER = -1
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     """Sharing in one layer's output unit space.
 
-    ``shared[k][t]`` is the index, in task t's own layer, of shared unit k. Units of a task that are
-    not shared keep their original order after the shared ones. ``note`` says what did not run as
+    ``shared[k][t]`` is the index, in task t's own layer, of shared unit k, or NOT_A_MEMBER for a
+    task that does not share this layer (its layers stopped aligning earlier; every shared unit has
+    the same members). Units of a task that are not shared keep their original order after the
+    shared ones. ``note`` says what did not run as
     asked, e.g. a correction skipped for lack of memory ("" when everything did; then it is left out
     of the JSON, and JSON without it parses as "").
     """
@@ -34,8 +38,17 @@ class LayerPlan:
         """Number of shared units."""
         return len(self.shared)
 
+    @property
+    def members(self) -> frozenset:
+        """The tasks that share this layer's shared units (all tasks when nothing is shared)."""
+        if not self.shared:
+            return frozenset(range(len(self.units)))
+        return frozenset(t for t, i in enumerate(self.shared[0]) if i != NOT_A_MEMBER)
+
     def shared_units(self, t: int) -> np.ndarray:
-        """Task t's indices of the shared units, in shared order."""
+        """Task t's indices of the shared units, in shared order (none for a task that is no member)."""
+        if t not in self.members:
+            return np.zeros(0, dtype=np.int64)
         return np.array([s[t] for s in self.shared], dtype=np.int64)
 
     def own_units(self, t: int) -> np.ndarray:
@@ -47,8 +60,8 @@ class LayerPlan:
     def groups(self, t: int) -> list[tuple[frozenset, np.ndarray]]:
         """Task t's output unit groups: (set of owning tasks, t's unit indices); empty ones left out."""
         out = []
-        if self.shared:
-            out.append((frozenset(range(len(self.units))), self.shared_units(t)))
+        if self.shared and t in self.members:
+            out.append((self.members, self.shared_units(t)))
         own = self.own_units(t)
         if own.size:
             out.append((frozenset([t]), own))

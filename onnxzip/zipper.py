@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -32,7 +32,7 @@ from .hessian import GRAM, MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
 from .options import MergeOptions
 from .pairing import PairProblem, method
-from .plan import LayerPlan, SharingPlan, unshared_plan
+from .plan import NOT_A_MEMBER, LayerPlan, SharingPlan, unshared_plan
 from .schedule import late_writers, schedule
 from .scratch import scratch_dir
 from .spaces import INPUT, Spaces, read_offsets
@@ -222,11 +222,13 @@ def _paired_inputs(tasks: list[_Task]) -> Iterator[tuple[np.ndarray, np.ndarray]
 
 @dataclass
 class _LayerState:
-    """One layer of every task after its calibration, while its unit space is paired and tied: its
-    weights (bias column last), moments, and the Hessians and columns over its shared inputs."""
+    """One layer of every member task (those whose layers align this far) after its calibration, while
+    its unit space is paired and tied: its weights (bias column last), moments, and the Hessians and
+    columns over its shared inputs. Per-task lists follow ``members``."""
 
     k: int
     name: str
+    members: tuple[int, ...]  # the task indices, in order, that the per-task lists hold
     before: list[np.ndarray]  # per task, the weights before this step
     weights: list[np.ndarray]  # per task, corrected; shared columns are written here
     accs: list[MomentAccumulator]
@@ -241,8 +243,8 @@ class _LayerState:
 
     def snapshot(self) -> "_LayerState":
         """A copy of the layer as it stands before tying (weights copied, moments dropped), for pairing only."""
-        return _LayerState(self.k, self.name, [], [W.copy() for W in self.weights], [], self.corrected,
-                           self.note, list(self.feats), list(self.H))
+        return _LayerState(self.k, self.name, self.members, [], [W.copy() for W in self.weights], [],
+                           self.corrected, self.note, list(self.feats), list(self.H))
 
     @cached_property
     def sparse(self) -> bool:
@@ -340,7 +342,9 @@ class _Pass:
     providers: list[str]
     guides: dict[int, list[_LayerState]]
     late: dict[int, list[_LayerState]] | None
-    depth: int  # layers 0..depth-1 align (may share, ``spaces`` covers them); the rest are each task's own
+    # Per task, how many of its first layers align (align.Alignment.depths; ``spaces`` covers the first
+    # task's, the deepest); the rest are each task's own.
+    depths: tuple[int, ...]
     plan_layers: dict[int, LayerPlan] = field(default_factory=dict)
     progress: ProgressFn = no_progress  # set by run()
     label: str = ""  # the pass's prefix of progress labels, set by run()
@@ -357,12 +361,13 @@ class _Pass:
         """True when layers calibrated now are corrected: the option is on and something upstream is shared."""
         return bool(self.opts.correct and any(p.n_shared for p in self.plan_layers.values()))
 
-    def layer_state(self, k: int, accs: list[MomentAccumulator]) -> _LayerState:
-        """Layer k with its weights corrected (once anything upstream is shared), ready to be paired and tied.
+    def layer_state(self, k: int, accs: list[MomentAccumulator], members: tuple[int, ...]) -> _LayerState:
+        """Layer k of the member tasks with its weights corrected (once anything upstream is shared),
+        ready to be paired and tied.
 
         A task whose moments did not fit in memory keeps its weights; the state's note says so.
         """
-        tasks, opts = self.tasks, self.opts
+        tasks, opts = [self.tasks[t] for t in members], self.opts
         name = tasks[0].tied.layers[k].name
         before = [with_bias_column(t.tied.layers[k].matrix(), t.tied.layers[k].b) for t in tasks]
         weights, skips = [W.copy() for W in before], []
@@ -374,14 +379,15 @@ class _Pass:
                     if acc.has_moments:
                         weights[t] = _corrected_weights(before[t], acc, opts.correct_damping, name)
                     else:
-                        skips.append((self.names[t], acc.note))
+                        skips.append((self.names[members[t]], acc.note))
                     tick()
-        return _LayerState(k, name, before, weights, accs, corrected and len(skips) < len(tasks), _skip_note(skips))
+        return _LayerState(k, name, members, before, weights, accs, corrected and len(skips) < len(tasks),
+                           _skip_note(skips))
 
     def hessians(self, w: _LayerState) -> None:
         """Fill in the layer's damped, task-weighted Hessians over its shared input features (shared_inputs)."""
-        w.H = []
-        for scale, acc, f in zip(self.opts.task_scales(len(self.tasks)), w.accs, w.feats):
+        w.H, scales = [], self.opts.task_scales(len(self.tasks))
+        for scale, acc, f in zip((scales[t] for t in w.members), w.accs, w.feats):
             if not acc.has_moments:
                 raise OnnxZipError(f"layer '{w.name}': pairing its units needs the Hessian over its {len(f)} shared "
                                    f"inputs, but the layer's input moments did not fit in memory ({acc.note}); "
@@ -392,14 +398,14 @@ class _Pass:
 
     def shared_inputs(self, w: _LayerState) -> None:
         """Fill in the layer's shared input features per task, bias last."""
-        w.feats = [_shared_features(self.plan_layers, self.spaces, w.k, t, task) for t, task in enumerate(self.tasks)]
+        w.feats = [_shared_features(self.plan_layers, self.spaces, w.k, t, self.tasks[t]) for t in w.members]
 
     def with_hessians(self, states: list[_LayerState]) -> Callable[[], None]:
         """Shared inputs and Hessians of the layers to pair or tie, only these (a layer never shared gets
         none); under a progress stage when pairing them is long. Returns the stage's tick for the pairing."""
         for w in states:
             self.shared_inputs(w)
-        tick = self.stage(f"pair layer {states[0].name}", len(states) + 1, _pair_flops(states, len(self.tasks)))
+        tick = self.stage(f"pair layer {states[0].name}", len(states) + 1, _pair_flops(states, len(states[0].members)))
         for w in states:
             self.hessians(w)
             tick()
@@ -408,7 +414,7 @@ class _Pass:
     def choose_pairs(self, states: list[_LayerState], metrics: list[PairMetric], A: list[np.ndarray],
                      B: list[np.ndarray], count: int, seed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pairs of columns of A and B by the --cost method (pairing), the pair costs summed over the layers."""
-        tasks, opts = self.tasks, self.opts
+        opts, tasks = self.opts, [self.tasks[t] for t in states[0].members]
 
         def activation_costs() -> np.ndarray:  # chains only (api refuses residual joins), so one layer
             w = states[0]
@@ -425,7 +431,7 @@ class _Pass:
         (_fold_in). Units a later task does not match leave the shared set. Returns per task the shared
         units' indices and each shared unit's summed cost.
         """
-        k, seed, n_tasks = states[0].k, self.opts.seed, len(self.tasks)
+        k, seed, n_tasks = states[0].k, self.opts.seed, len(states[0].members)
         metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in states]
         rows0, rows1, costs = self.choose_pairs(states, metrics, [w.columns(0) for w in states],
                                                 [w.columns(1) for w in states], count, (seed, k))
@@ -448,14 +454,14 @@ class _Pass:
     def _units(self, states: list[_LayerState], space: int, given: tuple | None):
         """The shared units per task (the pairing ``given``, or a new one of ``space``) and, when new,
         each unit's summed cost; (None, None) when nothing is shared."""
-        tasks, guides = self.tasks, self.guides.get(space, ())
+        tasks, guides = [self.tasks[t] for t in states[0].members], self.guides.get(space, ())
         if given is not None:
             if self.late is not None or len(given):  # the Hessians tie the units and guide a second pass
                 with self.timer("score+match"):
                     self.with_hessians(states)()
             if self.late is not None:
                 self.late.setdefault(space, []).extend(w.snapshot() for w in states)
-            return [np.array([s[t] for s in given], np.int64) for t in range(len(tasks))], None
+            return [np.array([s[t] for s in given], np.int64) for t in states[0].members], None
         if not self.can_share(states):  # the spaces here are the aligned layers': heads are never among them
             return None, None
         first = tasks[0].tied.layers[space]
@@ -475,7 +481,7 @@ class _Pass:
         pass, layers that follow a given pairing are kept as they stand before tying, to guide a
         second pass.
         """
-        tasks, guides = self.tasks, self.guides.get(space, ())
+        guides = self.guides.get(space, ())
         units, choice = self._units(states, space, given)  # Hessians only where units are paired or tied
         if self.late is not None:
             self.late.setdefault(space, [])
@@ -485,19 +491,27 @@ class _Pass:
             if units is not None and len(units[0]):
                 with self.timer("tie"):
                     costs = _tie_layer(w, units, method(self.opts.cost).tie_metric)
-                shared = tuple(zip(*(u.tolist() for u in units)))
+                shared = self.shared_entries(w.members, units)
                 alone = choice is not None and len(states) == 1 and not guides
                 cost = float((choice if alone else costs).sum())
-            for task, W in zip(tasks, w.weights):
-                layer = task.tied.layers[w.k]
-                task.tied = task.tied.with_layer(w.k, layer.with_matrix(W[:, :-1], W[:, -1]))
+            for t, W in zip(w.members, w.weights):
+                layer = self.tasks[t].tied.layers[w.k]
+                self.tasks[t].tied = self.tasks[t].tied.with_layer(w.k, layer.with_matrix(W[:, :-1], W[:, -1]))
+            errors = [0.0] * len(self.tasks)  # a task that is no member sets its own (own_layers)
             with self.timer("tie"):
-                errors = tuple(relative_error(W - W0, acc) for W, W0, acc in zip(w.weights, w.before, w.accs))
-            first = tasks[0].original.layers[w.k]
-            plans.append(LayerPlan(first.name, first.kind, tuple(t.original.layers[w.k].out_units for t in tasks),
-                                   shared, cost, errors, corrected=w.corrected, note=w.note))
+                for t, W, W0, acc in zip(w.members, w.weights, w.before, w.accs):
+                    errors[t] = relative_error(W - W0, acc)
+            name, kind, widths = slots([task.original for task in self.tasks])[w.k]
+            plans.append(LayerPlan(self.tasks[0].original.layers[w.k].name, kind, widths, shared, cost, tuple(errors),
+                                   corrected=w.corrected, note=w.note))
             w.accs.clear()  # the moments (a Gram or rows each) are not needed any more
         return plans
+
+    def shared_entries(self, members: tuple[int, ...], units: list[np.ndarray]) -> tuple[tuple[int, ...], ...]:
+        """LayerPlan.shared from the member tasks' shared units (NOT_A_MEMBER for the other tasks)."""
+        at = {t: i for i, t in enumerate(members)}
+        return tuple(tuple(int(units[at[t]][j]) if t in at else NOT_A_MEMBER for t in range(len(self.tasks)))
+                     for j in range(len(units[0])))
 
     def partial_plan(self) -> SharingPlan:
         """The plan so far: layers not tied yet share nothing."""
@@ -523,13 +537,17 @@ class _Pass:
         return error, corrected, skipped
 
     def own_layers(self, n_batches: Sequence[int], progress: ProgressFn, label: str) -> None:
-        """Calibrate and correct, task by task, every layer past the aligned ones (heads included)."""
+        """Calibrate and correct, task by task, every layer past each task's aligned ones (heads included);
+        a layer index that other tasks share keeps their plan, with these tasks' figures added."""
         slot_list = slots([t.original for t in self.tasks])
-        for k in range(self.depth, len(slot_list)):
+        for k in range(min(self.depths), len(slot_list)):
             name, kind, units = slot_list[k]
-            have = [t for t, task in enumerate(self.tasks) if k < len(task.original.layers)]
+            have = [t for t, task in enumerate(self.tasks) if self.depths[t] <= k < len(task.original.layers)]
+            if not have:
+                continue
             tick = progress(f"{label}layer {name}", sum(n_batches[t] for t in have))
-            errors, corrected, skips = [0.0] * len(self.tasks), False, []
+            known = self.plan_layers.get(k)
+            errors, corrected, skips = list(known.rel_error) if known else [0.0] * len(self.tasks), False, []
             for t in have:
                 task = self.tasks[t]
                 with self.timer("calibrate"):  # never paired: the Gram (or rows) only for the correction
@@ -538,8 +556,12 @@ class _Pass:
                 errors[t], done, skipped = self.own_layer(t, k, acc)
                 del acc
                 corrected, skips = corrected or done, skips + [(self.names[t], skipped)] * bool(skipped)
-            self.plan_layers[k] = LayerPlan(name, kind, units, (), 0.0, tuple(errors), corrected=corrected,
-                                            note=_skip_note(skips))
+            if known is None:
+                self.plan_layers[k] = LayerPlan(name, kind, units, (), 0.0, tuple(errors), corrected=corrected,
+                                                note=_skip_note(skips))
+            else:
+                self.plan_layers[k] = replace(known, rel_error=tuple(errors), corrected=known.corrected or corrected,
+                                              note="; ".join(n for n in (known.note, _skip_note(skips)) if n))
 
     def run_hook(self, hook: LayerHook) -> None:
         """Give the hook the plan so far and the tied networks; take its networks and mark the caches stale."""
@@ -556,11 +578,12 @@ class _Pass:
         waiting: dict[int, _LayerState] = {}  # calibrated layers whose space is not tied yet
         for step in schedule(self.spaces):
             k = step.layer
-            tick = progress(f"{label}layer {tasks[0].original.layers[k].name}", sum(n_batches))
+            members = tuple(t for t in range(len(tasks)) if k < self.depths[t])  # the tasks aligned this far
+            tick = progress(f"{label}layer {tasks[0].original.layers[k].name}", sum(n_batches[t] for t in members))
             with timer("calibrate"):
-                accs = [_calibrate(task, k, len(task.original.layers), self.providers, tick, self.opts.max_patches)
-                        for task in tasks]
-            waiting[k] = self.layer_state(k, accs)
+                accs = [_calibrate(tasks[t], k, len(tasks[t].original.layers), self.providers, tick,
+                                   self.opts.max_patches) for t in members]
+            waiting[k] = self.layer_state(k, accs, members)
             del accs  # held by the layer's state until it is tied
             if step.ties:
                 states = [waiting.pop(w) for w in step.ties]
@@ -568,8 +591,8 @@ class _Pass:
                 for w, plan in zip(states, self.tie_space(states, step.space, given)):
                     self.plan_layers[w.k] = plan
                 if step.stale:  # tied after the live tensors downstream were cached
-                    for task in tasks:
-                        task.stale = True
+                    for t in members:
+                        tasks[t].stale = True
             if after_layer is not None and step.settled and self.plan_layers[k].n_shared:
                 self.run_hook(after_layer)
         self.own_layers(n_batches, progress, label)
@@ -579,13 +602,14 @@ class _Pass:
 def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
               n_batches: Sequence[int], opts: MergeOptions, providers: list[str], progress: ProgressFn,
               timer: StageTimer, after_layer: LayerHook | None, guides: dict[int, list[_LayerState]],
-              collect: bool, depth: int, label: str = "") -> tuple[SharingPlan, list[Network], dict[int, list[_LayerState]]]:
+              collect: bool, depths: tuple[int, ...], label: str = ""
+              ) -> tuple[SharingPlan, list[Network], dict[int, list[_LayerState]]]:
     """One pass over the layers; returns the plan, the tied networks and (if ``collect``) each space's late writers."""
     with scratch_dir() as tmp:
         tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
                  for t, (n, b) in enumerate(zip(nets, batches))]
-        zip_pass = _Pass(tasks, aligned_spaces(nets[0], depth), opts, timer, providers, guides,
-                         {} if collect else None, depth)
+        zip_pass = _Pass(tasks, aligned_spaces(nets[0], depths[0]), opts, timer, providers, guides,
+                         {} if collect else None, tuple(depths))
         plan = zip_pass.run(n_batches, progress, after_layer, label)
     return plan, [t.tied for t in tasks], zip_pass.late or {}
 
@@ -593,7 +617,8 @@ def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[n
 def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
                  n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
                  progress: ProgressFn = no_progress, timer: StageTimer | None = None,
-                 after_layer: LayerHook | None = None, depth: int | None = None) -> tuple[SharingPlan, list[Network]]:
+                 after_layer: LayerHook | None = None, depths: Sequence[int] | None = None
+                 ) -> tuple[SharingPlan, list[Network]]:
     """Zip the hidden layers of two or more aligned networks in order, then refit the heads.
 
     A unit space written by several layers (a residual stream) is paired once, at the layer
@@ -603,18 +628,19 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     and pairs the space in a second pass from the costs of all its states; "early" pairs it
     from the states before it is read only (one pass). ``after_layer`` runs after each hidden
     layer that shares units, when no writer is waiting for its space to be paired (see
-    LayerHook), in the final pass only. Only layers 0..``depth``-1 may share (default: as far as
-    the layers align, align.Alignment); each task's layers after them are its own,
+    LayerHook), in the final pass only. Task t's layers 0..``depths[t]``-1 may share (default: as
+    far as each model's layers align with the first one's, align.Alignment): layer k is shared by
+    the tasks aligned that far; each task's layers after them are its own,
     calibrated and corrected task by task. Returns the sharing plan (one entry per layer of the
     deepest model; a task without that layer has 0 units there) and the tied networks (same
     topology as the inputs).
     """
     timer = timer or StageTimer()
     guides: dict[int, list[_LayerState]] = {}
-    depth = align(nets).depth if depth is None else depth
-    if opts.stream_pairing == "all" and late_writers(aligned_spaces(nets[0], depth)):
-        _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True, depth,
+    depths = tuple(align(nets).depths if depths is None else depths)
+    if opts.stream_pairing == "all" and late_writers(aligned_spaces(nets[0], depths[0])):
+        _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True, depths,
                                  "pass 1 of 2: ")
     plan, tied, _ = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, after_layer, guides,
-                              False, depth, "pass 2 of 2: " if guides else "")
+                              False, depths, "pass 2 of 2: " if guides else "")
     return plan, tied

@@ -5,6 +5,7 @@ layers cannot share are refused, naming the layer and how it differs."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import builders as B
@@ -12,7 +13,9 @@ from onnxzip.align import align, slots
 from onnxzip.api import merge
 from onnxzip.canonical import import_network
 from onnxzip.errors import OnnxZipError
+from onnxzip.merged import inspect
 from onnxzip.options import MergeOptions
+from onnxzip.plan import NOT_A_MEMBER
 
 SHAPE = (1, 12, 12)
 TOL = 1e-4
@@ -83,14 +86,27 @@ def test_fc1_on_another_spatial_size_stops_the_sharing_before_it(tmp_path):
     assert "b.onnx: layer 'fc1'" in result.alignment and "(different spatial sizes)" in result.alignment
 
 
-def test_n_models_share_as_far_as_all_of_them_align(tmp_path):
+def test_each_added_model_aligns_as_far_as_it_can(tmp_path):
+    """Three models: b aligns with a up to fc1, c (fc1 on another spatial size) only up to conv2. The
+    convs are shared by all three, fc1 by a and b; c's fc1 and every head are their own."""
     convs, permuted = _permuted_convs(2)
-    models = [_cnn(0, (24, 10), convs)[1], _cnn(1, (20, 16, 7), permuted)[1], _cnn(4, (24, 10), permuted)[1]]
+    models = [_cnn(0, (24, 10), convs)[1], _cnn(1, (20, 16, 7), permuted)[1], _cnn(4, (24, 10), permuted, pad=0)[1]]
     nets = [import_network(B.save(m, tmp_path / f"n{i}.onnx")) for i, m in enumerate(models)]
-    assert align(nets).depth == 3
+    alignment = align(nets)
+    assert alignment.depths == (3, 3, 2) and "n2.onnx: layer 'fc1'" in alignment.stop
     assert [s[2] for s in slots(nets)][-1] == (0, 7, 0)
-    _, _, result = _merge(tmp_path, models, share_layers=(("fc1", 0),))
-    assert [lp.n_shared for lp in result.plan.layers] == [6, 8, 0, 0, 0]
+    paths, out, result = _merge(tmp_path, models)
+    plan = result.plan
+    assert [lp.n_shared for lp in plan.layers] == [6, 8, 20, 0, 0]
+    assert [sorted(lp.members) for lp in plan.layers[:3]] == [[0, 1, 2], [0, 1, 2], [0, 1]]
+    assert all(s[2] == NOT_A_MEMBER for s in plan.layers[2].shared) and plan.layers[2].own_units(2).size == 24
+    assert all(e > 0 for e in plan.layers[2].rel_error)  # c's own fc1 corrected and reported too
+    model = onnx.load(str(out))
+    names = {t.name for t in model.graph.initializer}
+    assert "fc1.task_a_b.W_from_shared" in names and "fc1.task_c.W_from_shared" in names
+    assert inspect(out).plan == plan  # the metadata round-trips, members included
+    per_task = [r.params_saved for r in result.layers]
+    assert per_task[2] == 20 * (8 * 4 + 1)  # one copy of a and b's shared fc1 block saved (8 channels x 2x2)
 
 
 def test_models_whose_first_layers_differ_are_refused_naming_them(tmp_path):
