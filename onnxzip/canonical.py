@@ -48,6 +48,9 @@ SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "S
              "Mul", "Div", "ReduceProd", "ConstantOfShape", "Identity")
 # Scalar input scaling in front of the first layer (x/255, (x-0.5)/0.5, ...), folded into that layer.
 AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+# Steps that an affine in front of a zero-padded conv runs as (emit.CONST_OPERAND_OPS), which a
+# scalar input scaling composes with instead of folding past them.
+EXPLICIT_AFFINE_OPS = ("Mul", "Add")
 # Steps that commute with a scalar affine map of their input, so the map folds past them.
 AFFINE_COMMUTING_OPS = ("Transpose", "Flatten", "Reshape")
 # Ops through which a per-channel affine after an activation folds forward into the next layer
@@ -559,6 +562,18 @@ def _parse_head(p: _Parse, node: onnx.NodeProto) -> Op:
     return Op(node.op_type, (("axis", -1),), node.name)
 
 
+def _channel_constant(p: _Parse, node: onnx.NodeProto, tensor: str) -> bool:
+    """True when ``node`` applies one constant per channel ([C, 1, 1] or [1, C, 1, 1], C > 1) to the
+    image ``tensor`` (torchvision's Normalize written into the graph)."""
+    shape = p.shapes.get(tensor)
+    others = [name for name in node.input if name != tensor]
+    if shape is None or len(shape) != IMAGE_RANK or shape[1] in (None, 1) or len(others) != 1 \
+            or others[0] not in p.consts:
+        return False
+    value = np.asarray(p.consts[others[0]])
+    return value.ndim in (3, 4) and value.shape[-2:] == (1, 1) and value.size == shape[1]
+
+
 def _absorb_input_affine(p: _Parse, node: onnx.NodeProto, tensor: str) -> None:
     """Record a scalar Mul/Div/Add/Sub of the data in front of the first layer in p.affine."""
     others = [name for name in node.input if name != tensor]
@@ -831,7 +846,9 @@ def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step |
     if op in DROPPED_OPS:
         return None
     if op in AFFINE_OPS and not p.has_layer():
-        _absorb_input_affine(p, node, raw)
+        per_channel = _pending_of(p, raw) is not None or _channel_constant(p, node, raw)
+        if not (per_channel and _start_affine(p, node, raw)):  # per channel: folds like one after an activation
+            _absorb_input_affine(p, node, raw)
         return None
     if p.has_layer() and op in AFFINE_OPS + ("BatchNormalization", "Unsqueeze") and _start_affine(p, node, raw):
         return None
@@ -950,9 +967,12 @@ def _fold_affine(steps: tuple[Step, ...], scale: float, offset: float, start: in
     """
     first = next(i for i, s in enumerate(steps) if isinstance(s, Layer))
     for step in steps[start:first]:
-        if step.op_type not in AFFINE_COMMUTING_OPS:
+        if step.op_type not in AFFINE_COMMUTING_OPS + EXPLICIT_AFFINE_OPS:
             raise OnnxZipError(f"{path}: {what} cannot be folded past {step.describe()} into "
                                f"the first layer; only {', '.join(AFFINE_COMMUTING_OPS)} may lie between; {advice}")
+    explicit = [i for i in range(start, first) if steps[i].op_type in EXPLICIT_AFFINE_OPS]
+    if explicit:  # a per-channel affine already runs as steps before a padded conv: the scaling joins it
+        return _composed_affine(steps, explicit, scale, offset)
     layer = steps[first]
     if offset != 0.0 and layer.kind == CONV and any(layer.pads):
         return _explicit_affine(steps, first, scale, offset)
@@ -963,6 +983,23 @@ def _fold_affine(steps: tuple[Step, ...], scale: float, offset: float, start: in
         raise OnnxZipError(f"{path}: folding {what} into '{layer.source}' gives non-finite weights")
     folded = replace(layer, W=W.astype(layer.W.dtype), b=b.astype(layer.b.dtype))
     return steps[:first] + (folded,) + steps[first + 1:]
+
+
+def _composed_affine(steps: tuple[Step, ...], explicit: list[int], scale: float, offset: float) -> tuple[Step, ...]:
+    """The explicit Mul/Add steps y = m * x + a (steps[explicit]) reading x = scale * u + offset
+    instead: y = (m * scale) * u + (m * offset + a), per channel where m or a is."""
+    values = {steps[i].op_type: np.asarray(steps[i].attr_dict()["value"], np.float64) for i in explicit}
+    m, a = values.get("Mul", np.float64(1.0)), values.get("Add", np.float64(0.0))
+    mul, add = m * scale, m * offset + a
+    as_attr = lambda v: tuple(float(x) for x in v) if v.size > 1 else float(v)
+    source = steps[explicit[0]].source
+    x = steps[explicit[0]].inputs[0]
+    ops = (Op("Mul", (("value", as_attr(mul)),), source, (x,), f"{x}.mul"),
+           Op("Add", (("value", as_attr(add)),), source, (f"{x}.mul",), f"{x}.mul.add"))
+    last = explicit[-1]
+    rest = tuple(replace(s, inputs=tuple(f"{x}.mul.add" if n == steps[last].output else n for n in s.inputs))
+                 for s in steps[last + 1:])
+    return steps[:explicit[0]] + ops + rest
 
 
 def _explicit_affine(steps: tuple[Step, ...], first: int, scale: float, offset: float) -> tuple[Step, ...]:

@@ -718,3 +718,57 @@ def test_an_mlp_and_a_resnet_block_import_as_exported_and_recover_a_permuted_cop
         assert "Add" in _op_types(net) and "GlobalAveragePool" in _op_types(net)
     result, _ = B.merge_copies_back(tmp_path, [a, b], SHAPE, tol=FOLD_TOL)
     _assert_pairs(result.plan, perms)
+
+
+# 8. Per-channel input normalisation (torchvision's Normalize written into the graph)
+
+
+class _Normalized(torch.nn.Module):
+    """x / 255 (optional), then (x - mean) / std per channel, then conv (padded or not)-ReLU-GAP-fc on
+    three-channel 8x8 images."""
+
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, pad: int, scaled: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scaled = scaled
+        self.c1 = torch.nn.Conv2d(3, 5, 3, padding=pad)
+        self.c2 = torch.nn.Conv2d(5, 6, 3)
+        self.fc = torch.nn.Linear(6, 4)
+        self.register_buffer("mean", torch.tensor(_Normalized.MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(_Normalized.STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = ((x / 255.0 if self.scaled else x) - self.mean) / self.std
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    @staticmethod
+    def make(pad: int, scaled: bool, seed):
+        net = _Normalized(pad, scaled)
+        if seed is None:
+            return net, None
+        rng = np.random.default_rng(seed)
+        perms = [rng.permutation(5), rng.permutation(6)]
+        _permute_units(net.c1, perms[0], reader=net.c2)
+        _permute_units(net.c2, perms[1], reader=net.fc)
+        return net, perms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pad, scaled, steps", [(0, False, []), (1, False, ["Mul", "Add"]), (1, True, ["Mul", "Add"])],
+                         ids=["folded", "padded", "scaled_then_padded"])
+@pytest.mark.parametrize("dynamo, opset", ONE_EACH, ids=ONE_EACH_IDS)
+def test_per_channel_input_normalisation(tmp_path, exports, pad, scaled, steps, dynamo, opset):
+    """Folded into an unpadded first conv; before a padded one it runs as per-channel Mul and Add
+    steps, with a scalar /255 in front composed into them. Exact, and a permuted copy is recovered."""
+    shape = (3, 8, 8)
+    make = lambda seed: _Normalized.make(pad, scaled, seed)
+    key = f"normalized_{pad}_{scaled}"
+    a, _ = exports.get(make, key, dynamo, opset, shape)
+    b, perms = exports.get(make, key, dynamo, opset, shape, seed=1)
+    net = _reproduces(a, shape)
+    assert _op_types(net)[:len(steps) + 1] == steps + ["conv"]
+    result, _ = B.merge_copies_back(tmp_path, [a, b], shape, tol=FOLD_TOL)
+    _assert_pairs(result.plan, perms)
