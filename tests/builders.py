@@ -508,3 +508,21 @@ def assert_copies_recovered(plan, names: dict[str, str], perm_of) -> None:
         for t in range(1, len(plan.tasks)):
             np.testing.assert_array_equal(perm_of(t, role)[units[:, t]], units[:, 0])
         assert layer.cost < 1e-6
+
+
+def export_torch(module, path: Path, dynamo: bool, opset: int, shape: tuple[int, ...], **torchscript) -> Path:
+    """A torch module exported in eval mode as the user's exporter writes it: dynamo (torch.export)
+    or TorchScript (``torchscript`` are its extra options), a dynamic batch axis, input 'input'."""
+    import warnings
+
+    import torch
+    x = torch.randn(2, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(module.eval(), (x,), str(path), dynamo=True, opset_version=opset,
+                              input_names=["input"], dynamic_shapes={"x": {0: torch.export.Dim("N")}})
+        else:
+            torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], dynamic_axes={"input": {0: "N"}}, **torchscript)
+    return path

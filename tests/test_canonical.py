@@ -252,18 +252,7 @@ class _PooledCNN:
 
     @staticmethod
     def export(net, path, dynamo: bool, opset: int):
-        import warnings
-        import torch
-        x = torch.randn(2, *_PooledCNN.SHAPE)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if dynamo:
-                torch.onnx.export(net, (x,), str(path), dynamo=True, opset_version=opset, input_names=["input"],
-                                  dynamic_shapes={"x": {0: torch.export.Dim("N")}})
-            else:
-                torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
-                                  dynamic_axes={"input": {0: "N"}})
-        return path
+        return B.export_torch(net, path, dynamo, opset, _PooledCNN.SHAPE)
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ the weights, a merge with a unit-permuted copy must find the permutation and rep
 The refusals are hand-built graphs, each refused with one line naming the file and the node.
 """
 
-import warnings
 
 import numpy as np
 import onnx
@@ -46,16 +45,7 @@ def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def _export(module, path, dynamo: bool, opset: int, shape=SHAPE):
     """The module exported in eval mode with a dynamic batch axis, input named 'input'."""
-    x = torch.randn(2, *shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(module.eval(), (x,), str(path), dynamo=True, opset_version=opset,
-                              input_names=["input"], dynamic_shapes={"x": {0: torch.export.Dim("N")}})
-        else:
-            torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=opset,
-                              input_names=["input"], dynamic_axes={"input": {0: "N"}})
-    return path
+    return B.export_torch(module, path, dynamo, opset, shape)
 
 
 def _reproduces(path, shape=SHAPE, tol: float = FOLD_TOL, batches=(5,)):

@@ -2,7 +2,6 @@
 (TorchScript with do_constant_folding=False writes Transpose(weight) before a MatMul; converters
 write Reshape(initializer, shape)) is a weight, as the exporter writes it and hand-built."""
 
-import warnings
 
 import numpy as np
 import onnx
@@ -42,17 +41,8 @@ def _permuted(module: _TransposedWeightMLP, seed: int) -> _TransposedWeightMLP:
 
 
 def _export(module, path, opset: int, dynamo: bool, initializers_as_inputs: bool = False):
-    x = torch.randn(2, *SHAPE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(module.eval(), (x,), str(path), dynamo=True, opset_version=opset,
-                              input_names=["input"], dynamic_shapes={"x": {0: torch.export.Dim("N")}})
-        else:
-            torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, do_constant_folding=False,
-                              keep_initializers_as_inputs=initializers_as_inputs, opset_version=opset,
-                              input_names=["input"], dynamic_axes={"input": {0: "N"}})
-    return path
+    return B.export_torch(module, path, dynamo, opset, SHAPE, do_constant_folding=False,
+                          keep_initializers_as_inputs=initializers_as_inputs)
 
 
 @pytest.mark.slow
