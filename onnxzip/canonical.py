@@ -38,8 +38,13 @@ from .fold import fold_constants
 from .load import file_sha256, load
 from .save import EXTERNAL_DATA_ABOVE
 
+# Elementwise activations whose attributes (if any) are kept as they are (DESIGN.md section 6).
+ACTIVATION_OPS = ("HardSwish", "HardSigmoid", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Gelu")
 UNIT_WISE_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool", "AveragePool",
-                 "GlobalAveragePool", "Flatten")
+                 "GlobalAveragePool", "Flatten") + ACTIVATION_OPS
+# Elementwise joins of two computed tensors of one unit space (or made one): a residual Add, and a
+# Mul (SiLU as x * sigmoid(x), a squeeze-and-excitation gate broadcast over the positions).
+JOIN_OPS = ("Add", "Mul")
 HEAD_OPS = ("Softmax", "LogSoftmax")
 DROPPED_OPS = ("Identity", "Dropout")
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -75,8 +80,8 @@ BN_EPSILON = 1e-5  # BatchNormalization's default epsilon
 SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add) (also on [batch, 1, ..., features]), BatchNormalization, "
                      + ", ".join(UNIT_WISE_OPS)
                      + ", ReduceMean over the spatial axes (global average pool), Reshape/Squeeze (flattening), "
-                     "Identity, Dropout, Add of two tensors (residual), Concat of channels, Softmax/LogSoftmax "
-                     "at the end, per-unit Mul/Add/Sub/Div right after a layer, per-channel BatchNormalization "
+                     "Identity, Dropout, Add or Mul of two tensors (residual, SiLU, SE gate), Concat of channels, "
+                     "Softmax/LogSoftmax at the end, per-unit Mul/Add/Sub/Div right after a layer, per-channel BatchNormalization "
                      "and Mul/Add/Sub/Div after an activation (folded into the next layer), scalar "
                      "Mul/Div/Add/Sub and a Reshape/Unsqueeze to an image on the input, Transpose of an NHWC "
                      "input or before a flattening")
@@ -543,7 +548,8 @@ def _parse_unit_op(p: _Parse, node: onnx.NodeProto) -> Op:
         if axis not in (1, 1 - rank if rank else 1):
             raise p.fail(node, f"flattens from axis {axis}; only axis 1 ([batch, features]) is supported")
         return Op(op, (("axis", 1),), node.name)
-    return Op(op, (), node.name)
+    kept = ((k, v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items())
+    return Op(op, tuple(sorted(kept)) if op in ACTIVATION_OPS else (), node.name)
 
 
 def _parse_head(p: _Parse, node: onnx.NodeProto) -> Op:
@@ -829,15 +835,22 @@ def _concat(p: _Parse, node: onnx.NodeProto, raw: list[str], data: list[str]) ->
 
 
 def _join(p: _Parse, node: onnx.NodeProto, raw: list[str]) -> Op:
-    """An elementwise Add of two computed tensors (a residual join), or an error for any other join."""
-    if node.op_type != "Add" or len(raw) != 2:
-        raise p.fail(node, f"joins {len(raw)} computed tensors; only an elementwise Add of two tensors or a "
+    """An elementwise Add or Mul of two computed tensors (a residual join, SiLU, an SE gate), or an
+    error for any other join. A Mul may broadcast a [N, C, 1, 1] gate over [N, C, H, W]."""
+    if node.op_type not in JOIN_OPS or len(raw) != 2:
+        raise p.fail(node, f"joins {len(raw)} computed tensors; only an elementwise Add or Mul of two tensors or a "
                            "Concat of channels after the first layer is supported")
     shapes = [p.shapes.get(name) for name in node.input]
-    if None not in shapes and shapes[0] != shapes[1]:
-        raise p.fail(node, f"adds tensors of shapes {list(shapes[0])} and {list(shapes[1])}; a residual join needs "
-                           "equal shapes (no broadcasting)")
-    return Op("Add", (), node.name)
+    if None not in shapes and shapes[0] != shapes[1] and not (node.op_type == "Mul" and _gate_shapes(*shapes)):
+        raise p.fail(node, f"joins tensors of shapes {list(shapes[0])} and {list(shapes[1])}; an elementwise join "
+                           "needs equal shapes (a Mul may broadcast [N, C, 1, 1] over [N, C, H, W])")
+    return Op(node.op_type, (), node.name)
+
+
+def _gate_shapes(a: tuple, b: tuple) -> bool:
+    """True for a per-channel gate [N, C, 1, 1] and an image [N, C, H, W] (either order)."""
+    gate, image = (a, b) if all(d == 1 for d in a[2:]) else (b, a)
+    return len(a) == len(b) == IMAGE_RANK and gate[:2] == image[:2] and all(d == 1 for d in gate[2:])
 
 
 def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step | tuple[Op, ...] | None:

@@ -242,15 +242,15 @@ def _emit_op(b: _Builder, op: Op, where: str, groups: list[_Group], task: int) -
             for g in groups]
 
 
-def _emit_add(b: _Builder, step: Op, where: str, inputs: list[list[_Group]], task: int) -> list[_Group]:
-    """An elementwise Add of tensors of one unit space: one Add per unit group (the groups line up)."""
+def _emit_join(b: _Builder, step: Op, where: str, inputs: list[list[_Group]], task: int) -> list[_Group]:
+    """An elementwise Add or Mul of tensors of one unit space: one node per unit group (the groups line up)."""
     first = inputs[0]
     for other in inputs[1:]:
         if [(g.owners, None if g.units is None else g.units.tolist()) for g in other] != \
                 [(g.owners, None if g.units is None else g.units.tolist()) for g in first]:
             raise ValueError(f"internal error: the inputs of '{step.source}' have different unit groups")
-    return [_Group(g.owners, b.node("Add", [grp[i].tensor for grp in inputs], {},
-                                    f"{where}.{b.plan.group_name(g.owners)}.Add", task), g.units)
+    return [_Group(g.owners, b.node(step.op_type, [grp[i].tensor for grp in inputs], {},
+                                    f"{where}.{b.plan.group_name(g.owners)}.{step.op_type}", task), g.units)
             for i, g in enumerate(first)]
 
 
@@ -302,8 +302,8 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
             where, k = step.name, k + 1
         elif step.op_type == "Concat":
             env[output] = _emit_concat(b, step, where, groups, [width[name] for name in inputs], task)
-        elif step.op_type == "Add" and len(inputs) > 1:  # a residual join (one input: an input offset)
-            env[output] = _emit_add(b, step, where, groups, task)
+        elif len(inputs) > 1:  # an elementwise join (Add, Mul); one input: an op such as an input offset
+            env[output] = _emit_join(b, step, where, groups, task)
         else:
             env[output] = _emit_op(b, step, where, groups[0], task)
     return env, found

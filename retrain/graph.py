@@ -38,6 +38,9 @@ MASKED_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 # ONNX's default Softmax axis before opset 13 (1) and from 13 on (-1).
 LEGACY_SOFTMAX_AXIS, SOFTMAX_AXIS, SOFTMAX_AXIS_OPSET = 1, -1, 13
 DEFAULT_LEAKY_ALPHA = 0.01
+# ONNX's defaults of HardSigmoid (alpha * x + beta, clipped to [0, 1]) and Selu.
+HARD_SIGMOID_ALPHA, HARD_SIGMOID_BETA = 0.2, 0.5
+SELU_ALPHA_DEFAULT, SELU_GAMMA_DEFAULT = 1.67326319217681884765625, 1.05070102214813232421875
 NO_PADDING = "NOTSET"
 # auto_pad values whose padding is the pads attribute ("VALID": none, and the emitter writes no pads then).
 EXPLICIT_PADDING = (NO_PADDING, "", "VALID")
@@ -194,6 +197,15 @@ def _interpreter(opset: int) -> dict[str, Callable]:
         "Flatten": _flatten, "Reshape": _reshape,
         "Softmax": lambda n, x: _softmax(n, x, False, opset), "LogSoftmax": lambda n, x: _softmax(n, x, True, opset),
         "Identity": lambda n, x: x, "Dropout": lambda n, x, *rest: x,
+        "HardSwish": lambda n, x: F.hardswish(x),
+        "HardSigmoid": lambda n, x: torch.clamp(n.attrs.get("alpha", HARD_SIGMOID_ALPHA) * x
+                                                + n.attrs.get("beta", HARD_SIGMOID_BETA), 0.0, 1.0),
+        "Elu": lambda n, x: F.elu(x, n.attrs.get("alpha", 1.0)),
+        "Selu": lambda n, x: n.attrs.get("gamma", SELU_GAMMA_DEFAULT) * F.elu(x, n.attrs.get("alpha", SELU_ALPHA_DEFAULT)),
+        "Celu": lambda n, x: F.celu(x, n.attrs.get("alpha", 1.0)),
+        "Softplus": lambda n, x: F.softplus(x), "Softsign": lambda n, x: F.softsign(x),
+        "Mish": lambda n, x: F.mish(x),
+        "Gelu": lambda n, x: F.gelu(x, approximate=n.attrs.get("approximate", "none")),
     }
 
 

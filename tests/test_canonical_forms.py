@@ -3,7 +3,7 @@
 A per-channel affine after an activation (BatchNorm2d/BatchNorm1d after ReLU, Mul/Add/Sub/Div by
 constants) folded forward into the next layer; Squeeze after a global pool; computed flattening
 shapes with a dynamic batch; MatMul on [N, 1, F]; a reshape of the input to an image; opsets 9 to
-21. The torch forms are exported in the tests by both exporters (TorchScript, dynamo), imported as
+21; SiLU, squeeze-and-excitation gates and HardSwish (elementwise Mul joins). The torch forms are exported in the tests by both exporters (TorchScript, dynamo), imported as
 they are, emitted by onnxzip and compared with ONNX Runtime on the file; where the form changes
 the weights, a merge with a unit-permuted copy must find the permutation and reproduce the model.
 The refusals are hand-built graphs, each refused with one line naming the file and the node.
@@ -17,12 +17,16 @@ import pytest
 from onnx import helper, numpy_helper
 
 import builders as B
+from onnxzip.api import merge
 from onnxzip.canonical import import_network
 from onnxzip.emit import task_model
 from onnxzip.errors import OnnxZipError
 from onnxzip.ir import Layer
+from onnxzip.options import MergeOptions
+from onnxzip.spaces import unit_spaces
 
 torch = pytest.importorskip("torch")
+from torch_blocks import SEBlock, randomise  # noqa: E402  (needs torch)
 
 # Affines folded into float32 weights (forward and backward): a few float32 ulps of the outputs.
 FOLD_TOL = 1e-4
@@ -72,17 +76,6 @@ def _assert_pairs(plan, perms) -> None:
         assert pairs.shape == (len(perm), 2)
         np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
     assert plan.layers[-1].n_shared == 0
-
-
-def _randomise(bn, seed: int) -> None:
-    """Non-trivial running statistics and affine parameters, as training leaves them."""
-    g = torch.Generator().manual_seed(seed)
-    n = bn.num_features
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-        bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-        bn.weight.copy_(torch.rand(n, generator=g) * 3 - 1.5)
-        bn.bias.copy_(torch.rand(n, generator=g) * 2 - 1)
 
 
 def _permute_units(layer, perm, bn=None, reader=None, rep: int = 1) -> None:
@@ -139,7 +132,7 @@ class _BNAfterReLU(torch.nn.Module):
         self.f1, self.bn3 = torch.nn.Linear(C.C2 * C.SPATIAL ** 2, C.H), torch.nn.BatchNorm1d(C.H)
         self.f2 = torch.nn.Linear(C.H, C.CLASSES)
         for i, bn in enumerate((self.bn1, self.bn2, self.bn3)):
-            _randomise(bn, i)
+            randomise(bn, i)
 
     def forward(self, x):
         x = self.bn1(torch.relu(self.c1(x)))
@@ -601,8 +594,8 @@ class _LeNet(torch.nn.Module):
         self.c1, self.bn1 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
         self.bn2, self.c2 = torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 6, 3)
         self.f1, self.f2, self.drop = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3), torch.nn.Dropout(0.5)
-        _randomise(self.bn1, 0)
-        _randomise(self.bn2, 1)
+        randomise(self.bn1, 0)
+        randomise(self.bn2, 1)
 
     def forward(self, x):
         x = self.bn2(torch.max_pool2d(torch.relu(self.bn1(self.c1(x))), 2))
@@ -668,7 +661,7 @@ class _ResBlock(torch.nn.Module):
         self.stem, self.c1, self.c2 = (torch.nn.Conv2d(i, C, 3, padding=1, bias=False) for i in (1, C, C))
         self.bns = torch.nn.ModuleList(torch.nn.BatchNorm2d(C) for _ in range(3))
         for i, bn in enumerate(self.bns):
-            _randomise(bn, i)
+            randomise(bn, i)
         self.fc = torch.nn.Linear(C, _ResBlock.CLASSES)
 
     def forward(self, x):
@@ -762,3 +755,32 @@ def test_per_channel_input_normalisation(tmp_path, exports, pad, scaled, steps, 
     assert _op_types(net)[:len(steps) + 1] == steps + ["conv"]
     result, _ = B.merge_copies_back(tmp_path, [a, b], shape, tol=FOLD_TOL)
     _assert_pairs(result.plan, perms)
+
+
+# 9. Elementwise joins and activations of mobile networks: SiLU, a squeeze-and-excitation gate,
+# HardSwish (DESIGN.md section 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gate", ["hard", "sigmoid"])
+@pytest.mark.parametrize("dynamo, opset", EXPORTERS, ids=EXPORTER_IDS)
+def test_silu_a_squeeze_and_excitation_gate_and_hardswish(tmp_path, exports, gate, dynamo, opset):
+    """x * sigmoid(x) and the SE gate's Mul join unit spaces as an Add does: the gate's 1x1 conv writes
+    the units it multiplies, so a permuted copy (one permutation across the gated space) is recovered."""
+    a, _ = exports.get(lambda seed: SEBlock.make(gate, seed), f"se_{gate}", dynamo, opset)
+    b, perms = exports.get(lambda seed: SEBlock.make(gate, seed), f"se_{gate}", dynamo, opset, seed=1)
+    net = _reproduces(a)
+    assert _op_types(net).count("Mul") >= 2 and unit_spaces(net).space == (0, 1, 0, 3, 4)
+    result, _ = B.merge_copies_back(tmp_path, [a, b], SHAPE, tol=FOLD_TOL)
+    _assert_pairs(result.plan, perms)
+
+
+@pytest.mark.slow
+def test_se_blocks_with_three_copies_gated_and_half_shared(tmp_path, exports):
+    """Three permuted copies in the gated layout recover the original; at 50% sharing emitted == tied."""
+    make = lambda seed: SEBlock.make("hard", seed)
+    paths = [exports.get(make, "se_hard", True, 18, seed=seed)[0] for seed in (None, 1, 2)]
+    B.merge_copies_back(tmp_path / "three", paths, SHAPE, layout="gated", tol=FOLD_TOL)
+    result = merge(paths[:2], B.calib_folder(tmp_path / "c", SHAPE, 64), tmp_path / "half.onnx", MergeOptions(share=0.5))
+    assert [lp.n_shared for lp in result.plan.layers] == [3, 2, 3, 2, 0]  # the gate's conv follows conv1's units
+    assert all(c.max_diff_vs_tied <= TOL for c in result.checks)

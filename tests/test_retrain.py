@@ -23,8 +23,10 @@ torch = pytest.importorskip("torch")
 from onnxzip.retrain.graph import build_module  # noqa: E402  (needs torch)
 from onnxzip.retrain.train import TrainTask, predict, train  # noqa: E402
 from onnxzip.retrain.writeback import RETRAIN_KEY, WRITEBACK_ATOL, WRITEBACK_RTOL, write_back  # noqa: E402
+from torch_blocks import SEBlock  # noqa: E402  (needs torch)
 
 CPU = ["CPUExecutionProvider"]
+SE_SHAPE = (1, 8, 8)
 # One PyTorch thread: tiny models train fastest that way, on a busy machine by far.
 FAST = dict(device="cpu", threads=1)
 
@@ -36,7 +38,17 @@ def _cli(*args, env=None):
 
 def _pair(tmp_path, kind="mlp", layout="multi", share=1.0, prune=0.0):
     """Two different tiny models merged at ``share``; returns (merged path, data folder, input shape)."""
-    if kind == "mlp":
+    if kind == "se":  # SiLU, an SE gate and HardSwish, as torch's exporter writes them
+        for name, seed in (("a", 0), ("b", 1)):
+            torch.manual_seed(seed)
+            net = SEBlock("hard")
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            B.export_torch(net, tmp_path / f"{name}.onnx", True, 18, SE_SHAPE)
+        wa = wb = None
+        model, shape = None, SE_SHAPE
+    elif kind == "mlp":
         wa, wb = B.mlp_weights([64, 32, 16, 10], 0), B.mlp_weights([64, 32, 16, 10], 1)
         model, shape = B.mlp_model, (1, 8, 8)
     else:
@@ -45,8 +57,9 @@ def _pair(tmp_path, kind="mlp", layout="multi", share=1.0, prune=0.0):
     if prune:
         wa, wb = ([(np.where(np.abs(W) < np.quantile(np.abs(W), prune), 0, W).astype(np.float32), b)
                    for W, b in ws] for ws in (wa, wb))
-    B.save(model(wa), tmp_path / "a.onnx")
-    B.save(model(wb), tmp_path / "b.onnx")
+    if model is not None:
+        B.save(model(wa), tmp_path / "a.onnx")
+        B.save(model(wb), tmp_path / "b.onnx")
     calib = B.calib_folder(tmp_path / "calib", shape, n=128)
     out = tmp_path / "m.onnx"
     merge([tmp_path / "a.onnx", tmp_path / "b.onnx"], calib, out, MergeOptions(share=share, layout=layout))
@@ -68,7 +81,8 @@ def _inits(path):
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("kind,layout", [("mlp", "multi"), ("mlp", "gated"), ("cnn", "multi"), ("cnn", "gated")])
+@pytest.mark.parametrize("kind,layout", [("mlp", "multi"), ("mlp", "gated"), ("cnn", "multi"), ("cnn", "gated"),
+                                         ("se", "multi")])
 def test_retraining_keeps_every_shared_block_one_tensor(tmp_path, kind, layout):
     merged, data, _ = _pair(tmp_path, kind, layout, share=0.5)
     out = tmp_path / "r.onnx"
@@ -273,11 +287,11 @@ def test_unsupported_op_is_refused_by_name(tmp_path):
     merged, _, _ = _pair(tmp_path, "mlp", "multi", share=0.5)
     model = onnx.load(str(merged))
     node = next(n for n in model.graph.node if n.op_type == "Relu")
-    node.op_type = "Softplus"
+    node.op_type = "Sin"
     odd = tmp_path / "odd.onnx"
     onnx.save(model, str(odd))
     loaded, meta = load_merged(odd)
-    with pytest.raises(OnnxZipError, match=rf"node '{node.name}' \(Softplus\) is not supported"):
+    with pytest.raises(OnnxZipError, match=rf"node '{node.name}' \(Sin\) is not supported"):
         build_module(loaded, meta, odd)
 
 
