@@ -71,8 +71,13 @@ def _fixed(spec: TensorSpec) -> bool:
 
 def _canonical(net: Network) -> tuple[tuple[int, ...], np.ndarray]:
     """The input's channels-first shape and, per canonical position, the file's flat element index."""
-    dims = tuple(int(d) for d in net.input.shape[1:])
-    if layout(net) == NHWC:
+    return _canonical_order(tuple(int(d) for d in net.input.shape[1:]), layout(net))
+
+
+def _canonical_order(dims: tuple[int, ...], form: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Channels-first shape and, per canonical position, the flat element index, of an input of
+    non-batch shape ``dims`` stored in layout ``form``."""
+    if form == NHWC:
         h, w, c = dims
         return (c, h, w), np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).reshape(-1)
     return dims, np.arange(int(np.prod(dims)))
@@ -244,3 +249,26 @@ def input_words(nets: Sequence[Network], tasks: Sequence[str], scaled: set[str],
                      "reads the merged input's values unscaled; if they expect different preprocessing, declare "
                      "it with --input-scale TASK=SCALE,OFFSET")
     return tuple(lines)
+
+
+def to_merged(own: tuple[int, ...], own_layout: str, merged: tuple[int, ...], merged_layout: str) -> tuple[Op, ...]:
+    """The shortest Reshape/Transpose chain from a task's own input form (non-batch shape ``own`` in
+    ``own_layout``) to the merged input's, that puts every value where the merged input has it (for a
+    task split out of a merged model, which then reads what its file read)."""
+    (_, order_own), (c_merged, order_m) = _canonical_order(own, own_layout), _canonical_order(merged, merged_layout)
+    want = np.empty_like(order_m)
+    want[order_m] = order_own  # merged flat index -> the task's flat index of the same canonical position
+    want = want.reshape((1,) + merged)
+    source = np.arange(want.size).reshape((1,) + own)
+    to_shape = Op("Reshape", (("shape", (0,) + merged),))
+    nchw, nhwc = Op("Transpose", (("perm", NHWC_TO_NCHW),)), Op("Transpose", (("perm", NCHW_TO_NHWC),))
+    channels_first = Op("Reshape", (("shape", (0,) + tuple(c_merged)),))
+    for chain in ((), (to_shape,), (nchw,), (nchw, to_shape), (channels_first, nhwc), (nchw, channels_first, nhwc)):
+        try:
+            got = _run_ops(chain, source)
+        except ValueError:  # a chain that does not apply to this shape
+            continue
+        if got.shape == want.shape and np.array_equal(got, want):
+            return chain
+    raise OnnxZipError(f"no Reshape/Transpose chain turns an input {list(own)} ({own_layout}) into the merged "
+                       f"input {list(merged)} ({merged_layout})")

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .format import (GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_PLAN, KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS,
+from .format import (CONST_PREFIX, GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_PLAN, KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS,
                      KEY_VERSION, LAYOUTS, META_PREFIX, MULTI, TASK_INPUT, TASK_OUT_OF_RANGE, meta_key, weight_params)
 from .errors import OnnxZipError
 from .guard import Output, check_outputs, model_reads
+from .inputs import to_merged
 from .load import load_model
 from .plan import NOT_A_MEMBER, SharingPlan
 from .save import save_atomically
@@ -290,8 +292,39 @@ def _rename_output(part: onnx.ModelProto, result: str, name: str, path: Path, ta
     graph.output[0].name = name
 
 
-def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str) -> onnx.ModelProto:
-    """Task ``task`` of a loaded merged model as a standalone, checked model (the input is not modified)."""
+def _own_input(part: onnx.ModelProto, own: Mapping, merged: Mapping, x: str) -> None:
+    """Give a task's part the input its file read (inputs.ExpectedInput), with the weight-free chain to
+    the merged input ``x`` in front; nothing where the forms agree or a size is symbolic."""
+    same = own["shape"][1:] == merged["shape"][1:] and own["layout"] == merged["layout"]
+    if same or None in own["shape"][1:] or None in merged["shape"][1:]:
+        return
+    chain = to_merged(tuple(own["shape"][1:]), own["layout"], tuple(merged["shape"][1:]), merged["layout"])
+    graph, inner = part.graph, f"{x}.merged"
+    for node in graph.node:
+        node.input[:] = [inner if name == x else name for name in node.input]
+    nodes, prev = [], own["name"]
+    for i, op in enumerate(chain):
+        out = inner if i == len(chain) - 1 else f"{own['name']}.adapted.{i}"
+        attrs = op.attr_dict()
+        if op.op_type == "Reshape":
+            shape = f"{CONST_PREFIX}split.shape.{i}"
+            graph.initializer.append(numpy_helper.from_array(np.array(attrs["shape"], np.int64), shape))
+            nodes.append(onnx.helper.make_node("Reshape", [prev, shape], [out], name=f"input.Reshape.{i}"))
+        else:
+            nodes.append(onnx.helper.make_node("Transpose", [prev], [out], name=f"input.Transpose.{i}",
+                                               perm=list(attrs["perm"])))
+        prev = out
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)  # topological order: the adapter first
+    dims = ["N"] + list(own["shape"][1:])
+    graph.input[0].CopyFrom(onnx.helper.make_tensor_value_info(own["name"], onnx.TensorProto.FLOAT, dims))
+
+
+def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str,
+               own_input: bool = False) -> onnx.ModelProto:
+    """Task ``task`` of a loaded merged model as a standalone, checked model (the input is not modified);
+    with ``own_input`` it reads the input its file read, where the metadata says what that was."""
     if task not in meta.tasks:
         raise OnnxZipError(f"{path}: has no task '{task}'; its tasks are {', '.join(meta.tasks)}")
     work = onnx.ModelProto()
@@ -301,6 +334,9 @@ def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str) 
     x = [i.name for i in work.graph.input if i.name != TASK_INPUT][0]
     part = onnx.utils.Extractor(work).extract_model([x], [result])
     _rename_output(part, result, meta.sources[task]["output"], path, task)
+    first = meta.sources[meta.tasks[0]]
+    if own_input and "input" in meta.sources[task] and "input" in first:
+        _own_input(part, meta.sources[task]["input"], first["input"], x)
     wanted = GATED_OUTPUT if gated else result
     part.graph.output[0].type.CopyFrom(next(o for o in work.graph.output if o.name == wanted).type)
     part.ir_version = model.ir_version
@@ -338,13 +374,14 @@ def task_part(model: onnx.ModelProto, meta: Mapping[str, str], path: str | Path,
 
 
 def split(path: str | Path, task: str, output: str | Path) -> Path:
-    """Write task ``task`` of a merged model as a standalone model with its original output name.
+    """Write task ``task`` of a merged model as a standalone model with its original output name and
+    the input its file read (the weight-free adapter to the merged input in front).
 
     The output is checked first: writable, and neither the merged model nor its external data."""
     path, output = Path(path), Path(output)
     check_outputs([Output(output, "-o")], model_reads(path, "the merged model"))
     model, _ = load_model(path)
-    save_atomically(_task_part(model, read_meta(model, path), path, task), output)
+    save_atomically(_task_part(model, read_meta(model, path), path, task, own_input=True), output)
     return output
 
 

@@ -15,7 +15,7 @@ from onnxzip.canonical import import_network
 from onnxzip.errors import OnnxZipError
 from onnxzip.format import KEY_SOURCES, meta_key
 from onnxzip.inputs import adapted, check_inputs, expected, feeder, same_data
-from onnxzip.merged import input_line, inspect
+from onnxzip.merged import input_line, inspect, split
 from onnxzip.options import MergeOptions
 
 TOL = 1e-4
@@ -110,3 +110,21 @@ def test_inspect_shows_what_each_task_reads(tmp_path):
     info = inspect(out)
     assert input_line(info.sources["b"]) == ("its file reads 'input' [N, 64] (flat); from the merged input: "
                                              "Flatten to [N, features]; it expects 2 * u - 1 of the merged input u")
+
+
+@pytest.mark.parametrize("form_a, form_b", [("image", "flat"), ("nhwc", "rank3")])
+def test_a_split_task_reads_the_input_its_file_read(tmp_path, form_a, form_b):
+    layers = B.mlp_weights(WIDTHS, 0)
+    a = B.save(_mlp(layers, form_a), tmp_path / "a.onnx")
+    b = B.save(_mlp(B.mlp_weights(WIDTHS, 3), form_b), tmp_path / "b.onnx")
+    x = _images(SAMPLES, 2)
+    out = tmp_path / "m.onnx"
+    merge([a, b], {"a": B.calib_from_array(tmp_path / "ca", _as(form_a, x)),
+                   "b": B.calib_from_array(tmp_path / "cb", _as(form_b, x))}, out,
+          MergeOptions(tasks=("a", "b"), share=0.5))
+    for task, form in (("a", form_a), ("b", form_b)):
+        part = split(out, task, tmp_path / f"{task}.onnx")
+        model = onnx.load(str(part))
+        assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == list(FORMS[form][0])
+        merged_t = B.run(out, _as(form_a, x[:8]))["ab".index(task)]
+        np.testing.assert_allclose(B.run(part, _as(form, x[:8]))[0], merged_t, rtol=TOL, atol=TOL)
