@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import OnnxZipError
-from .ir import Layer, Network, Op, Step, TensorSpec
+from .ir import CONV, Network, Op, Step, TensorSpec
 
 # Steps before the first layer that only move values (the layout prefix an adapter replaces).
 LAYOUT_OPS = ("Transpose", "Flatten", "Reshape")
@@ -61,8 +61,7 @@ def layout(net: Network) -> str:
     if rank == IMAGE_RANK and isinstance(first, Op) and first.op_type == "Transpose" and \
             tuple(first.attr_dict()["perm"]) == NHWC_TO_NCHW:
         return NHWC
-    return NCHW if rank == IMAGE_RANK and isinstance(net.layers[0], Layer) and net.layers[0].kind == "conv" \
-        else AS_STORED
+    return NCHW if rank == IMAGE_RANK and net.layers[0].kind == CONV else AS_STORED
 
 
 def _fixed(spec: TensorSpec) -> bool:
