@@ -234,9 +234,12 @@ def feeder(merged: Network, net: Network) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def input_words(nets: Sequence[Network], tasks: Sequence[str], scaled: set[str], own_data: bool) -> tuple[str, ...]:
-    """Per task, one line on what the merged input feeds it; one more when the tasks were calibrated on
-    their own folders, read differently formed inputs or not, and none declared its scaling."""
+    """Per task, one line on what the merged input feeds it, unless every task reads one form from one
+    folder unscaled; one more when the tasks were calibrated on their own folders and none declared
+    its scaling."""
     first, lines = nets[0].input, []
+    if same_form(nets) and not scaled and not own_data:
+        return ()  # one input form, one folder, no scaling: nothing the user could get wrong
     for task, net, e in zip(tasks, nets, expected(nets)):
         scale = ", scaled as its --input-scale says" if task in scaled else ""
         merged = f"'{first.name}' {_words(first.shape)}"

@@ -128,3 +128,13 @@ def test_a_split_task_reads_the_input_its_file_read(tmp_path, form_a, form_b):
         assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == list(FORMS[form][0])
         merged_t = B.run(out, _as(form_a, x[:8]))["ab".index(task)]
         np.testing.assert_allclose(B.run(part, _as(form, x[:8]))[0], merged_t, rtol=TOL, atol=TOL)
+
+
+def test_nothing_is_said_of_one_input_form_from_one_folder(tmp_path):
+    a = B.save(_mlp(B.mlp_weights(WIDTHS, 0), "image"), tmp_path / "a.onnx")
+    b = B.save(_mlp(B.mlp_weights(WIDTHS, 1), "image"), tmp_path / "b.onnx")
+    calib = B.calib_from_array(tmp_path / "c", _images(SAMPLES, 2))
+    assert merge([a, b], calib, tmp_path / "m.onnx").inputs == ()
+    both = merge([a, b], {"a": calib, "b": B.calib_from_array(tmp_path / "c2", _images(SAMPLES, 3))},
+                 tmp_path / "m2.onnx", MergeOptions(tasks=("a", "b")))
+    assert len(both.inputs) == 3 and "no --input-scale was given" in both.inputs[-1]
