@@ -24,6 +24,7 @@ import pytest
 
 import builders as B
 from hostile import CLI_TIMEOUT_S, SHAPE, Case, assert_refused, digest, make_case, temp_leftovers
+from onnxzip.scratch import LOCK_NAME
 
 # A merge slow enough (batch size 1, 2000 samples: about 8 s) to be caught in the middle by a signal.
 SLOW_SAMPLES = 2000
@@ -273,7 +274,9 @@ def _start_slow_merge(case: Case, out: Path) -> subprocess.Popen:
                              case.calib, "-o", out, "--batch-size", "1"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=case.env(), stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + CLI_TIMEOUT_S
-    while not list(case.scratch.glob("onnxzip-*")):  # the calibration cache: the zip is under way
+    # The calibration cache, once locked (a folder killed before its lock exists is taken for an
+    # orphan only after scratch.UNLOCKED_GRACE_S): the zip is under way.
+    while not any((d / LOCK_NAME).exists() for d in case.scratch.glob("onnxzip-*")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(POLL_S)
     return proc
