@@ -757,9 +757,22 @@ def _channel_steps(p: _Parse, node: onnx.NodeProto, layer: Layer, affine: _Affin
         raise p.fail(node, f"reads {channels} input channels, which do not match the {size} channels of the "
                            f"{affine.describe()}")
     s, t = np.broadcast_to(affine.s, channels), np.broadcast_to(affine.t, channels)
-    name = affine.nodes[0].name or affine.nodes[0].output[0]
-    ops = [] if (s == 1).all() else [Op("Mul", (("value", tuple(float(v) for v in s)),), name)]
-    return tuple(ops) + (Op("Add", (("value", tuple(float(v) for v in t)),), name),)
+    return _affine_ops(s, t, affine.nodes[0].name or affine.nodes[0].output[0])
+
+
+def _affine_ops(mul, add, source: str, x: str | None = None) -> tuple[Op, ...]:
+    """y = mul * x + add as a Mul and an Add step (one value, or one per channel), leaving out a part
+    that changes nothing; wired from tensor ``x`` when given (else each step reads the one before)."""
+    ops: list[Op] = []
+    for op, value, identity in (("Mul", mul, 1.0), ("Add", add, 0.0)):
+        value = np.asarray(value, np.float64)
+        if (value == identity).all():
+            continue
+        attr = tuple(float(v) for v in value.reshape(-1)) if value.size > 1 else float(value)
+        wired = {} if x is None else {"inputs": (x,), "output": f"{x}.{op.lower()}"}
+        ops.append(Op(op, (("value", attr),), source, **wired))
+        x = None if x is None else ops[-1].output
+    return tuple(ops)
 
 
 def _fold_pending(p: _Parse, node: onnx.NodeProto, layer: Layer) -> tuple[tuple[Op, ...], Layer]:
@@ -1003,15 +1016,10 @@ def _composed_affine(steps: tuple[Step, ...], explicit: list[int], scale: float,
     instead: y = (m * scale) * u + (m * offset + a), per channel where m or a is."""
     values = {steps[i].op_type: np.asarray(steps[i].attr_dict()["value"], np.float64) for i in explicit}
     m, a = values.get("Mul", np.float64(1.0)), values.get("Add", np.float64(0.0))
-    mul, add = m * scale, m * offset + a
-    as_attr = lambda v: tuple(float(x) for x in v) if v.size > 1 else float(v)
-    source = steps[explicit[0]].source
     x = steps[explicit[0]].inputs[0]
-    ops = (Op("Mul", (("value", as_attr(mul)),), source, (x,), f"{x}.mul"),
-           Op("Add", (("value", as_attr(add)),), source, (f"{x}.mul",), f"{x}.mul.add"))
-    last = explicit[-1]
-    rest = tuple(replace(s, inputs=tuple(f"{x}.mul.add" if n == steps[last].output else n for n in s.inputs))
-                 for s in steps[last + 1:])
+    ops = _affine_ops(m * scale, m * offset + a, steps[explicit[0]].source, x)
+    out, last = ops[-1].output if ops else x, steps[explicit[-1]].output
+    rest = tuple(replace(s, inputs=tuple(out if n == last else n for n in s.inputs)) for s in steps[explicit[-1] + 1:])
     return steps[:explicit[0]] + ops + rest
 
 
@@ -1019,13 +1027,8 @@ def _explicit_affine(steps: tuple[Step, ...], first: int, scale: float, offset: 
     """The scaling as two steps in front of the first layer, a zero-padded conv: folding its offset
     would make the padding read the offset instead of 0 (DESIGN.md section 5)."""
     layer = steps[first]
-    x = layer.inputs[0]
-    ops = []
-    for op, value in (("Mul", scale), ("Add", offset)):
-        if value != (1.0 if op == "Mul" else 0.0):
-            ops.append(Op(op, (("value", float(value)),), f"input.{op.lower()}", (x,), f"{x}.{op.lower()}"))
-            x = ops[-1].output
-    return steps[:first] + tuple(ops) + (replace(layer, inputs=(x,)),) + steps[first + 1:]
+    ops = _affine_ops(scale, offset, "input", layer.inputs[0])
+    return steps[:first] + ops + (replace(layer, inputs=(ops[-1].output,)),) + steps[first + 1:]
 
 
 def fold_input_affine(net: Network, scale: float, offset: float) -> Network:
