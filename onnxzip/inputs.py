@@ -160,13 +160,25 @@ def _chains(merged: Network, view: tuple[int, ...]) -> list[tuple[Op, ...]]:
 def _adapter(merged: Network, net: Network) -> tuple[Op, ...]:
     """The shortest layout chain from the merged input to what the task's first layer reads."""
     want = _view_indices(merged, net)
-    source = np.arange(want.size).reshape(merged.input.shape[1:])[None]
-    for chain in _chains(merged, want.shape):
-        got = _run_ops(chain, source)
-        if got.shape == want.shape and np.array_equal(got, want):
-            return chain
+    chain = _first_matching(_chains(merged, want.shape), merged.input.shape[1:], want)
+    if chain is not None:
+        return chain
     raise OnnxZipError(f"{net.path}: no Reshape/Transpose chain from the merged input {_words(merged.input.shape)} "
                        f"gives what its first layer reads {_words(want.shape)}")
+
+
+def _first_matching(chains, source_dims, want: np.ndarray) -> tuple[Op, ...] | None:
+    """The first chain that, run on an input of non-batch shape ``source_dims``, puts in every place the
+    element ``want`` names (index arrays, batch axis first); None when none does."""
+    source = np.arange(want.size).reshape(tuple(source_dims))[None]
+    for chain in chains:
+        try:
+            got = _run_ops(chain, source)
+        except ValueError:  # a chain that does not apply to this shape
+            continue
+        if got.shape == want.shape and np.array_equal(got, want):
+            return chain
+    return None
 
 
 def _rewired(net: Network, chain: tuple[Op, ...], spec: TensorSpec) -> tuple[Step, ...]:
@@ -261,16 +273,12 @@ def to_merged(own: tuple[int, ...], own_layout: str, merged: tuple[int, ...], me
     want = np.empty_like(order_m)
     want[order_m] = order_own  # merged flat index -> the task's flat index of the same canonical position
     want = want.reshape((1,) + merged)
-    source = np.arange(want.size).reshape((1,) + own)
     to_shape = Op("Reshape", (("shape", (0,) + merged),))
     nchw, nhwc = Op("Transpose", (("perm", NHWC_TO_NCHW),)), Op("Transpose", (("perm", NCHW_TO_NHWC),))
     channels_first = Op("Reshape", (("shape", (0,) + tuple(c_merged)),))
-    for chain in ((), (to_shape,), (nchw,), (nchw, to_shape), (channels_first, nhwc), (nchw, channels_first, nhwc)):
-        try:
-            got = _run_ops(chain, source)
-        except ValueError:  # a chain that does not apply to this shape
-            continue
-        if got.shape == want.shape and np.array_equal(got, want):
-            return chain
+    chains = ((), (to_shape,), (nchw,), (nchw, to_shape), (channels_first, nhwc), (nchw, channels_first, nhwc))
+    chain = _first_matching(chains, own, want)
+    if chain is not None:
+        return chain
     raise OnnxZipError(f"no Reshape/Transpose chain turns an input {list(own)} ({own_layout}) into the merged "
                        f"input {list(merged)} ({merged_layout})")
