@@ -68,9 +68,9 @@ def align(nets: Sequence[Network]) -> Alignment:
     if len(nets) < 2:
         raise OnnxZipError(f"got {len(nets)} model; zipping needs at least two models")
     check_inputs(nets)
-    for net in nets:
-        input_reps(net)  # each model's own geometry first: a broken model is refused as itself
-    found = [_aligned(nets[0], net) for net in nets[1:]]  # each added model aligns as far as it can
+    # each model's own geometry first, once: a broken model is refused as itself
+    geometry = [_Geometry(net, unit_spaces(net), input_reps(net)) for net in nets]
+    found = [_aligned(geometry[0], g) for g in geometry[1:]]  # each added model aligns as far as it can
     for depth, stop in found:
         if depth == 0:
             raise OnnxZipError(f"{stop}; the first layers must align to share anything")
@@ -78,16 +78,26 @@ def align(nets: Sequence[Network]) -> Alignment:
     return Alignment((max(depths), *depths), ("", *(s for _, s in found)))
 
 
-def _aligned(a: Network, b: Network) -> tuple[int, str]:
+@dataclass(frozen=True)
+class _Geometry:
+    """A network with its unit spaces and input features per unit (input_reps), computed once."""
+
+    net: Network
+    spaces: Spaces
+    reps: list[int]
+
+
+def _aligned(ga: _Geometry, gb: _Geometry) -> tuple[int, str]:
     """The number of leading hidden layers of b that align with a's, and why the next one does not."""
+    a, b = ga.net, gb.net
     last = min(len(a.layers), len(b.layers)) - 1  # heads are never shared
     depth, stop = last, _head_words(a, b, last)
     for k in range(last):
-        why = _differs(a, b, k)
+        why = _differs(ga, gb, k)
         if why:
             depth, stop = k, why
             break
-    return _before_streams(a, b, depth, stop)
+    return _before_streams((ga, gb), depth, stop)
 
 
 def _head_words(a: Network, b: Network, k: int) -> str:
@@ -98,12 +108,12 @@ def _head_words(a: Network, b: Network, k: int) -> str:
            f"{max(len(a.layers), len(b.layers))}), which is never shared"
 
 
-def _differs(a: Network, b: Network, k: int) -> str:
+def _differs(ga: _Geometry, gb: _Geometry, k: int) -> str:
     """Why layer k of b cannot share units with layer k of a ('' when it can)."""
+    a, b, sa, sb = ga.net, gb.net, ga.spaces, gb.spaces
     la, lb = a.layers[k], b.layers[k]
     if la.kind != lb.kind:
         return f"{b.path}: layer {lb.describe()} is {lb.kind}, but {a.path}'s {la.describe()} is {la.kind}"
-    sa, sb = unit_spaces(a), unit_spaces(b)
     if sa.reads[k] != sb.reads[k]:
         return (f"{b.path}: layer {lb.describe()} reads {_space_words(b, sb.reads[k])}, but {a.path}'s "
                 f"{la.describe()} reads {_space_words(a, sa.reads[k])}; the models are wired differently")
@@ -115,25 +125,24 @@ def _differs(a: Network, b: Network, k: int) -> str:
     if la.kernel != lb.kernel:
         return (f"{b.path}: layer {lb.describe()} has kernel {list(lb.kernel)}, but {a.path}'s {la.describe()} "
                 f"has {list(la.kernel)}")
-    ra, rb = input_reps(a)[k], input_reps(b)[k]
+    ra, rb = ga.reps[k], gb.reps[k]
     if ra != rb:
         return (f"{b.path}: layer {lb.describe()} sees {rb} features per input unit, {a.path}'s {la.describe()} "
                 f"sees {ra} (different spatial sizes)")
     return ""
 
 
-def _before_streams(a: Network, b: Network, depth: int, stop: str) -> tuple[int, str]:
+def _before_streams(pair: tuple[_Geometry, _Geometry], depth: int, stop: str) -> tuple[int, str]:
     """The aligned depth cut back to before any unit space that a layer past it still adds into
     (a residual stream is paired once for all its writers, so it is shared whole or not at all)."""
-    for net in (a, b):
-        spaces = unit_spaces(net)
+    for net, spaces in ((g.net, g.spaces) for g in pair):
         late = [s for k, s in enumerate(spaces.space) if k >= depth and s < depth]
         if late:
             s = min(late)
             writer = next(k for k in spaces.writers(s) if k >= depth)
             stop = (f"{stop}; {net.path}'s layer {net.layers[writer].describe()} adds into the units of "
                     f"{net.layers[s].describe()}, so that residual stream cannot be shared either")
-            return _before_streams(a, b, s, stop)
+            return _before_streams(pair, s, stop)
     return depth, stop
 
 
