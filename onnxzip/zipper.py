@@ -349,6 +349,12 @@ class _Pass:
     progress: ProgressFn = no_progress  # set by run()
     label: str = ""  # the pass's prefix of progress labels, set by run()
 
+    @cached_property
+    def slots(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Per layer index of the deepest task: name, kind and each task's units (align.slots; the
+        topology never changes during a pass)."""
+        return slots([t.original for t in self.tasks])
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.opts.tasks)
@@ -501,7 +507,7 @@ class _Pass:
             with self.timer("tie"):
                 for t, W, W0, acc in zip(w.members, w.weights, w.before, w.accs):
                     errors[t] = relative_error(W - W0, acc)
-            name, kind, widths = slots([task.original for task in self.tasks])[w.k]
+            _, kind, widths = self.slots[w.k]
             plans.append(LayerPlan(self.tasks[0].original.layers[w.k].name, kind, widths, shared, cost, tuple(errors),
                                    corrected=w.corrected, note=w.note))
             w.accs.clear()  # the moments (a Gram or rows each) are not needed any more
@@ -515,7 +521,7 @@ class _Pass:
 
     def partial_plan(self) -> SharingPlan:
         """The plan so far: layers not tied yet share nothing."""
-        rest = unshared_plan(self.names, slots([t.original for t in self.tasks])).layers
+        rest = unshared_plan(self.names, self.slots).layers
         return SharingPlan(self.names, tuple(self.plan_layers.get(k, lp) for k, lp in enumerate(rest)))
 
     def own_layer(self, t: int, k: int, acc: MomentAccumulator) -> tuple[float, bool, str]:
@@ -539,7 +545,7 @@ class _Pass:
     def own_layers(self, n_batches: Sequence[int], progress: ProgressFn, label: str) -> None:
         """Calibrate and correct, task by task, every layer past each task's aligned ones (heads included);
         a layer index that other tasks share keeps their plan, with these tasks' figures added."""
-        slot_list = slots([t.original for t in self.tasks])
+        slot_list = self.slots
         for k in range(min(self.depths), len(slot_list)):
             name, kind, units = slot_list[k]
             have = [t for t, task in enumerate(self.tasks) if self.depths[t] <= k < len(task.original.layers)]
