@@ -79,6 +79,8 @@ MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this (258-byte 
 
 MAX_LISTED_NAMES = 10
 
+# What reading an array file can raise on a corrupt or hostile file; zipfile raises
+# NotImplementedError for compression methods it does not know (a complete, deliberate list).
 READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, NotImplementedError)
 # What numpy's header parser (ast.literal_eval, and tokenize for Python 2 headers) can raise.
 HEADER_ERRORS = (ValueError, TypeError, OverflowError, SyntaxError, tokenize.TokenError, RecursionError, EOFError)
