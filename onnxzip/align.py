@@ -97,7 +97,29 @@ def _aligned(ga: _Geometry, gb: _Geometry) -> tuple[int, str]:
         if why:
             depth, stop = k, why
             break
+        why, space = _channel_ops_differ(ga, gb, k)
+        if why:  # the space those ops lie in cannot be shared
+            depth, stop = space, why
+            break
     return _before_streams((ga, gb), depth, stop)
+
+
+def _channel_op_form(g: _Geometry, i: int) -> tuple:
+    op = g.net.steps[i]
+    return op.op_type, op.attrs, tuple(p.shape for p in op.params), dict(g.spaces.ops)[i]
+
+
+def _channel_ops_differ(ga: _Geometry, gb: _Geometry, k: int) -> tuple[str, int]:
+    """Why the channel ops after layer k of b do not match a's (type, attributes, kernel, space), with
+    the first space involved; ('', 0) when they match."""
+    a, b = ga.net.segment_ops()[k], gb.net.segment_ops()[k]
+    fa, fb = [_channel_op_form(ga, i) for i in a], [_channel_op_form(gb, i) for i in b]
+    if fa == fb:
+        return "", 0
+    spaces = [f[3] for f in fa + fb]
+    words = lambda g, ops: ", ".join(g.net.steps[i].describe() for i in ops) or "none"
+    return (f"{gb.net.path}: the depthwise convolutions and PRelus after layer {gb.net.layers[k].describe()} "
+            f"({words(gb, b)}) differ from {ga.net.path}'s ({words(ga, a)})"), min(spaces)
 
 
 def _head_words(a: Network, b: Network, k: int) -> str:
@@ -154,7 +176,7 @@ def _space_words(net: Network, parts: tuple[int, ...]) -> str:
 def aligned_spaces(net: Network, depth: int) -> Spaces:
     """The unit spaces of the first ``depth`` layers (the aligned ones, which may share)."""
     spaces = unit_spaces(net)
-    return Spaces(spaces.space[:depth], spaces.reads[:depth])
+    return Spaces(spaces.space[:depth], spaces.reads[:depth], tuple((i, s) for i, s in spaces.ops if s < depth))
 
 
 def slots(nets: Sequence[Network]) -> list[tuple[str, str, tuple[int, ...]]]:

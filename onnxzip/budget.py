@@ -133,7 +133,8 @@ def layer_counts(net: Network, counts: Sequence[int]) -> list[int]:
 
 
 def params_saved(net: Network, counts: Sequence[int], n_tasks: int) -> list[int]:
-    """Per layer, the parameters a merge saves by storing each shared block once instead of once per task.
+    """Per layer, the parameters a merge saves by storing each shared block once instead of once per task
+    (a space's channel ops counted with its first writer).
 
     ``counts`` are the shared units per layer (as a plan has them, see layer_counts).
     """
@@ -142,6 +143,10 @@ def params_saved(net: Network, counts: Sequence[int], n_tasks: int) -> list[int]
         parts = spaces.reads[k]
         shared_in = net.layers[0].in_features if parts == (INPUT,) else sum(counts[s] for s in parts) * reps[k]
         saved.append((n_tasks - 1) * count * (shared_in + 1))
+    for i, s in spaces.ops:  # a channel op's shared channels: stored once, counted with the space's first writer
+        if s < len(counts):
+            op = net.steps[i]
+            saved[s] += (n_tasks - 1) * counts[s] * sum(p.size // op.channels for p in op.params)
     return saved
 
 

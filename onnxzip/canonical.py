@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .errors import OnnxZipError
-from .ir import CONV, FC, Layer, Network, Op, Step, TensorSpec
+from .ir import CONV, DEPTHWISE, FC, PRELU, Layer, Network, Op, Step, TensorSpec
 from .fold import fold_constants
 from .load import file_sha256, load
 from .save import EXTERNAL_DATA_ABOVE
@@ -48,6 +48,8 @@ JOIN_OPS = ("Add", "Mul")
 HEAD_OPS = ("Softmax", "LogSoftmax")
 DROPPED_OPS = ("Identity", "Dropout")
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# Names of the channel ops (ir.CHANNEL_OPS) as layers are named: dw1, dw2, ..., prelu1, ...
+DEPTHWISE_NAME, PRELU_NAME = "dw", "prelu"
 # Ops allowed off the data path, only to compute the target shape of a flattening Reshape.
 SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "Slice", "Cast",
              "Mul", "Div", "ReduceProd", "ConstantOfShape", "Identity")
@@ -77,7 +79,8 @@ FLATTENING_OPS = ("Flatten", "Reshape", "Squeeze")
 POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
               "strides", "count_include_pad")
 BN_EPSILON = 1e-5  # BatchNormalization's default epsilon
-SUPPORTED_SUMMARY = ("Conv, Gemm, MatMul(+Add) (also on [batch, 1, ..., features]), BatchNormalization, "
+SUPPORTED_SUMMARY = ("Conv (also depthwise: group = channels), Gemm, MatMul(+Add) (also on [batch, 1, ..., features]), "
+                     "BatchNormalization, PRelu, "
                      + ", ".join(UNIT_WISE_OPS)
                      + ", ReduceMean over the spatial axes (global average pool), Reshape/Squeeze (flattening), "
                      "Identity, Dropout, Add or Mul of two tensors (residual, SiLU, SE gate), Concat of channels, "
@@ -240,19 +243,52 @@ def _conv_pads(p: _Parse, node: onnx.NodeProto, attrs: dict, kernel: tuple, x_sh
     return tuple(begin + end), strides, dil
 
 
-def _parse_conv(p: _Parse, node: onnx.NodeProto) -> Layer:
+def _is_depthwise(p: _Parse, node: onnx.NodeProto) -> bool:
+    """True for a depthwise Conv (group = channels, one kernel per channel); refuses other grouped convolutions."""
+    group = int(_attrs(node).get("group", 1))
+    if group == 1:
+        return False
+    W = p.const(node, node.input[1], "weight")
+    if W.ndim == 4 and W.shape[1] == 1 and W.shape[0] == group:
+        return True
+    raise p.fail(node, f"is a grouped convolution (group={group}, weight {list(W.shape)}); only group=1 and "
+                       "depthwise convolutions (group = channels, one kernel per channel) are supported")
+
+
+def _parse_conv(p: _Parse, node: onnx.NodeProto, depthwise: bool = False) -> Layer:
     attrs = _attrs(node)
-    if attrs.get("group", 1) != 1:
-        raise p.fail(node, f"is a grouped convolution (group={attrs['group']}); only group=1 is supported")
     W = p.const(node, node.input[1], "weight").astype(np.float32)
     if W.ndim != 4:
         raise p.fail(node, f"is a {W.ndim - 2}-D convolution; only 2-D convolutions are supported")
     b = (p.const(node, node.input[2], "bias") if len(node.input) > 2 and node.input[2]
          else np.zeros(W.shape[0], np.float32))
     pads, strides, dil = _conv_pads(p, node, attrs, W.shape[2:], p.shapes.get(node.input[0], ()))
-    p.counts[CONV] += 1
-    return Layer(f"conv{p.counts[CONV]}", CONV, W, b.astype(np.float32).reshape(-1), node.name,
+    kind = DEPTHWISE_NAME if depthwise else CONV
+    p.counts[kind] += 1
+    return Layer(f"{kind}{p.counts[kind]}", CONV, W, b.astype(np.float32).reshape(-1), node.name,
                  strides=strides, pads=pads, dilations=dil)
+
+
+def _depthwise_op(layer: Layer) -> Op:
+    """A parsed depthwise conv (BatchNorms after it folded in) as the channel op it is (ir.CHANNEL_OPS)."""
+    attrs = (("dilations", layer.dilations), ("pads", layer.pads), ("strides", layer.strides))
+    return Op(DEPTHWISE, attrs, layer.source, layer.inputs, layer.output, layer.name, (layer.W, layer.b))
+
+
+def _parse_prelu(p: _Parse, node: onnx.NodeProto, raw: str) -> Op:
+    """A PRelu after a layer: its slope as one value per channel (a channel op, ir.CHANNEL_OPS)."""
+    if not p.has_layer():
+        raise p.fail(node, "comes before the first layer; a PRelu is only supported after a layer")
+    shape = p.shapes.get(raw)
+    slope = _channel_vector(p, node, p.const(node, node.input[1], "slope"), shape)
+    axis = _unit_axis(shape)
+    if axis != 1:
+        raise p.fail(node, f"reads a tensor of shape {list(shape) if shape else 'unknown'}; a PRelu needs its "
+                           "channels on axis 1 of a known shape")
+    channels = int(shape[1])
+    p.counts[PRELU_NAME] += 1
+    slope = np.broadcast_to(slope, (channels,)).astype(np.float32).copy()
+    return Op(PRELU, (("rank", len(shape)),), node.name, name=f"{PRELU_NAME}{p.counts[PRELU_NAME]}", params=(slope,))
 
 
 def _parse_fc(p: _Parse, node: onnx.NodeProto) -> Layer:
@@ -749,10 +785,10 @@ def _with_input_affine(p: _Parse, node: onnx.NodeProto, layer: Layer, affine: _A
     return replace(layer, W=(W * s.reshape(shape)).astype(np.float32), b=b.astype(np.float32))
 
 
-def _channel_steps(p: _Parse, node: onnx.NodeProto, layer: Layer, affine: _Affine) -> tuple[Op, ...]:
-    """The affine as per-channel Mul and Add steps in front of a zero-padded conv: folding its offset
-    would make the padding read the offset instead of 0 (DESIGN.md section 5)."""
-    size, channels = affine.s.size, layer.W.shape[1]
+def _channel_steps(p: _Parse, node: onnx.NodeProto, channels: int, affine: _Affine) -> tuple[Op, ...]:
+    """The affine as per-channel Mul and Add steps in front of a zero-padded conv reading ``channels``:
+    folding its offset would make the padding read the offset instead of 0 (DESIGN.md section 5)."""
+    size = affine.s.size
     if size not in (1, channels):
         raise p.fail(node, f"reads {channels} input channels, which do not match the {size} channels of the "
                            f"{affine.describe()}")
@@ -775,7 +811,21 @@ def _affine_ops(mul, add, source: str, x: str | None = None) -> tuple[Op, ...]:
     return tuple(ops)
 
 
-def _fold_pending(p: _Parse, node: onnx.NodeProto, layer: Layer) -> tuple[tuple[Op, ...], Layer]:
+def _with_depthwise_input_affine(p: _Parse, node: onnx.NodeProto, layer: Layer, affine: _Affine) -> Layer:
+    """A depthwise conv reading x where it read s * x + t per channel: channel c's kernel times s[c],
+    its bias plus t[c] times the kernel's sum (exact without zero padding)."""
+    channels = layer.out_units
+    if affine.s.size not in (1, channels):
+        raise p.fail(node, f"reads {channels} channels, which do not match the {affine.s.size} channels of the "
+                           f"{affine.describe()}")
+    s, t = np.broadcast_to(affine.s, channels), np.broadcast_to(affine.t, channels)
+    W = layer.W.astype(np.float64)
+    b = layer.b.astype(np.float64) + t * W.reshape(channels, -1).sum(axis=1)
+    return replace(layer, W=(W * s.reshape(-1, 1, 1, 1)).astype(np.float32), b=b.astype(np.float32))
+
+
+def _fold_pending(p: _Parse, node: onnx.NodeProto, layer: Layer, depthwise: bool = False
+                  ) -> tuple[tuple[Op, ...], Layer]:
     """The layer with the pending per-channel affine it reads (if any) folded into its weights, or,
     in front of a zero-padded conv where its offset cannot fold, as steps before the layer."""
     affine = _pending_of(p, node.input[0])
@@ -783,17 +833,26 @@ def _fold_pending(p: _Parse, node: onnx.NodeProto, layer: Layer) -> tuple[tuple[
         return (), layer
     p.pending = [a for a in p.pending if a is not affine]
     if layer.kind == CONV and any(layer.pads) and (affine.t != 0).any():
-        return _channel_steps(p, node, layer, affine), layer
+        channels = layer.out_units if depthwise else layer.W.shape[1]
+        return _channel_steps(p, node, channels, affine), layer
+    if depthwise:
+        return (), _with_depthwise_input_affine(p, node, layer, affine)
     return (), _with_input_affine(p, node, layer, affine)
 
 
-def _layer_step(p: _Parse, node: onnx.NodeProto) -> tuple[tuple[Op, ...], Layer]:
+def _layer_step(p: _Parse, node: onnx.NodeProto) -> tuple[tuple[Op, ...], Layer | Op]:
     """A Conv, Gemm or MatMul with the affine before it and the bias Adds and BatchNorms after it folded
-    in; with the steps of an affine that could not be folded, which come before it."""
-    layer = _parse_conv(p, node) if node.op_type == "Conv" else _with_nhwc_columns(p, node, _parse_fc(p, node))
-    before, layer = _fold_pending(p, node, layer)
+    in; with the steps of an affine that could not be folded, which come before it. A depthwise Conv
+    comes back as a channel op."""
+    depthwise = node.op_type == "Conv" and _is_depthwise(p, node)
+    if depthwise and not p.has_layer():
+        raise p.fail(node, "is a depthwise convolution before the first layer, which is not supported")
+    layer = _parse_conv(p, node, depthwise) if node.op_type == "Conv" else \
+        _with_nhwc_columns(p, node, _parse_fc(p, node))
+    before, layer = _fold_pending(p, node, layer, depthwise)
     layer, tensor = _absorb_followers(p, layer, node.output[0])
-    return before, replace(layer, output=tensor)
+    layer = replace(layer, output=tensor)
+    return before, _depthwise_op(layer) if depthwise else layer
 
 
 def _canonical_rank(p: _Parse, tensor: str) -> int | None:
@@ -886,6 +945,8 @@ def _data_step(p: _Parse, node: onnx.NodeProto, raw: str, output: str) -> Step |
         return _parse_reduce_mean(p, node)
     if op in UNIT_WISE_OPS:
         return _parse_unit_op(p, node)
+    if op == PRELU:
+        return _parse_prelu(p, node, raw)
     if op in HEAD_OPS and node.output[0] == output:
         last = p.steps[-1] if p.steps else None
         if not isinstance(last, Layer) or last.output != raw:
@@ -902,7 +963,8 @@ def _node_step(p: _Parse, node: onnx.NodeProto, raw: list[str], data: list[str],
         if node.input[0] != raw[0] or len(raw) > 1:
             raise p.fail(node, "computes its weight from the input; only constant weights are supported")
         before, layer = _layer_step(p, node)
-        if layer.kind == FC and _canonical_rank(p, data[0]) not in (None, FC_RANK):  # a MatMul on [N, 1, F]
+        if isinstance(layer, Layer) and layer.kind == FC and \
+                _canonical_rank(p, data[0]) not in (None, FC_RANK):  # a MatMul on [N, 1, F]
             return Op("Flatten", (("axis", 1),), node.name), layer
         return before + (layer,) if before else layer
     if node.op_type == "Concat" and p.has_layer():
@@ -917,7 +979,7 @@ def _append(p: _Parse, node: onnx.NodeProto, step: Step | tuple[Step, ...], data
     parts = step if isinstance(step, tuple) else (step,)
     out = data[0]
     for i, part in enumerate(parts):
-        if isinstance(part, Layer):
+        if isinstance(part, Layer) or part.is_channel_op and part.output:  # its output: after the folded followers
             out = part.output
             p.steps.append(replace(part, inputs=(data[0],)))
         else:

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from .format import (CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
                      TASK_INPUT, TASK_ONE_DIM, TASK_OUT_OF_RANGE, TASK_PROBE, TASK_REST, task_index_name)
 from .inputs import adapted
-from .ir import CONV, Layer, Network, Op, unit_features
+from .ir import CONV, DEPTHWISE, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
 from .save import EXTERNAL_DATA_ABOVE
 from .spaces import INPUT, Spaces, read_width, unit_spaces
@@ -64,6 +64,14 @@ class _Builder:
         elif known.shape != value.shape or not np.array_equal(known, value):
             raise ValueError(f"internal error: tied block '{name}' differs between tasks")
         return name
+
+    def group_const(self, name: str, value: np.ndarray, task: int) -> str:
+        """A unit group's constant stored once for the tasks that have equal values (a shared channel op's
+        merged parameters); a task whose values differ (an op past its aligned layers) gets its own."""
+        known = self.consts.get(name)
+        if known is not None and (known.shape != value.shape or not np.array_equal(known, value)):
+            name = f"{name}.{self.plan.tasks[task]}"
+        return self.const(name, value)
 
     def node(self, op: str, inputs: Sequence[str], attrs: dict, base: str, task: int) -> str:
         key = (op, tuple(inputs), repr(sorted(attrs.items())))
@@ -231,7 +239,25 @@ def _op_inputs(b: _Builder, op: Op) -> tuple[list[str], dict]:
     return [], {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
 
 
+def _channel_op_node(b: _Builder, op: Op, g: _Group, task: int) -> str:
+    """A channel op (depthwise Conv, PRelu) over one unit group, with that group's parameters: stored
+    once per group, so a shared group's (merged, equal in every task) are stored and run once."""
+    units = np.arange(op.channels) if g.units is None else g.units
+    base = f"{op.name}.{b.plan.group_name(g.owners)}"
+    if op.op_type == DEPTHWISE:
+        W = b.group_const(f"{base}.W", op.params[0][units], task)
+        bias = b.group_const(f"{base}.B", op.params[1][units], task)
+        a = op.attr_dict()
+        attrs = {"group": len(units), "kernel_shape": list(op.params[0].shape[2:]), "strides": list(a["strides"]),
+                 "pads": list(a["pads"]), "dilations": list(a["dilations"])}
+        return b.node("Conv", [g.tensor, W, bias], attrs, f"{base}.Conv", task)
+    slope = op.params[0][units].reshape((-1,) + (1,) * (op.attr_dict()["rank"] - 2))
+    return b.node(op.op_type, [g.tensor, b.group_const(f"{base}.slope", slope, task)], {}, f"{base}.{op.op_type}", task)
+
+
 def _emit_op(b: _Builder, op: Op, where: str, groups: list[_Group], task: int) -> list[_Group]:
+    if op.is_channel_op:
+        return [_Group(g.owners, _channel_op_node(b, op, g, task), g.units) for g in groups]
     if op.op_type in ("Mul", "Add") and np.size(op.attr_dict()["value"]) > 1:
         return [_Group(g.owners, b.node(op.op_type, [g.tensor, _channel_operand(b, op, where, g, task)], {},
                                         f"{where}.{b.plan.group_name(g.owners)}.{op.op_type}", task), g.units)
@@ -293,8 +319,10 @@ def _emit_task(b: _Builder, net: Network, task: int, x: str, start: int = 0, sto
            for name in net.live(start)} if start else {net.input.name: [_Group(all_tasks, x, None)]}
     k = sum(1 for s in net.steps[:start] if isinstance(s, Layer))
     where, found = (net.layers[k - 1].name if k else "input"), {}
-    for step, (inputs, output) in zip(net.steps[start:stop], wiring[start:stop]):
+    for i, step, (inputs, output) in zip(range(start, stop), net.steps[start:stop], wiring[start:stop]):
         groups = [env[name] for name in inputs]
+        if ("in", i) in taps:  # a channel op's input
+            found[("in", i)] = [g.tensor for g in groups[0]]
         if isinstance(step, Layer):
             env[output] = _emit_layer(b, step, k, groups[0], _layer_rep(net, k, spaces, groups[0]), task)
             if ("pre", k) in taps:
@@ -417,7 +445,8 @@ def target_opset(nets: Sequence[Network]) -> int:
 def task_model(net: Network, start: int = 0, stop: int | None = None,
                taps: Sequence[tuple[str, int]] = (), opset: int | None = None,
                carry: bool = False) -> onnx.ModelProto:
-    """A single task's model over steps [start, stop), exposing ``taps`` (("pre", layer)) as outputs.
+    """A single task's model over steps [start, stop), exposing ``taps`` as outputs: ("pre", layer) a
+    layer's pre-activation, ("in", step) the input of a step (a channel op's).
 
     With start=0 and no stop this is the task's whole (tied) model with its own output. A segment
     that starts later takes the tensors live at its start (Network.live) as inputs named

@@ -9,7 +9,7 @@ names none reads the step before it (or the input) and writes a tensor of its ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 import numpy as np
@@ -73,19 +73,43 @@ class Layer:
         return replace(self, W=W, b=np.ascontiguousarray(b, dtype=self.b.dtype))
 
 
+# Unit-wise ops with parameters of their own per channel (DESIGN.md section 6): a depthwise Conv
+# (group = channels; params: kernel [C, 1, kh, kw] and bias [C]) and a PRelu (params: slope [C]).
+DEPTHWISE, PRELU = "Conv", "PRelu"
+CHANNEL_OPS = (DEPTHWISE, PRELU)
+
+
 @dataclass(frozen=True)
 class Op:
-    """A unit-wise op between layers (Relu, MaxPool, Flatten, ...) or the head's Softmax."""
+    """A unit-wise op between layers (Relu, MaxPool, Flatten, ...) or the head's Softmax.
+
+    A channel op (CHANNEL_OPS) also has a ``name`` (like a layer's: 'dw1', 'prelu1') and its
+    per-channel ``params``; its output units are its input units, so it lies in the unit space it reads.
+    """
 
     op_type: str
     attrs: tuple[tuple[str, Any], ...] = ()
     source: str = ""
     inputs: tuple[str, ...] = ()
     output: str = ""
+    name: str = ""
+    params: tuple[np.ndarray, ...] = field(default=(), compare=False)
 
     def describe(self) -> str:
         """How messages name the op: its node's name and type, or its type where the node is unnamed."""
+        if self.name:
+            return f"'{self.name}'" + (f" (node '{self.source}')" if self.source and self.source != self.name else "")
         return f"'{self.source}' ({self.op_type})" if self.source else f"an unnamed {self.op_type} node"
+
+    @property
+    def is_channel_op(self) -> bool:
+        """True for a unit-wise op with per-channel parameters (a depthwise Conv, a PRelu)."""
+        return bool(self.params)
+
+    @property
+    def channels(self) -> int:
+        """Channels of a channel op (the length of its parameters' first axis)."""
+        return int(self.params[0].shape[0])
 
     def attr_dict(self) -> dict[str, Any]:
         """The attributes as a dict."""
@@ -171,9 +195,33 @@ class Network:
         return tuple(s for s in self.steps if isinstance(s, Layer))
 
     @property
+    def channel_ops(self) -> tuple[tuple[int, Op], ...]:
+        """(step index, op) of every channel op (depthwise Conv, PRelu), in order."""
+        return tuple((i, s) for i, s in enumerate(self.steps) if isinstance(s, Op) and s.is_channel_op)
+
+    @property
     def params(self) -> int:
-        """Weights and biases of the layers (after canonicalisation: BatchNorm folded)."""
-        return int(sum(l.W.size + l.b.size for l in self.layers))
+        """Weights and biases of the layers and channel ops (after canonicalisation: BatchNorm folded)."""
+        return int(sum(l.W.size + l.b.size for l in self.layers)
+                   + sum(p.size for _, op in self.channel_ops for p in op.params))
+
+    def segment_ops(self) -> tuple[tuple[int, ...], ...]:
+        """Per layer k, the step indices of the channel ops between it and the next layer (or the end),
+        in order: where task networks of one alignment have the same channel ops (align checks it)."""
+        out: list[list[int]] = [[] for _ in self.layer_steps]
+        k = -1
+        for i, step in enumerate(self.steps):
+            if isinstance(step, Layer):
+                k += 1
+            elif step.is_channel_op and k >= 0:
+                out[k].append(i)
+        return tuple(tuple(o) for o in out)
+
+    def with_step(self, index: int, step: Step) -> "Network":
+        """A copy with step number ``index`` replaced."""
+        steps = list(self.steps)
+        steps[index] = step
+        return replace(self, steps=tuple(steps))
 
     def with_layer(self, index: int, layer: Layer) -> "Network":
         """A copy with layer number ``index`` (among layers) replaced."""

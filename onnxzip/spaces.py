@@ -29,11 +29,17 @@ class Spaces:
     """Per layer: the space it writes (its first writer's index) and the spaces it reads, in channel order.
 
     ``reads[k]`` is (INPUT,) for a layer reading the model input, (s,) for one reading space s and
-    (s1, s2, ...) for one reading a Concat of their units.
+    (s1, s2, ...) for one reading a Concat of their units. ``ops`` lists each channel op (a depthwise
+    Conv, a PRelu: unit-wise, so it lies in the space it reads) as (step index, space).
     """
 
     space: tuple[int, ...]
     reads: tuple[tuple[int, ...], ...]
+    ops: tuple[tuple[int, int], ...] = ()
+
+    def ops_in(self, s: int) -> tuple[int, ...]:
+        """The step indices of the channel ops in space s, in order."""
+        return tuple(i for i, space in self.ops if space == s)
 
     def writers(self, s: int) -> tuple[int, ...]:
         """The layers that write into space s, in order."""
@@ -99,9 +105,11 @@ def unit_spaces(net: Network) -> Spaces:
     """The unit spaces of a canonical network; refuses joins of the input and an Add after a Concat."""
     of_tensor: dict[str, tuple[int, ...]] = {net.input.name: (INPUT,)}
     parent: dict[int, int] = {INPUT: INPUT}
-    writes, reads, k = [], [], 0
-    for step, (inputs, output) in zip(net.steps, net.wiring()):
+    writes, reads, ops, k = [], [], [], 0
+    for i, (step, (inputs, output)) in enumerate(zip(net.steps, net.wiring())):
         parts = [tuple(_find(parent, s) for s in of_tensor[name]) for name in inputs]
+        if isinstance(step, Op) and step.is_channel_op:
+            ops.append((i, _channel_op_space(net, step, parts[0])))
         if isinstance(step, Layer):
             reads.append(parts[0])
             parent[k] = k
@@ -119,4 +127,18 @@ def unit_spaces(net: Network) -> Spaces:
         else:
             of_tensor[output] = parts[0]
     space = tuple(_find(parent, w) for w in writes)
-    return Spaces(space, tuple(tuple(_find(parent, s) for s in p) for p in reads))
+    return Spaces(space, tuple(tuple(_find(parent, s) for s in p) for p in reads),
+                  tuple((i, _find(parent, s)) for i, s in ops))
+
+
+def _channel_op_space(net: Network, op: Op, parts: tuple[int, ...]) -> int:
+    """The space a channel op reads; refuses one after a Concat or on the input, or of another width."""
+    if len(parts) != 1 or parts[0] == INPUT:
+        raise OnnxZipError(f"{net.path}: {op.describe()} reads {'a Concat of branches' if len(parts) > 1 else 'the input'}"
+                           f"; a {'depthwise Conv' if op.op_type == 'Conv' else op.op_type} is only supported on the "
+                           "output of one layer or of a residual join")
+    units = net.layers[parts[0]].out_units
+    if op.channels != units:
+        raise OnnxZipError(f"{net.path}: {op.describe()} has {op.channels} channels but reads the {units} units of "
+                           f"{net.layers[parts[0]].describe()}")
+    return parts[0]

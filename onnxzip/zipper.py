@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .align import align, aligned_spaces, input_reps, slots
+from .channels import ChannelMoments, ChannelTerm, merged as merged_channels, vectors, with_vectors
 from .correct import refit_update, relative_error, with_bias_column
 from .correlate import correlation_costs
 from .cost import PairMetric, matched_costs
@@ -137,8 +138,9 @@ def _runner(net: Network, start: int, stop: int | None, taps, providers):
     return run
 
 
-def _sources(task: _Task, k: int, n_layers: int, providers):
-    """Runners and batch source of layer k's calibration pass: (tied, original, batches).
+def _sources(task: _Task, k: int, n_layers: int, providers, channel_ops: Sequence[int] = ()):
+    """Runners and batch source of layer k's calibration pass: (tied, original, batches); the original
+    also outputs the inputs of the channel ops at steps ``channel_ops``.
 
     Each task caches, batch by batch, the tensors live at layer k's step (Network.live: in a
     chain the layer's input, in a residual network also the streams read later), in the tied
@@ -148,7 +150,7 @@ def _sources(task: _Task, k: int, n_layers: int, providers):
     """
     ls = task.original.layer_steps
     stop = ls[k + 1] if k + 1 < n_layers else None
-    run_orig = _runner(task.original, ls[k], stop, [("pre", k)], providers)
+    run_orig = _runner(task.original, ls[k], stop, [("pre", k)] + [("in", i) for i in channel_ops], providers)
     inputs = ([x] for x in task.batches())
     if k == 0:
         return _runner(task.tied, 0, ls[0], [], providers), run_orig, ((x, None) for x in inputs)
@@ -158,12 +160,15 @@ def _sources(task: _Task, k: int, n_layers: int, providers):
 
 
 def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches: int | None,
-               need_gram: bool = True) -> MomentAccumulator:
-    """One pass: layer k's inputs in the tied model, the original's pre-activations (and live tensors after).
+               need_gram: bool = True, channel_ops: Sequence[int] = ()
+               ) -> tuple[MomentAccumulator, dict[int, ChannelMoments]]:
+    """One pass: layer k's inputs in the tied model, the original's pre-activations (and live tensors after),
+    and the moments of the original's inputs of the channel ops at steps ``channel_ops`` (after layer k).
 
     Without ``need_gram`` (a layer that is neither corrected nor ever paired) only the cheap moments are kept.
     """
-    run_tied, run_orig, source = _sources(task, k, n_layers, providers)
+    run_tied, run_orig, source = _sources(task, k, n_layers, providers, channel_ops)
+    channels = {i: ChannelMoments(task.original.steps[i], max_patches) for i in channel_ops}
     layer = task.tied.layers[k]
     step = task.tied.layer_steps[k]
     at = task.tied.live(step).index(task.tied.wiring()[step][0][0])  # layer k's input among the live tensors
@@ -173,7 +178,9 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     tied_files, orig_files = [], []
     for tied_in, orig_in in source:
         live_tied = run_tied(tied_in)[1]
-        (pre,), live_orig = run_orig(live_tied if orig_in is None else orig_in)
+        (pre, *op_inputs), live_orig = run_orig(live_tied if orig_in is None else orig_in)
+        for moments, x in zip(channels.values(), op_inputs):
+            moments.add(x)
         x_tied = live_tied[at]
         rows, z = layer_rows(layer, x_tied, max_patches), output_rows(layer, pre, max_patches)
         acc.add(rows, z - (rows @ W0.T + b0), z)
@@ -184,7 +191,7 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     task.tied_cache.replace(tied_files)
     task.orig_cache.replace(orig_files)
     task.stale = False
-    return acc
+    return acc, channels
 
 
 def _shared_features(plan_layers: dict[int, LayerPlan], spaces: Spaces, k: int, t: int, task: _Task) -> np.ndarray:
@@ -250,6 +257,24 @@ class _LayerState:
     def sparse(self) -> bool:
         """True when any task's layer is pruned (computed once; merging keeps the zero patterns)."""
         return any(is_sparse(W[:, :-1]) for W in self.weights)
+
+
+@dataclass
+class _ChannelState:
+    """A channel op (depthwise Conv, PRelu) of its space's member tasks after the calibration that saw its
+    inputs, until its space is tied: per task its step, damped per-channel Hessians [C, d, d] and
+    parameter vectors [C, d] (channels.ChannelMoments, channels.vectors)."""
+
+    name: str
+    segment: int  # the layer it follows
+    members: tuple[int, ...]
+    steps: list[int]
+    H: list[np.ndarray]
+    P: list[np.ndarray]
+
+    def term(self) -> ChannelTerm:
+        """The pairing term of the first two tasks."""
+        return ChannelTerm(self.H[0], self.P[0], self.H[1], self.P[1])
 
 
 def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: bool) -> np.ndarray:
@@ -346,6 +371,9 @@ class _Pass:
     # task's, the deepest); the rest are each task's own.
     depths: tuple[int, ...]
     plan_layers: dict[int, LayerPlan] = field(default_factory=dict)
+    # Per space, its channel ops calibrated and waiting for the space to be paired (their costs join it).
+    channel_ready: dict[int, list[_ChannelState]] = field(default_factory=dict)
+    current: int = 0  # the layer of the step run() is at
     progress: ProgressFn = no_progress  # set by run()
     label: str = ""  # the pass's prefix of progress labels, set by run()
 
@@ -358,6 +386,59 @@ class _Pass:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.opts.tasks)
+
+    @cached_property
+    def channel_spaces(self) -> dict[tuple[int, int], int]:
+        """(layer k, position among the channel ops after it) -> space, for the channel ops of the
+        aligned spaces (align checks that the member tasks have the same ones)."""
+        space_of = dict(self.spaces.ops)
+        return {(k, m): space_of[i] for k, seg in enumerate(self.tasks[0].original.segment_ops())
+                for m, i in enumerate(seg) if i in space_of}
+
+    def space_members(self, s: int) -> tuple[int, ...]:
+        """The tasks whose aligned layers include space s's first writer."""
+        return tuple(t for t in range(len(self.tasks)) if s < self.depths[t])
+
+    def channel_keys(self, k: int, members: tuple[int, ...]) -> list[int]:
+        """Positions of the channel ops after layer k to calibrate with it: those in aligned spaces whose
+        members are exactly the tasks calibrated at layer k."""
+        return [m for (kk, m), s in sorted(self.channel_spaces.items()) if kk == k and self.space_members(s) == members]
+
+    def channel_steps(self, t: int, k: int, keys: list[int]) -> list[int]:
+        """Task t's steps of the channel ops after layer k at positions ``keys``."""
+        return [self.tasks[t].original.segment_ops()[k][m] for m in keys]
+
+    def collect_channels(self, k: int, members: tuple[int, ...], keys: list[int],
+                         moments: list[dict[int, ChannelMoments]]) -> None:
+        """Turn the calibrated channel ops after layer k into states: tied at once where their space is tied
+        already (a stream read after its pairing), else kept for their space's pairing."""
+        scales = self.opts.task_scales(len(self.tasks))
+        for m in keys:
+            s = self.channel_spaces[(k, m)]
+            steps = [self.tasks[t].original.segment_ops()[k][m] for t in members]
+            H = [mom[i].hessians(scales[t], self.opts.damping) for t, i, mom in zip(members, steps, moments)]
+            P = [vectors(self.tasks[t].tied.steps[i]) for t, i in zip(members, steps)]
+            ch = _ChannelState(self.tasks[members[0]].tied.steps[steps[0]].name, k, members, steps, H, P)
+            if s in self.plan_layers:
+                self.tie_channels(ch, [self.plan_layers[s].shared_units(t) for t in members])
+            else:
+                self.channel_ready.setdefault(s, []).append(ch)
+
+    def tie_channels(self, ch: _ChannelState, units: list[np.ndarray]) -> None:
+        """Merge the shared channels' parameters of one channel op (Eq. 10/11 per channel, task by task)
+        into every member task's tied op; a task whose cached tensors passed through it goes stale."""
+        if not len(units[0]):
+            return
+        H_acc, merged = ch.H[0][units[0]], ch.P[0][units[0]]
+        for j in range(1, len(ch.members)):
+            Hj = ch.H[j][units[j]]
+            merged, H_acc = merged_channels(H_acc, merged, Hj, ch.P[j][units[j]]), H_acc + Hj
+        for j, (t, i) in enumerate(zip(ch.members, ch.steps)):
+            P = ch.P[j].copy()
+            P[units[j]] = merged
+            task = self.tasks[t]
+            task.tied = task.tied.with_step(i, with_vectors(task.tied.steps[i], P))
+            task.stale = task.stale or ch.segment < self.current
 
     def stage(self, text: str, total: int, flops: float) -> Callable[[], None]:
         """A progress stage for a step of about ``flops`` operations; a silent one below PROGRESS_MIN_FLOPS."""
@@ -418,19 +499,22 @@ class _Pass:
         return tick
 
     def choose_pairs(self, states: list[_LayerState], metrics: list[PairMetric], A: list[np.ndarray],
-                     B: list[np.ndarray], count: int, seed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs of columns of A and B by the --cost method (pairing), the pair costs summed over the layers."""
+                     B: list[np.ndarray], count: int, seed: tuple[int, ...], channels: Sequence[ChannelTerm] = ()
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs of columns of A and B by the --cost method (pairing), the pair costs summed over the layers
+        and the space's channel ops."""
         opts, tasks = self.opts, [self.tasks[t] for t in states[0].members]
 
         def activation_costs() -> np.ndarray:  # chains only (api refuses residual joins), so one layer
             w = states[0]
             layers = (tasks[0].tied.layers[w.k], tasks[1].tied.layers[w.k])
             return correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
-        problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost, seed, activation_costs)
+        problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost, seed, activation_costs, channels)
         return method(opts.cost).choose(problem)
 
-    def pair_space(self, states: list[_LayerState], count: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Choose the shared units of one unit space from the summed pair costs of all its writers.
+    def pair_space(self, states: list[_LayerState], count: int, space: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Choose the shared units of one unit space from the summed pair costs of all its writers and
+        its calibrated channel ops.
 
         Tasks are added one at a time (the paper's way): tasks 0 and 1 are matched; each further task
         is matched to the units merged so far, with H_acc as their Hessian, and then merged into them
@@ -439,18 +523,23 @@ class _Pass:
         """
         k, seed, n_tasks = states[0].k, self.opts.seed, len(states[0].members)
         metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in states]
+        chans = [c for c in self.channel_ready.get(space, []) if c.members == states[0].members]
+        terms = [c.term() for c in chans]
         rows0, rows1, costs = self.choose_pairs(states, metrics, [w.columns(0) for w in states],
-                                                [w.columns(1) for w in states], count, (seed, k))
+                                                [w.columns(1) for w in states], count, (seed, k), terms)
         units = [rows0, rows1]
         if n_tasks == 2:
             return units, costs
         folded = [_fold(w, units)[::2] for w in states]  # per layer: (columns merged so far, H_acc)
+        folded_ch = [term.folded(rows0, rows1) for term in terms]  # per channel op: (H_acc, merged)
         for t in range(2, n_tasks):
             metrics = [PairMetric(H_acc, w.H[t], w.name) for (_, H_acc), w in zip(folded, states)]
+            terms = [ChannelTerm(H_acc, m, c.H[t], c.P[t]) for (H_acc, m), c in zip(folded_ch, chans)]
             keep, rows_t, more = self.choose_pairs(states, metrics, [m for m, _ in folded],
-                                                   [w.columns(t) for w in states], len(units[0]), (seed, k, t))
+                                                   [w.columns(t) for w in states], len(units[0]), (seed, k, t), terms)
             units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
             folded = [_fold_in(w, m[:, keep], H_acc, t, rows_t)[::2] for (m, H_acc), w in zip(folded, states)]
+            folded_ch = [term.folded(keep, rows_t) for term in terms]
         return units, costs
 
     def can_share(self, states: list[_LayerState]) -> bool:
@@ -476,7 +565,7 @@ class _Pass:
             return None, None
         with self.timer("score+match"):
             tick = self.with_hessians(states)
-            units = self.pair_space(states + list(guides), count)
+            units = self.pair_space(states + list(guides), count, space)
             tick()
             return units
 
@@ -489,6 +578,9 @@ class _Pass:
         """
         guides = self.guides.get(space, ())
         units, choice = self._units(states, space, given)  # Hessians only where units are paired or tied
+        for ch in self.channel_ready.pop(space, []):
+            if units is not None and ch.members == states[0].members:
+                self.tie_channels(ch, units)
         if self.late is not None:
             self.late.setdefault(space, [])
         plans = []
@@ -557,8 +649,8 @@ class _Pass:
             for t in have:
                 task = self.tasks[t]
                 with self.timer("calibrate"):  # never paired: the Gram (or rows) only for the correction
-                    acc = _calibrate(task, k, len(task.original.layers), self.providers, tick, self.opts.max_patches,
-                                     self.correcting())
+                    acc, _ = _calibrate(task, k, len(task.original.layers), self.providers, tick,
+                                        self.opts.max_patches, self.correcting())
                 errors[t], done, skipped = self.own_layer(t, k, acc)
                 del acc
                 corrected, skips = corrected or done, skips + [(self.names[t], skipped)] * bool(skipped)
@@ -586,9 +678,14 @@ class _Pass:
             k = step.layer
             members = tuple(t for t in range(len(tasks)) if k < self.depths[t])  # the tasks aligned this far
             tick = progress(f"{label}layer {tasks[0].original.layers[k].name}", sum(n_batches[t] for t in members))
+            self.current, keys = k, self.channel_keys(k, members)
             with timer("calibrate"):
-                accs = [_calibrate(tasks[t], k, len(tasks[t].original.layers), self.providers, tick,
-                                   self.opts.max_patches) for t in members]
+                found = [_calibrate(tasks[t], k, len(tasks[t].original.layers), self.providers, tick,
+                                    self.opts.max_patches, channel_ops=self.channel_steps(t, k, keys))
+                         for t in members]
+                accs = [acc for acc, _ in found]
+            self.collect_channels(k, members, keys, [moments for _, moments in found])
+            del found
             waiting[k] = self.layer_state(k, accs, members)
             del accs  # held by the layer's state until it is tied
             if step.ties:

@@ -32,7 +32,7 @@ from ..merged import task_part
 
 PASS_THROUGH_OPS = ("Identity", "Dropout")
 # Input positions whose float initializers are weights (parameters), per op.
-WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "Add": (0, 1)}
+WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "Add": (0, 1), "PRelu": (1,)}
 # The position of the weight proper (not a bias), whose zeros a pruned layer keeps.
 MASKED_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 # ONNX's default Softmax axis before opset 13 (1) and from 13 on (-1).
@@ -189,7 +189,7 @@ def _interpreter(opset: int) -> dict[str, Callable]:
         "Conv": _conv, "Gemm": _gemm, "MatMul": lambda n, a, b: torch.matmul(a, b),
         "Add": lambda n, a, b: a + b, "Mul": lambda n, a, b: a * b, "Sum": lambda n, *xs: reduce(torch.add, xs),
         "Concat": lambda n, *xs: torch.cat(xs, n.attrs["axis"]),
-        "Relu": lambda n, x: F.relu(x),
+        "Relu": lambda n, x: F.relu(x), "PRelu": lambda n, x, slope: torch.where(x >= 0, x, x * slope),
         "LeakyRelu": lambda n, x: F.leaky_relu(x, n.attrs.get("alpha", DEFAULT_LEAKY_ALPHA)),
         "Sigmoid": lambda n, x: torch.sigmoid(x), "Tanh": lambda n, x: torch.tanh(x), "Clip": _clip,
         "MaxPool": lambda n, x: _pool(n, x, "max"), "AveragePool": lambda n, x: _pool(n, x, "avg"),

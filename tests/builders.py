@@ -138,6 +138,15 @@ def calib_from_array(folder: Path, x: np.ndarray, files: int = 2) -> Path:
     return folder
 
 
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node of a graph and of its If branches, depth first."""
+    out = []
+    for node in graph.node:
+        out.append(node)
+        out += [n for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in all_nodes(a.g)]
+    return out
+
+
 def run(model_path: Path, x: np.ndarray, feeds: dict | None = None) -> list[np.ndarray]:
     """All outputs of a model file on input x, with ONNX Runtime on the CPU."""
     import onnxruntime as ort
@@ -526,3 +535,23 @@ def export_torch(module, path: Path, dynamo: bool, opset: int, shape: tuple[int,
             torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, opset_version=opset,
                               input_names=["input"], dynamic_axes={"input": {0: "N"}}, **torchscript)
     return path
+
+
+# The mobile blocks' input (torch_blocks.MobileBlocks downsamples once: 12x12 leaves a 6x6 map).
+MOBILE_SHAPE = (1, 12, 12)
+
+
+def mobile_pair(folder: Path, act: str = "hardswish", se: bool = True) -> list[Path]:
+    """Two different nets of depthwise inverted residual blocks (torch_blocks.MobileBlocks with other
+    weights), exported by torch's default exporter; needs torch."""
+    import torch
+    from torch_blocks import MobileBlocks
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, seed in (("a", 0), ("b", 1)):
+        net = MobileBlocks(act, se, seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        paths.append(export_torch(net, folder / f"{name}.onnx", True, 18, MOBILE_SHAPE))
+    return paths

@@ -102,6 +102,20 @@ def test_target_size_meets_the_size(tmp_path, target):
     assert merged_params(nets, s.chosen.counts) == result.params_merged
 
 
+@pytest.mark.slow
+def test_target_size_counts_depthwise_kernels_and_slopes(tmp_path):
+    """Depthwise kernels and PRelu slopes of shared channels are stored once: the size the search
+    predicts (merged_params) is the written file's, and it meets the target."""
+    pytest.importorskip("torch")
+    paths = B.mobile_pair(tmp_path / "models", act="prelu", se=False)
+    calib = B.calib_folder(tmp_path / "calib", B.MOBILE_SHAPE, n=500)
+    nets = [import_network(p) for p in paths]
+    target = int(0.8 * sum(n.params for n in nets))
+    result = merge(paths, calib, tmp_path / "m.onnx", MergeOptions(target_size=target))
+    assert result.params_merged <= target
+    assert merged_params(nets, result.search.chosen.counts) == result.params_merged
+
+
 def test_budget_errors(tmp_path):
     paths, calib = _similar_pair(tmp_path)
     with pytest.raises(OnnxZipError, match="below the fully shared model"):

@@ -3,7 +3,9 @@
 A per-channel affine after an activation (BatchNorm2d/BatchNorm1d after ReLU, Mul/Add/Sub/Div by
 constants) folded forward into the next layer; Squeeze after a global pool; computed flattening
 shapes with a dynamic batch; MatMul on [N, 1, F]; a reshape of the input to an image; opsets 9 to
-21; SiLU, squeeze-and-excitation gates and HardSwish (elementwise Mul joins). The torch forms are exported in the tests by both exporters (TorchScript, dynamo), imported as
+21; SiLU, squeeze-and-excitation gates and HardSwish (elementwise Mul joins); depthwise convolutions
+and PRelu (channel ops) in inverted residual blocks. The torch forms are exported in the tests by both
+exporters (TorchScript, dynamo), imported as
 they are, emitted by onnxzip and compared with ONNX Runtime on the file; where the form changes
 the weights, a merge with a unit-permuted copy must find the permutation and reproduce the model.
 The refusals are hand-built graphs, each refused with one line naming the file and the node.
@@ -21,12 +23,12 @@ from onnxzip.api import merge
 from onnxzip.canonical import import_network
 from onnxzip.emit import task_model
 from onnxzip.errors import OnnxZipError
-from onnxzip.ir import Layer
+from onnxzip.ir import DEPTHWISE, PRELU, Layer
 from onnxzip.options import MergeOptions
 from onnxzip.spaces import unit_spaces
 
 torch = pytest.importorskip("torch")
-from torch_blocks import SEBlock, randomise  # noqa: E402  (needs torch)
+from torch_blocks import MobileBlocks, SEBlock, randomise  # noqa: E402  (needs torch)
 
 # Affines folded into float32 weights (forward and backward): a few float32 ulps of the outputs.
 FOLD_TOL = 1e-4
@@ -784,3 +786,100 @@ def test_se_blocks_with_three_copies_gated_and_half_shared(tmp_path, exports):
     result = merge(paths[:2], B.calib_folder(tmp_path / "c", SHAPE, 64), tmp_path / "half.onnx", MergeOptions(share=0.5))
     assert [lp.n_shared for lp in result.plan.layers] == [3, 2, 3, 2, 0]  # the gate's conv follows conv1's units
     assert all(c.max_diff_vs_tied <= TOL for c in result.checks)
+
+
+# 10. Depthwise convolutions and PRelu (channel ops) in inverted residual blocks (DESIGN.md section 6)
+
+MOBILE_SHAPE = (1, 12, 12)
+# (activation, SE gate): MobileNetV2 (ReLU6), MobileNetV3 (HardSwish, SE with HardSigmoid),
+# EfficientNet (SiLU, SE with Sigmoid), and PRelu.
+MOBILE_FORMS = [("relu6", False), ("hardswish", True), ("silu", True), ("prelu", False)]
+
+
+def _mobile(exports, act: str, se: bool, dynamo: bool, opset: int, seed=None):
+    return exports.get(lambda s: MobileBlocks.make(act, se, s), f"mobile_{act}_{se}", dynamo, opset, MOBILE_SHAPE,
+                       seed=seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act, se", MOBILE_FORMS, ids=[a for a, _ in MOBILE_FORMS])
+@pytest.mark.parametrize("dynamo, opset", EXPORTERS, ids=EXPORTER_IDS)
+def test_inverted_residuals_with_depthwise_convs_recover_a_permuted_copy(tmp_path, exports, act, se, dynamo, opset):
+    """A depthwise conv is a channel op in the space it reads (its BatchNorm folded in), a PRelu's slope
+    too; a copy permuted consistently across each space (expansion, depthwise, SE, projection and the
+    residual stream) is recovered exactly, the depthwise kernels and slopes stored once."""
+    a, _ = _mobile(exports, act, se, dynamo, opset)
+    b, perms = _mobile(exports, act, se, dynamo, opset, seed=1)
+    net = _reproduces(a, MOBILE_SHAPE)
+    ops = [s for _, s in net.channel_ops]
+    assert [o.op_type for o in ops if o.op_type == DEPTHWISE] == [DEPTHWISE] * 2
+    assert sum(o.op_type == PRELU for o in ops) == (5 if act == "prelu" else 0)
+    spaces = unit_spaces(net)
+    assert dict(spaces.ops)[net.channel_ops[0 if act != "prelu" else 2][0]] == 1  # dw1 lies in the expansion's space
+    result, out = B.merge_copies_back(tmp_path, [a, b], MOBILE_SHAPE, tol=FOLD_TOL)
+    _assert_pairs(result.plan, perms)
+    inits = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert {"dw1.shared.W", "dw1.shared.B", "dw2.shared.W"} <= inits and not any(".task_" in n for n in inits
+                                                                                  if n.startswith("dw"))
+
+
+@pytest.mark.slow
+def test_depthwise_blocks_with_three_copies_gated_share_zero_and_half(tmp_path, exports):
+    """Three permuted copies in the gated layout recover the original; share 0 reproduces every
+    original; at 50% sharing emitted == tied, the depthwise convs split into shared and own groups."""
+    paths = [_mobile(exports, "hardswish", True, True, 18, seed=s)[0] for s in (None, 1, 2)]
+    B.merge_copies_back(tmp_path / "three", paths, MOBILE_SHAPE, layout="gated", tol=FOLD_TOL)
+    calib = B.calib_folder(tmp_path / "c", MOBILE_SHAPE, 64)
+    other = _mobile(exports, "hardswish", True, False, 17)[0]  # the same weights, exported by TorchScript
+    x = np.random.default_rng(3).random((8, *MOBILE_SHAPE), dtype=np.float32)
+    zero = merge([paths[0], paths[1]], calib, tmp_path / "zero.onnx", MergeOptions(share=0.0))
+    assert all(lp.n_shared == 0 for lp in zero.plan.layers)
+    for t, path in enumerate(paths[:2]):
+        np.testing.assert_allclose(B.task_output(tmp_path / "zero.onnx", x, "multi", t), B.run(path, x)[0],
+                                   rtol=TOL, atol=TOL)
+    half = merge([paths[0], paths[2], other], calib, tmp_path / "half.onnx", MergeOptions(share=0.5, layout="gated"))
+    assert [lp.n_shared for lp in half.plan.layers] == [2, 4, 2, 4, 2, 3, 5, 0]
+    assert all(c.max_diff_vs_tied <= TOL for c in half.checks)
+    model = onnx.load(str(tmp_path / "half.onnx"))
+    convs = [n for n in B.all_nodes(model.graph) if n.op_type == "Conv" and n.name.startswith("dw1.")]
+    assert {next(a.i for a in n.attribute if a.name == "group") for n in convs} == {4}  # 4 shared, 4 own per task
+    kernels = sorted(t.name for t in model.graph.initializer if t.name.startswith("dw1."))
+    assert len(kernels) == 8 and {"dw1.shared.W", "dw1.shared.B"} <= set(kernels)  # shared once, 3 tasks' own
+
+
+def test_grouped_convolutions_other_than_depthwise_are_refused_by_name(tmp_path):
+    """1 < groups < channels is refused with the node and its group count (not yet supported)."""
+    W = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "W")
+    W0 = numpy_helper.from_array(np.ones((4, 1, 1, 1), np.float32), "W0")
+    nodes = [helper.make_node("Conv", ["input", "W0"], ["h"], name="stem"),
+             helper.make_node("Conv", ["h", "W"], ["y"], name="grouped", group=2, pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["y"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["logits"], name="flat")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], [W, W0])
+    path = tmp_path / "grouped.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.raises(OnnxZipError, match=r"grouped\.onnx: node 'grouped' \(Conv\) is a grouped convolution \(group=2"):
+        import_network(path)
+
+
+def _alike_expansions(net) -> None:
+    """Every expansion channel alike (equal weights and BatchNorm): only the depthwise kernels after
+    them tell the channels apart."""
+    net.exp.weight.copy_(net.exp.weight[:1].expand_as(net.exp.weight).clone())
+    for t in (net.bn1.weight, net.bn1.bias, net.bn1.running_mean, net.bn1.running_var):
+        t.copy_(t[:1].expand_as(t).clone())
+
+
+def _identical_expansions(seed):
+    return MobileBlocks.make("relu6", False, seed, prepare=_alike_expansions)
+
+
+@pytest.mark.slow
+def test_depthwise_kernels_add_their_cost_to_the_pairing(tmp_path, exports):
+    """Where the expansion conv cannot tell its channels apart (every pair costs the same), the
+    depthwise kernels' per-channel costs (Eq. 12 with each channel's patch Hessian) find the permutation."""
+    a, _ = exports.get(_identical_expansions, "identical_expansions", True, 18, MOBILE_SHAPE)
+    b, perms = exports.get(_identical_expansions, "identical_expansions", True, 18, MOBILE_SHAPE, seed=1)
+    result, _ = B.merge_copies_back(tmp_path, [a, b], MOBILE_SHAPE, tol=FOLD_TOL)
+    _assert_pairs(result.plan, perms)

@@ -18,7 +18,8 @@ import hostile as H
 from onnxzip.api import merge
 from onnxzip.format import TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_OUT_OF_RANGE
 from onnxzip.errors import OnnxZipError
-from onnxzip.merged import load_merged, split, task_part
+from onnxzip.canonical import import_network
+from onnxzip.merged import inspect, load_merged, split, task_part
 from onnxzip.options import MergeOptions
 
 TASKS, SOURCES, PLAN, LAYOUT = "onnxzip.tasks", "onnxzip.sources", "onnxzip.plan", "onnxzip.layout"
@@ -187,20 +188,12 @@ def test_gated_gives_each_task_what_multi_gives(three):
         np.testing.assert_allclose(y, want[t], rtol=1e-6, atol=1e-6)
 
 
-def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    out = []
-    for node in graph.node:
-        out.append(node)
-        out += [n for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in _all_nodes(a.g)]
-    return out
-
-
 def test_gated_graph_tests_every_task_and_fails_past_the_last(three):
     """Every task has its Equal test; past the last lies a branch that fails for any index (its
     shape check runs on the host in every execution provider; no Gather, whose GPU kernels clamp)."""
     model = onnx.load(str(three["gated"]))
     onnx.checker.check_model(model, full_check=True)
-    nodes = _all_nodes(model.graph)
+    nodes = B.all_nodes(model.graph)
     equals = [n for n in nodes if n.op_type == "Equal"]
     assert len(equals) == GATED_TASKS and all(n.input[0] == TASK_INPUT for n in equals)
     readers = sorted(n.name for n in nodes if TASK_INPUT in n.input)
@@ -225,6 +218,25 @@ def test_split_of_gated_gives_every_task_without_the_task_input(three, tmp_path)
         np.testing.assert_allclose(_session(part).run(None, {"input": x})[0], want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_split_and_inspect_of_depthwise_blocks(tmp_path):
+    """Split tasks of a gated merge of depthwise inverted residuals (SE, HardSwish) run as the merged
+    model's branches; inspect counts each task's depthwise kernels once."""
+    pytest.importorskip("torch")
+    paths = B.mobile_pair(tmp_path / "models")
+    merged = tmp_path / "m.onnx"
+    merge(paths, B.calib_folder(tmp_path / "calib", B.MOBILE_SHAPE, n=64), merged,
+          MergeOptions(share=0.5, layout="gated", tasks=("a", "b")))
+    x = np.random.default_rng(0).random((4, *B.MOBILE_SHAPE), dtype=np.float32)
+    info = inspect(merged)
+    for t, (task, source) in enumerate(zip(("a", "b"), paths)):
+        part = split(merged, task, tmp_path / f"{task}.onnx")
+        want = _session(merged).run(None, {"input": x, TASK_INPUT: np.array(t, np.int64)})[0]
+        np.testing.assert_allclose(_session(part).run(None, {"input": x})[0], want, rtol=1e-6, atol=1e-6)
+        assert info.params_per_task[task] == import_network(source).params  # dw kernels, biases, all layers
+    assert info.params_total < sum(info.params_per_task.values())
+
+
 def _without_last_test(graph: onnx.GraphProto, last: str) -> bool:
     """onnxzip 0.1.0's form in place: the last task's If (named ``last``) replaced by its then-branch."""
     for k, node in enumerate(graph.node):
@@ -245,7 +257,7 @@ def test_split_reads_gated_files_written_before_the_range_check(three, tmp_path)
     """Earlier files tested every task but the last, whose branch ran for any other index; they still split."""
     model = onnx.load(str(three["gated"]))
     assert _without_last_test(model.graph, f"select_m{GATED_TASKS - 1}")
-    assert not any(n.name == TASK_OUT_OF_RANGE for n in _all_nodes(model.graph))
+    assert not any(n.name == TASK_OUT_OF_RANGE for n in B.all_nodes(model.graph))
     old = tmp_path / "old.onnx"
     onnx.save(model, str(old))
     x = _x()

@@ -238,21 +238,27 @@ def test_segments_carry_every_live_tensor(tmp_path, kind):
             np.testing.assert_allclose(live[layer_input], whole[LIVE_PREFIX + layer_input], rtol=1e-6, atol=1e-6)
 
 
-def test_cached_calibration_equals_runs_from_the_input(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["resnet", "mobile"])
+def test_cached_calibration_equals_runs_from_the_input(tmp_path, monkeypatch, kind):
     """The zipper's cached live tensors give the merge that rerunning every prefix gives, also where
-    a stream's writers are tied after a later layer was calibrated (the projection shortcut)."""
-    paths = _perturbed_pair(tmp_path)
-    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=128)
+    a stream's writers are tied after a later layer was calibrated (the projection shortcut), and
+    where a depthwise conv on a stream is merged after its stream's pairing (mobile blocks)."""
+    if kind == "mobile":
+        pytest.importorskip("torch")
+        paths, shape = B.mobile_pair(tmp_path / "models", act="relu6", se=False), B.MOBILE_SHAPE
+    else:
+        paths, shape = _perturbed_pair(tmp_path), SHAPE
+    calib = B.calib_folder(tmp_path / "calib", shape, n=128)
     opts = MergeOptions(share=0.5, verify_samples=32)
     cached = merge(paths, calib, tmp_path / "cached.onnx", opts)
     sources = Z._sources
 
-    def from_input(task, k, n_layers, providers):
+    def from_input(task, *args):
         task.stale = True  # every tied run starts from the input
-        return sources(task, k, n_layers, providers)
+        return sources(task, *args)
     monkeypatch.setattr(Z, "_sources", from_input)
     fresh = merge(paths, calib, tmp_path / "fresh.onnx", opts)
     assert [l.shared for l in cached.plan.layers] == [l.shared for l in fresh.plan.layers]
-    x = np.random.default_rng(9).random((8, *SHAPE), dtype=np.float32)
+    x = np.random.default_rng(9).random((8, *shape), dtype=np.float32)
     for a, b in zip(B.run(tmp_path / "cached.onnx", x), B.run(tmp_path / "fresh.onnx", x)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

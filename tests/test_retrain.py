@@ -23,10 +23,12 @@ torch = pytest.importorskip("torch")
 from onnxzip.retrain.graph import build_module  # noqa: E402  (needs torch)
 from onnxzip.retrain.train import TrainTask, predict, train  # noqa: E402
 from onnxzip.retrain.writeback import RETRAIN_KEY, WRITEBACK_ATOL, WRITEBACK_RTOL, write_back  # noqa: E402
-from torch_blocks import SEBlock  # noqa: E402  (needs torch)
+from torch_blocks import MobileBlocks, SEBlock  # noqa: E402  (needs torch)
 
 CPU = ["CPUExecutionProvider"]
 SE_SHAPE = (1, 8, 8)
+# The mobile blocks (depthwise convs, PRelu) downsample once: 12x12 leaves a 6x6 map.
+MOBILE_SHAPE = (1, 12, 12)
 # One PyTorch thread: tiny models train fastest that way, on a busy machine by far.
 FAST = dict(device="cpu", threads=1)
 
@@ -38,16 +40,16 @@ def _cli(*args, env=None):
 
 def _pair(tmp_path, kind="mlp", layout="multi", share=1.0, prune=0.0):
     """Two different tiny models merged at ``share``; returns (merged path, data folder, input shape)."""
-    if kind == "se":  # SiLU, an SE gate and HardSwish, as torch's exporter writes them
+    if kind in ("se", "mobile"):  # SiLU, an SE gate and HardSwish; depthwise convs and PRelu (torch's exporter)
         for name, seed in (("a", 0), ("b", 1)):
             torch.manual_seed(seed)
-            net = SEBlock("hard")
+            net = SEBlock("hard") if kind == "se" else MobileBlocks("prelu")
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(0.1 * torch.randn_like(p))
-            B.export_torch(net, tmp_path / f"{name}.onnx", True, 18, SE_SHAPE)
+            B.export_torch(net, tmp_path / f"{name}.onnx", True, 18, SE_SHAPE if kind == "se" else MOBILE_SHAPE)
         wa = wb = None
-        model, shape = None, SE_SHAPE
+        model, shape = None, SE_SHAPE if kind == "se" else MOBILE_SHAPE
     elif kind == "mlp":
         wa, wb = B.mlp_weights([64, 32, 16, 10], 0), B.mlp_weights([64, 32, 16, 10], 1)
         model, shape = B.mlp_model, (1, 8, 8)
@@ -82,7 +84,7 @@ def _inits(path):
 
 
 @pytest.mark.parametrize("kind,layout", [("mlp", "multi"), ("mlp", "gated"), ("cnn", "multi"), ("cnn", "gated"),
-                                         ("se", "multi")])
+                                         ("se", "multi"), ("mobile", "gated")])
 def test_retraining_keeps_every_shared_block_one_tensor(tmp_path, kind, layout):
     merged, data, _ = _pair(tmp_path, kind, layout, share=0.5)
     out = tmp_path / "r.onnx"

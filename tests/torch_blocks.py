@@ -57,3 +57,88 @@ class SEBlock(torch.nn.Module):
             net.c2.weight.copy_(net.c2.weight[r][:, p]), net.c2.bias.copy_(net.c2.bias[r])
             net.fc.weight.copy_(net.fc.weight[:, r])
         return net, [p.numpy(), q.numpy(), p.numpy(), r.numpy()]  # the gate's conv writes conv1's units
+
+
+def _permute_bn(bn: torch.nn.BatchNorm2d, p: torch.Tensor) -> None:
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        t.copy_(t[p])
+
+
+def _act(kind: str, channels: int) -> torch.nn.Module:
+    return {"relu6": lambda: torch.nn.ReLU6(), "hardswish": lambda: torch.nn.Hardswish(),
+            "silu": lambda: torch.nn.SiLU(), "prelu": lambda: torch.nn.PReLU(channels)}[kind]()
+
+
+class MobileBlocks(torch.nn.Module):
+    """A stem conv-BN-act, an inverted residual (1x1 expansion-BN-act, depthwise 3x3-BN-act, optional SE
+    gate, 1x1 projection-BN without an activation, the skip Add), a second one with a stride-2 depthwise
+    conv and no skip, a final 1x1 conv-BN-act, global pool and fc: MobileNetV2 (ReLU6), V3 (HardSwish,
+    SE with HardSigmoid), EfficientNet (SiLU, SE with Sigmoid) and PRelu in miniature."""
+
+    C, E, R, C2, F, CLASSES = 4, 8, 3, 6, 10, 5
+
+    def __init__(self, act: str = "relu6", se: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        C, self.use_se = MobileBlocks, se
+        self.stem, self.bn0, self.a0 = torch.nn.Conv2d(1, C.C, 3, padding=1, bias=False), torch.nn.BatchNorm2d(C.C), \
+            _act(act, C.C)
+        self.exp, self.bn1, self.a1 = torch.nn.Conv2d(C.C, C.E, 1, bias=False), torch.nn.BatchNorm2d(C.E), _act(act, C.E)
+        self.dw, self.bn2, self.a2 = torch.nn.Conv2d(C.E, C.E, 3, padding=1, groups=C.E, bias=False), \
+            torch.nn.BatchNorm2d(C.E), _act(act, C.E)
+        self.se1, self.se2 = torch.nn.Conv2d(C.E, C.R, 1), torch.nn.Conv2d(C.R, C.E, 1)
+        self.proj, self.bn3 = torch.nn.Conv2d(C.E, C.C, 1, bias=False), torch.nn.BatchNorm2d(C.C)
+        self.dw2, self.bn4, self.a4 = torch.nn.Conv2d(C.C, C.C, 3, stride=2, padding=1, groups=C.C, bias=False), \
+            torch.nn.BatchNorm2d(C.C), _act(act, C.C)
+        self.proj2, self.bn5 = torch.nn.Conv2d(C.C, C.C2, 1, bias=False), torch.nn.BatchNorm2d(C.C2)
+        self.last, self.bn6, self.a6 = torch.nn.Conv2d(C.C2, C.F, 1, bias=False), torch.nn.BatchNorm2d(C.F), \
+            _act(act, C.F)
+        self.fc = torch.nn.Linear(C.F, C.CLASSES)
+        for i, bn in enumerate((self.bn0, self.bn1, self.bn2, self.bn3, self.bn4, self.bn5, self.bn6)):
+            randomise(bn, seed * 10 + i)
+        for a in (self.a0, self.a1, self.a2, self.a4, self.a6):
+            if isinstance(a, torch.nn.PReLU):
+                with torch.no_grad():
+                    a.weight.copy_(torch.rand(a.weight.shape[0]) * 0.5)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        s = self.a0(self.bn0(self.stem(x)))
+        h = self.a2(self.bn2(self.dw(self.a1(self.bn1(self.exp(s))))))
+        if self.use_se:
+            g = self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(h, 1))))
+            h = h * (F.hardsigmoid(g) if isinstance(self.a0, torch.nn.Hardswish) else torch.sigmoid(g))
+        s = s + self.bn3(self.proj(h))
+        h = self.bn5(self.proj2(self.a4(self.bn4(self.dw2(s)))))
+        h = self.a6(self.bn6(self.last(h)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+    @staticmethod
+    def make(act: str, se: bool, seed, prepare=None):
+        """The block net (changed first by ``prepare``, if given), or (seed given) a copy with every unit
+        space permuted consistently, and the permutations per onnxzip layer (stem, exp[, se1, se2], proj,
+        proj2, last, fc)."""
+        net, C = MobileBlocks(act, se), MobileBlocks
+        if prepare is not None:
+            with torch.no_grad():
+                prepare(net)
+        if seed is None:
+            return net, None
+        rng = np.random.default_rng(seed)
+        p, q, r, u, f = (torch.from_numpy(rng.permutation(n)) for n in (C.C, C.E, C.R, C.C2, C.F))
+        with torch.no_grad():
+            net.stem.weight.copy_(net.stem.weight[p]), _permute_bn(net.bn0, p)
+            net.exp.weight.copy_(net.exp.weight[q][:, p]), _permute_bn(net.bn1, q)
+            net.dw.weight.copy_(net.dw.weight[q]), _permute_bn(net.bn2, q)
+            net.se1.weight.copy_(net.se1.weight[r][:, q]), net.se1.bias.copy_(net.se1.bias[r])
+            net.se2.weight.copy_(net.se2.weight[q][:, r]), net.se2.bias.copy_(net.se2.bias[q])
+            net.proj.weight.copy_(net.proj.weight[p][:, q]), _permute_bn(net.bn3, p)
+            net.dw2.weight.copy_(net.dw2.weight[p]), _permute_bn(net.bn4, p)
+            net.proj2.weight.copy_(net.proj2.weight[u][:, p]), _permute_bn(net.bn5, u)
+            net.last.weight.copy_(net.last.weight[f][:, u]), _permute_bn(net.bn6, f)
+            net.fc.weight.copy_(net.fc.weight[:, f])
+            for a, perm in ((net.a0, p), (net.a1, q), (net.a2, q), (net.a4, p), (net.a6, f)):
+                if isinstance(a, torch.nn.PReLU):
+                    a.weight.copy_(a.weight[perm])
+        perms = [p, q] + ([r, q] if se else []) + [p, u, f]
+        return net, [x.numpy() for x in perms]

@@ -8,6 +8,7 @@ from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
+from ..channels import ChannelTerm
 from ..cost import PairMetric, matched_costs, pair_costs
 from ..match import match
 from ..options import COSTS
@@ -30,10 +31,13 @@ class PairProblem:
     max_cost: float | None
     seed: tuple[int, ...]
     activation_costs: Callable[[], np.ndarray] | None = None
+    # The space's channel ops (depthwise convs, PRelus): their pair costs add to the writers'.
+    channels: Sequence[ChannelTerm] = ()
 
     def summed_costs(self, kind: str) -> np.ndarray:
-        """All pair costs under metric ``kind``, summed over the writers (Eq. 12 by GEMMs)."""
-        return sum(pair_costs(m.interaction(kind), a, b) for m, a, b in zip(self.metrics, self.A, self.B))
+        """All pair costs under metric ``kind``, summed over the writers (Eq. 12 by GEMMs) and the channel ops."""
+        return sum([pair_costs(m.interaction(kind), a, b) for m, a, b in zip(self.metrics, self.A, self.B)]
+                   + [c.pair_costs(kind) for c in self.channels])
 
     def matched(self, D: np.ndarray) -> Pairs:
         """The matching of cost matrix D (--solver, --max-cost) with each pair's cost."""
@@ -42,8 +46,9 @@ class PairProblem:
 
     def costs_of(self, rows: np.ndarray, cols: np.ndarray, kind: str) -> np.ndarray:
         """The costs under metric ``kind`` of pairs chosen otherwise, summed over the writers."""
-        return sum(matched_costs(m.interaction(kind), a[:, rows], b[:, cols])
-                   for m, a, b in zip(self.metrics, self.A, self.B))
+        return sum([matched_costs(m.interaction(kind), a[:, rows], b[:, cols])
+                    for m, a, b in zip(self.metrics, self.A, self.B)]
+                   + [c.matched_costs(rows, cols, kind) for c in self.channels])
 
 
 class PairMethod(ABC):

@@ -1,0 +1,161 @@
+"""Channel ops (a depthwise Conv's kernels, a PRelu's slopes; DESIGN.md section 6): per channel, the
+input moments, the parameter vectors, the pair costs and the merged parameters of shared channels.
+
+Channel c of a channel op is unit c of the unit space it reads, and its output is linear in a small
+feature vector x_c with parameter vector w_c: for a depthwise Conv, x_c is a k*k patch of channel c
+and a constant 1 (w_c: the kernel and the bias); for a PRelu, x_c = min(x, 0) (w_c: the slope; the
+positive part has no parameter). H_c = E[x_c x_c^T] over every position and sample plays the part a
+layer's Hessian plays for a layer: matched channels are merged with MTZ's closed form (Eq. 10/11)
+and cost MTZ's functional difference (Eq. 12), with one small Hessian per channel instead of one
+per layer. The costs are squared output differences per position, as a layer's are, so they add to
+the pair costs of the layers that write the space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .hessian import CHUNK_BYTES, damping_from_diag, patch_subset
+from .ir import DEPTHWISE, PRELU, Op
+
+# Pair costs are computed for this many (channel of A, channel of B) pairs at a time.
+COST_CHUNK_PAIRS = 1 << 16
+
+
+def kernel_shape(op: Op) -> tuple[int, int]:
+    """The spatial kernel of a depthwise Conv."""
+    return tuple(int(k) for k in op.params[0].shape[2:])
+
+
+def vectors(op: Op) -> np.ndarray:
+    """The op's parameters as one vector per channel, [C, d] float64 (a kernel with its bias last; a slope)."""
+    if op.op_type == DEPTHWISE:
+        W, b = op.params
+        return np.concatenate([W.reshape(W.shape[0], -1), b.reshape(-1, 1)], axis=1).astype(np.float64)
+    return op.params[0].reshape(-1, 1).astype(np.float64)
+
+
+def with_vectors(op: Op, P: np.ndarray) -> Op:
+    """A copy of the op with parameters from vectors [C, d] (the inverse of ``vectors``), in float32."""
+    P = np.asarray(P, np.float32)
+    if op.op_type == DEPTHWISE:
+        W = op.params[0]
+        return replace(op, params=(np.ascontiguousarray(P[:, :-1]).reshape(W.shape), np.ascontiguousarray(P[:, -1])))
+    return replace(op, params=(np.ascontiguousarray(P[:, 0]).reshape(op.params[0].shape),))
+
+
+def _patches(op: Op, x: np.ndarray, max_patches: int | None) -> np.ndarray:
+    """Every kernel-sized patch of every channel of x [B, C, H, W], as [C, n, k*k] (pads, strides,
+    dilations respected; at most max_patches positions per sample, as a layer's Hessian takes)."""
+    a = op.attr_dict()
+    (kh, kw), (sh, sw), (dh, dw) = kernel_shape(op), a["strides"], a["dilations"]
+    pt, pl, pb, pr = a["pads"]
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, oh, ow, kh, kw]
+    keep = patch_subset(win.shape[2], win.shape[3], max_patches)
+    if keep is not None:
+        win = win[:, :, keep[0], keep[1]][:, :, :, None]
+    c = win.shape[1]
+    return np.ascontiguousarray(win.transpose(1, 0, 2, 3, 4, 5)).reshape(c, -1, kh * kw)
+
+
+class ChannelMoments:
+    """Running means of x_c x_c^T per channel, in float64 (the bias's constant 1 included for a depthwise Conv)."""
+
+    def __init__(self, op: Op, max_patches: int | None = None):
+        self.op, self.max_patches = op, max_patches
+        d = vectors(op).shape[1]
+        self.sums = np.zeros((op.channels, d, d))
+        self.n = 0
+
+    def add(self, x: np.ndarray) -> None:
+        """Fold in one batch of the op's input (channels on axis 1)."""
+        if self.op.op_type == PRELU:
+            neg = np.minimum(x, 0.0).astype(np.float64)
+            axes = tuple(i for i in range(neg.ndim) if i != 1)
+            self.sums[:, 0, 0] += (neg * neg).sum(axis=axes)
+            self.n += int(np.prod([neg.shape[i] for i in axes]))
+            return
+        per_sample = max(1, x[:1].size * int(np.prod(kernel_shape(self.op))) * 4)
+        step = max(1, CHUNK_BYTES // per_sample)
+        for start in range(0, x.shape[0], step):
+            X = _patches(self.op, np.asarray(x[start:start + step], np.float32), self.max_patches)  # [C, n, k*k]
+            k2 = X.shape[2]
+            self.sums[:, :k2, :k2] += np.matmul(X.transpose(0, 2, 1), X)  # a float32 product per chunk
+            s = X.sum(axis=1, dtype=np.float64)
+            self.sums[:, :k2, k2] += s
+            self.sums[:, k2, :k2] += s
+            self.sums[:, k2, k2] += X.shape[1]
+            self.n += X.shape[1]
+
+    def hessians(self, scale: float, rel_damping: float) -> np.ndarray:
+        """Per channel scale * E[x x^T] + lambda_c I, lambda_c relative to its mean diagonal (as a layer's)."""
+        H = self.sums / max(self.n, 1) * scale
+        for Hc in H:
+            Hc[np.diag_indices_from(Hc)] += damping_from_diag(np.diag(Hc), rel_damping)
+        return H
+
+
+def _solve(S: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Batched S^-1 r for S [m, d, d] and r [m, d]."""
+    return np.linalg.solve(S, R[..., None])[..., 0]
+
+
+def pair_costs(HA: np.ndarray, A: np.ndarray, HB: np.ndarray, B: np.ndarray, kind: str) -> np.ndarray:
+    """All channel pair costs [n_A, n_B]: 1/2 (a_i - b_j)^T H_A,i (H_A,i + H_B,j)^-1 H_B,j (a_i - b_j)
+    (Eq. 12 with the channels' own Hessians), or half the squared distance for kind 'l2'."""
+    nA, nB = A.shape[0], B.shape[0]
+    D = np.empty((nA, nB))
+    rows = max(1, COST_CHUNK_PAIRS // max(nB, 1))
+    for start in range(0, nA, rows):
+        i = np.arange(start, min(nA, start + rows))
+        diff = A[i][:, None, :] - B[None, :, :]  # [r, nB, d]
+        if kind == "l2":
+            D[i] = 0.5 * np.einsum("rjd,rjd->rj", diff, diff)
+            continue
+        S = HA[i][:, None] + HB[None, :]
+        step = _solve(S.reshape(-1, *S.shape[2:]), np.einsum("jde,rje->rjd", HB, diff).reshape(-1, diff.shape[2]))
+        D[i] = 0.5 * np.einsum("rjd,rjd->rj", np.einsum("rde,rje->rjd", HA[i], diff), step.reshape(diff.shape))
+    return np.maximum(D, 0.0)
+
+
+def matched_costs(HA: np.ndarray, A: np.ndarray, HB: np.ndarray, B: np.ndarray, kind: str) -> np.ndarray:
+    """The costs of matched channels only (row i of A with row i of B), [k]."""
+    diff = A - B
+    if kind == "l2":
+        return 0.5 * np.einsum("kd,kd->k", diff, diff)
+    step = _solve(HA + HB, np.einsum("kde,ke->kd", HB, diff))
+    return np.maximum(0.5 * np.einsum("kd,kd->k", np.einsum("kde,ke->kd", HA, diff), step), 0.0)
+
+
+def merged(HA: np.ndarray, A: np.ndarray, HB: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Merged vectors of matched channels, w = a + (H_A + H_B)^-1 H_B (b - a) (Eq. 10/11), as exact
+    float32 values (every task gets bit-identical parameters)."""
+    w = A + _solve(HA + HB, np.einsum("kde,ke->kd", HB, B - A))
+    return w.astype(np.float32).astype(np.float64)
+
+
+class ChannelTerm:
+    """One channel op's part of a space's pairing: the channels' Hessians and vectors of the two sides
+    (A: the first task or the channels merged so far, B: the task added)."""
+
+    def __init__(self, HA: np.ndarray, A: np.ndarray, HB: np.ndarray, B: np.ndarray):
+        self.HA, self.A, self.HB, self.B = HA, A, HB, B
+
+    def pair_costs(self, kind: str) -> np.ndarray:
+        """All pair costs [n_A, n_B] under metric ``kind`` ('hessian': Eq. 12; 'l2': weight distance)."""
+        return pair_costs(self.HA, self.A, self.HB, self.B, "l2" if kind == "l2" else "hessian")
+
+    def matched_costs(self, rows: np.ndarray, cols: np.ndarray, kind: str) -> np.ndarray:
+        """The costs of the pairs (rows[i], cols[i]), [k]."""
+        return matched_costs(self.HA[rows], self.A[rows], self.HB[cols], self.B[cols],
+                             "l2" if kind == "l2" else "hessian")
+
+    def folded(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The matched channels merged (Eq. 10/11) and their summed Hessians: the A side for the next task."""
+        HA, HB = self.HA[rows], self.HB[cols]
+        return HA + HB, merged(HA, self.A[rows], HB, self.B[cols])
