@@ -126,3 +126,16 @@ def test_budget_search_refuses_models_that_align_in_part(tmp_path):
                                            r"align up to layer fc1 only"):
         merge([a, b], B.calib_folder(tmp_path / "c", SHAPE, 16), tmp_path / "m.onnx",
               MergeOptions(target_size="0.5"))
+
+
+@pytest.mark.slow
+def test_channel_ops_that_differ_stop_the_alignment_before_their_space(tmp_path):
+    """A PRelu after the stem in one model where the other has none: the stem's space (a residual
+    stream) cannot share, so nothing aligns, and the refusal names the channel ops."""
+    pytest.importorskip("torch")
+    from torch_blocks import MobileBlocks
+    a = B.export_torch(MobileBlocks("relu6"), tmp_path / "a.onnx", True, 18, B.MOBILE_SHAPE)
+    b = B.export_torch(MobileBlocks("prelu"), tmp_path / "b.onnx", True, 18, B.MOBILE_SHAPE)
+    with pytest.raises(OnnxZipError, match=r"b\.onnx: the depthwise convolutions and PRelus after layer 'conv1'.*"
+                                           r"\('prelu1'.*\) differ from .*a\.onnx's \(none\)"):
+        align([import_network(a), import_network(b)])

@@ -858,7 +858,7 @@ def test_grouped_convolutions_other_than_depthwise_are_refused_by_name(tmp_path)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
                               [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], [W, W0])
     path = tmp_path / "grouped.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     with pytest.raises(OnnxZipError, match=r"grouped\.onnx: node 'grouped' \(Conv\) is a grouped convolution \(group=2"):
         import_network(path)
 
