@@ -1,12 +1,18 @@
 """Cross-task zipping: per-task test error against the fraction of parameters shared, per matching method.
 
 Two CNNs trained on different tasks are merged, task a on MNIST and task b on Fashion-MNIST:
-``vgg_a`` + ``vgg_fashion`` and ``lenet5_a`` + ``lenet5_fashion`` (models/reference/). For every
+``vgg_a`` + ``vgg_fashion`` and ``lenet5_a`` + ``lenet5_fashion`` (models/reference/), and, run on
+their own (``--arch mobilenetv2 efficientnet --name cross_task_mobile``), the mobile pairs
+``mobilenetv2_mnist`` + ``mobilenetv2_fashion`` and ``efficientnet_mnist`` + ``efficientnet_fashion``
+(depthwise convolutions, SE gates, SiLU; models/README.md). For every
 pair-choice method (MTZ Hessian with the label-free correction, the tool's default; MTZ without
 correction, the paper's method; weight distance; activation correlation; random) the share
 fraction F, applied uniformly to every hidden layer (the heads are never shared), is swept upward;
 each merge reports the fraction of all parameters shared and each task's error on its data set's
-10,000 test images. No retraining follows any merge.
+10,000 test images. No retraining follows any merge, except for the methods marked '+rt': the same
+merge, then retrained lightly (``onnxzip retrain``: --retrain-iters iterations of Adam at
+--retrain-lr, cosine schedule, cross-entropy on --retrain-samples labelled training images per task).
+``--merge-cost`` also times one full merge per pair in a fresh process and records its peak memory.
 
 Then, per arch and method, the largest fraction of parameters shared with at most +0.5 points of
 error on each task: the best passing merge, after bisecting F between the largest passing grid
@@ -17,6 +23,8 @@ asks whether a schedule other than uniform shares more at the same error bound.
     python benchmarks/cross_task.py                  # the full run, both archs, every method
     python benchmarks/cross_task.py --arch lenet5 --shares 0.5 --methods hessian --bisect-steps 0
     python benchmarks/cross_task.py --render-only    # tables, section and plot again from cross_task.json
+    python benchmarks/cross_task.py --arch mobilenetv2 efficientnet --name cross_task_mobile --merge-cost \
+        --methods hessian l2 correlation random hessian+rt l2+rt correlation+rt random+rt
 
 Calibration: hessian, l2 and random read 2,000 training images of each task's own data set;
 correlation compares units on the same samples, so both tasks read one folder of 1,000 MNIST and
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,14 +59,23 @@ import bench_common as bc  # noqa: E402
 from onnxzip.canonical import import_network  # noqa: E402
 from onnxzip.options import MergeOptions  # noqa: E402
 from onnxzip.runtime import resolve_device, session  # noqa: E402
+from onnxzip.retrain import RetrainOptions, retrain  # noqa: E402
 from onnxzip.verify import MergedRunner  # noqa: E402
 
 NAME = "cross_task"
-PLOT = bc.HERE / f"{NAME}.png"
-JSON = bc.HERE / f"{NAME}.json"
 RENDER_ONLY = "--render-only"
 # Reference model pairs per architecture: (task a on MNIST, task b on Fashion-MNIST).
-PAIRS = {"vgg": ("vgg_a", "vgg_fashion"), "lenet5": ("lenet5_a", "lenet5_fashion")}
+PAIRS = {"vgg": ("vgg_a", "vgg_fashion"), "lenet5": ("lenet5_a", "lenet5_fashion"),
+         "mobilenetv2": ("mobilenetv2_mnist", "mobilenetv2_fashion"),
+         "efficientnet": ("efficientnet_mnist", "efficientnet_fashion")}
+# The archs of a run without --arch (the mobile ones run on their own: --arch mobilenetv2 efficientnet).
+DEFAULT_ARCHS = ("vgg", "lenet5")
+# Light retraining after a merge (methods '...+rt'): Adam, cosine schedule, labels, batch per task.
+DEFAULT_RETRAIN_ITERS = 500
+DEFAULT_RETRAIN_LR = 1e-3
+DEFAULT_RETRAIN_SAMPLES = 10000
+RETRAIN_BATCH = 64
+RETRAIN_THREADS = 2
 TASKS = ("a", "b")
 DATASETS = {"a": "mnist", "b": "fashion-mnist"}
 TASK_LABELS = {"a": "MNIST", "b": "Fashion-MNIST"}
@@ -97,6 +115,12 @@ class Method:
     cost: str
     correct: bool = True
     schedule: str = "uniform"  # "uniform": every hidden layer shares F; "taper": early layers more
+    retrain: bool = False  # light retraining of the merge (with labels) before the test errors
+
+    @property
+    def merge_key(self) -> tuple:
+        """What decides the merge (a retraining method reuses its base method's merge)."""
+        return self.cost, self.correct, self.schedule
 
 
 METHODS = {m.key: m for m in [
@@ -106,9 +130,16 @@ METHODS = {m.key: m for m in [
     Method("correlation", bc.METHODS["correlation"], "correlation"),
     Method("random", bc.METHODS["random"], "random"),
     Method("hessian-taper", "MTZ Hessian + correction, early layers more", "hessian", schedule="taper"),
+    Method("hessian+rt", "MTZ Hessian + correction (default), retrained", "hessian", retrain=True),
+    Method("l2+rt", bc.METHODS["l2"] + ", retrained", "l2", retrain=True),
+    Method("correlation+rt", bc.METHODS["correlation"] + ", retrained", "correlation", retrain=True),
+    Method("random+rt", bc.METHODS["random"] + ", retrained", "random", retrain=True),
 ]}
+DEFAULT_METHODS = tuple(k for k, m in METHODS.items() if not m.retrain)
 STYLES = {"hessian": ("tab:blue", "o"), "hessian-nocorr": ("tab:orange", "s"), "l2": ("tab:green", "^"),
-          "correlation": ("tab:red", "v"), "random": ("tab:gray", "x"), "hessian-taper": ("tab:purple", "D")}
+          "correlation": ("tab:red", "v"), "random": ("tab:gray", "x"), "hessian-taper": ("tab:purple", "D"),
+          "hessian+rt": ("navy", "o"), "l2+rt": ("darkgreen", "^"), "correlation+rt": ("darkred", "v"),
+          "random+rt": ("black", "x")}
 
 
 @dataclass(frozen=True)
@@ -172,19 +203,38 @@ class TestSets:
 
 
 @dataclass(frozen=True)
+class Retraining:
+    """The light retraining of the '+rt' methods: iterations, learning rate, training images per task."""
+
+    iters: int
+    lr: float
+    samples: int
+
+    def options(self, seed: int) -> RetrainOptions:
+        """The retraining's options: Adam, cosine schedule, cross-entropy on the labels."""
+        return RetrainOptions(iters=self.iters, lr=self.lr, lr_schedule="cosine", batch_size=RETRAIN_BATCH,
+                              loss="labels", threads=RETRAIN_THREADS, seed=seed, verify_samples=VERIFY_SAMPLES)
+
+
+@dataclass(frozen=True)
 class Setup:
-    """What every merge of a run shares: data folders, seed and speed knobs."""
+    """What every merge of a run shares: data folders, seed, speed knobs, the retraining, and the
+    folder where merges are kept for the run (a retraining method reuses its base method's merge)."""
 
     seed: int
     max_patches: int | None
     calib_samples: int | None
     batch_size: int
     tests: TestSets | None = field(compare=False, repr=False)  # None when only re-rendering
+    retraining: Retraining | None = None
+    work: Path | None = field(default=None, compare=False, repr=False)
+    merges: dict = field(default_factory=dict, compare=False, repr=False)
 
     def knobs(self) -> dict:
         """The options that every merge of the run shares (JSON-ready)."""
         return {"seed": self.seed, "max_patches": self.max_patches, "calib_samples": self.calib_samples,
-                "batch_size": self.batch_size, "layout": LAYOUT, "verify_samples": VERIFY_SAMPLES}
+                "batch_size": self.batch_size, "layout": LAYOUT, "verify_samples": VERIFY_SAMPLES,
+                "retraining": asdict(self.retraining) if self.retraining else None}
 
 
 def layer_shares(method: Method, share: float, hidden: Sequence[str]) -> tuple[tuple[str, float], ...]:
@@ -203,23 +253,45 @@ def calibration(method: Method) -> dict[str, Path]:
     return {t: bc.calib_folder(DATASETS[t]) for t in TASKS}
 
 
+def _merged(arch: str, method: Method, share: float, hidden: Sequence[str], setup: Setup):
+    """The arch's pair merged with the method at share F, kept in the run's folder: (result, path, seconds)."""
+    key = (arch, method.merge_key, share)
+    if key not in setup.merges:
+        opts = MergeOptions(share=share, share_layers=layer_shares(method, share, hidden), cost=method.cost,
+                            correct=method.correct, tasks=TASKS, seed=setup.seed, max_patches=setup.max_patches,
+                            calib_samples=setup.calib_samples, batch_size=setup.batch_size, layout=LAYOUT,
+                            verify_samples=VERIFY_SAMPLES)
+        out = setup.work / f"{arch}_{method.cost}_{method.correct}_{method.schedule}_{share:.6f}.onnx"
+        start = time.perf_counter()
+        result = bc.run_merge(bc.reference(*PAIRS[arch]), calibration(method), {}, opts, out)
+        setup.merges[key] = (result, out, time.perf_counter() - start)
+    return setup.merges[key]
+
+
+def _retrained(arch: str, merged: Path, setup: Setup) -> Path:
+    """The merged model after the light retraining on each task's labelled training images."""
+    out = merged.with_name(merged.stem + "_rt.onnx")
+    if not out.is_file():
+        data = {t: bc.train_folder(DATASETS[t], setup.retraining.samples) for t in TASKS}
+        retrain(merged, data, out, setup.retraining.options(setup.seed),
+                teachers=dict(zip(TASKS, bc.reference(*PAIRS[arch]))))
+    return out
+
+
 def merge_point(arch: str, method: Method, share: float, hidden: Sequence[str], setup: Setup,
                 source: str = "grid") -> Point:
-    """Merge the arch's pair with the method at share F and measure it on both test sets."""
-    opts = MergeOptions(share=share, share_layers=layer_shares(method, share, hidden), cost=method.cost,
-                        correct=method.correct, tasks=TASKS, seed=setup.seed, max_patches=setup.max_patches,
-                        calib_samples=setup.calib_samples, batch_size=setup.batch_size, layout=LAYOUT,
-                        verify_samples=VERIFY_SAMPLES)
+    """Merge the arch's pair with the method at share F (and retrain it, for a '+rt' method) and measure
+    it on both test sets; seconds: the merge's (and the retraining's) and the test passes'."""
     tests = setup.tests
-    assert tests is not None, "merging needs the test sets"
+    assert tests is not None and setup.work is not None, "merging needs the test sets and a work folder"
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="onnxzip-cross-task-") as tmp:
-        out = Path(tmp) / "merged.onnx"
-        result = bc.run_merge(bc.reference(*PAIRS[arch]), calibration(method), {}, opts, out)
-        error = tests.merged_errors(out)
+    result, out, merge_s = _merged(arch, method, share, hidden, setup)
+    if method.retrain:
+        out = _retrained(arch, out, setup)
+    error = tests.merged_errors(out)
     point = Point(arch, method.key, share, source, bc.shared_param_fraction(result), error,
                   tests.original_errors(arch), {l.name: f"{l.shared}/{min(l.units)}" for l in result.layers},
-                  time.perf_counter() - start)
+                  time.perf_counter() - start + merge_s)
     print(f"  {arch:6} {method.key:14} F={share:.4f} params shared {PERCENT * point.param_fraction:5.1f}%  "
           + "  ".join(f"{t}: {point.error[t]:5.2f}% ({point.delta(t):+.2f})" for t in TASKS)
           + f"  {point.seconds:.0f} s", flush=True)
@@ -336,7 +408,7 @@ def summary_table(rows: Sequence[Sequence]) -> str:
     return bc.markdown_table(header, rows)
 
 
-def plot(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str]) -> None:
+def plot(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str], path: Path) -> None:
     """Per arch and task: test error against the fraction of parameters shared, one line per method."""
     fig, axes = plt.subplots(len(archs), len(TASKS), figsize=(11, 4.2 * len(archs)), squeeze=False)
     for row, arch in enumerate(archs):
@@ -358,7 +430,7 @@ def plot(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str]) 
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -391,17 +463,65 @@ def _arch_conclusion(arch: str, shared: dict[str, float]) -> str:
     return text
 
 
+# A merge in a fresh process that prints its wall seconds and peak resident memory (KiB, ru_maxrss).
+COST_SCRIPT = """
+import json, resource, sys, time
+from pathlib import Path
+from onnxzip.api import merge
+from onnxzip.options import MergeOptions
+models, calib, out, knobs = json.loads(sys.argv[1])
+start = time.perf_counter()
+merge([Path(m) for m in models], {t: Path(c) for t, c in calib.items()}, Path(out), MergeOptions(**knobs))
+print(json.dumps([time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+COST_SHARE = 1.0
+KIB = 1024
+
+
+def merge_cost(arch: str, setup: Setup) -> dict:
+    """Wall seconds and peak memory of one default merge of the pair at F = COST_SHARE in a fresh process
+    (the run's knobs; imports and the written-vs-tied check included), with the pair's parameters."""
+    models = [str(p) for p in bc.reference(*PAIRS[arch])]
+    calib = {t: str(f) for t, f in calibration(METHODS["hessian"]).items()}
+    knobs = {"share": COST_SHARE, "tasks": list(TASKS), "max_patches": setup.max_patches,
+             "calib_samples": setup.calib_samples, "batch_size": setup.batch_size, "layout": LAYOUT,
+             "verify_samples": VERIFY_SAMPLES}
+    out = setup.work / f"{arch}_cost.onnx"
+    proc = subprocess.run([sys.executable, "-c", COST_SCRIPT, json.dumps([models, calib, str(out), knobs])],
+                          capture_output=True, text=True, check=True)
+    seconds, peak_kib = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"arch": arch, "params": [import_network(m).params for m in models], "seconds": round(seconds, 1),
+            "peak_mib": round(peak_kib / KIB, 1)}
+
+
+def cost_table(costs: Sequence[dict]) -> str:
+    """Per pair: parameters, one full merge's wall time and peak memory."""
+    rows = [[c["arch"], " + ".join(f"{p:,}" for p in c["params"]), c["seconds"], c["peak_mib"]] for c in costs]
+    return bc.markdown_table(["pair", "parameters a + b", f"merge at F={COST_SHARE:g}: wall s", "peak memory MiB"],
+                             rows)
+
+
 def merge_times(points: Sequence[Point], archs: Sequence[str]) -> str:
     """Per arch, the range of one merge's seconds (merge, verification and test errors)."""
     spans = {a: [p.seconds for p in points if p.arch == a] for a in archs}
     return ", ".join(f"{a} {min(v):.0f}-{max(v):.0f} s" for a, v in spans.items() if v)
 
 
+def _retraining_words(r: Retraining | None) -> str:
+    if r is None:
+        return "no retraining."
+    return (f"no retraining, except for the methods marked 'retrained': their merge (the same as the method's "
+            f"without retraining) retrained with `onnxzip retrain` for {r.iters} iterations, Adam at {r.lr:g} "
+            f"cosine-annealed to 0, cross-entropy on the labels, batch {RETRAIN_BATCH} per task, on {r.samples} "
+            f"labelled training images per task (bench_common.train_folder; 10% held out).")
+
+
 def setup_text(archs: Sequence[str], setup: Setup, full: bool, elapsed: float, times: str) -> str:
     """The paragraph under the section title: pairs, measures, calibration, options."""
     used = f"the first {setup.calib_samples}" if setup.calib_samples else "all"
     return (
-        f"Task a: MNIST, task b: Fashion-MNIST; errors on each data set's 10,000 test images; no retraining. "
+        f"Task a: MNIST, task b: Fashion-MNIST; errors on each data set's 10,000 test images; "
+        f"{_retraining_words(setup.retraining)} "
         f"Pairs: {', '.join(f'{a} = ' + ' + '.join(PAIRS[a]) for a in archs)}. F is the share of every hidden "
         f"layer's units (the heads are never shared); params shared is the fraction of both models' parameters "
         f"stored once (bench_common.shared_param_fraction).\n\n"
@@ -421,8 +541,8 @@ def setup_text(archs: Sequence[str], setup: Setup, full: bool, elapsed: float, t
 
 
 def report(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str], setup: Setup,
-           elapsed: float, full: bool) -> str:
-    """The section body: setup, sweep tables, the summary, the conclusion."""
+           elapsed: float, full: bool, plot_name: str, costs: Sequence[dict] = ()) -> str:
+    """The section body: setup, sweep tables, the summary, the conclusion, and the merges' cost."""
     summaries = [r for arch in archs for r in summary_rows(arch, [p for p in points if p.arch == arch], methods)]
     parts = [setup_text(archs, setup, full, elapsed, merge_times(points, archs))]
     for arch in archs:
@@ -436,9 +556,16 @@ def report(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str]
                  "share and the next one).\n\n" + summary_table(summaries))
     parts.append(conclusion(summaries, archs))
     parts.append(f"Paper anchor: MTZ shares {PAPER_ANCHOR_PERCENT}% of two VGG-16 (ImageNet + CelebA) at < 0.5 "
-                 f"points, *after* retraining; the figures here are without any retraining, on much smaller "
+                 f"points, *after* retraining; the figures here are without any retraining"
+                 f"{' (but for the methods marked retrained)' if setup.retraining else ''}, on much smaller "
                  f"networks. Uniform sharing per layer is the simplest schedule; the paper tunes each layer.")
-    parts.append(f"![test error against parameters shared, per method]({PLOT.name})")
+    if costs:
+        parts.append(f"### Merge time and peak memory\n\nOne merge per pair at F={COST_SHARE:g} with the run's "
+                     "options, in a fresh process (ru_maxrss; imports, calibration, pairing, writing and the "
+                     "written-vs-tied check included), on the 2-core machine, before the sweep (other jobs "
+                     "may have run beside it).\n\n"
+                     + cost_table(costs))
+    parts.append(f"![test error against parameters shared, per method]({plot_name})")
     return "\n\n".join(parts)
 
 
@@ -458,8 +585,16 @@ def run(archs: Sequence[str], methods: Sequence[str], shares: Sequence[float], s
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", nargs="+", choices=list(PAIRS), default=list(PAIRS))
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--arch", nargs="+", choices=list(PAIRS), default=list(DEFAULT_ARCHS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
+                   help="pair-choice methods; '+rt' ones retrain each merge lightly (default: none of those)")
+    p.add_argument("--retrain-iters", type=int, default=DEFAULT_RETRAIN_ITERS)
+    p.add_argument("--retrain-lr", type=float, default=DEFAULT_RETRAIN_LR)
+    p.add_argument("--retrain-samples", type=int, default=DEFAULT_RETRAIN_SAMPLES,
+                   help="labelled training images per task for the retraining")
+    p.add_argument("--name", default=NAME, help="the results' name: RESULTS.md section and benchmarks/NAME.*")
+    p.add_argument("--merge-cost", action="store_true",
+                   help="also time one full merge per pair in a fresh process, with its peak memory")
     p.add_argument("--shares", "--share", nargs="+", type=float, default=list(DEFAULT_SHARES),
                    help="share fractions F of the sweep")
     p.add_argument("--full-sweep", action="store_true",
@@ -474,44 +609,57 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Point], Setup, float]:
-    """Every merge of the command line's run; also the run's seconds."""
+def _retraining(args: argparse.Namespace) -> Retraining | None:
+    """The light retraining of the run's '+rt' methods (None when it has none)."""
+    if not any(METHODS[m].retrain for m in args.methods):
+        return None
+    return Retraining(args.retrain_iters, args.retrain_lr, args.retrain_samples)
+
+
+def measure(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Point], Setup, float, list[dict]]:
+    """Every merge of the command line's run; also the run's seconds and (--merge-cost) each pair's merge cost."""
     args = parse_args(argv)
-    setup = Setup(args.seed, args.max_patches or None, args.calib_samples or None, args.batch_size,
-                  TestSets(args.batch_size))
     start = time.perf_counter()
-    points = run(args.arch, args.methods, sorted(set(args.shares)), setup, args.bisect_steps, args.full_sweep)
-    return args, points, setup, time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="onnxzip-cross-task-") as work:
+        setup = Setup(args.seed, args.max_patches or None, args.calib_samples or None, args.batch_size,
+                      TestSets(args.batch_size), _retraining(args), Path(work))
+        costs = [merge_cost(arch, setup) for arch in args.arch] if args.merge_cost else []
+        points = run(args.arch, args.methods, sorted(set(args.shares)), setup, args.bisect_steps, args.full_sweep)
+    return args, points, setup, time.perf_counter() - start, costs
 
 
-def reload() -> tuple[str, argparse.Namespace, list[Point], Setup, float]:
-    """The command, options, merges, setup and seconds of the run recorded in benchmarks/cross_task.json."""
-    data = json.loads(JSON.read_text())
+def reload(name: str) -> tuple[str, argparse.Namespace, list[Point], Setup, float, list[dict]]:
+    """The command, options, merges, setup and seconds of the run recorded in benchmarks/NAME.json."""
+    data = json.loads((bc.HERE / f"{name}.json").read_text())
     args = parse_args(shlex.split(data["command"])[2:])
-    setup = Setup(args.seed, args.max_patches or None, args.calib_samples or None, args.batch_size, None)
-    return data["command"], args, [Point(**p) for p in data["points"]], setup, data["elapsed_s"]
+    setup = Setup(args.seed, args.max_patches or None, args.calib_samples or None, args.batch_size, None,
+                  _retraining(args))
+    return data["command"], args, [Point(**p) for p in data["points"]], setup, data["elapsed_s"], data.get("costs", [])
 
 
-def publish(command: str, args: argparse.Namespace, points: list[Point], setup: Setup, elapsed: float) -> None:
-    """Print the tables; write the RESULTS.md section, benchmarks/cross_task.md, .json and .png."""
-    body = report(points, args.arch, args.methods, setup, elapsed, args.full_sweep)
+def publish(command: str, args: argparse.Namespace, points: list[Point], setup: Setup, elapsed: float,
+            costs: list[dict]) -> None:
+    """Print the tables; write the RESULTS.md section, benchmarks/NAME.md, .json and .png."""
+    plot_path = bc.HERE / f"{args.name}.png"
+    body = report(points, args.arch, args.methods, setup, elapsed, args.full_sweep, plot_path.name, costs)
     print("\n" + body)
-    plot(points, args.arch, args.methods)
-    bc.write_section(NAME, command, body)
-    bc.write_json(NAME, {"command": command, "elapsed_s": elapsed, "bound_points": ERROR_BOUND,
-                         "setup": setup.knobs(), "pairs": {a: PAIRS[a] for a in args.arch},
-                         "shares": sorted(set(args.shares)), "points": [asdict(p) for p in points]})
+    plot(points, args.arch, args.methods, plot_path)
+    bc.write_section(args.name, command, body)
+    bc.write_json(args.name, {"command": command, "elapsed_s": elapsed, "bound_points": ERROR_BOUND,
+                              "setup": setup.knobs(), "pairs": {a: PAIRS[a] for a in args.arch},
+                              "shares": sorted(set(args.shares)), "points": [asdict(p) for p in points],
+                              "costs": costs})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark (or, with --render-only, re-render the recorded run) and write the results."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if RENDER_ONLY in argv:
-        publish(*reload())
+        publish(*reload(parse_args(argv).name))
         return
-    args, points, setup, elapsed = measure(argv)
+    args, points, setup, elapsed, costs = measure(argv)
     publish("python benchmarks/cross_task.py" + (" " + shlex.join(argv) if argv else ""), args, points, setup,
-            elapsed)
+            elapsed, costs)
 
 
 if __name__ == "__main__":

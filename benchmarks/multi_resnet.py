@@ -1,4 +1,5 @@
-"""Five small ResNets on five tasks merged into one model at a given fraction of shared parameters.
+"""Five small ResNets (or, with --arch mobilenetv2, five MobileNetV2s) on five tasks merged into one
+model at a given fraction of shared parameters.
 
 The paper (Sec. 4.3) zips five ResNets on five tasks, sharing 90% of their parameters, and reports
 a mean error increase of 0.25 points after retraining (17.95% to 18.20%). Here the reference
@@ -31,6 +32,12 @@ others train on their labels; Fashion-MNIST, the task that loses most to sharing
     python benchmarks/multi_resnet.py                       # 90% shared, all five tasks
     python benchmarks/multi_resnet.py --fractions 0.5 0.9 --retrain-iters 300 --lr 1e-4 --lr-schedule constant
     python benchmarks/multi_resnet.py --stream-pairing early all --retrain-iters 0   # merges only
+    python benchmarks/multi_resnet.py --arch mobilenetv2 --fractions 0.5 0.7 0.9 --retrain-iters 1000
+
+With --arch mobilenetv2 the five reference MobileNetV2s (models/README.md) are merged; their free
+spaces have more than MAX_EXHAUSTIVE_WIDTHS widths, so one uniform share F of every free space
+(count = round(F x width)), the smallest that reaches the target, is used instead of a count per
+width; the results go to the section and files 'multi_mobilenetv2'.
 
 Writes the section 'multi_resnet' of benchmarks/RESULTS.md, multi_resnet.md and multi_resnet.json
 ('multi_resnet_merge_only' for a run with --retrain-iters 0).
@@ -57,8 +64,15 @@ NAME = "multi_resnet"
 TASKS = {"mnist": ("mnist", "resnet_mnist"), "fashion": ("fashion-mnist", "resnet_fashion"),
          "kmnist": ("kmnist", "resnet_kmnist"), "rot90": ("mnist-rot90", "resnet_mnistrot"),
          "inv": ("mnist-inv", "resnet_mnistinv")}
+# Per architecture: the reference model of each task, the results' name and how tables name the models.
+ARCHS = {"resnet": ({t: m for t, (_, m) in TASKS.items()}, NAME, "ResNets"),
+         "mobilenetv2": ({"mnist": "mobilenetv2_mnist", "fashion": "mobilenetv2_fashion",
+                          "kmnist": "mobilenetv2_kmnist", "rot90": "mobilenetv2_mnistrot",
+                          "inv": "mobilenetv2_mnistinv"}, "multi_mobilenetv2", "MobileNetV2s")}
 TARGET_INCREASE = 0.25  # points of mean error increase after retraining (the paper's figure)
-OUT = bc.CACHE / NAME
+# choose_counts tries every count per width up to this many widths; with more, one uniform share F.
+MAX_EXHAUSTIVE_WIDTHS = 3
+UNIFORM_STEPS = 30  # bisection steps on F for uniform_counts
 SEED = 0
 LOSS_KINDS = ("labels", "mix")  # the benchmark's choices for --loss and --task-loss
 
@@ -85,12 +99,29 @@ def shared_fraction(params_in: list[int], merged: int) -> float:
     return n / (n - 1) * (total - merged) / total
 
 
+def uniform_counts(nets, target: float) -> tuple[list[int], int]:
+    """Shared units per free space for the smallest uniform share F (count = round(F x width)) that
+    shares at least ``target``; returns (counts, merged params)."""
+    caps, params_in = widths(nets), [n.params for n in nets]
+    at = lambda f: [int(round(f * c)) for c in caps]
+    if shared_fraction(params_in, merged_params(nets, at(1.0))) < target:
+        raise ValueError(f"no counts reach {target:.0%} of parameters shared")
+    lo, hi = 0.0, 1.0
+    for _ in range(UNIFORM_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if shared_fraction(params_in, merged_params(nets, at(mid))) >= target else (mid, hi)
+    return at(hi), merged_params(nets, at(hi))
+
+
 def choose_counts(nets, target: float) -> tuple[list[int], int]:
     """Shared units per free space, one count per width (a stage's spaces alike): of all such
     choices that share at least ``target``, those whose largest share (count / width) is lowest,
-    and of these the one sharing least; returns (counts, merged params)."""
+    and of these the one sharing least; returns (counts, merged params). Networks of more than
+    MAX_EXHAUSTIVE_WIDTHS widths take one uniform share (uniform_counts)."""
     caps, params_in = widths(nets), [n.params for n in nets]
     stage_widths = sorted(set(caps))
+    if len(stage_widths) > MAX_EXHAUSTIVE_WIDTHS:
+        return uniform_counts(nets, target)
     best = None
     for combo in itertools.product(*(range(w + 1) for w in stage_widths)):
         by_width = dict(zip(stage_widths, combo))
@@ -114,16 +145,18 @@ def _retrain_record(ropts: RetrainOptions | None) -> dict:
             "task_weight": dict(ropts.task_weight)}
 
 
-def run(tasks: list[str], target: float, calib: int, train: int, ropts: RetrainOptions | None,
+def run(arch: str, tasks: list[str], target: float, calib: int, train: int, ropts: RetrainOptions | None,
         pairing: str) -> dict:
     """Merge at the target, evaluate, retrain (with ropts, unless None), evaluate; returns the figures."""
     folders = {t: _folders(t, calib, train) for t in tasks}
-    paths = bc.reference(*(TASKS[t][1] for t in tasks))
+    models, name, _ = ARCHS[arch]
+    paths = bc.reference(*(models[t] for t in tasks))
     nets = [import_network(p) for p in paths]
     counts, predicted = choose_counts(nets, target)
     names = [nets[0].layers[s].name for s in free_spaces(nets[0])]
-    OUT.mkdir(parents=True, exist_ok=True)
-    merged = OUT / f"merged_{target:.2f}_{pairing}.onnx"
+    out = bc.CACHE / name
+    out.mkdir(parents=True, exist_ok=True)
+    merged = out / f"merged_{target:.2f}_{pairing}.onnx"
     opts = MergeOptions(share_layers=tuple(zip(names, counts)), tasks=tuple(tasks), max_patches=64, batch_size=100,
                         verify_samples=128, stream_pairing=pairing)
     start = time.perf_counter()
@@ -134,10 +167,11 @@ def run(tasks: list[str], target: float, calib: int, train: int, ropts: RetrainO
     errs = bc.errors(result)
     retrained, retrain_s = {t: None for t in tasks}, 0.0
     if ropts is not None:
-        after = retrain(merged, {t: f[1] for t, f in folders.items()}, OUT / f"retrained_{target:.2f}_{pairing}.onnx",
+        after = retrain(merged, {t: f[1] for t, f in folders.items()}, out / f"retrained_{target:.2f}_{pairing}.onnx",
                         ropts, teachers=dict(zip(tasks, paths)), evals={t: f[2] for t, f in folders.items()})
         retrained, retrain_s = {r.task: 100.0 * (1 - r.accuracy_after) for r in after.tasks}, after.seconds
-    return {"target": target, "spaces": dict(zip(names, counts)), "widths": widths(nets),
+    return {"arch": arch, "models": [models[t] for t in tasks], "target": target, "spaces": dict(zip(names, counts)),
+            "widths": widths(nets),
             "params_inputs": list(result.params_inputs), "params_merged": result.params_merged,
             "fraction": shared_fraction(list(result.params_inputs), result.params_merged),
             "tasks": {t: {"original": errs[t][0], "merged": errs[t][1], "retrained": retrained[t]} for t in tasks},
@@ -203,14 +237,16 @@ def _section(results: list[dict], command: str, total_s: float) -> str:
                       f"{r['train']:,} labelled training images per task less {r['holdout']:.0%} held out, "
                       f"{r['retrain_seconds']} s; loss per task: {_loss_words(r)}" if r["iters"] else "no retraining")
         parts.append(
-            f"### {len(r['tasks'])} ResNets, target {r['target']:.0%} of parameters shared, streams paired from "
+            f"### {len(r['tasks'])} {ARCHS[r.get('arch', 'resnet')][2]}, target {r['target']:.0%} of parameters "
+            f"shared, streams paired from "
             f"{'all writers' if r['stream_pairing'] == 'all' else 'the early writers'}\n\n"
             f"Shared units per free unit space: {spaces} (first writer of each space, "
             f"shared units / width). Parameters {sum(r['params_inputs']):,} in, {r['params_merged']:,} merged "
             f"({r['bytes']:,} bytes): {r['fraction']:.1%} shared. Merge {r['merge_seconds']} s (calibration "
             f"{r['calib']} images per task, --stream-pairing {r['stream_pairing']}); {retraining}.\n\n"
             + _table(r) + "\n\n" + _verdict(r) + "\n")
-    head = (f"Tasks: {', '.join(f'{k} ({v[0]}, {v[1]})' for k, v in TASKS.items())}. Total run time "
+    models = results[0].get("models", [m for _, m in TASKS.values()]) if results else []
+    head = (f"Tasks: {', '.join(f'{k} ({v[0]}, {m})' for (k, v), m in zip(TASKS.items(), models))}. Total run time "
             f"{total_s / 60:.1f} min.\n\n")
     return head + "\n".join(parts)
 
@@ -240,6 +276,7 @@ def _task_pairs(values: list[str], flag: str, convert, what: str) -> tuple[tuple
 def main() -> None:
     """Parse arguments, run each target, print and write the results."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="resnet", choices=list(ARCHS))
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.9])
     ap.add_argument("--calib", type=int, default=1000)
@@ -267,10 +304,11 @@ def main() -> None:
     results = []
     for target in args.fractions:
         for pairing in args.stream_pairing:
-            r = run(args.tasks, target, args.calib, args.train, ropts, pairing)
+            r = run(args.arch, args.tasks, target, args.calib, args.train, ropts, pairing)
             print(_table(r), flush=True)
             results.append(r)
     command = "python benchmarks/multi_resnet.py " + " ".join(
+        ([f"--arch {args.arch}"] if args.arch != "resnet" else []) +
         [f"--fractions {' '.join(map(str, args.fractions))}", f"--calib {args.calib}", f"--train {args.train}",
          f"--retrain-iters {args.retrain_iters}", f"--lr {args.lr:g}", f"--lr-schedule {args.lr_schedule}",
          f"--loss {args.loss}", f"--task-loss {' '.join(args.task_loss)}",
@@ -279,7 +317,8 @@ def main() -> None:
          f"--stream-pairing {' '.join(args.stream_pairing)}", f"--threads {args.threads}"])
     body = _section(results, command, time.perf_counter() - start)
     print(body)
-    name = NAME if args.retrain_iters else NAME + "_merge_only"  # a merge-only run keeps the retrained figures
+    base = ARCHS[args.arch][1]
+    name = base if args.retrain_iters else base + "_merge_only"  # a merge-only run keeps the retrained figures
     bc.write_section(name, command, body)
     bc.write_json(name, results)
 

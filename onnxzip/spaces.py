@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import OnnxZipError
-from .ir import Layer, Network, Op
+from .ir import DEPTHWISE, Layer, Network, Op
 
 INPUT = -1  # the space of the network input (and of steps before the first layer)
 
@@ -134,9 +134,10 @@ def unit_spaces(net: Network) -> Spaces:
 def _channel_op_space(net: Network, op: Op, parts: tuple[int, ...]) -> int:
     """The space a channel op reads; refuses one after a Concat or on the input, or of another width."""
     if len(parts) != 1 or parts[0] == INPUT:
-        raise OnnxZipError(f"{net.path}: {op.describe()} reads {'a Concat of branches' if len(parts) > 1 else 'the input'}"
-                           f"; a {'depthwise Conv' if op.op_type == 'Conv' else op.op_type} is only supported on the "
-                           "output of one layer or of a residual join")
+        what = "a Concat of branches" if len(parts) > 1 else "the input"
+        kind = "depthwise Conv" if op.op_type == DEPTHWISE else op.op_type
+        raise OnnxZipError(f"{net.path}: {op.describe()} reads {what}; a {kind} is only supported on the output of "
+                           "one layer or of a residual join")
     units = net.layers[parts[0]].out_units
     if op.channels != units:
         raise OnnxZipError(f"{net.path}: {op.describe()} has {op.channels} channels but reads the {units} units of "

@@ -883,3 +883,24 @@ def test_depthwise_kernels_add_their_cost_to_the_pairing(tmp_path, exports):
     b, perms = exports.get(_identical_expansions, "identical_expansions", True, 18, MOBILE_SHAPE, seed=1)
     result, _ = B.merge_copies_back(tmp_path, [a, b], MOBILE_SHAPE, tol=FOLD_TOL)
     _assert_pairs(result.plan, perms)
+
+
+class _DepthwiseAfterConcat(torch.nn.Module):
+    """stem conv, two 1x1 branches concatenated, a depthwise conv over the Concat, pool, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b1, self.b2 = torch.nn.Conv2d(1, 3, 3), torch.nn.Conv2d(3, 2, 1), torch.nn.Conv2d(3, 2, 1)
+        self.dw, self.fc = torch.nn.Conv2d(4, 4, 3, groups=4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = self.dw(torch.cat([self.b1(h), self.b2(h)], 1))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def test_a_depthwise_conv_after_a_concat_is_refused_by_name(tmp_path):
+    path = _export(_DepthwiseAfterConcat(), tmp_path / "dwcat.onnx", True, 18)
+    with pytest.raises(OnnxZipError, match=r"dwcat\.onnx: 'dw1' \(node '.*'\) reads a Concat of branches; a depthwise "
+                                           r"Conv is only supported on the output of one layer"):
+        B.merge_copies_back(tmp_path, [path, path], SHAPE)
