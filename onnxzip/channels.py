@@ -57,10 +57,12 @@ def _patches(op: Op, x: np.ndarray, max_patches: int | None) -> np.ndarray:
     win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, oh, ow, kh, kw]
     keep = patch_subset(win.shape[2], win.shape[3], max_patches)
-    if keep is not None:
-        win = win[:, :, keep[0], keep[1]][:, :, :, None]
     c = win.shape[1]
-    return np.ascontiguousarray(win.transpose(1, 0, 2, 3, 4, 5)).reshape(c, -1, kh * kw)
+    if keep is None:
+        return np.ascontiguousarray(win.transpose(1, 0, 2, 3, 4, 5)).reshape(c, -1, kh * kw)
+    rows, cols = keep[0] * sh, keep[1] * sw  # the kept positions' top-left taps, one tap at a time
+    taps = [xp[:, :, rows + i * dh, cols + j * dw] for i in range(kh) for j in range(kw)]  # each [B, C, P]
+    return np.stack(taps, axis=-1).transpose(1, 0, 2, 3).reshape(c, -1, kh * kw)
 
 
 class ChannelMoments:
@@ -80,8 +82,7 @@ class ChannelMoments:
             self.sums[:, 0, 0] += (neg * neg).sum(axis=axes)
             self.n += int(np.prod([neg.shape[i] for i in axes]))
             return
-        per_sample = max(1, x[:1].size * int(np.prod(kernel_shape(self.op))) * 4)
-        step = max(1, CHUNK_BYTES // per_sample)
+        step = max(1, CHUNK_BYTES // self._patch_bytes(x.shape))
         for start in range(0, x.shape[0], step):
             X = _patches(self.op, np.asarray(x[start:start + step], np.float32), self.max_patches)  # [C, n, k*k]
             k2 = X.shape[2]
@@ -91,6 +92,16 @@ class ChannelMoments:
             self.sums[:, k2, :k2] += s
             self.sums[:, k2, k2] += X.shape[1]
             self.n += X.shape[1]
+
+    def _patch_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of one sample's float32 patches (at most max_patches positions per channel)."""
+        a = self.op.attr_dict()
+        (kh, kw), (sh, sw), (dh, dw) = kernel_shape(self.op), a["strides"], a["dilations"]
+        pt, pl, pb, pr = a["pads"]
+        oh = (shape[2] + pt + pb - (kh - 1) * dh - 1) // sh + 1
+        ow = (shape[3] + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        positions = oh * ow if self.max_patches is None else min(oh * ow, self.max_patches)
+        return max(1, shape[1] * positions * kh * kw * 4)
 
     def hessians(self, scale: float, rel_damping: float) -> np.ndarray:
         """Per channel scale * E[x x^T] + lambda_c I, lambda_c relative to its mean diagonal (as a layer's)."""

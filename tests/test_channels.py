@@ -93,3 +93,18 @@ def test_a_permuted_copy_is_recovered_from_channel_costs_alone():
     perm = np.random.default_rng(9).permutation(8)
     rows, cols = linear_sum_assignment(ChannelTerm(HA, A, HA[perm], A[perm]).pair_costs("hessian"))
     np.testing.assert_array_equal(perm[cols], rows)
+
+
+def test_a_patch_subset_takes_the_full_moments_at_those_positions():
+    """With max_patches, the moments are those of the kept positions' patches (hessian.patch_subset)."""
+    from onnxzip.hessian import patch_subset
+    op = _dw(2, stride=2, pad=1)
+    x = np.random.default_rng(3).standard_normal((3, 2, 9, 9)).astype(np.float32)
+    sub = ChannelMoments(op, max_patches=7)
+    sub.add(x)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    r, c = patch_subset(5, 5, 7)
+    for ch in range(2):
+        R = np.array([np.append(xp[n, ch, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1), 1.0)
+                      for n in range(3) for i, j in zip(r, c)])
+        np.testing.assert_allclose(sub.sums[ch] / sub.n, R.T @ R / len(R), rtol=1e-6, atol=1e-6)
