@@ -43,7 +43,8 @@ MANIFEST = "manifest.json"
 COMMITTED = ("lenet300_a", "lenet300_b")
 
 RECIPES = {"lenet300": Recipe(epochs=20), "lenet5": Recipe(epochs=12), "vgg": Recipe(epochs=4),
-           "resnet": Recipe(epochs=4)}
+           "resnet": Recipe(epochs=4), "mobilenetv2": Recipe(epochs=3), "mobilenetv3": Recipe(epochs=3),
+           "efficientnet": Recipe(epochs=3)}
 FINETUNE = {"lenet300": Recipe(epochs=10), "lenet5": Recipe(epochs=6)}
 # Per-layer densities of the sparse LeNets: Deep Compression's per-layer profile, scaled so the
 # whole network keeps about what the paper's L-OBS step keeps (7% of LeNet-300-100, 8% of LeNet-5).
@@ -80,6 +81,16 @@ SPECS = {s.name: s for s in [
     Spec("resnet_mnist", "resnet", "mnist", 11), Spec("resnet_fashion", "resnet", "fashion-mnist", 12),
     Spec("resnet_kmnist", "resnet", "kmnist", 13, epochs=20), Spec("resnet_mnistrot", "resnet", "mnist-rot90", 14),
     Spec("resnet_mnistinv", "resnet", "mnist-inv", 15),
+    # the mobile networks (depthwise convolutions, squeeze-and-excitation); MobileNetV2 on the five tasks
+    Spec("mobilenetv2_mnist", "mobilenetv2", "mnist", 21),
+    Spec("mobilenetv2_fashion", "mobilenetv2", "fashion-mnist", 22),
+    Spec("mobilenetv2_kmnist", "mobilenetv2", "kmnist", 23, epochs=20),
+    Spec("mobilenetv2_mnistrot", "mobilenetv2", "mnist-rot90", 24),
+    Spec("mobilenetv2_mnistinv", "mobilenetv2", "mnist-inv", 25),
+    Spec("efficientnet_mnist", "efficientnet", "mnist", 26),
+    Spec("efficientnet_fashion", "efficientnet", "fashion-mnist", 27),
+    Spec("mobilenetv3_mnist", "mobilenetv3", "mnist", 28),
+    Spec("mobilenetv3_fashion", "mobilenetv3", "fashion-mnist", 29),
 ]}
 
 
@@ -165,7 +176,8 @@ class Builder:
                  "density": round(nonzero / total, 4),
                  "recipe": self._recipe(spec).as_dict(len(self._split(spec.dataset)["train"][0])),
                  "train_images": len(self._split(spec.dataset)["train"][0]),
-                 "export": refexport.check(net, path, x_test), "sha256": refexport.sha256(path),
+                 "export": refexport.check(net, path, x_test),
+                 "sha256": refexport.sha256(path),
                  "bytes": path.stat().st_size, "committed": spec.name in COMMITTED and not self.quick,
                  "torch": torch.__version__, "train_device": "cpu", "torch_threads": torch.get_num_threads(),
                  **extra}
