@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from .hessian import CHUNK_BYTES, damping_from_diag, patch_subset
+from .hessian import CHUNK_BYTES, conv_patches, damping_from_diag, output_size
 from .ir import DEPTHWISE, PRELU, Op
 
 # Pair costs are computed for this many (channel of A, channel of B) pairs at a time.
@@ -48,21 +47,12 @@ def with_vectors(op: Op, P: np.ndarray) -> Op:
 
 
 def _patches(op: Op, x: np.ndarray, max_patches: int | None) -> np.ndarray:
-    """Every kernel-sized patch of every channel of x [B, C, H, W], as [C, n, k*k] (pads, strides,
-    dilations respected; at most max_patches positions per sample, as a layer's Hessian takes)."""
+    """Every kernel-sized patch of every channel of x [B, C, H, W], as [C, n, k*k] (hessian.conv_patches:
+    at most max_patches positions per sample, as a layer's Hessian takes)."""
     a = op.attr_dict()
-    (kh, kw), (sh, sw), (dh, dw) = kernel_shape(op), a["strides"], a["dilations"]
-    pt, pl, pb, pr = a["pads"]
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, oh, ow, kh, kw]
-    keep = patch_subset(win.shape[2], win.shape[3], max_patches)
-    c = win.shape[1]
-    if keep is None:
-        return np.ascontiguousarray(win.transpose(1, 0, 2, 3, 4, 5)).reshape(c, -1, kh * kw)
-    rows, cols = keep[0] * sh, keep[1] * sw  # the kept positions' top-left taps, one tap at a time
-    taps = [xp[:, :, rows + i * dh, cols + j * dw] for i in range(kh) for j in range(kw)]  # each [B, C, P]
-    return np.stack(taps, axis=-1).transpose(1, 0, 2, 3).reshape(c, -1, kh * kw)
+    kernel = kernel_shape(op)
+    patches = conv_patches(x, kernel, a["strides"], a["pads"], a["dilations"], max_patches)
+    return np.ascontiguousarray(np.moveaxis(patches, -3, 0)).reshape(x.shape[1], -1, kernel[0] * kernel[1])
 
 
 class ChannelMoments:
@@ -95,13 +85,10 @@ class ChannelMoments:
 
     def _patch_bytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of one sample's float32 patches (at most max_patches positions per channel)."""
-        a = self.op.attr_dict()
-        (kh, kw), (sh, sw), (dh, dw) = kernel_shape(self.op), a["strides"], a["dilations"]
-        pt, pl, pb, pr = a["pads"]
-        oh = (shape[2] + pt + pb - (kh - 1) * dh - 1) // sh + 1
-        ow = (shape[3] + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        a, kernel = self.op.attr_dict(), kernel_shape(self.op)
+        oh, ow = output_size(shape[2:], kernel, a["strides"], a["pads"], a["dilations"])
         positions = oh * ow if self.max_patches is None else min(oh * ow, self.max_patches)
-        return max(1, shape[1] * positions * kh * kw * 4)
+        return max(1, shape[1] * positions * kernel[0] * kernel[1] * 4)
 
     def hessians(self, scale: float, rel_damping: float) -> np.ndarray:
         """Per channel scale * E[x x^T] + lambda_c I, lambda_c relative to its mean diagonal (as a layer's)."""
@@ -150,6 +137,11 @@ def merged(HA: np.ndarray, A: np.ndarray, HB: np.ndarray, B: np.ndarray) -> np.n
     return w.astype(np.float32).astype(np.float64)
 
 
+def fold(HA: np.ndarray, A: np.ndarray, HB: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Matched channels (row i of A with row i of B) folded into one: (H_A + H_B, merged vectors)."""
+    return HA + HB, merged(HA, A, HB, B)
+
+
 class ChannelTerm:
     """One channel op's part of a space's pairing: the channels' Hessians and vectors of the two sides
     (A: the first task or the channels merged so far, B: the task added)."""
@@ -167,6 +159,5 @@ class ChannelTerm:
                              "l2" if kind == "l2" else "hessian")
 
     def folded(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The matched channels merged (Eq. 10/11) and their summed Hessians: the A side for the next task."""
-        HA, HB = self.HA[rows], self.HB[cols]
-        return HA + HB, merged(HA, self.A[rows], HB, self.B[cols])
+        """The matched channels' summed Hessians and merged vectors (fold): the A side for the next task."""
+        return fold(self.HA[rows], self.A[rows], self.HB[cols], self.B[cols])

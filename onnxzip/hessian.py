@@ -49,20 +49,36 @@ def patch_subset(oh: int, ow: int, max_patches: int | None) -> tuple[np.ndarray,
     return flat // ow, flat % ow
 
 
+def output_size(spatial: tuple[int, int], kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+                dilations: tuple[int, ...]) -> tuple[int, int]:
+    """The output height and width of a conv over an input of ``spatial`` size."""
+    return tuple((n + pads[i] + pads[i + 2] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+                 for i, n in enumerate(spatial))
+
+
+def conv_patches(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+                 dilations: tuple[int, ...], max_patches: int | None = None) -> np.ndarray:
+    """Every kernel-sized patch of x [B, C, H, W] (pads, strides, dilations respected) as
+    [B, positions..., C, kh, kw]: a strided view [B, oh, ow, C, kh, kw] of every position, or
+    [B, P, C, kh, kw] for the patch_subset of at most max_patches positions (gathered tap by tap)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    pt, pl, pb, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    keep = patch_subset(*output_size(x.shape[2:], kernel, strides, pads, dilations), max_patches)
+    if keep is None:
+        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+        return win[:, :, ::sh, ::sw, ::dh, ::dw].transpose(0, 2, 3, 1, 4, 5)
+    rows, cols = keep[0] * sh, keep[1] * sw  # the kept positions' top-left taps
+    taps = np.stack([xp[:, :, rows + i * dh, cols + j * dw] for i in range(kh) for j in range(kw)], axis=-1)
+    return taps.reshape(*taps.shape[:3], kh, kw).transpose(0, 2, 1, 3, 4)
+
+
 def layer_rows(layer: Layer, x: np.ndarray, max_patches: int | None = None) -> np.ndarray:
     """The inputs of a layer as rows [n, in_features]: patches for conv, samples for fc."""
     if layer.kind != CONV:
         return x.reshape(x.shape[0], -1)
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
-    pt, pl, pb, pr = layer.pads
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, C, oh, ow, kh, kw]
-    b, c, oh, ow = win.shape[:4]
-    keep = patch_subset(oh, ow, max_patches)
-    if keep is None:
-        return win.transpose(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw)
-    return win[:, :, keep[0], keep[1]].transpose(0, 2, 1, 3, 4).reshape(-1, c * kh * kw)
+    patches = conv_patches(x, layer.kernel, layer.strides, layer.pads, layer.dilations, max_patches)
+    return patches.reshape(-1, layer.in_features)
 
 
 def output_rows(layer: Layer, z: np.ndarray, max_patches: int | None = None) -> np.ndarray:
