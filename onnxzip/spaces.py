@@ -37,10 +37,6 @@ class Spaces:
     reads: tuple[tuple[int, ...], ...]
     ops: tuple[tuple[int, int], ...] = ()
 
-    def ops_in(self, s: int) -> tuple[int, ...]:
-        """The step indices of the channel ops in space s, in order."""
-        return tuple(i for i, space in self.ops if space == s)
-
     def writers(self, s: int) -> tuple[int, ...]:
         """The layers that write into space s, in order."""
         return tuple(k for k, w in enumerate(self.space) if w == s)

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .align import align, aligned_spaces, input_reps, slots
-from .channels import ChannelMoments, ChannelTerm, merged as merged_channels, vectors, with_vectors
+from .channels import ChannelMoments, ChannelTerm, fold as fold_channels, vectors, with_vectors
 from .correct import refit_update, relative_error, with_bias_column
 from .correlate import correlation_costs
 from .cost import PairMetric, matched_costs
@@ -410,12 +410,13 @@ class _Pass:
 
     def collect_channels(self, k: int, members: tuple[int, ...], keys: list[int],
                          moments: list[dict[int, ChannelMoments]]) -> None:
-        """Turn the calibrated channel ops after layer k into states: tied at once where their space is tied
-        already (a stream read after its pairing), else kept for their space's pairing."""
+        """Turn the calibrated channel ops after layer k (per task, its moments by step, in ``keys`` order)
+        into states: tied at once where their space is tied already (a stream read after its pairing),
+        else kept for their space's pairing."""
         scales = self.opts.task_scales(len(self.tasks))
-        for m in keys:
+        for pos, m in enumerate(keys):
             s = self.channel_spaces[(k, m)]
-            steps = [self.tasks[t].original.segment_ops()[k][m] for t in members]
+            steps = [list(mom)[pos] for mom in moments]
             H = [mom[i].hessians(scales[t], self.opts.damping) for t, i, mom in zip(members, steps, moments)]
             P = [vectors(self.tasks[t].tied.steps[i]) for t, i in zip(members, steps)]
             ch = _ChannelState(self.tasks[members[0]].tied.steps[steps[0]].name, k, members, steps, H, P)
@@ -431,8 +432,7 @@ class _Pass:
             return
         H_acc, merged = ch.H[0][units[0]], ch.P[0][units[0]]
         for j in range(1, len(ch.members)):
-            Hj = ch.H[j][units[j]]
-            merged, H_acc = merged_channels(H_acc, merged, Hj, ch.P[j][units[j]]), H_acc + Hj
+            H_acc, merged = fold_channels(H_acc, merged, ch.H[j][units[j]], ch.P[j][units[j]])
         for j, (t, i) in enumerate(zip(ch.members, ch.steps)):
             P = ch.P[j].copy()
             P[units[j]] = merged
