@@ -28,7 +28,7 @@ from onnxzip.options import MergeOptions
 from onnxzip.spaces import unit_spaces
 
 torch = pytest.importorskip("torch")
-from torch_blocks import MobileBlocks, SEBlock, randomise  # noqa: E402  (needs torch)
+from torch_blocks import MobileBlocks, SEBlock, permute_bn, randomise  # noqa: E402  (needs torch)
 
 # Affines folded into float32 weights (forward and backward): a few float32 ulps of the outputs.
 FOLD_TOL = 1e-4
@@ -88,8 +88,7 @@ def _permute_units(layer, perm, bn=None, reader=None, rep: int = 1) -> None:
         layer.weight.copy_(layer.weight[p])
         layer.bias.copy_(layer.bias[p])
         if bn is not None:
-            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
-                t.copy_(t[p])
+            permute_bn(bn, p)
         if reader is not None:
             w = reader.weight
             cols = torch.from_numpy((perm[:, None] * rep + np.arange(rep)[None, :]).reshape(-1))
@@ -684,8 +683,7 @@ class _ResBlock(torch.nn.Module):
                                          (net.c2, net.bns[2], stream, inner)):
                 w = conv.weight[rows]
                 conv.weight.copy_(w if cols is None else w[:, cols])
-                for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
-                    t.copy_(t[rows])
+                permute_bn(bn, rows)
             net.fc.weight.copy_(net.fc.weight[:, stream])
         return net, [stream.numpy(), inner.numpy(), stream.numpy()]  # conv1 and conv3 write the stream
 

@@ -17,6 +17,12 @@ def randomise(bn: torch.nn.BatchNorm2d, seed: int) -> None:
         bn.bias.copy_(torch.rand(n, generator=g) * 2 - 1)
 
 
+def permute_bn(bn: torch.nn.Module, p: torch.Tensor) -> None:
+    """Permute a BatchNorm's channels (affine and running statistics) in place."""
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        t.copy_(t[p])
+
+
 class SEBlock(torch.nn.Module):
     """conv-BN-SiLU, an SE gate (global pool, 1x1 conv, ReLU, 1x1 conv, HardSigmoid or Sigmoid)
     multiplied in, conv-HardSwish, global pool, fc."""
@@ -50,18 +56,12 @@ class SEBlock(torch.nn.Module):
         p, q, r = (torch.from_numpy(rng.permutation(n)) for n in (C.C, C.R, C.C2))
         with torch.no_grad():
             net.c1.weight.copy_(net.c1.weight[p])
-            for t in (net.bn.weight, net.bn.bias, net.bn.running_mean, net.bn.running_var):
-                t.copy_(t[p])
+            permute_bn(net.bn, p)
             net.se1.weight.copy_(net.se1.weight[q][:, p]), net.se1.bias.copy_(net.se1.bias[q])
             net.se2.weight.copy_(net.se2.weight[p][:, q]), net.se2.bias.copy_(net.se2.bias[p])
             net.c2.weight.copy_(net.c2.weight[r][:, p]), net.c2.bias.copy_(net.c2.bias[r])
             net.fc.weight.copy_(net.fc.weight[:, r])
         return net, [p.numpy(), q.numpy(), p.numpy(), r.numpy()]  # the gate's conv writes conv1's units
-
-
-def _permute_bn(bn: torch.nn.BatchNorm2d, p: torch.Tensor) -> None:
-    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
-        t.copy_(t[p])
 
 
 def _act(kind: str, channels: int) -> torch.nn.Module:
@@ -127,15 +127,15 @@ class MobileBlocks(torch.nn.Module):
         rng = np.random.default_rng(seed)
         p, q, r, u, f = (torch.from_numpy(rng.permutation(n)) for n in (C.C, C.E, C.R, C.C2, C.F))
         with torch.no_grad():
-            net.stem.weight.copy_(net.stem.weight[p]), _permute_bn(net.bn0, p)
-            net.exp.weight.copy_(net.exp.weight[q][:, p]), _permute_bn(net.bn1, q)
-            net.dw.weight.copy_(net.dw.weight[q]), _permute_bn(net.bn2, q)
+            net.stem.weight.copy_(net.stem.weight[p]), permute_bn(net.bn0, p)
+            net.exp.weight.copy_(net.exp.weight[q][:, p]), permute_bn(net.bn1, q)
+            net.dw.weight.copy_(net.dw.weight[q]), permute_bn(net.bn2, q)
             net.se1.weight.copy_(net.se1.weight[r][:, q]), net.se1.bias.copy_(net.se1.bias[r])
             net.se2.weight.copy_(net.se2.weight[q][:, r]), net.se2.bias.copy_(net.se2.bias[q])
-            net.proj.weight.copy_(net.proj.weight[p][:, q]), _permute_bn(net.bn3, p)
-            net.dw2.weight.copy_(net.dw2.weight[p]), _permute_bn(net.bn4, p)
-            net.proj2.weight.copy_(net.proj2.weight[u][:, p]), _permute_bn(net.bn5, u)
-            net.last.weight.copy_(net.last.weight[f][:, u]), _permute_bn(net.bn6, f)
+            net.proj.weight.copy_(net.proj.weight[p][:, q]), permute_bn(net.bn3, p)
+            net.dw2.weight.copy_(net.dw2.weight[p]), permute_bn(net.bn4, p)
+            net.proj2.weight.copy_(net.proj2.weight[u][:, p]), permute_bn(net.bn5, u)
+            net.last.weight.copy_(net.last.weight[f][:, u]), permute_bn(net.bn6, f)
             net.fc.weight.copy_(net.fc.weight[:, f])
             for a, perm in ((net.a0, p), (net.a1, q), (net.a2, q), (net.a4, p), (net.a6, f)):
                 if isinstance(a, torch.nn.PReLU):
