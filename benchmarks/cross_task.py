@@ -3,8 +3,9 @@
 Two CNNs trained on different tasks are merged, task a on MNIST and task b on Fashion-MNIST:
 ``vgg_a`` + ``vgg_fashion`` and ``lenet5_a`` + ``lenet5_fashion`` (models/reference/), and, run on
 their own (``--arch mobilenetv2 efficientnet --name cross_task_mobile``), the mobile pairs
-``mobilenetv2_mnist`` + ``mobilenetv2_fashion`` and ``efficientnet_mnist`` + ``efficientnet_fashion``
-(depthwise convolutions, SE gates, SiLU; models/README.md). For every
+``mobilenetv2_mnist`` + ``mobilenetv2_fashion``, ``efficientnet_mnist`` + ``efficientnet_fashion`` and
+``mobilenetv3_mnist`` + ``mobilenetv3_fashion`` (depthwise convolutions, SE gates, SiLU, HardSwish;
+models/README.md). For every
 pair-choice method (MTZ Hessian with the label-free correction, the tool's default; MTZ without
 correction, the paper's method; weight distance; activation correlation; random) the share
 fraction F, applied uniformly to every hidden layer (the heads are never shared), is swept upward;
@@ -68,7 +69,8 @@ RENDER_ONLY = "--render-only"
 # Reference model pairs per architecture: (task a on MNIST, task b on Fashion-MNIST).
 PAIRS = {"vgg": ("vgg_a", "vgg_fashion"), "lenet5": ("lenet5_a", "lenet5_fashion"),
          "mobilenetv2": ("mobilenetv2_mnist", "mobilenetv2_fashion"),
-         "efficientnet": ("efficientnet_mnist", "efficientnet_fashion")}
+         "efficientnet": ("efficientnet_mnist", "efficientnet_fashion"),
+         "mobilenetv3": ("mobilenetv3_mnist", "mobilenetv3_fashion")}
 # The archs of a run without --arch (the mobile ones run on their own: --arch mobilenetv2 efficientnet).
 DEFAULT_ARCHS = ("vgg", "lenet5")
 # Light retraining after a merge (methods '...+rt'): Adam, cosine schedule, labels, batch per task.
