@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -181,11 +182,17 @@ class Builder:
                  "bytes": path.stat().st_size, "committed": spec.name in COMMITTED and not self.quick,
                  "torch": torch.__version__, "train_device": "cpu", "torch_threads": torch.get_num_threads(),
                  **extra}
-        self.manifest["models"][spec.name] = entry
-        self._write_manifest()
+        self._record(spec.name, entry)
         self.log(f"  {spec.name}: test error {error:.2f}%, {nonzero}/{total} parameters, "
                  f"ORT vs torch {entry['export']['ort_vs_torch_max_abs']:.1e}")
         return entry
+
+    def _record(self, name: str, entry: dict) -> None:
+        """Enter one model in the manifest as it is on disk now (another build may have written it since
+        this one started: entries it added are kept) and write the file whole (os.replace)."""
+        self.manifest = self._read_manifest()
+        self.manifest["models"][name] = entry
+        self._write_manifest()
 
     def _write_manifest(self) -> None:
         self.manifest["models"] = dict(sorted(self.manifest["models"].items()))
@@ -195,7 +202,9 @@ class Builder:
                                           "on the other 2,000 (refdata.kmnist_split); other errors are on each "
                                           "data set's 10,000 test images"
                                           + (" (reduced mode: subsets)" if self.quick else ""))
-        (self.out / MANIFEST).write_text(json.dumps(self.manifest, indent=1) + "\n")
+        tmp = self.out / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.manifest, indent=1) + "\n")
+        os.replace(tmp, self.out / MANIFEST)
 
 
 def ensure(names: Sequence[str], out: Path = DEFAULT_OUT, quick: bool = False, force: bool = False,

@@ -310,6 +310,17 @@ def test_reduced_mobile_build_trains_exports_and_imports(name, tmp_path, monkeyp
     np.testing.assert_allclose(sess.run(None, {"input": x})[0], logits(net, x), atol=EXPORT_ATOL)
 
 
+def test_builds_side_by_side_keep_each_others_manifest_entries(tmp_path):
+    """Two builders that read the manifest before either wrote (two benchmark runs at once) both end up in it."""
+    _need("mnist")
+    first = br.Builder(tmp_path, quick=True, log=lambda s: None)
+    second = br.Builder(tmp_path, quick=True, log=lambda s: None)
+    a, b = first.build(br.SPECS["lenet300_a"]), second.build(br.SPECS["lenet300_b"])
+    manifest = json.loads((tmp_path / br.MANIFEST).read_text())["models"]
+    assert manifest == {"lenet300_a": a, "lenet300_b": b}
+    assert not list(tmp_path.glob(".*.tmp"))  # written whole, nothing left behind
+
+
 @pytest.mark.slow
 def test_reduced_build_trains_exports_and_records(tmp_path):
     _need("mnist")
