@@ -7,7 +7,7 @@ import functools
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -15,16 +15,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import __version__
-from ..api import MergeResult, merge as run_merge
 from ..errors import OnnxZipError, printable
 from ..format import MULTI
-from ..merged import input_line, inspect as read_merged, split as split_task
-from ..runtime import resolve_device
 from ..options import PANEL_CHECKS, PANEL_DATA, PANEL_SHARING, ImageOptions, MergeOptions
-from ..retrain import RetrainOptions, RetrainResult, options as retrain_defaults, retrain as run_retrain
-from ..retrain.api import device_note
+from ..retrain import RetrainOptions, options as retrain_defaults
 from ..retrain.backend import require_torch
 from .fields import field_values, with_options
+
+# The engine (onnx, ONNX Runtime, scipy; about 1.5 s of imports) loads inside the commands that run
+# it, so that --help and --version answer at once.
+if TYPE_CHECKING:
+    from ..api import MergeResult
+    from ..retrain import RetrainResult
+
+
+def run_merge(*args, **kwargs) -> "MergeResult":
+    """onnxzip.api.merge, imported on the first call."""
+    from ..api import merge
+    return merge(*args, **kwargs)
+
+
+def run_retrain(*args, **kwargs) -> "RetrainResult":
+    """onnxzip.retrain.retrain, imported on the first call."""
+    from ..retrain import retrain
+    return retrain(*args, **kwargs)
 
 EXIT_USER_ERROR = 2
 IMAGE_LAYOUTS = ("NCHW", "NHWC")
@@ -304,6 +318,7 @@ def merge(
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (),
         retrain=_retrain_options(retrain_iters, retrain_lr, retrain_lr_schedule, retrain_optimizer,
                                  retrain_batch_size, values["alpha"], image, values["device"], values["seed"]))
+    from ..runtime import resolve_device
     out.print(resolve_device(opts.device)[1])
     bars = _Bars()
     with bars.progress:
@@ -320,6 +335,7 @@ def merge(
 @_user_errors
 def inspect(model: Path = typer.Argument(..., help="A model written by onnxzip merge.")) -> None:
     """Show the tasks, per-layer sharing, parameters and bytes of a merged model."""
+    from ..merged import input_line, inspect as read_merged
     info = read_merged(model)
     out.print(f"{info.path}: onnxzip {info.version}, layout {info.layout}, tasks {', '.join(info.plan.tasks)}")
     for task, src in info.sources.items():
@@ -347,6 +363,7 @@ def split(model: Path = typer.Argument(..., help="A model written by onnxzip mer
           task: str = typer.Option(..., help="The task to extract."),
           output: Path = typer.Option(..., "-o", "--output", help="Where to write the standalone model.")) -> None:
     """Write one task of a merged model as a standalone ONNX model."""
+    from ..merged import split as split_task
     split_task(model, task, output)
     out.print(f"wrote {output}")
 
@@ -405,6 +422,7 @@ def retrain(
                           task_weight=tuple((t, float(_number(w, "--task-weight")))
                                             for t, w in _pairs(task_weight, "--task-weight").items()))
     folders = data[0] if len(data) == 1 and "=" not in data[0] else _pairs(data, "--data")
+    from ..retrain.api import device_note
     out.print(device_note(opts.device))
     bars = _RetrainBars()
     with bars.progress:

@@ -5,8 +5,12 @@ bridge read through them. A leaf module: it imports nothing of onnxzip.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
+
+if TYPE_CHECKING:
+    import onnx
 
 # Metadata: every key is META_PREFIX + one of these names.
 META_PREFIX = "onnxzip."

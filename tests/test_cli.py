@@ -57,6 +57,23 @@ def _readme_commands() -> list[str]:
     return [l for l in block.splitlines() if l.strip() and not l.startswith("#")]
 
 
+# The engine's heavy dependencies: a command loads them when it runs, --help and --version never.
+HEAVY_MODULES = ("onnx", "onnxruntime", "scipy", "torch", "onnx_graphsurgeon")
+
+
+def test_help_and_version_load_no_engine():
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['onnxzip'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('onnxzip.cli.main', run_name='__main__')\n"
+             "except SystemExit as exc:\n    code = exc.code\n"
+             f"print('LOADED', [m for m in {HEAVY_MODULES!r} if m in sys.modules], code)\n")
+    for args in (["--version"], ["--help"], ["merge", "--help"], ["retrain", "--help"], ["inspect", "--help"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == "LOADED [] 0", (args, proc.stdout[-300:])
+    assert _cli("--version").stdout.startswith("onnxzip ")
+
+
 def test_readme_main_job_runs_as_written():
     """The README's first command (install, demo data, the real merge) runs exactly as written."""
     main_job = _readme_commands()[0]
