@@ -11,13 +11,15 @@ yields the shared trunk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .format import (CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
+from . import __version__
+from .format import (PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
                      TASK_INPUT, TASK_ONE_DIM, TASK_OUT_OF_RANGE, TASK_PROBE, TASK_REST, task_index_name)
 from .inputs import adapted
 from .ir import CONV, DEPTHWISE, Layer, Network, Op, unit_features
@@ -423,7 +425,7 @@ def _export(graph: gs.Graph, opset: int, ir_version: int, meta: dict[str, str], 
     model = gs.export_onnx(graph)
     _hoist_subgraph_initializers(model)
     model.ir_version = ir_version
-    model.producer_name = "onnxzip"
+    model.producer_name, model.producer_version = PRODUCER, __version__
     model.doc_string = doc
     del model.metadata_props[:]
     for key, value in meta.items():
@@ -563,7 +565,8 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
         outputs, inputs = [out], [x, fixed[TASK_INPUT]]
     opset = target_opset(nets)
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset, name="onnxzip_merged")
-    doc = "Multi-task model merged by onnxzip from: " + ", ".join(n.path for n in nets)
+    # file names only: a folder of the machine that merged says nothing to the one that deploys
+    doc = "Multi-task model merged by onnxzip from: " + ", ".join(Path(n.path).name for n in nets)
     model = _export(graph, opset, ir_version_for(opset, [n.ir_version for n in nets]), meta, doc)
     if model.ByteSize() <= EXTERNAL_DATA_ABOVE:  # larger ones are checked from the file (save_atomically)
         onnx.checker.check_model(model, full_check=True)

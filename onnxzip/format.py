@@ -12,6 +12,8 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
+# ModelProto.producer_name of every file onnxzip writes (producer_version: the onnxzip version).
+PRODUCER = "onnxzip"
 # Metadata: every key is META_PREFIX + one of these names.
 META_PREFIX = "onnxzip."
 KEY_VERSION = "version"

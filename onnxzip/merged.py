@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .format import (CONST_PREFIX, GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_PLAN, KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS,
+from . import __version__
+from .format import (PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_PLAN, KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS,
                      KEY_VERSION, LAYOUTS, META_PREFIX, MULTI, TASK_INPUT, TASK_OUT_OF_RANGE, meta_key, weight_params)
 from .errors import OnnxZipError
 from .guard import Output, check_outputs, model_reads
@@ -342,7 +343,7 @@ def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str,
     part.ir_version = model.ir_version
     del part.opset_import[:]
     part.opset_import.extend(model.opset_import)
-    part.producer_name = "onnxzip"
+    part.producer_name, part.producer_version = PRODUCER, __version__
     for key, value in ((KEY_TASK, task), (KEY_SPLIT_FROM, path.name), (KEY_VERSION, meta.raw.get(KEY_VERSION, ""))):
         part.metadata_props.add(key=meta_key(key), value=value)
     onnx.checker.check_model(part, full_check=True)

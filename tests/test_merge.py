@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxzip
 import onnxruntime as ort
 import pytest
 
@@ -155,6 +156,8 @@ def test_metadata_names_and_checker(tmp_path):
     assert {"conv1.shared.W", "conv1.task_a.W_from_shared", "conv2.shared.W", "conv2.task_b.W",
             "conv2.shared.W_from_task_a", "fc2.task_a.W"} <= names
     assert model.ir_version <= 8 and weight_params(model) < 2 * 1542
+    assert (model.producer_name, model.producer_version) == ("onnxzip", onnxzip.__version__)
+    assert model.doc_string == "Multi-task model merged by onnxzip from: a.onnx, b.onnx"  # no folders
 
 
 @pytest.mark.parametrize("cost", ["hessian", "correlation"])

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnxzip
 import onnxruntime as ort
 import pytest
 
@@ -213,6 +214,7 @@ def test_split_of_gated_gives_every_task_without_the_task_input(three, tmp_path)
         part = split(three["gated"], task, tmp_path / f"{task}.onnx")
         model = onnx.load(str(part))
         assert [i.name for i in model.graph.input] == ["input"]
+        assert (model.producer_name, model.producer_version) == ("onnxzip", onnxzip.__version__)
         assert not any(n.name.startswith("task.") or n.op_type in ("If", "Equal") for n in model.graph.node)
         want = sess.run(None, {"input": x, TASK_INPUT: np.array(t, np.int64)})[0]
         np.testing.assert_allclose(_session(part).run(None, {"input": x})[0], want, rtol=1e-6, atol=1e-6)
