@@ -30,13 +30,13 @@ if TYPE_CHECKING:
 
 
 def run_merge(*args, **kwargs) -> "MergeResult":
-    """onnxzip.api.merge, imported on the first call."""
+    """The engine's merge (api.merge), imported on the first call."""
     from ..api import merge
     return merge(*args, **kwargs)
 
 
 def run_retrain(*args, **kwargs) -> "RetrainResult":
-    """onnxzip.retrain.retrain, imported on the first call."""
+    """The retraining bridge's retrain, imported on the first call."""
     from ..retrain import retrain
     return retrain(*args, **kwargs)
 

@@ -25,6 +25,7 @@ from .inputs import adapted
 from .ir import CONV, DEPTHWISE, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
 from .save import EXTERNAL_DATA_ABOVE
+from .shapes import infer_edge_shapes
 from .spaces import INPUT, Spaces, read_width, unit_spaces
 
 MIN_OPSET = 13
@@ -567,7 +568,7 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset, name="onnxzip_merged")
     # file names only: a folder of the machine that merged says nothing to the one that deploys
     doc = "Multi-task model merged by onnxzip from: " + ", ".join(Path(n.path).name for n in nets)
-    model = _export(graph, opset, ir_version_for(opset, [n.ir_version for n in nets]), meta, doc)
+    model = infer_edge_shapes(_export(graph, opset, ir_version_for(opset, [n.ir_version for n in nets]), meta, doc))
     if model.ByteSize() <= EXTERNAL_DATA_ABOVE:  # larger ones are checked from the file (save_atomically)
         onnx.checker.check_model(model, full_check=True)
     return model

@@ -25,6 +25,7 @@ from .inputs import to_merged
 from .load import load_model
 from .plan import NOT_A_MEMBER, SharingPlan
 from .save import save_atomically
+from .shapes import infer_edge_shapes
 
 DEFAULT_LAYOUT = MULTI
 # Metadata keys (without META_PREFIX) every merged model has.
@@ -346,6 +347,7 @@ def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str,
     part.producer_name, part.producer_version = PRODUCER, __version__
     for key, value in ((KEY_TASK, task), (KEY_SPLIT_FROM, path.name), (KEY_VERSION, meta.raw.get(KEY_VERSION, ""))):
         part.metadata_props.add(key=meta_key(key), value=value)
+    infer_edge_shapes(part)
     onnx.checker.check_model(part, full_check=True)
     return part
 
