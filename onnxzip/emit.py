@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .format import (PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
+from .format import (NODE_DOC_PREFIX, PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
                      TASK_INPUT, TASK_ONE_DIM, TASK_OUT_OF_RANGE, TASK_PROBE, TASK_REST, task_index_name)
 from .inputs import adapted
 from .ir import CONV, DEPTHWISE, Layer, Network, Op, unit_features
@@ -383,6 +383,23 @@ class _GsGraph:
         return [gs.Node(r.op, self.names[r.out], dict(r.attrs), inputs=[self.tensor(i) for i in r.inputs],
                         outputs=[self.tensor(r.out)]) for r in recs]
 
+    def node_docs(self) -> dict[str, str]:
+        """Per node name, the group that runs it, for a viewer's node panel (gs.Node has no doc_string)."""
+        plan = self.b.plan
+        return {self.names[r.out]: f"{NODE_DOC_PREFIX}{plan.group_name(frozenset(r.users))} (tasks "
+                                   f"{', '.join(plan.tasks[t] for t in sorted(r.users))})" for r in self.b.nodes.values()}
+
+
+def _document_nodes(model: onnx.ModelProto, docs: dict[str, str]) -> None:
+    """Set each node's doc_string from ``docs``, in the main graph and every branch."""
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            if node.name in docs:
+                node.doc_string = docs[node.name]
+            stack.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+
 
 def _batched(shape) -> list | None:
     """A shape with a symbolic batch dimension (written models take any batch size)."""
@@ -569,6 +586,7 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
     # file names only: a folder of the machine that merged says nothing to the one that deploys
     doc = "Multi-task model merged by onnxzip from: " + ", ".join(Path(n.path).name for n in nets)
     model = infer_edge_shapes(_export(graph, opset, ir_version_for(opset, [n.ir_version for n in nets]), meta, doc))
+    _document_nodes(model, g.node_docs())
     if model.ByteSize() <= EXTERNAL_DATA_ABOVE:  # larger ones are checked from the file (save_atomically)
         onnx.checker.check_model(model, full_check=True)
     return model

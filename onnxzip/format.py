@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 # ModelProto.producer_name of every file onnxzip writes (producer_version: the onnxzip version).
 PRODUCER = "onnxzip"
+# A merged file's node doc_string: this prefix, then the node's unit group and its tasks.
+NODE_DOC_PREFIX = "onnxzip group: "
 # Metadata: every key is META_PREFIX + one of these names.
 META_PREFIX = "onnxzip."
 KEY_VERSION = "version"

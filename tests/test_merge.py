@@ -158,6 +158,13 @@ def test_metadata_names_and_checker(tmp_path):
     assert model.ir_version <= 8 and weight_params(model) < 2 * 1542
     assert (model.producer_name, model.producer_version) == ("onnxzip", onnxzip.__version__)
     assert model.doc_string == "Multi-task model merged by onnxzip from: a.onnx, b.onnx"  # no folders
+    docs = {n.name: n.doc_string for n in model.graph.node}  # what a viewer's node panel shows
+    assert docs["conv1.shared.Conv"] == "onnxzip group: shared (tasks a, b)"
+    assert docs["fc2.task_b.Gemm"] == "onnxzip group: task_b (tasks b)"
+    gated = onnx.load(str(merge([a, b], calib, tmp_path / "g.onnx", MergeOptions(share=0.5, layout="gated")).output))
+    branches = [n for node in gated.graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH
+                for n in attr.g.node if n.op_type in ("Conv", "Gemm")]
+    assert branches and all(n.doc_string.startswith("onnxzip group: task_") for n in branches)  # per-task heads
 
 
 @pytest.mark.parametrize("cost", ["hessian", "correlation"])
