@@ -31,6 +31,8 @@ def option_parameters(cls: type) -> list[inspect.Parameter]:
             continue
         annotation = hints[f.name] if flag.parse_as is None else (flag.parse_as | None if f.default is None
                                                                      else flag.parse_as)
+        if flag.choices:  # typer shows <a|b|c> in the help and refuses other values with a usage error
+            annotation = typing.Literal[flag.choices]
         option = typer.Option(f.default, *_flag(f.name, flag, annotation), help=flag.help, rich_help_panel=flag.panel)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params

@@ -7,7 +7,7 @@ import functools
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, List, Literal, Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -17,8 +17,10 @@ from rich.table import Table
 from .. import __version__
 from ..errors import OnnxZipError, printable
 from ..format import MULTI
-from ..options import PANEL_CHECKS, PANEL_DATA, PANEL_SHARING, ImageOptions, MergeOptions
+from ..format import LAYOUTS
+from ..options import IMAGE_LAYOUTS, PANEL_CHECKS, PANEL_DATA, PANEL_SHARING, ImageOptions, MergeOptions
 from ..retrain import RetrainOptions, options as retrain_defaults
+from ..retrain.options import LR_SCHEDULES, OPTIMIZERS
 from ..retrain.backend import require_torch
 from .fields import field_values, with_options
 
@@ -41,7 +43,6 @@ def run_retrain(*args, **kwargs) -> "RetrainResult":
     return retrain(*args, **kwargs)
 
 EXIT_USER_ERROR = 2
-IMAGE_LAYOUTS = ("NCHW", "NHWC")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge pre-trained ONNX networks into one multi-task model (Multi-Task Zipping).")
@@ -85,16 +86,6 @@ def _resize(text: Optional[str]) -> Optional[tuple[int, int]]:
         return h, w
     except ValueError:
         raise OnnxZipError(f"--resize expects HxW, e.g. 28x28, got '{text}'") from None
-
-
-def _layouts(values: List[str]) -> tuple[str, str]:
-    emit, image = MULTI, "NCHW"
-    for v in values:
-        if v.upper() in IMAGE_LAYOUTS:
-            image = v.upper()
-        else:
-            emit = v
-    return emit, image
 
 
 def _calib(values: List[str], flag: str = "--calib") -> str | dict[str, str]:
@@ -262,57 +253,59 @@ P_DATA, P_OUT, P_RETRAIN = PANEL_DATA, PANEL_CHECKS, "Retraining after each laye
 @_user_errors
 @with_options(MergeOptions)
 def merge(
-    models: List[Path] = typer.Argument(..., help="Two or more ONNX models to merge (tasks are named after the files)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the merged model.", rich_help_panel=P_OUT),
-    calib: List[str] = typer.Option([], "--calib", help="Calibration folder for all models, or TASK=DIR (repeat).",
+    models: List[Path] = typer.Argument(..., metavar="MODEL", help="Two or more ONNX models to merge (tasks are named after the files)."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Where to write the merged model.", rich_help_panel=P_OUT),
+    calib: List[str] = typer.Option([], "--calib", metavar="DIR|TASK=DIR", help="Calibration folder for all models, or TASK=DIR (repeat).",
                                     rich_help_panel=P_DATA),
-    share_layer: List[str] = typer.Option([], "--share-layer", help="NAME=FRACTION (with a dot) or NAME=COUNT.",
+    share_layer: List[str] = typer.Option([], "--share-layer", metavar="NAME=SHARE", help="NAME=FRACTION (with a dot) or NAME=COUNT.",
                                           rich_help_panel=PANEL_SHARING),
-    layout: List[str] = typer.Option([], "--layout", rich_help_panel=P_OUT,
-                                     help="multi or gated (merged model); NCHW or NHWC (image input). Repeatable."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (default: file stems).",
+    layout: Literal[LAYOUTS] = typer.Option(MULTI, "--layout", rich_help_panel=P_OUT,
+                                            help="The merged model: multi (one output per task) or gated (an int64 "
+                                            "'task' input selects one task). The image input's is --image-layout."),
+    image_layout: Literal[IMAGE_LAYOUTS] = typer.Option("NCHW", "--image-layout", rich_help_panel=P_DATA,
+                                                        help="Layout of the models' image input."),
+    tasks: Optional[str] = typer.Option(None, metavar="A,B,...", help="Comma-separated task names (default: file stems).",
                                         rich_help_panel=P_DATA),
-    resize: Optional[str] = typer.Option(None, help="Resize calibration images to HxW.", rich_help_panel=P_DATA),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255), e.g. 0.485,0.456,0.406.",
+    resize: Optional[str] = typer.Option(None, metavar="HxW", help="Resize calibration images to HxW.", rich_help_panel=P_DATA),
+    mean: Optional[str] = typer.Option(None, metavar="M[,M,M]", help="Per-channel mean for images (after /255), e.g. 0.485,0.456,0.406.",
                                        rich_help_panel=P_DATA),
-    std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255).", rich_help_panel=P_DATA),
-    eval_: List[str] = typer.Option([], "--eval", help="TASK=DIR of .npz files with a 'labels' array.",
+    std: Optional[str] = typer.Option(None, metavar="S[,S,S]", help="Per-channel std for images (after /255).", rich_help_panel=P_DATA),
+    eval_: List[str] = typer.Option([], "--eval", metavar="TASK=DIR", help="TASK=DIR of .npz files with a 'labels' array.",
                                     rich_help_panel=P_OUT),
-    report: Optional[Path] = typer.Option(None, help="Write the plan and every figure to this JSON file.",
+    report: Optional[Path] = typer.Option(None, metavar="FILE", help="Write the plan and every figure to this JSON file.",
                                           rich_help_panel=P_OUT),
-    budget_data: List[str] = typer.Option([], "--budget-data", help="Folder for all tasks, or TASK=DIR (repeat), "
+    budget_data: List[str] = typer.Option([], "--budget-data", metavar="DIR|TASK=DIR", help="Folder for all tasks, or TASK=DIR (repeat), "
                                           "of samples that measure --budget/--target-size fidelity instead of the "
                                           "last 20% of the calibration samples; best data the models were not "
                                           "trained on.", rich_help_panel=PANEL_SHARING),
-    task_output: List[str] = typer.Option([], "--task-output", help="TASK=NAME: the graph output that is the "
+    task_output: List[str] = typer.Option([], "--task-output", metavar="TASK=NAME", help="TASK=NAME: the graph output that is the "
                                           "task's, of a model with several (e.g. beside a debug output); the "
                                           "others are dropped (repeat per task).", rich_help_panel=P_DATA),
-    input_scale: List[str] = typer.Option([], "--input-scale", help="TASK=SCALE,OFFSET: that model expects "
+    input_scale: List[str] = typer.Option([], "--input-scale", metavar="TASK=SCALE,OFFSET", help="TASK=SCALE,OFFSET: that model expects "
                                           "SCALE * u + OFFSET of the raw input u; folded into its first layer so "
                                           "that the merged model takes u (repeat per task).", rich_help_panel=P_DATA),
     retrain_iters: int = typer.Option(0, "--retrain-iters", help="Retrain N iterations after each zipped layer "
                                       "(MTZ's schedule; needs PyTorch). 0: no retraining.", rich_help_panel=P_RETRAIN),
     retrain_lr: float = typer.Option(retrain_defaults.DEFAULT_LR, "--retrain-lr", help="Retraining learning rate.",
                                      rich_help_panel=P_RETRAIN),
-    retrain_lr_schedule: str = typer.Option("constant", "--retrain-lr-schedule", help="constant, or cosine: "
+    retrain_lr_schedule: Literal[LR_SCHEDULES] = typer.Option("constant", "--retrain-lr-schedule", help="constant, or cosine: "
                                             "annealed from --retrain-lr to 0 within each round.",
                                             rich_help_panel=P_RETRAIN),
-    retrain_optimizer: str = typer.Option("adam", "--retrain-optimizer", help="adam or sgd (momentum 0.9).",
+    retrain_optimizer: Literal[OPTIMIZERS] = typer.Option("adam", "--retrain-optimizer", help="adam or sgd (momentum 0.9).",
                                           rich_help_panel=P_RETRAIN),
     retrain_batch_size: int = typer.Option(retrain_defaults.DEFAULT_BATCH_SIZE, "--retrain-batch-size",
                                            rich_help_panel=P_RETRAIN),
-    retrain_data: List[str] = typer.Option([], "--retrain-data", help="Retraining folder for all tasks, or TASK=DIR "
+    retrain_data: List[str] = typer.Option([], "--retrain-data", metavar="DIR|TASK=DIR", help="Retraining folder for all tasks, or TASK=DIR "
                                            "(repeat); .npz 'labels' give cross-entropy, else distillation to the "
                                            "originals. Default: the calibration folders.", rich_help_panel=P_RETRAIN),
     **generated,
 ) -> None:
     """Zip two or more models into one multi-task ONNX model."""
-    emit_layout, image_layout = _layouts(layout)
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
                          std=_floats(std, "--std", (1.0,)), layout=image_layout)
     values = field_values(MergeOptions, generated)
     opts = MergeOptions(
-        **values, layout=emit_layout, image=image, input_scale=_input_scales(input_scale),
+        **values, layout=layout, image=image, input_scale=_input_scales(input_scale),
         task_outputs=tuple(_pairs(task_output, "--task-output").items()),
         share_layers=tuple((k, _number(v, "--share-layer")) for k, v in _pairs(share_layer, "--share-layer").items()),
         tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else (),
@@ -333,7 +326,7 @@ def merge(
 
 @app.command()
 @_user_errors
-def inspect(model: Path = typer.Argument(..., help="A model written by onnxzip merge.")) -> None:
+def inspect(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model written by onnxzip merge.")) -> None:
     """Show the tasks, per-layer sharing, parameters and bytes of a merged model."""
     from ..merged import input_line, inspect as read_merged
     info = read_merged(model)
@@ -359,9 +352,9 @@ def inspect(model: Path = typer.Argument(..., help="A model written by onnxzip m
 
 @app.command()
 @_user_errors
-def split(model: Path = typer.Argument(..., help="A model written by onnxzip merge."),
+def split(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model written by onnxzip merge."),
           task: str = typer.Option(..., help="The task to extract."),
-          output: Path = typer.Option(..., "-o", "--output", help="Where to write the standalone model.")) -> None:
+          output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Where to write the standalone model.")) -> None:
     """Write one task of a merged model as a standalone ONNX model."""
     from ..merged import split as split_task
     split_task(model, task, output)
@@ -387,28 +380,28 @@ def _print_retrain(result: RetrainResult) -> None:
 @_user_errors
 @with_options(RetrainOptions)
 def retrain(
-    model: Path = typer.Argument(..., help="A model written by onnxzip merge."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the retrained model.",
+    model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model written by onnxzip merge."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Where to write the retrained model.",
                                 rich_help_panel=P_OUT),
-    data: List[str] = typer.Option([], "--data", help="Training folder for all tasks, or TASK=DIR (repeat). "
+    data: List[str] = typer.Option([], "--data", metavar="DIR|TASK=DIR", help="Training folder for all tasks, or TASK=DIR (repeat). "
                                    ".npz files with a 'labels' array allow cross-entropy; none are needed.",
                                    rich_help_panel=P_DATA),
-    teacher: List[str] = typer.Option([], "--teacher", help="TASK=MODEL.onnx: the original model to distil from "
+    teacher: List[str] = typer.Option([], "--teacher", metavar="TASK=MODEL", help="TASK=MODEL.onnx: the original model to distil from "
                                       "(default: the merge's source model, found next to the merged model).",
                                       rich_help_panel=retrain_defaults.PANEL_LOSS),
-    eval_: List[str] = typer.Option([], "--eval", help="TASK=DIR of .npz files with a 'labels' array.",
+    eval_: List[str] = typer.Option([], "--eval", metavar="TASK=DIR", help="TASK=DIR of .npz files with a 'labels' array.",
                                     rich_help_panel=P_OUT),
-    task_loss: List[str] = typer.Option([], "--task-loss", help="TASK=KIND: that task's loss instead of --loss "
+    task_loss: List[str] = typer.Option([], "--task-loss", metavar="TASK=KIND", help="TASK=KIND: that task's loss instead of --loss "
                                         "(repeat), e.g. mix for a task with little training data.",
                                         rich_help_panel=retrain_defaults.PANEL_LOSS),
-    task_weight: List[str] = typer.Option([], "--task-weight", help="TASK=W: weight of that task's loss "
+    task_weight: List[str] = typer.Option([], "--task-weight", metavar="TASK=W", help="TASK=W: weight of that task's loss "
                                           "(default 1; repeat); how hard it pulls on the shared weights.",
                                           rich_help_panel=retrain_defaults.PANEL_LOSS),
-    resize: Optional[str] = typer.Option(None, help="Resize image data to HxW.", rich_help_panel=P_DATA),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean for images (after /255).", rich_help_panel=P_DATA),
-    std: Optional[str] = typer.Option(None, help="Per-channel std for images (after /255).", rich_help_panel=P_DATA),
-    layout: str = typer.Option("NCHW", help="Layout of the model's image input: NCHW or NHWC.",
-                               rich_help_panel=P_DATA),
+    resize: Optional[str] = typer.Option(None, metavar="HxW", help="Resize image data to HxW.", rich_help_panel=P_DATA),
+    mean: Optional[str] = typer.Option(None, metavar="M[,M,M]", help="Per-channel mean for images (after /255).", rich_help_panel=P_DATA),
+    std: Optional[str] = typer.Option(None, metavar="S[,S,S]", help="Per-channel std for images (after /255).", rich_help_panel=P_DATA),
+    image_layout: Literal[IMAGE_LAYOUTS] = typer.Option("NCHW", "--image-layout", rich_help_panel=P_DATA,
+                                                        help="Layout of the model's image input."),
     **generated,
 ) -> None:
     """Retrain a merged model's weights jointly for all tasks, keeping its sharing (PyTorch needed)."""
@@ -416,7 +409,7 @@ def retrain(
     if not data:
         raise OnnxZipError("--data is required: a folder for all tasks, or TASK=DIR per task")
     image = ImageOptions(resize=_resize(resize), mean=_floats(mean, "--mean", (0.0,)),
-                         std=_floats(std, "--std", (1.0,)), layout=layout.upper())
+                         std=_floats(std, "--std", (1.0,)), layout=image_layout)
     opts = RetrainOptions(**field_values(RetrainOptions, generated), image=image,
                           task_loss=tuple(_pairs(task_loss, "--task-loss").items()),
                           task_weight=tuple((t, float(_number(w, "--task-weight")))

@@ -46,11 +46,13 @@ class Flag:
     panel: str
     flag: str | None = None
     parse_as: type | None = None
+    choices: tuple[str, ...] | None = None  # the values it takes, shown in --help and checked on parsing
 
 
-def cli_field(default, help: str, panel: str, flag: str | None = None, parse_as: type | None = None):
+def cli_field(default, help: str, panel: str, flag: str | None = None, parse_as: type | None = None,
+              choices: tuple[str, ...] | None = None):
     """A dataclass field with a default that the command line offers as an option."""
-    return field(default=default, metadata={CLI_KEY: Flag(help, panel, flag, parse_as)})
+    return field(default=default, metadata={CLI_KEY: Flag(help, panel, flag, parse_as, choices)})
 
 
 # Relative damping of the layer-wise Hessians: lambda = DEFAULT_DAMPING * mean(diag H) (as GPTQ's).
@@ -147,8 +149,9 @@ class MergeOptions:
     cost: str = cli_field("hessian", "How to choose pairs: hessian (MTZ's functional difference), l2 (weight "
                           "distance, Git Re-Basin style), correlation (pre-activation correlation, ZipIt style; "
                           "needs one --calib folder) or random (see --seed). Merged weights are MTZ's for all.",
-                          PANEL_PAIRING)
-    solver: str = cli_field("optimal", "Matching: optimal (exactly k, least total cost) or greedy.", PANEL_PAIRING)
+                          PANEL_PAIRING, choices=COSTS)
+    solver: str = cli_field("optimal", "Matching: optimal (exactly k, least total cost) or greedy.", PANEL_PAIRING,
+                            choices=SOLVERS)
     correct: bool = cli_field(True, "Label-free least-squares correction.", PANEL_PAIRING)
     damping: float = cli_field(DEFAULT_DAMPING, "Relative Hessian damping.", PANEL_PAIRING)
     correct_damping: float = cli_field(DEFAULT_CORRECT_DAMPING, "Relative ridge of the label-free correction, "
@@ -162,7 +165,8 @@ class MergeOptions:
     image: ImageOptions = field(default_factory=ImageOptions)
     verify_samples: int = cli_field(DEFAULT_VERIFY_SAMPLES, "Calibration samples per task on which the written "
                                     "model is checked against its tied model (at least 1).", PANEL_CHECKS)
-    device: str = cli_field("auto", "auto, cpu or cuda (ONNX Runtime execution provider).", PANEL_RUN)
+    device: str = cli_field("auto", "auto, cpu or cuda (ONNX Runtime execution provider).", PANEL_RUN,
+                            choices=DEVICES)
     # Seed of the random pairing of cost "random" (layer k draws from a generator seeded (seed, k)).
     seed: int = cli_field(0, "Seed of --cost random's pairing and of retraining (the same seed, the same result).",
                           PANEL_RUN)
@@ -189,7 +193,7 @@ class MergeOptions:
     task_outputs: tuple[tuple[str, str], ...] = ()
     stream_pairing: str = cli_field("all", "Residual streams: all (paired from the costs of all their writers; two "
                                     "passes) or early (from the writers before the stream is first read; one pass, "
-                                    "faster).", PANEL_PAIRING)
+                                    "faster).", PANEL_PAIRING, choices=STREAM_PAIRINGS)
 
     def __post_init__(self) -> None:
         checks = [

@@ -48,7 +48,7 @@ class RetrainOptions:
     alpha: float = cli_field(0.5, "Weight of the first task's loss (the second gets 1 - alpha), as in merge.",
                              PANEL_LOSS)
     loss: str = cli_field("auto", "labels (cross-entropy), distill (to the teacher's outputs), mix, or auto: labels "
-                          "where the data has them, else distill.", PANEL_LOSS)
+                          "where the data has them, else distill.", PANEL_LOSS, choices=LOSSES)
     # Per-task overrides of ``loss``: ((task, kind), ...), e.g. distillation mixed in for a task
     # whose training set is small, cross-entropy for the others.
     task_loss: tuple[tuple[str, str], ...] = ()
@@ -57,16 +57,16 @@ class RetrainOptions:
     task_weight: tuple[tuple[str, float], ...] = ()
     mix: float = cli_field(DEFAULT_MIX, "Weight of the cross-entropy in --loss mix.", PANEL_LOSS)
     temperature: float = cli_field(DEFAULT_TEMPERATURE, "Distillation temperature.", PANEL_LOSS)
-    optimizer: str = cli_field("adam", "adam or sgd (momentum 0.9).", PANEL_TRAIN)
+    optimizer: str = cli_field("adam", "adam or sgd (momentum 0.9).", PANEL_TRAIN, choices=OPTIMIZERS)
     lr_schedule: str = cli_field("constant", "constant, or cosine: annealed from --lr to 0 over the iterations.",
-                                 PANEL_TRAIN)
+                                 PANEL_TRAIN, choices=LR_SCHEDULES)
     holdout: float = cli_field(DEFAULT_HOLDOUT, "Fraction of each task's data held out to measure fidelity.",
                                PANEL_DATA)
     samples: int | None = cli_field(None, "Use at most N samples per task.", PANEL_DATA)
     verify_samples: int = cli_field(DEFAULT_VERIFY_SAMPLES, "Held-out samples per task on which the written model "
                                     "is checked against the trained module (at least 1).", PANEL_CHECKS)
     image: ImageOptions = field(default_factory=ImageOptions)
-    device: str = cli_field("auto", "auto, cpu or cuda (PyTorch and ONNX Runtime).", PANEL_RUN)
+    device: str = cli_field("auto", "auto, cpu or cuda (PyTorch and ONNX Runtime).", PANEL_RUN, choices=DEVICES)
     # PyTorch intra-op threads while retraining (None: torch's default); small models train
     # fastest on one thread, especially on a busy machine.
     threads: int | None = cli_field(None, "PyTorch threads (default: PyTorch's own).", PANEL_RUN)

@@ -14,9 +14,9 @@ import builders as B
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "onnxzip.cli.main", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
+                          text=True, cwd=cwd, env=env)
 
 
 def test_merge_report_inspect_split(tmp_path):
@@ -74,6 +74,19 @@ def test_help_and_version_load_no_engine():
     assert _cli("--version").stdout.startswith("onnxzip ")
 
 
+def test_choices_are_listed_in_help_and_the_two_layouts_are_apart():
+    wide = {**os.environ, "COLUMNS": "200"}  # one line per option: nothing wraps inside a metavar
+    merge_help = _cli("merge", "--help", env=wide).stdout
+    for shown in ("<multi|gated>", "<NCHW|NHWC>", "<hessian|l2|correlation|random>", "<optimal|greedy>",
+                  "<auto|cpu|cuda>", "<all|early>", "DIR|TASK=DIR", "NAME=SHARE"):
+        assert shown in merge_help, shown
+    assert "list[str]" not in merge_help
+    assert "<auto|labels|distill|mix>" in _cli("retrain", "--help", env=wide).stdout
+    proc = _cli("merge", "a.onnx", "b.onnx", "-o", "m.onnx", "--calib", "c", "--layout", "NCHW")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "'NCHW' is not one of 'multi', 'gated'" in proc.stderr
+
+
 def test_readme_main_job_runs_as_written():
     """The README's first command (install, demo data, the real merge) runs exactly as written."""
     main_job = _readme_commands()[0]
@@ -102,7 +115,7 @@ def test_merge_with_png_calibration_images(tmp_path):
         Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), mode="L").save(images / f"{i:03d}.png")
     out = tmp_path / "m.onnx"
     proc = _cli("merge", a, b, "--calib", images, "--resize", "12x12", "--mean", "0.5", "--std", "0.25",
-                "--layout", "NCHW", "--share", "0.5", "-o", out, "--batch-size", "8")
+                "--image-layout", "NCHW", "--share", "0.5", "-o", out, "--batch-size", "8")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"\|\s+a\s+\|\s+24\s+\|", proc.stdout.replace("│", "|")), proc.stdout
     proc = _cli("merge", a, b, "--calib", images, "--resize", "12", "-o", tmp_path / "x.onnx")

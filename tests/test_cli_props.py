@@ -17,14 +17,14 @@ EXAMPLES = 80
 PROPS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 MERGE_VALUE_FLAGS = ["--share", "--share-layer", "--max-cost", "--alpha", "--cost", "--solver", "--stream-pairing",
-                     "--layout", "--tasks", "--calib-samples", "--batch-size", "--max-patches", "--resize", "--mean",
+                     "--layout", "--image-layout", "--tasks", "--calib-samples", "--batch-size", "--max-patches", "--resize", "--mean",
                      "--std", "--eval", "--damping", "--verify-samples", "--device", "--seed", "--budget",
                      "--budget-data", "--target-size", "--input-scale", "--calib", "--retrain-lr",
                      "--retrain-lr-schedule", "--retrain-optimizer", "--retrain-batch-size", "--retrain-data"]
 RETRAIN_VALUE_FLAGS = ["--data", "--teacher", "--eval", "--iters", "--lr", "--batch-size", "--alpha", "--loss",
                        "--task-loss", "--task-weight", "--mix", "--temperature", "--optimizer", "--lr-schedule",
-                       "--holdout", "--samples", "--verify-samples", "--resize", "--mean", "--std", "--layout",
-                       "--device", "--threads", "--seed"]
+                       "--holdout", "--samples", "--verify-samples", "--resize", "--mean", "--std",
+                       "--image-layout", "--device", "--threads", "--seed"]
 
 # Text that looks like what people type: numbers, lists, key=value, sizes, plus arbitrary unicode.
 _numberish = st.one_of(st.integers(-10**12, 10**12).map(str), st.floats(allow_nan=True).map(repr),
