@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Callable, List, Literal, Mapping, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from .. import __version__
@@ -130,7 +131,8 @@ class _Bars:
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
+                                 transient=False, disable=not err.is_terminal)
 
     def __call__(self, label: str, total: int) -> Callable[[], None]:
         task = self.progress.add_task(label, total=total)
@@ -142,8 +144,9 @@ class _RetrainBars:
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[figures]}"), console=err,
-                                 transient=False, disable=not err.is_terminal)
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[figures]}"), console=err, transient=False,
+                                 disable=not err.is_terminal)
 
     def __call__(self, label: str, total: int) -> Callable[[Mapping[str, float]], None]:
         task = self.progress.add_task(label, total=total, figures="")
