@@ -321,7 +321,7 @@ def merge(
         result = run_merge(models, _calib(calib), output, opts, evals=_pairs(eval_, "--eval"), progress=bars,
                            retrain_data=_calib(retrain_data, "--retrain-data") if retrain_data else None,
                            budget_data=_calib(budget_data, "--budget-data") if budget_data else None,
-                           report=report)
+                           report=report, command=[PROG, *_ARGV])
     _print_search(result)
     _print_result(result)
     _print_retraining(result)
@@ -454,6 +454,8 @@ def _usage_line(exc: typer.TyperException) -> str:
 
 
 PROG = "onnxzip"
+# The arguments of the command line being run (set by _run).
+_ARGV: List[str] = []
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -470,6 +472,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _run(argv: Optional[List[str]]) -> int | None:
     """Run the command line; the exit code."""
+    _ARGV[:] = sys.argv[1:] if argv is None else argv  # recorded in merge's --report
     command = typer.main.get_command(app)
     try:
         return command.main(args=argv, prog_name=PROG, standalone_mode=False)

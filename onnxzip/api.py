@@ -78,6 +78,10 @@ class MergeResult:
         return out
 
 
+# Version of the --report document's layout; raised when a key changes meaning or goes away.
+REPORT_SCHEMA = 1
+
+
 def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
     """Per layer: shared units and parameters saved (a shared block is stored once, not once per task)."""
     depth = len(net.layers)  # the plan may go deeper (another task's own layers): those save nothing
@@ -87,12 +91,16 @@ def _layer_reports(plan: SharingPlan, net: Network) -> tuple[LayerReport, ...]:
                  for lp, s in zip(plan.layers, saved))
 
 
-def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) -> dict[str, str]:
+def _sources(tasks: Sequence[str], nets: Sequence[Network], opts: MergeOptions) -> dict[str, dict]:
+    """Per task, its model: file name, SHA-256, parameters, bytes, output and the input it expects."""
     scales = {t: [s, o] for t, s, o in opts.input_scale}
-    sources = {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": n.params, "bytes": n.file_bytes,
-                   "output": n.output.name, "input": e.to_json(),
-                   **({"input_scale": scales[t]} if t in scales else {})}
-               for t, n, e in zip(plan.tasks, nets, expected(nets))}
+    return {t: {"file": Path(n.path).name, "sha256": n.sha256, "params": n.params, "bytes": n.file_bytes,
+                "output": n.output.name, "input": e.to_json(), **({"input_scale": scales[t]} if t in scales else {})}
+            for t, n, e in zip(tasks, nets, expected(nets))}
+
+
+def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) -> dict[str, str]:
+    sources = _sources(plan.tasks, nets, opts)
     sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
     return {meta_key(KEY_VERSION): __version__, meta_key(KEY_TASKS): json.dumps(list(plan.tasks)),
             meta_key(KEY_SOURCES): json.dumps(sources), meta_key(KEY_LAYOUT): opts.layout,
@@ -113,7 +121,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
           progress: ProgressFn = no_progress, timer: StageTimer | None = None,
           retrain_data: str | Path | Mapping[str, str | Path] | None = None,
           budget_data: str | Path | Mapping[str, str | Path] | None = None,
-          report: str | Path | None = None) -> MergeResult:
+          report: str | Path | None = None, command: Sequence[str] | None = None) -> MergeResult:
     """Zip the models into one multi-task ONNX model at ``output`` and return what was measured.
 
     ``calib`` is one folder for every task or a {task: folder} mapping; ``evals`` optionally maps
@@ -122,7 +130,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     ``retrain_data`` (same forms as ``calib``; default: the calibration folders). With
     ``options.budget`` or ``options.target_size``, ``budget_data`` (same forms) holds the samples
     that measure each probe's fidelity; by default the last part of the calibration samples.
-    ``report`` is a JSON file for the plan and every figure (MergeResult.to_json). Before any work,
+    ``report`` is a JSON file for the plan and every figure (report_json; ``command``, the command
+    line that ran the merge, is recorded in it). Before any work,
     the outputs are checked to be writable and to be none of the files the merge reads. Raises
     OnnxZipError on any problem a user can cause; then no output file is written.
     """
@@ -199,7 +208,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                                                     len({f.resolve() for f in folders}) > 1),
                          _alignment_words(alignment, nets, tasks))
     if report is not None:
-        _write_report(result, Path(report), output)
+        _write_report(report_json(result, _sources(tasks, nets, opts), opts, command), Path(report), output)
     return result
 
 
@@ -211,10 +220,19 @@ def _reads(paths: Sequence[Path], nets: Sequence[Network], data: Mapping[str, Se
     return reads
 
 
-def _write_report(result: MergeResult, report: Path, output: Path) -> None:
+def report_json(result: MergeResult, sources: Mapping[str, dict], opts: MergeOptions,
+                command: Sequence[str] | None) -> dict:
+    """The --report document (README, "The report"): its schema version, the onnxzip version, the
+    command line and options, each input model with its SHA-256 and expected input, then every figure
+    of the result (plan, layers, checks, sizes, seconds)."""
+    return {"schema": REPORT_SCHEMA, "onnxzip": __version__, "command": list(command) if command else None,
+            "options": asdict(opts), "models": dict(sources), **result.to_json()}
+
+
+def _write_report(document: dict, report: Path, output: Path) -> None:
     """The JSON report, all or nothing; if it cannot be written the merged model is removed too."""
     try:
-        write_text_atomically(json.dumps(result.to_json(), indent=2), report)
+        write_text_atomically(json.dumps(document, indent=2), report)
     except OnnxZipError:
         output.unlink(missing_ok=True)
         raise

@@ -1,5 +1,6 @@
 """The command line: merge with a report, inspect, split, and the README's demo command."""
 
+import hashlib
 import json
 import os
 import re
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+import onnxzip
 
 import builders as B
 
@@ -37,6 +40,12 @@ def test_merge_report_inspect_split(tmp_path):
     assert [l["shared"] for l in data["layers"]] == [4, 4, 6, 0]
     assert data["checks"][1]["accuracy_merged"] is not None and data["checks"][0]["accuracy_merged"] is None
     assert data["plan"]["tasks"] == ["a", "b"]
+    assert data["schema"] == 1 and data["onnxzip"] == onnxzip.__version__
+    assert data["command"][:3] == ["onnxzip", "merge", str(a)] and "--report" in data["command"]
+    assert data["options"]["share"] == 0.25 and data["options"]["layout"] == "gated"
+    assert data["options"]["share_layers"] == [["conv1", 4], ["conv2", 0.5]]
+    assert data["models"]["a"]["sha256"] == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert data["models"]["b"]["file"] == "b.onnx" and data["models"]["b"]["input"]["shape"]
 
     proc = _cli("inspect", out)
     assert proc.returncode == 0, proc.stderr
