@@ -126,16 +126,20 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _columns() -> tuple:
+    """A stage's bar: its label, the bar, done/total and what is counted, time taken and time left."""
+    return (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+
+
 class _Bars:
     """Rich progress bars, one per stage and layer."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
-                                 transient=False, disable=not err.is_terminal)
+        self.progress = Progress(*_columns(), console=err, transient=False, disable=not err.is_terminal)
 
-    def __call__(self, label: str, total: int) -> Callable[[], None]:
-        task = self.progress.add_task(label, total=total)
+    def __call__(self, label: str, total: int, unit: str = "") -> Callable[[], None]:
+        task = self.progress.add_task(label, total=total, unit=unit)
         return lambda: self.progress.advance(task)
 
 
@@ -143,13 +147,11 @@ class _RetrainBars:
     """The merge command's bars with the latest figures (loss, per-task agreement with the teacher) beside them."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[figures]}"), console=err, transient=False,
+        self.progress = Progress(*_columns(), TextColumn("{task.fields[figures]}"), console=err, transient=False,
                                  disable=not err.is_terminal)
 
-    def __call__(self, label: str, total: int) -> Callable[[Mapping[str, float]], None]:
-        task = self.progress.add_task(label, total=total, figures="")
+    def __call__(self, label: str, total: int, unit: str = "") -> Callable[[Mapping[str, float]], None]:
+        task = self.progress.add_task(label, total=total, unit=unit, figures="")
 
         def step(figures: Mapping[str, float]) -> None:
             tasks = " ".join(f"{k} {100 * v:.1f}%" for k, v in figures.items() if k != "loss")

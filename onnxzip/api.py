@@ -31,7 +31,7 @@ from .save import save_atomically, write_text_atomically
 from .spaces import unit_spaces
 from .tasks import check_known, per_task, some_tasks, task_names
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
-from .zipper import ProgressFn, StageTimer, no_progress, zip_networks
+from .zipper import UNIT_MODELS, UNIT_STEPS, UNIT_TASKS, ProgressFn, StageTimer, no_progress, zip_networks
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         raise OnnxZipError("--retrain-data is given but no retraining is asked for (--retrain-iters)")
     if opts.budget is None and opts.target_size is None and budget_data is not None:
         raise OnnxZipError("--budget-data is given but no share search is asked for (--budget or --target-size)")
-    tick = progress("load", len(paths))
+    tick = progress("load", len(paths), UNIT_MODELS)
     with timer("load"):
         nets = []
         task_outputs = dict(opts.task_outputs)
@@ -174,21 +174,21 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     providers, device = resolve_device(opts.device)
     search_report = None
     if opts.budget is not None or opts.target_size is not None:
-        tick = progress("search shares", 1)
+        tick = progress("search shares", 1, UNIT_STEPS)
         with timer("search"):
             opts, streams, counts, search_report = _search_shares(nets, folders, opts, providers, measure_dirs)
         tick()
     hook = _retrainer(nets, folders if retrain_dirs is None else retrain_dirs,
                       opts, progress)
     plan, tied = zip_networks(nets, streams, counts, opts, providers, progress, timer, hook, alignment.depths)
-    tick = progress("emit", 1)
+    tick = progress("emit", 1, UNIT_STEPS)
     with timer("emit"):
         model = merged_model(plan, tied, opts.layout, _metadata(plan, nets, opts))
     tick()
     checks: list[TaskCheck] = []
 
     def verify(path: Path) -> None:
-        tick = progress("verify", len(tasks))
+        tick = progress("verify", len(tasks), UNIT_TASKS)
         with timer("verify"):
             runner = MergedRunner(path, tasks, opts.layout, providers, [feeder(nets[0], n) for n in nets])
             for t in range(len(tasks)):

@@ -39,7 +39,11 @@ from .scratch import scratch_dir
 from .spaces import INPUT, Spaces, read_offsets
 from .runtime import session
 
-ProgressFn = Callable[[str, int], Callable[[], None]]
+# progress(stage label, total, unit) -> tick: one unit of the stage done. The unit names what is counted
+# ("batches", "tasks"), for the bar beside its count.
+ProgressFn = Callable[[str, int, str], Callable[[], None]]
+# What the stages count.
+UNIT_BATCHES, UNIT_TASKS, UNIT_STEPS, UNIT_MODELS = "batches", "tasks", "steps", "models"
 # Steps of about this many floating-point operations or more (seconds on a small machine) get a progress
 # stage of their own: a large layer's correction ("correct layer fc1") and pairing ("pair layer fc1").
 PROGRESS_MIN_FLOPS = 1e10
@@ -51,7 +55,7 @@ PAIR_FLOPS_PER_CUBE = 4
 LayerHook = Callable[[SharingPlan, list[Network]], list[Network]]
 
 
-def no_progress(label: str, total: int) -> Callable[[], None]:
+def no_progress(label: str, total: int, unit: str = "") -> Callable[[], None]:
     """A progress reporter that reports nothing."""
     return lambda: None
 
@@ -440,9 +444,11 @@ class _Pass:
             task.tied = task.tied.with_step(i, with_vectors(task.tied.steps[i], P))
             task.stale = task.stale or ch.segment < self.current
 
-    def stage(self, text: str, total: int, flops: float) -> Callable[[], None]:
+    def stage(self, text: str, total: int, unit: str, flops: float) -> Callable[[], None]:
         """A progress stage for a step of about ``flops`` operations; a silent one below PROGRESS_MIN_FLOPS."""
-        return self.progress(f"{self.label}{text}", total) if flops >= PROGRESS_MIN_FLOPS else no_progress(text, total)
+        if flops < PROGRESS_MIN_FLOPS:
+            return no_progress(text, total, unit)
+        return self.progress(f"{self.label}{text}", total, unit)
 
     def correcting(self) -> bool:
         """True when layers calibrated now are corrected: the option is on and something upstream is shared."""
@@ -460,7 +466,7 @@ class _Pass:
         weights, skips = [W.copy() for W in before], []
         corrected = self.correcting()
         if corrected:
-            tick = self.stage(f"correct layer {name}", len(tasks), sum(_correction_flops(a) for a in accs))
+            tick = self.stage(f"correct layer {name}", len(tasks), UNIT_TASKS, sum(_correction_flops(a) for a in accs))
             with self.timer("tie"):
                 for t, acc in enumerate(accs):
                     if acc.has_moments:
@@ -492,7 +498,7 @@ class _Pass:
         none); under a progress stage when pairing them is long. Returns the stage's tick for the pairing."""
         for w in states:
             self.shared_inputs(w)
-        tick = self.stage(f"pair layer {states[0].name}", len(states) + 1, _pair_flops(states, len(states[0].members)))
+        tick = self.stage(f"pair layer {states[0].name}", len(states) + 1, UNIT_STEPS, _pair_flops(states, len(states[0].members)))
         for w in states:
             self.hessians(w)
             tick()
@@ -626,7 +632,7 @@ class _Pass:
         corrected = self.correcting() and acc.has_moments
         skipped = acc.note if self.correcting() and not corrected else ""
         flops = _correction_flops(acc) if corrected else 0.0
-        tick = self.stage(f"correct layer {layer.name} ({self.names[t]})", 1, flops)
+        tick = self.stage(f"correct layer {layer.name} ({self.names[t]})", 1, UNIT_STEPS, flops)
         with self.timer("tie"):
             W = _corrected_weights(W0, acc, self.opts.correct_damping, layer.name) if corrected else W0
             error = relative_error(W - W0, acc)
@@ -643,7 +649,7 @@ class _Pass:
             have = [t for t, task in enumerate(self.tasks) if self.depths[t] <= k < len(task.original.layers)]
             if not have:
                 continue
-            tick = progress(f"{label}layer {name}", sum(n_batches[t] for t in have))
+            tick = progress(f"{label}layer {name}", sum(n_batches[t] for t in have), UNIT_BATCHES)
             known = self.plan_layers.get(k)
             errors, corrected, skips = list(known.rel_error) if known else [0.0] * len(self.tasks), False, []
             for t in have:
@@ -677,7 +683,8 @@ class _Pass:
         for step in schedule(self.spaces):
             k = step.layer
             members = tuple(t for t in range(len(tasks)) if k < self.depths[t])  # the tasks aligned this far
-            tick = progress(f"{label}layer {tasks[0].original.layers[k].name}", sum(n_batches[t] for t in members))
+            tick = progress(f"{label}layer {tasks[0].original.layers[k].name}", sum(n_batches[t] for t in members),
+                            UNIT_BATCHES)
             self.current, keys = k, self.channel_keys(k, members)
             with timer("calibrate"):
                 found = [_calibrate(tasks[t], k, len(tasks[t].original.layers), self.providers, tick,

@@ -28,7 +28,7 @@ from ..tasks import check_known, per_task, some_tasks
 from .backend import require_torch, torch_device, torch_threads
 from .data import TaskData, load_tasks
 from .options import DISTILL, LABELS, MIX, RetrainOptions
-from .progress import RetrainProgressFn, no_progress
+from .progress import UNIT_STEPS, UNIT_TASKS, RetrainProgressFn, no_progress
 from .teachers import outputs, resolve_teachers, teacher_runner
 
 # The loss reported as final: the mean over the last iterations (single batches are noisy).
@@ -250,7 +250,7 @@ def _run(merged_path: Path, model: onnx.ModelProto, meta: dict[str, str], output
     module = build_module(model, meta, merged_path)
     datasets = load_tasks(tasks, folders, eval_dirs, spec, opts)
     providers, device = resolve_device(opts.device)[0], torch_device(opts.device)
-    step = progress("teachers", len(tasks))
+    step = progress("teachers", len(tasks), UNIT_TASKS)
     prepared = []
     for d in datasets:
         recorded = json.loads(meta.get(KEY_SOURCES, "{}")).get(d.task, {}).get("output")
@@ -261,7 +261,7 @@ def _run(merged_path: Path, model: onnx.ModelProto, meta: dict[str, str], output
     before = [_measure(module, p, opts, device) for p in prepared]
     log = train(module, _train_tasks(prepared, weights), opts, device, progress)
     after = [_measure(module, p, opts, device) for p in prepared]
-    step = progress("write", 1)
+    step = progress("write", 1, UNIT_STEPS)
     inputs = _verify_inputs(prepared, opts)
     diffs = write_back(onnx.load(str(merged_path)), module.weight_arrays(),
                        _record(opts, prepared, weights, log.losses, before, after), output, list(tasks), layout, inputs,

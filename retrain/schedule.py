@@ -58,9 +58,9 @@ class LayerRetrainer:
         self.metadata, self.progress = metadata, progress
         self.rounds: list[LayerRetrain] = []
 
-    def _bars(self, layer: str) -> Callable[[str, int], StepFn]:
-        def bars(label: str, total: int) -> StepFn:
-            tick = self.progress(f"retrain {layer} {label}", total)
+    def _bars(self, layer: str) -> Callable[[str, int, str], StepFn]:
+        def bars(label: str, total: int, unit: str = "") -> StepFn:
+            tick = self.progress(f"retrain {layer} {label}", total, unit)
             return lambda figures: tick()
         return bars
 

@@ -14,7 +14,7 @@ from ..errors import OnnxZipError
 from .graph import MergedModule
 from .losses import task_loss
 from .options import SGD_MOMENTUM, RetrainOptions
-from .progress import RetrainProgressFn, no_progress
+from .progress import UNIT_ITERATIONS, RetrainProgressFn, no_progress
 
 # Smoothing of the per-task agreement with the teacher that the progress bar shows.
 FIDELITY_EMA = 0.9
@@ -74,7 +74,7 @@ def train(module: MergedModule, tasks: Sequence[TrainTask], opts: RetrainOptions
     batches = [_indices(len(t.x), opts.batch_size, rng) for t in tasks]
     optimizer = _optimizer(module, opts)
     module.train()
-    step = progress("retrain", opts.iters)
+    step = progress("retrain", opts.iters, UNIT_ITERATIONS)
     running: dict[str, float] = {}
     losses = []
     for it in range(opts.iters):

@@ -183,9 +183,10 @@ class _Stages:
 
     def __init__(self):
         self.seen: dict[str, list[int]] = {}
+        self.units: dict[str, str] = {}
 
-    def __call__(self, label: str, total: int):
-        self.seen[label] = [total, 0]
+    def __call__(self, label: str, total: int, unit: str):
+        self.seen[label], self.units[label] = [total, 0], unit
         return lambda: self.seen[label].__setitem__(1, self.seen[label][1] + 1)
 
 
@@ -204,6 +205,8 @@ def test_wide_head_is_corrected_in_its_dual_form_without_a_d_by_d_matrix(wide, m
     assert head.name == "fc1" and head.corrected and not head.note and max(head.rel_error) < 1e-3
     assert stages.seen["correct layer fc1 (a)"] == [1, 1] and stages.seen["pair layer conv2"] == [2, 2]
     assert not any(label.startswith("pair layer fc1") for label in stages.seen)
+    assert stages.units["layer conv1"] == "batches" and stages.units["verify"] == "tasks"  # every bar says what it counts
+    assert all(stages.units.values())
     assert all(c.max_diff_vs_tied < 1e-4 for c in result.checks)
 
     monkeypatch.setattr(hessian, "ROWS_MIN_FEATURES", HEAD_D)  # the same merge through the primal form
