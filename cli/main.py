@@ -19,7 +19,8 @@ from .. import __version__
 from ..errors import OnnxZipError, printable
 from ..format import MULTI
 from ..format import LAYOUTS
-from ..options import IMAGE_LAYOUTS, PANEL_CHECKS, PANEL_DATA, PANEL_SHARING, ImageOptions, MergeOptions
+from ..options import (DEFAULT_QUANT_SAMPLES as QUANT_SAMPLES, IMAGE_LAYOUTS, PANEL_CHECKS, PANEL_DATA, PANEL_SHARING,
+                       QUANT_MODES, ImageOptions, MergeOptions)
 from ..retrain import RetrainOptions, options as retrain_defaults
 from ..retrain.options import LR_SCHEDULES, OPTIMIZERS
 from ..retrain.backend import require_torch
@@ -29,6 +30,7 @@ from .fields import field_values, with_options
 # it, so that --help and --version answer at once.
 if TYPE_CHECKING:
     from ..api import MergeResult
+    from ..quantize import QuantizeResult
     from ..retrain import RetrainResult
 
 
@@ -353,6 +355,39 @@ def inspect(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A mod
         out.print(f"  task {task}: {n:,} parameters")
     out.print(f"total: {info.params_total:,} parameters (inputs: {inputs_params:,}); "
               f"{info.bytes_total:,} bytes (inputs: {inputs_bytes:,})")
+
+
+def _print_quantized(result: "QuantizeResult") -> None:
+    table = Table(title=f"onnxzip quantize -> {result.output} (int8 {result.mode}, layout {result.layout})")
+    for col in ("task", "samples", "top-1 agreement", "accuracy float", "accuracy int8"):
+        table.add_column(col, justify="right")
+    for r in result.tasks:
+        table.add_row(r.task, str(r.samples), _fmt(r.agreement, pct=True), _fmt(r.accuracy_float, pct=True),
+                      _fmt(r.accuracy_int8, pct=True))
+    out.print(table)
+    out.print(f"bytes: {result.bytes_float:,} float -> {result.bytes_int8:,} int8 ({result.seconds:.1f} s)")
+
+
+@app.command()
+@_user_errors
+def quantize(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model written by onnxzip merge."),
+             output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Where to write the int8 model."),
+             calib: List[str] = typer.Option([], "--calib", metavar="DIR|TASK=DIR",
+                                             help="Each task's calibration samples, in the merged model's input "
+                                             "form (repeat TASK=DIR; one folder for all tasks)."),
+             mode: Literal[QUANT_MODES] = typer.Option("static", help="static: QDQ int8 with calibrated activations; "
+                                                       "dynamic: int8 weights, activations quantized at run time."),
+             samples: int = typer.Option(QUANT_SAMPLES, metavar="N", help="Calibration samples per task."),
+             per_channel: bool = typer.Option(False, help="One scale per output channel of each weight."),
+             eval_: List[str] = typer.Option([], "--eval", metavar="TASK=DIR",
+                                             help="TASK=DIR of .npz files with a 'labels' array: accuracy before "
+                                             "and after.")) -> None:
+    """Quantize a merged model to int8 with ONNX Runtime, task by task, keeping its layout (gated too)."""
+    from ..quantize import QuantizeOptions, quantize as run_quantize
+    result = run_quantize(model, _calib(calib), output, QuantizeOptions(mode=mode, samples=samples,
+                                                                        per_channel=per_channel),
+                          evals=_pairs(eval_, "--eval"))
+    _print_quantized(result)
 
 
 @app.command()

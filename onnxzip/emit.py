@@ -19,11 +19,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .format import (NODE_DOC_PREFIX, PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, TASK_AS_DIMS, TASK_BAD_SHAPE,
-                     TASK_INPUT, TASK_ONE_DIM, TASK_OUT_OF_RANGE, TASK_PROBE, TASK_REST, task_index_name)
+from .format import CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, NODE_DOC_PREFIX, PRODUCER, TASK_INPUT
 from .inputs import adapted
 from .ir import CONV, DEPTHWISE, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
+from .gating import gated_nodes, hoist_initializers
 from .save import EXTERNAL_DATA_ABOVE
 from .shapes import infer_edge_shapes
 from .spaces import INPUT, Spaces, read_width, unit_spaces
@@ -418,30 +418,10 @@ def _output_var(var: gs.Tensor, name: str, shape) -> gs.Variable:
     return var
 
 
-def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
-    """Move initializers of If branches into the main graph, so each one is stored exactly once."""
-    main = model.graph
-    seen = {t.name for t in main.initializer}
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    sub = attr.g
-                    for t in sub.initializer:
-                        if t.name not in seen:
-                            main.initializer.append(t)
-                            seen.add(t.name)
-                    del sub.initializer[:]
-                    visit(sub)
-
-    visit(main)
-
-
 def _export(graph: gs.Graph, opset: int, ir_version: int, meta: dict[str, str], doc: str) -> onnx.ModelProto:
     graph.tensors(check_duplicates=True)
     model = gs.export_onnx(graph)
-    _hoist_subgraph_initializers(model)
+    hoist_initializers(model)
     model.ir_version = ir_version
     model.producer_name, model.producer_version = PRODUCER, __version__
     model.doc_string = doc
@@ -500,62 +480,6 @@ def task_model(net: Network, start: int = 0, stop: int | None = None,
     return _export(graph, opset, ir_version_for(opset, [net.ir_version]), {}, "")
 
 
-def _out_of_range(g: _GsGraph) -> gs.Graph:
-    """The branch past the last task's test: it fails at run time for every index it can see.
-
-    It reshapes one value to [task, -1], which no index outside 0..N-1 (N >= 2) allows: 1 is not a
-    multiple of a task >= 2, and a negative task is no dimension. A Reshape's target shape is
-    checked on the host by every execution provider, unlike a Gather's indices on a GPU.
-    """
-    def const(name: str, value: np.ndarray) -> gs.Constant:
-        return g.tensors.setdefault(name, gs.Constant(name, value))
-    dims = gs.Variable(TASK_AS_DIMS, dtype=np.int64, shape=[1])
-    shape = gs.Variable(TASK_BAD_SHAPE, dtype=np.int64, shape=[2])
-    bad = gs.Variable(TASK_OUT_OF_RANGE, dtype=np.float32, shape=[None, None])
-    nodes = [gs.Node("Reshape", TASK_AS_DIMS, inputs=[g.tensors[TASK_INPUT], const(TASK_ONE_DIM, np.ones(1, np.int64))],
-                     outputs=[dims]),
-             gs.Node("Concat", TASK_BAD_SHAPE, {"axis": 0}, inputs=[dims, const(TASK_REST, np.full(1, -1, np.int64))],
-                     outputs=[shape]),
-             gs.Node("Reshape", TASK_OUT_OF_RANGE, inputs=[const(TASK_PROBE, np.ones(1, np.float32)), shape],
-                     outputs=[bad])]
-    return gs.Graph(nodes=nodes, outputs=[bad], name="branch_" + TASK_OUT_OF_RANGE.replace(".", "_"))
-
-
-def _gated_graph(b: _Builder, g: _GsGraph, tasks: list[int], finals: dict[int, str], placed: frozenset,
-                 out: gs.Variable, head_shape, tested: bool = False) -> list[gs.Node]:
-    """Nodes for the tasks still possible here: what all of them need, then an If on the task input.
-
-    ``tested``: the one task left was selected by the If above. Past the last task's own test
-    lies the branch that fails for any other index (_out_of_range).
-    """
-    nodes: list[gs.Node] = []
-    if len(tasks) > 1 or tested:  # the last task's own nodes wait behind its test
-        here = [r for r in b.nodes.values() if r.out not in placed and set(tasks) <= r.users]
-        placed = placed | {r.out for r in here}
-        nodes = g.nodes(here)
-    if tested:
-        return nodes + [gs.Node("Identity", f"{b.plan.tasks[tasks[0]]}.output",
-                                inputs=[g.tensor(finals[tasks[0]])], outputs=[out])]
-    first = tasks[0]
-    index = g.tensors.setdefault(task_index_name(first), gs.Constant(task_index_name(first), np.array(first, np.int64)))
-    cond = gs.Variable(f"task.is_{b.plan.tasks[first]}", dtype=np.bool_, shape=[])
-    nodes.append(gs.Node("Equal", f"task.is_{b.plan.tasks[first]}", inputs=[g.tensors[TASK_INPUT], index],
-                         outputs=[cond]))
-    then_out = gs.Variable(f"{b.plan.tasks[first]}.branch_out", dtype=np.float32, shape=head_shape)
-    then = gs.Graph(nodes=_gated_graph(b, g, [first], finals, placed, then_out, head_shape, tested=True),
-                    outputs=[then_out], name=f"branch_{b.plan.tasks[first]}")
-    if len(tasks) > 1:
-        rest = tasks[1:]
-        else_out = gs.Variable(f"after_{b.plan.tasks[first]}.branch_out", dtype=np.float32, shape=head_shape)
-        other = gs.Graph(nodes=_gated_graph(b, g, rest, finals, placed, else_out, head_shape),
-                         outputs=[else_out], name="branch_" + "_".join(b.plan.tasks[t] for t in rest))
-    else:
-        other = _out_of_range(g)
-    nodes.append(gs.Node("If", f"select_{b.plan.tasks[first]}", {"then_branch": then, "else_branch": other},
-                         inputs=[cond], outputs=[out]))
-    return nodes
-
-
 def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
                  meta: dict[str, str]) -> onnx.ModelProto:
     """The merged model of the tied networks under ``plan``, in the 'multi' or 'gated' layout, reading
@@ -579,7 +503,10 @@ def merged_model(plan: SharingPlan, nets: Sequence[Network], layout: str,
         same = all(s == shapes[0] for s in shapes)
         head_shape = _batched(shapes[0] if same else (None, "classes"))
         out = gs.Variable(GATED_OUTPUT, dtype=np.float32, shape=head_shape)
-        nodes = _gated_graph(b, g, list(range(len(nets))), finals, frozenset(), out, head_shape)
+        recs = list(b.nodes.values())
+        nodes = gated_nodes(g.nodes(recs), [frozenset(r.users) for r in recs],
+                            [g.tensor(finals[t]) for t in range(len(nets))], plan.tasks, fixed[TASK_INPUT], g.tensors,
+                            out, head_shape)
         outputs, inputs = [out], [x, fixed[TASK_INPUT]]
     opset = target_opset(nets)
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=opset, name="onnxzip_merged")

@@ -66,6 +66,9 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?i?[bB])?\s*$")
 _SIZE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2 ** 10, "MI": 2 ** 20, "GI": 2 ** 30}
 PARAMS, BYTES = "params", "bytes"
 STREAM_PAIRINGS = ("all", "early")
+# onnxzip quantize: ONNX Runtime's static (QDQ, calibrated activations) or dynamic int8; samples per task.
+QUANT_MODES = ("static", "dynamic")
+DEFAULT_QUANT_SAMPLES = 256
 
 
 def parse_size(text: str | int) -> tuple[int, str]:

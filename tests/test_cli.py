@@ -96,6 +96,21 @@ def test_choices_are_listed_in_help_and_the_two_layouts_are_apart():
     assert "'NCHW' is not one of 'multi', 'gated'" in proc.stderr
 
 
+def test_quantize_command_prints_each_task_and_keeps_the_layout(tmp_path):
+    a = B.save(B.cnn_model(B.cnn_weights(0)), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp_path / "b.onnx")
+    calib = B.calib_folder(tmp_path / "c", (1, 12, 12), 48, seed=1)
+    merged, q = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    assert _cli("merge", a, b, "--calib", calib, "-o", merged, "--layout", "gated", "--share", "0.5").returncode == 0
+    proc = _cli("quantize", merged, "--calib", calib, "-o", q, "--mode", "dynamic", "--samples", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\ba\s.*\b32\b.*%", proc.stdout) and "int8 dynamic, layout gated" in proc.stdout
+    proc = _cli("inspect", q)
+    assert proc.returncode == 0 and "layout gated" in proc.stdout
+    bad = _cli("quantize", merged, "--calib", calib, "-o", q, "--mode", "int4")
+    assert bad.returncode == 2 and "'int4' is not one of 'static', 'dynamic'" in bad.stderr
+
+
 def test_readme_main_job_runs_as_written():
     """The README's first command (install, demo data, the real merge) runs exactly as written."""
     main_job = _readme_commands()[0]

@@ -1,0 +1,238 @@
+"""int8 quantization of a merged model through ONNX Runtime's quantizers, for both layouts (DESIGN.md
+section 7).
+
+ONNX Runtime's quantizers do not look into If branches: on the gated layout, static QDQ rewrote
+main-graph tensors that the branches read (the MobileNetV2 pair lost 17 and 10 points), QOperator
+failed, dynamic quantized the trunk only. So a gated model is inlined into the multi layout first
+(gating.ungate: one output per task, the same nodes), quantized there, and gated again
+(gating.gate), which places the quantized nodes, Q/DQ pairs included, by the tasks they serve.
+
+Static quantization calibrates on each task's own samples (each task's folder, in the merged model's
+input form); the multi form runs every task's nodes on every sample, so a task's own tensors also see
+the other tasks' samples in their ranges. Each task's top-1 agreement with the float merged model is
+measured on its calibration samples (and, with ``evals``, the accuracy of both); every shared
+block stays one initializer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .calib import iter_batches, load_labeled
+from .errors import OnnxZipError
+from .format import GATED, KEY_QUANTIZED, TASK_INPUT, meta_key
+from .gating import gate, ungate
+from .guard import Output, Read, check_outputs
+from .ir import TensorSpec
+from .load import load_model
+from .merged import read_meta
+from .options import DEFAULT_QUANT_SAMPLES, QUANT_MODES
+from .runtime import resolve_device
+from .save import save_atomically
+from .scratch import scratch_dir
+from .shapes import infer_edge_shapes
+from .tasks import per_task, some_tasks
+from .verify import MergedRunner
+
+STATIC, DYNAMIC = QUANT_MODES
+DEFAULT_BATCH_SIZE = 32
+# Initializers of at least this many elements are weights; two with equal bytes are one block stored twice.
+WEIGHT_MIN_ELEMENTS = 64
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to quantize: static (QDQ, calibrated activations) or dynamic int8; samples per task."""
+
+    mode: str = STATIC
+    samples: int = DEFAULT_QUANT_SAMPLES
+    batch_size: int = DEFAULT_BATCH_SIZE
+    per_channel: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise OnnxZipError(f"--mode must be one of {', '.join(QUANT_MODES)}, got '{self.mode}'")
+        for name, value in (("--samples", self.samples), ("--batch-size", self.batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OnnxZipError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TaskQuantized:
+    """One task of the quantized model: top-1 agreement with the float model on its calibration samples,
+    and accuracy of both on its --eval samples (None without)."""
+
+    task: str
+    samples: int
+    agreement: float
+    accuracy_float: float | None = None
+    accuracy_int8: float | None = None
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What a quantization wrote and measured."""
+
+    output: str
+    mode: str
+    layout: str
+    tasks: tuple[TaskQuantized, ...]
+    bytes_float: int
+    bytes_int8: int
+    seconds: float
+
+
+def _samples(folder: Path, spec: TensorSpec, opts: QuantizeOptions) -> np.ndarray:
+    x = np.concatenate(list(iter_batches(folder, spec, opts.batch_size, opts.samples)))
+    if not np.isfinite(x).all():
+        raise OnnxZipError(f"{folder}: calibration samples hold non-finite values")
+    return x
+
+
+class _Reader:
+    """ONNX Runtime's calibration data reader over every task's samples, in batches of the merged input."""
+
+    def __init__(self, name: str, samples: Sequence[np.ndarray], batch_size: int):
+        self.batches: Iterator[dict] = iter([{name: x[i:i + batch_size]} for x in samples
+                                             for i in range(0, len(x), batch_size)])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def _gemms_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Gemm (x W^T + b) as MatMul by one transposed copy of W, then Add, in place.
+
+    ONNX Runtime's dynamic quantizer rewrites each Gemm into a MatMul itself and transposes the weight
+    once per Gemm, so a shared block read by two Gemms (one per task in the multi layout) came out
+    transposed twice, and the model did not load. Here each weight is transposed once, for all its readers.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, transposed = [], {}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        w = node.input[1]
+        if attrs.get("transB", 0) and w not in transposed:
+            transposed[w] = onnx.numpy_helper.from_array(
+                np.ascontiguousarray(onnx.numpy_helper.to_array(inits[w]).T), f"{w}.T")
+        weight = transposed[w].name if attrs.get("transB", 0) else w
+        product = f"{node.output[0]}.MatMul" if len(node.input) > 2 else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}.MatMul"))
+        if len(node.input) > 2:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.Add"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(transposed.values())
+    still_read = {i for n in model.graph.node for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in still_read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+def _quantized_multi(multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray], opts: QuantizeOptions,
+                     tmp: Path) -> onnx.ModelProto:
+    """The multi-layout model quantized by ONNX Runtime (static QDQ or dynamic int8)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
+        quantize_static
+    src, dst = tmp / "multi.onnx", tmp / "multi.int8.onnx"
+    if opts.mode == DYNAMIC:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(multi)
+        multi = _gemms_as_matmuls(copy)
+    onnx.save_model(multi, str(src))
+    if opts.mode == STATIC:
+        reader = type("Reader", (_Reader, CalibrationDataReader), {})(name, samples, opts.batch_size)
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    else:
+        # every tensor of a merged model is float32; the quantizer needs that for the MatMul it writes for a Gemm
+        quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return onnx.load_model(str(dst))
+
+
+def _stored_twice(model: onnx.ModelProto) -> list[str]:
+    """Weights whose bytes another initializer holds too (a block stored twice)."""
+    seen: dict[bytes, str] = {}
+    twice = []
+    for t in model.graph.initializer:
+        if int(np.prod(t.dims)) < WEIGHT_MIN_ELEMENTS:
+            continue
+        key = hashlib.sha256(t.SerializeToString(deterministic=True).replace(t.name.encode(), b"")).digest()
+        if key in seen:
+            twice.append(f"{seen[key]} and {t.name}")
+        seen.setdefault(key, t.name)
+    return twice
+
+
+def _finish(q: onnx.ModelProto, model: onnx.ModelProto, mode: str) -> onnx.ModelProto:
+    """The quantized model with the merged one's metadata, description and producer, and the mode."""
+    del q.metadata_props[:]
+    q.metadata_props.extend(model.metadata_props)
+    q.metadata_props.add(key=meta_key(KEY_QUANTIZED), value=f"int8 {mode} (ONNX Runtime)")
+    q.doc_string, q.producer_name, q.producer_version = model.doc_string, model.producer_name, __version__
+    return infer_edge_shapes(q)
+
+
+def _measure(before: MergedRunner, after: MergedRunner, t: int, task: str, x: np.ndarray,
+             labelled: tuple[np.ndarray, np.ndarray] | None, batch: int) -> TaskQuantized:
+    def top1(run: MergedRunner, data: np.ndarray) -> np.ndarray:
+        return np.concatenate([run(t, data[i:i + batch]).argmax(1) for i in range(0, len(data), batch)])
+    agreement = float((top1(before, x) == top1(after, x)).mean())
+    if labelled is None:
+        return TaskQuantized(task, len(x), agreement)
+    xe, labels = labelled
+    return TaskQuantized(task, len(x), agreement, float((top1(before, xe) == labels).mean()),
+                         float((top1(after, xe) == labels).mean()))
+
+
+def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], output: str | Path,
+             opts: QuantizeOptions = QuantizeOptions(),
+             evals: Mapping[str, str | Path] | None = None) -> QuantizeResult:
+    """Quantize a merged model (either layout) to int8 at ``output``, keeping its layout and metadata.
+
+    ``calib`` is one folder for every task or a {task: folder} mapping of samples in the merged model's
+    input form; ``evals`` maps tasks to labelled folders for accuracy before and after. Raises
+    OnnxZipError on what a user can cause (then nothing is written).
+    """
+    start = time.perf_counter()
+    merged, output = Path(merged), Path(output)
+    model, _ = load_model(merged)
+    meta = read_meta(model, merged)
+    folders = per_task(calib, meta.tasks, "--calib")
+    eval_dirs = some_tasks(evals, meta.tasks, "--eval")
+    check_outputs([Output(output, "-o")], [Read(merged, "merged model")] +
+                  [Read(f, "--calib data") for f in folders] + [Read(f, "--eval data") for f in eval_dirs.values()])
+    graph_input = next(i for i in model.graph.input if i.name != TASK_INPUT)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim)
+    spec = TensorSpec(graph_input.name, dims, np.dtype(np.float32))
+    samples = [_samples(f, spec, opts) for f in folders]
+    multi = ungate(model, meta.tasks) if meta.layout == GATED else model
+    with scratch_dir() as tmp:
+        q = _quantized_multi(multi, spec.name, samples, opts, tmp)
+    q = _finish(gate(q, meta.tasks) if meta.layout == GATED else q, model, opts.mode)
+    twice = _stored_twice(q)
+    if twice:
+        raise RuntimeError(f"internal error: the quantized model stores a block twice ({twice[0]})")
+    written = save_atomically(q, output, lambda p: onnx.checker.check_model(str(p), full_check=True))
+    providers = resolve_device(opts.device)[0]
+    before, after = (MergedRunner(p, meta.tasks, meta.layout, providers) for p in (merged, output))
+    tasks = tuple(_measure(before, after, t, name, x,
+                           load_labeled(eval_dirs[name], spec) if name in eval_dirs else None,
+                           opts.batch_size) for t, (name, x) in enumerate(zip(meta.tasks, samples)))
+    return QuantizeResult(str(output), opts.mode, meta.layout, tasks, merged.stat().st_size,
+                          sum(f.stat().st_size for f in written), time.perf_counter() - start)
