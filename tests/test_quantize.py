@@ -13,7 +13,6 @@ import builders as B
 from onnxzip.api import merge
 from onnxzip.errors import OnnxZipError
 from onnxzip.format import KEY_QUANTIZED, TASK_INPUT, meta_key
-from onnxzip.gating import gate, ungate
 from onnxzip.merged import inspect
 from onnxzip.options import MergeOptions
 from onnxzip.quantize import QuantizeOptions, quantize
@@ -43,23 +42,6 @@ def _sessions(*paths):
 
 def _x(n=16):
     return np.random.default_rng(5).random((n, 1, 12, 12), dtype=np.float32)
-
-
-def test_ungate_then_gate_is_the_same_function(merged, tmp_path):
-    _, out, _ = merged
-    gated = onnx.load(str(out["gated"]))
-    multi = ungate(gated, ["a", "b"])
-    again = gate(multi, ["a", "b"])
-    for model, name in ((multi, "multi"), (again, "again")):
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save(model, str(tmp_path / f"{name}.onnx"))
-    g, m, r = _sessions(out["gated"], tmp_path / "multi.onnx", tmp_path / "again.onnx")
-    for t in range(2):
-        want = g.run(None, {"input": _x(), TASK_INPUT: np.array(t, np.int64)})[0]
-        assert np.array_equal(m.run(None, {"input": _x()})[t], want)
-        assert np.array_equal(r.run(None, {"input": _x(), TASK_INPUT: np.array(t, np.int64)})[0], want)
-    with pytest.raises(Exception):  # the range check survives the round trip
-        r.run(None, {"input": _x(), TASK_INPUT: np.array(2, np.int64)})
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
