@@ -147,10 +147,14 @@ def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return out
 
 
-def run(model_path: Path, x: np.ndarray, feeds: dict | None = None) -> list[np.ndarray]:
-    """All outputs of a model file on input x, with ONNX Runtime on the CPU."""
+def run(model_path: Path, x: np.ndarray, feeds: dict | None = None, exact: bool = False) -> list[np.ndarray]:
+    """All outputs of a model file on input x, with ONNX Runtime on the CPU; ``exact``: graph
+    optimisations off, so two files of the same nodes give bit-identical outputs (no fusions)."""
     import onnxruntime as ort
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if exact:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     name = [i.name for i in sess.get_inputs() if i.name != "task"][0]
     return sess.run(None, {name: x, **(feeds or {})})
 
@@ -335,10 +339,20 @@ def merge_copies_back(folder: Path, paths: list[Path], shape: tuple[int, ...], l
     return result, out
 
 
-def task_output(path: Path, x: np.ndarray, layout: str, t: int) -> np.ndarray:
-    """Task t's output of a merged model in the 'multi' or 'gated' layout."""
+def task_output(path: Path, x: np.ndarray, layout: str, t: int, exact: bool = False) -> np.ndarray:
+    """Task t's output of a merged model in the 'multi' or 'gated' layout (``exact``: see run)."""
     feeds = {"task": np.array(t, np.int64)} if layout == "gated" else None
-    return run(path, x, feeds)[0 if layout == "gated" else t]
+    return run(path, x, feeds, exact)[0 if layout == "gated" else t]
+
+
+def cnn_pair_in_both_layouts(folder: Path, calib, share: float = 0.5) -> dict[str, Path]:
+    """Two different tiny CNNs (cnn_weights 0 and 1) merged at ``share`` in each layout: {layout: file}."""
+    a = save(cnn_model(cnn_weights(0)), folder / "a.onnx")
+    b = save(cnn_model(cnn_weights(1)), folder / "b.onnx")
+    out = {layout: folder / f"m_{layout}.onnx" for layout in ("multi", "gated")}
+    for layout, path in out.items():
+        merge([a, b], calib, path, MergeOptions(share=share, layout=layout, verify_samples=16))
+    return out
 
 
 # A tiny ResNet: stem, one block with an identity shortcut, one with a strided 1x1 projection.

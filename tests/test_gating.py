@@ -8,10 +8,7 @@ import onnxruntime as ort
 import pytest
 
 import builders as B
-from onnxzip.api import merge
-from onnxzip.format import TASK_INPUT
 from onnxzip.gating import gate, ungate
-from onnxzip.options import MergeOptions
 
 LEVELS = ("ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
 # ORT's fused kernels may reorder float sums: outputs of an optimised file agree to this.
@@ -21,29 +18,11 @@ OPTIMISED_ATOL = 1e-5
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gating")
-    a = B.save(B.cnn_model(B.cnn_weights(0)), tmp / "a.onnx")
-    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp / "b.onnx")
-    calib = B.calib_folder(tmp / "calib", (1, 12, 12), n=64)
-    out = {layout: tmp / f"m_{layout}.onnx" for layout in ("multi", "gated")}
-    for layout, path in out.items():
-        merge([a, b], calib, path, MergeOptions(share=0.5, layout=layout, verify_samples=16))
-    return tmp, out
-
-
-def _sessions(*paths):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusions: exact comparisons
-    return [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in paths]
+    return tmp, B.cnn_pair_in_both_layouts(tmp, B.calib_folder(tmp / "calib", (1, 12, 12), n=64))
 
 
 def _x(n=16):
     return np.random.default_rng(5).random((n, 1, 12, 12), dtype=np.float32)
-
-
-def _run(sess, layout: str, t: int) -> np.ndarray:
-    if layout == "multi":
-        return sess.run(None, {"input": _x()})[t]
-    return sess.run(None, {"input": _x(), TASK_INPUT: np.array(t, np.int64)})[0]
 
 
 def test_ungate_then_gate_is_the_same_function(merged, tmp_path):
@@ -54,14 +33,12 @@ def test_ungate_then_gate_is_the_same_function(merged, tmp_path):
     for model, name in ((multi, "multi"), (again, "again")):
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp_path / f"{name}.onnx"))
-    g, m, r = _sessions(out["gated"], tmp_path / "multi.onnx", tmp_path / "again.onnx")
     for t in range(2):
-        want = g.run(None, {"input": _x(), TASK_INPUT: np.array(t, np.int64)})[0]
-        assert np.array_equal(m.run(None, {"input": _x()})[t], want)
-        assert np.array_equal(r.run(None, {"input": _x(), TASK_INPUT: np.array(t, np.int64)})[0], want)
+        want = B.task_output(out["gated"], _x(), "gated", t, exact=True)
+        assert np.array_equal(B.task_output(tmp_path / "multi.onnx", _x(), "multi", t, exact=True), want)
+        assert np.array_equal(B.task_output(tmp_path / "again.onnx", _x(), "gated", t, exact=True), want)
     with pytest.raises(Exception):  # the range check survives the round trip
-        r.run(None, {"input": _x(), TASK_INPUT: np.array(2, np.int64)})
-
+        B.task_output(tmp_path / "again.onnx", _x(), "gated", 2)
 
 
 @pytest.mark.parametrize("layout", ["multi", "gated"])
@@ -72,7 +49,6 @@ def test_offline_optimised_file_reloads_and_computes_the_same(merged, tmp_path, 
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     ort.InferenceSession(str(out[layout]), so, providers=["CPUExecutionProvider"])
-    (original,) = _sessions(out[layout])
-    reloaded = ort.InferenceSession(str(tmp_path / "optimised.onnx"), providers=["CPUExecutionProvider"])
     for t in range(2):
-        np.testing.assert_allclose(_run(reloaded, layout, t), _run(original, layout, t), atol=OPTIMISED_ATOL)
+        np.testing.assert_allclose(B.task_output(tmp_path / "optimised.onnx", _x(), layout, t),
+                                   B.task_output(out[layout], _x(), layout, t, exact=True), atol=OPTIMISED_ATOL)

@@ -6,15 +6,12 @@ import hashlib
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 import builders as B
-from onnxzip.api import merge
 from onnxzip.errors import OnnxZipError
-from onnxzip.format import KEY_QUANTIZED, TASK_INPUT, meta_key
+from onnxzip.format import KEY_QUANTIZED, meta_key
 from onnxzip.merged import inspect
-from onnxzip.options import MergeOptions
 from onnxzip.quantize import QuantizeOptions, quantize
 
 # Top-1 agreement of the int8 with the float model on the tasks' calibration samples.
@@ -24,24 +21,9 @@ MIN_AGREEMENT = 0.9
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quantize")
-    a = B.save(B.cnn_model(B.cnn_weights(0)), tmp / "a.onnx")
-    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp / "b.onnx")
     calib = {"a": B.calib_folder(tmp / "ca", (1, 12, 12), n=96, seed=1),
              "b": B.calib_folder(tmp / "cb", (1, 12, 12), n=96, seed=2)}
-    out = {layout: tmp / f"m_{layout}.onnx" for layout in ("multi", "gated")}
-    for layout, path in out.items():
-        merge([a, b], calib, path, MergeOptions(share=0.5, layout=layout, verify_samples=16))
-    return tmp, out, calib
-
-
-def _sessions(*paths):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusions: exact comparisons
-    return [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in paths]
-
-
-def _x(n=16):
-    return np.random.default_rng(5).random((n, 1, 12, 12), dtype=np.float32)
+    return tmp, B.cnn_pair_in_both_layouts(tmp, calib), calib
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
@@ -49,10 +31,10 @@ def test_quantized_gated_equals_quantized_multi_and_stores_blocks_once(merged, m
     tmp, out, calib = merged
     q = {layout: tmp / f"q_{layout}_{mode}.onnx" for layout in out}
     results = {layout: quantize(out[layout], calib, q[layout], QuantizeOptions(mode=mode)) for layout in out}
-    gated, multi = _sessions(q["gated"], q["multi"])
+    x = np.random.default_rng(5).random((16, 1, 12, 12), dtype=np.float32)
     for t in range(2):
-        want = multi.run(None, {"input": _x()})[t]
-        assert np.array_equal(gated.run(None, {"input": _x(), TASK_INPUT: np.array(t, np.int64)})[0], want)
+        want = B.task_output(q["multi"], x, "multi", t, exact=True)
+        assert np.array_equal(B.task_output(q["gated"], x, "gated", t, exact=True), want)
     for layout, result in results.items():
         model = onnx.load(str(q[layout]))
         weights = [t for t in model.graph.initializer if np.prod(t.dims) >= 64]
