@@ -169,12 +169,13 @@ def _inline(nodes: Sequence[gs.Node], finals: list[gs.Tensor]) -> list[gs.Node]:
 
 
 def ungate(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A gated-layout model in the multi layout: one input, one output per task (named as in ``names``)."""
+    """A gated-layout model in the multi layout: one input, one output per task (named as in ``names``).
+    Raises ValueError when the If chain does not end in one branch per task (a file edited by hand)."""
     graph = gs.import_onnx(model)
     finals: list[gs.Tensor] = []
     nodes = _inline(graph.nodes, finals)
     if len(finals) != len(names):
-        raise ValueError(f"internal error: {len(finals)} task branches for {len(names)} tasks")
+        raise ValueError(f"its If chain ends in {len(finals)} task branches for {len(names)} tasks")
     for t, (var, name) in enumerate(zip(finals, names)):
         var.name, var.dtype = name, np.float32
     inputs = [i for i in graph.inputs if i.name != TASK_INPUT]

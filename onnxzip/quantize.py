@@ -221,7 +221,10 @@ def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], o
     dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim)
     spec = TensorSpec(graph_input.name, dims, np.dtype(np.float32))
     samples = [_samples(f, spec, opts) for f in folders]
-    multi = ungate(model, meta.tasks) if meta.layout == GATED else model
+    try:
+        multi = ungate(model, meta.tasks) if meta.layout == GATED else model
+    except ValueError as exc:
+        raise OnnxZipError(f"{merged}: not a gated model as onnxzip writes it: {exc}") from None
     with scratch_dir() as tmp:
         q = _quantized_multi(multi, spec.name, samples, opts, tmp)
     q = _finish(gate(q, meta.tasks) if meta.layout == GATED else q, model, opts.mode)

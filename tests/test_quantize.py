@@ -55,3 +55,10 @@ def test_quantize_refuses_bad_options_and_overwriting_its_input(merged):
         QuantizeOptions(mode="int4")
     with pytest.raises(OnnxZipError, match="-o"):
         quantize(out["multi"], calib, out["multi"])
+    edited = onnx.load(str(out["gated"]))  # a task's branch no longer ends in its output Identity
+    then = next(a.g for n in edited.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    next(n for n in then.node if n.name.endswith(".output")).name = "renamed"
+    onnx.save(edited, str(tmp / "edited.onnx"))
+    with pytest.raises(OnnxZipError, match="edited.onnx: not a gated model as onnxzip writes it: its If chain"):
+        quantize(tmp / "edited.onnx", calib, tmp / "edited.int8.onnx")
+    assert not (tmp / "edited.int8.onnx").exists()
