@@ -25,7 +25,7 @@ from .ir import CONV, DEPTHWISE, Layer, Network, Op, unit_features
 from .plan import SharingPlan, unshared_plan
 from .gating import gated_nodes, hoist_initializers
 from .save import EXTERNAL_DATA_ABOVE
-from .shapes import infer_edge_shapes
+from .shapes import graphs, infer_edge_shapes
 from .spaces import INPUT, Spaces, read_width, unit_spaces
 
 MIN_OPSET = 13
@@ -392,13 +392,10 @@ class _GsGraph:
 
 def _document_nodes(model: onnx.ModelProto, docs: dict[str, str]) -> None:
     """Set each node's doc_string from ``docs``, in the main graph and every branch."""
-    stack = [model.graph]
-    while stack:
-        graph = stack.pop()
+    for graph in graphs(model.graph):
         for node in graph.node:
             if node.name in docs:
                 node.doc_string = docs[node.name]
-            stack.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
 
 
 def _batched(shape) -> list | None:

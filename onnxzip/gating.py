@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .format import (GATED_OUTPUT, TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_ONE_DIM, TASK_OUT_OF_RANGE, TASK_PROBE,
                      TASK_REST, task_index_name)
+from .shapes import graphs
 
 
 def _const(tensors: dict[str, gs.Tensor], name: str, value: np.ndarray) -> gs.Tensor:
@@ -109,20 +110,12 @@ def hoist_initializers(model: onnx.ModelProto) -> None:
     """Move initializers of If branches into the main graph, so each one is stored exactly once."""
     main = model.graph
     seen = {t.name for t in main.initializer}
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    sub = attr.g
-                    for t in sub.initializer:
-                        if t.name not in seen:
-                            main.initializer.append(t)
-                            seen.add(t.name)
-                    del sub.initializer[:]
-                    visit(sub)
-
-    visit(main)
+    for sub in list(graphs(main))[1:]:
+        for t in sub.initializer:
+            if t.name not in seen:
+                main.initializer.append(t)
+                seen.add(t.name)
+        del sub.initializer[:]
 
 
 def _finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

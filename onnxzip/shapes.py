@@ -19,15 +19,15 @@ from onnx import shape_inference
 VALUE_BYTES = 1024
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """The graph and, depth first in node order, every subgraph (If branches)."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from graphs(attr.g)
             for sub in attr.graphs:
-                yield from _graphs(sub)
+                yield from graphs(sub)
 
 
 def _stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -44,7 +44,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
                                      initializer=[_stub(t) for t in graph.initializer],
                                      sparse_initializer=graph.sparse_initializer)
     skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=skeleton_graph)
-    for g in _graphs(skeleton.graph):
+    for g in graphs(skeleton.graph):
         del g.value_info[:]
     return skeleton
 
@@ -56,7 +56,7 @@ def infer_edge_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     onnxzip writes must not carry a shape that ONNX Runtime would refuse.
     """
     inferred = shape_inference.infer_shapes(_skeleton(model), strict_mode=True, data_prop=True)
-    for target, source in zip(_graphs(model.graph), _graphs(inferred.graph), strict=True):
+    for target, source in zip(graphs(model.graph), graphs(inferred.graph), strict=True):
         del target.value_info[:]
         target.value_info.extend(source.value_info)
     return model

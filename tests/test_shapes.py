@@ -10,19 +10,19 @@ import builders as B
 from onnxzip.api import merge
 from onnxzip.merged import split
 from onnxzip.options import MergeOptions
-from onnxzip.shapes import VALUE_BYTES, _graphs, infer_edge_shapes
+from onnxzip.shapes import VALUE_BYTES, graphs, infer_edge_shapes
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Every value_info's dims over all graphs (an int, or the symbolic name)."""
     return {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
-            for g in _graphs(model.graph) for vi in g.value_info if vi.type.tensor_type.HasField("shape")}
+            for g in graphs(model.graph) for vi in g.value_info if vi.type.tensor_type.HasField("shape")}
 
 
 def _inner_edges(model: onnx.ModelProto) -> set[str]:
     """The tensors nodes write, less each graph's outputs (those carry their own types)."""
-    return {o for g in _graphs(model.graph) for n in g.node for o in n.output} - {
-        o.name for g in _graphs(model.graph) for o in g.output}
+    return {o for g in graphs(model.graph) for n in g.node for o in n.output} - {
+        o.name for g in graphs(model.graph) for o in g.output}
 
 
 def _all_dims_known(model: onnx.ModelProto) -> None:
