@@ -19,13 +19,16 @@ class Step:
     pairs: bool  # the space is paired now, from these writers' costs; else they follow its pairing
     # A writer tied now lies before this layer: the tensors cached downstream of it are stale.
     stale: bool
-    # No writer is left waiting for its space: the networks are consistent (retraining may run).
+    # No writer is left waiting for its space and every space paired so far has all its writers tied: the
+    # networks are consistent with the plan so far (retraining may run).
     settled: bool
 
 
 def schedule(spaces: Spaces) -> tuple[Step, ...]:
     """The steps of one pass over the layers: a space is paired at Spaces.decided_at (its writers up
-    to then tied together), and each later writer is tied as soon as it is calibrated."""
+    to then tied together), and each later writer is tied as soon as it is calibrated. A step is
+    settled once no paired space has a writer still to come (a residual stream: after its last writer)
+    or a grouped conv reading it still to come (its groups follow that pairing, spaces.py)."""
     steps: list[Step] = []
     waiting: list[int] = []
     paired: set[int] = set()
@@ -37,7 +40,10 @@ def schedule(spaces: Spaces) -> tuple[Step, ...]:
             ties = tuple(w for w in waiting if spaces.space[w] == space)
             waiting = [w for w in waiting if spaces.space[w] != space]
             paired.add(space)
-        steps.append(Step(k, space, ties, bool(ties) and not follows, any(w < k for w in ties), not waiting))
+        open_streams = any(max(spaces.writers(s)) > k for s in paired) or \
+            any(f > k and leader in paired for f, leader in spaces.follows)
+        steps.append(Step(k, space, ties, bool(ties) and not follows, any(w < k for w in ties),
+                          not waiting and not open_streams))
     return tuple(steps)
 
 
