@@ -144,6 +144,10 @@ def _differs(ga: _Geometry, gb: _Geometry, k: int) -> str:
                 f"{la.describe()} adds into {_space_words(a, (sa.space[k],))}; the models are wired differently")
     if k == 0 and la.in_features != lb.in_features:
         return f"{b.path}: first layer {lb.describe()} reads {lb.in_features} features, {a.path}'s reads {la.in_features}"
+    if la.group != lb.group or (la.group > 1 and la.W.shape[:2] != lb.W.shape[:2]):
+        return (f"{b.path}: layer {lb.describe()} has {lb.group} groups over {lb.W.shape[1]} -> {lb.out_units} "
+                f"channels, but {a.path}'s {la.describe()} has {la.group} over {la.W.shape[1]} -> {la.out_units}; "
+                "grouped convolutions share groups only between layers of one shape")
     if la.kernel != lb.kernel:
         return (f"{b.path}: layer {lb.describe()} has kernel {list(lb.kernel)}, but {a.path}'s {la.describe()} "
                 f"has {list(la.kernel)}")
@@ -156,14 +160,17 @@ def _differs(ga: _Geometry, gb: _Geometry, k: int) -> str:
 
 def _before_streams(pair: tuple[_Geometry, _Geometry], depth: int, stop: str) -> tuple[int, str]:
     """The aligned depth cut back to before any unit space that a layer past it still adds into
-    (a residual stream is paired once for all its writers, so it is shared whole or not at all)."""
+    (a residual stream is paired once for all its writers, so it is shared whole or not at all),
+    or that a grouped conv past it reads (its groups are shared with that conv's, spaces.py)."""
     for net, spaces in ((g.net, g.spaces) for g in pair):
-        late = [s for k, s in enumerate(spaces.space) if k >= depth and s < depth]
+        late = [(s, k, "adds into") for k, s in enumerate(spaces.space) if k >= depth and s < depth]
+        late += [(spaces.reads[k][0], k, "is a grouped convolution reading") for k, s in spaces.follows
+                 if k >= depth and spaces.reads[k][0] < depth]
         if late:
-            s = min(late)
-            writer = next(k for k in spaces.writers(s) if k >= depth)
-            stop = (f"{stop}; {net.path}'s layer {net.layers[writer].describe()} adds into the units of "
-                    f"{net.layers[s].describe()}, so that residual stream cannot be shared either")
+            s, writer, how = min(late)
+            what = "that residual stream" if how == "adds into" else "those units"
+            stop = (f"{stop}; {net.path}'s layer {net.layers[writer].describe()} {how} the units of "
+                    f"{net.layers[s].describe()}, so {what} cannot be shared either")
             return _before_streams(pair, s, stop)
     return depth, stop
 
@@ -176,7 +183,9 @@ def _space_words(net: Network, parts: tuple[int, ...]) -> str:
 def aligned_spaces(net: Network, depth: int) -> Spaces:
     """The unit spaces of the first ``depth`` layers (the aligned ones, which may share)."""
     spaces = unit_spaces(net)
-    return Spaces(spaces.space[:depth], spaces.reads[:depth], tuple((i, s) for i, s in spaces.ops if s < depth))
+    return Spaces(spaces.space[:depth], spaces.reads[:depth], tuple((i, s) for i, s in spaces.ops if s < depth),
+                  tuple((s, g) for s, g in spaces.grouped if s < depth),
+                  tuple((k, s) for k, s in spaces.follows if k < depth))
 
 
 def slots(nets: Sequence[Network]) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -106,10 +106,11 @@ class _Problem:
 def free_spaces(net: Network) -> list[int]:
     """The unit spaces whose shares are chosen (named by their first writer): all but the heads'.
 
-    In a chain that is every hidden layer; in a residual network each stream counts once.
+    In a chain that is every hidden layer; in a residual network each stream counts once. A grouped
+    conv's output follows the space it reads (spaces.py), so it is not among them.
     """
     spaces = unit_spaces(net)
-    return [s for s in spaces.spaces if s != spaces.space[len(net.layers) - 1]]
+    return [s for s in spaces.spaces if s != spaces.space[len(net.layers) - 1] and spaces.leader(s) is None]
 
 
 def widths(nets: Sequence[Network]) -> list[int]:
@@ -120,15 +121,21 @@ def widths(nets: Sequence[Network]) -> list[int]:
 def layer_counts(net: Network, counts: Sequence[int]) -> list[int]:
     """Per layer, the units the zipper shares for ``counts`` per free space.
 
-    Every writer of a space shares its count; a space none of whose writers (up to where it is
-    paired) reads a shared input shares nothing, as in the zipper.
+    Every writer of a space shares its count (in whole groups where a grouped conv reads the space;
+    a grouped conv's output as many groups as its input); a space none of whose writers (up to where
+    it is paired) reads a shared input shares nothing, as in the zipper.
     """
     spaces = unit_spaces(net)
     chosen, got = dict(zip(free_spaces(net), counts)), {}
     for s in sorted(spaces.spaces, key=spaces.decided_at):
         writers = [k for k in spaces.writers(s) if k <= spaces.decided_at(s)]
         fed = any(s == INPUT or got.get(s, 0) > 0 for k in writers for s in spaces.reads[k])
-        got[s] = chosen.get(s, 0) if fed else 0
+        width, leader = net.layers[s].out_units, spaces.leader(s)
+        if leader is not None:
+            count = got[leader] // (net.layers[leader].out_units // spaces.groups(s)) * (width // spaces.groups(s))
+        else:
+            count = spaces.whole_groups(s, chosen.get(s, 0), width)
+        got[s] = count if fed else 0
     return [got[s] for s in spaces.space]
 
 
@@ -142,6 +149,8 @@ def params_saved(net: Network, counts: Sequence[int], n_tasks: int) -> list[int]
     for k, count in enumerate(counts):
         parts = spaces.reads[k]
         shared_in = net.layers[0].in_features if parts == (INPUT,) else sum(counts[s] for s in parts) * reps[k]
+        if net.layers[k].group > 1:  # a shared unit reads the shared inputs of its own group only
+            shared_in = net.layers[k].in_features // net.layers[k].group
         saved.append((n_tasks - 1) * count * (shared_in + 1))
     for i, s in spaces.ops:  # a channel op's shared channels: stored once, counted with the space's first writer
         if s < len(counts):

@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .errors import OnnxZipError
-from .ir import CONV, DEPTHWISE, FC, PRELU, Layer, Network, Op, Step, TensorSpec
+from .ir import CONV, DEPTHWISE, FC, PRELU, Layer, Network, Op, Step, TensorSpec, dense_grouped
 from .fold import fold_constants
 from .load import file_sha256, load
 from .save import EXTERNAL_DATA_ABOVE
@@ -49,7 +49,7 @@ HEAD_OPS = ("Softmax", "LogSoftmax")
 DROPPED_OPS = ("Identity", "Dropout")
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # Names of the channel ops (ir.CHANNEL_OPS) as layers are named: dw1, dw2, ..., prelu1, ...
-DEPTHWISE_NAME, PRELU_NAME = "dw", "prelu"
+DEPTHWISE_NAME, PRELU_NAME, GROUPED_NAME = "dw", "prelu", "gconv"
 # Ops allowed off the data path, only to compute the target shape of a flattening Reshape.
 SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "Slice", "Cast",
              "Mul", "Div", "ReduceProd", "ConstantOfShape", "Identity")
@@ -79,7 +79,7 @@ FLATTENING_OPS = ("Flatten", "Reshape", "Squeeze")
 POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
               "strides", "count_include_pad")
 BN_EPSILON = 1e-5  # BatchNormalization's default epsilon
-SUPPORTED_SUMMARY = ("Conv (also depthwise: group = channels), Gemm, MatMul(+Add) (also on [batch, 1, ..., features]), "
+SUPPORTED_SUMMARY = ("Conv (also grouped, and depthwise: group = channels), Gemm, MatMul(+Add) (also on [batch, 1, ..., features]), "
                      "BatchNormalization, PRelu, "
                      + ", ".join(UNIT_WISE_OPS)
                      + ", ReduceMean over the spatial axes (global average pool), Reshape/Squeeze (flattening), "
@@ -243,19 +243,24 @@ def _conv_pads(p: _Parse, node: onnx.NodeProto, attrs: dict, kernel: tuple, x_sh
     return tuple(begin + end), strides, dil
 
 
-def _is_depthwise(p: _Parse, node: onnx.NodeProto) -> bool:
-    """True for a depthwise Conv (group = channels, one kernel per channel); refuses other grouped convolutions."""
+def _conv_group(p: _Parse, node: onnx.NodeProto) -> int:
+    """A Conv's group: 1 for an ordinary conv, 0 for a depthwise one (group = channels, one kernel per
+    channel: a channel op), else the number of groups of a grouped convolution (a layer)."""
     group = int(_attrs(node).get("group", 1))
     if group == 1:
-        return False
+        return 1
     W = p.const(node, node.input[1], "weight")
     if W.ndim == 4 and W.shape[1] == 1 and W.shape[0] == group:
-        return True
-    raise p.fail(node, f"is a grouped convolution (group={group}, weight {list(W.shape)}); only group=1 and "
-                       "depthwise convolutions (group = channels, one kernel per channel) are supported")
+        return 0
+    if group < 1 or W.ndim != 4 or W.shape[0] % group:
+        raise p.fail(node, f"has group={group} with weight {list(W.shape)}: its {W.shape[0] if W.ndim else 0} "
+                           "output channels do not split into that many groups")
+    return group
 
 
-def _parse_conv(p: _Parse, node: onnx.NodeProto, depthwise: bool = False) -> Layer:
+def _parse_conv(p: _Parse, node: onnx.NodeProto, group: int = 1) -> Layer:
+    """A Conv as a layer (a grouped one with its kernel dense and block-diagonal, ir.Layer), or, with group 0,
+    the layer form of a depthwise conv, which _layer_step turns into its channel op."""
     attrs = _attrs(node)
     W = p.const(node, node.input[1], "weight").astype(np.float32)
     if W.ndim != 4:
@@ -263,10 +268,12 @@ def _parse_conv(p: _Parse, node: onnx.NodeProto, depthwise: bool = False) -> Lay
     b = (p.const(node, node.input[2], "bias") if len(node.input) > 2 and node.input[2]
          else np.zeros(W.shape[0], np.float32))
     pads, strides, dil = _conv_pads(p, node, attrs, W.shape[2:], p.shapes.get(node.input[0], ()))
-    kind = DEPTHWISE_NAME if depthwise else CONV
+    kind = DEPTHWISE_NAME if group == 0 else GROUPED_NAME if group > 1 else CONV
     p.counts[kind] += 1
+    if group > 1:
+        W = dense_grouped(W, group)
     return Layer(f"{kind}{p.counts[kind]}", CONV, W, b.astype(np.float32).reshape(-1), node.name,
-                 strides=strides, pads=pads, dilations=dil)
+                 strides=strides, pads=pads, dilations=dil, group=max(group, 1))
 
 
 def _depthwise_op(layer: Layer) -> Op:
@@ -543,7 +550,19 @@ def _reshape_step(p: _Parse, node: onnx.NodeProto) -> Op | None:
         return Op("Flatten", (("axis", 1),), node.name)
     if not p.has_layer():
         return _input_reshape(p, node, x_shape, y_shape)
+    if _splits_channels(x_shape, y_shape):
+        raise p.fail(node, f"splits the {x_shape[1]} channels of a tensor of shape {list(x_shape)} into "
+                           f"{list(y_shape[1:3])}, as a channel shuffle (ShuffleNet: Reshape-Transpose-Reshape) does; "
+                           "channel shuffles are not supported")
     raise p.fail(node, "reshapes to something other than [batch, features]; only flattening is supported")
+
+
+def _splits_channels(x_shape, y_shape) -> bool:
+    """True for a reshape of an image [N, C, H, W] to [N, g, C/g, H, W] (the first step of a channel shuffle)."""
+    if not x_shape or not y_shape or len(x_shape) != IMAGE_RANK or len(y_shape) != IMAGE_RANK + 1:
+        return False
+    g, per = y_shape[1], y_shape[2]
+    return None not in (x_shape[1], g, per) and g * per == x_shape[1] and tuple(y_shape[3:]) == tuple(x_shape[2:])
 
 
 def _parse_reduce_mean(p: _Parse, node: onnx.NodeProto) -> tuple[Op, ...]:
@@ -844,10 +863,11 @@ def _layer_step(p: _Parse, node: onnx.NodeProto) -> tuple[tuple[Op, ...], Layer 
     """A Conv, Gemm or MatMul with the affine before it and the bias Adds and BatchNorms after it folded
     in; with the steps of an affine that could not be folded, which come before it. A depthwise Conv
     comes back as a channel op."""
-    depthwise = node.op_type == "Conv" and _is_depthwise(p, node)
+    group = _conv_group(p, node) if node.op_type == "Conv" else 1
+    depthwise = group == 0
     if depthwise and not p.has_layer():
         raise p.fail(node, "is a depthwise convolution before the first layer, which is not supported")
-    layer = _parse_conv(p, node, depthwise) if node.op_type == "Conv" else \
+    layer = _parse_conv(p, node, group) if node.op_type == "Conv" else \
         _with_nhwc_columns(p, node, _parse_fc(p, node))
     before, layer = _fold_pending(p, node, layer, depthwise)
     layer, tensor = _absorb_followers(p, layer, node.output[0])

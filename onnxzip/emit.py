@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .format import CONST_PREFIX, GATED, GATED_OUTPUT, LIVE_PREFIX, MULTI, NODE_DOC_PREFIX, PRODUCER, TASK_INPUT
 from .inputs import adapted
-from .ir import CONV, DEPTHWISE, Layer, Network, Op, unit_features
+from .ir import CONV, DEPTHWISE, Layer, Network, Op, dense_grouped, grouped_kernel, unit_features
 from .plan import SharingPlan, unshared_plan
 from .gating import gated_nodes, hoist_initializers
 from .save import EXTERNAL_DATA_ABOVE
@@ -87,18 +87,19 @@ class _Builder:
 
 
 def _layer_node(b: _Builder, layer: Layer, x: str, w: str, bias: str | None, base: str, suffix: str,
-                task: int) -> str:
+                task: int, group: int = 1) -> str:
     inputs = [x, w] + ([bias] if bias else [])
     if layer.kind == CONV:
         attrs = {"kernel_shape": list(layer.kernel), "strides": list(layer.strides),
-                 "pads": list(layer.pads), "dilations": list(layer.dilations)}
+                 "pads": list(layer.pads), "dilations": list(layer.dilations)} | ({"group": group} if group > 1 else {})
         return b.node("Conv", inputs, attrs, f"{base}.Conv{suffix}", task)
     return b.node("Gemm", inputs, {"transB": 1}, f"{base}.Gemm{suffix}", task)
 
 
 @dataclass(frozen=True)
 class _Block:
-    """One weight block of a task's layer: output group, its rows and input columns, initializer names."""
+    """One weight block of a task's layer: output group, its rows and input columns, initializer names, and
+    for a grouped conv the number of its groups the block spans (1 otherwise)."""
 
     owners: frozenset
     units: np.ndarray
@@ -107,19 +108,51 @@ class _Block:
     weight: str
     bias: str | None
     suffix: str
+    groups: int = 1
+
+    def kernel(self, layer: Layer, Wm: np.ndarray) -> np.ndarray:
+        """The block's weights as its node stores them (a grouped conv's blocks only: ir.grouped_kernel)."""
+        block = Wm[self.units][:, self.cols]
+        if layer.kind != CONV:
+            return block
+        return grouped_kernel(block.reshape(len(self.units), -1, *layer.kernel), self.groups)
+
+    def matrix(self, layer: Layer, value: np.ndarray) -> np.ndarray:
+        """The block's rows of the layer's weight matrix from its stored weights (the inverse of kernel)."""
+        return (dense_grouped(value, self.groups) if self.groups > 1 else value).reshape(len(self.units), -1)
+
+
+def _spanned(layer: Layer, units: np.ndarray, source: _Group) -> int:
+    """How many of a grouped conv's groups a block from ``source`` to ``units`` spans (0: none, the block is
+    all zeros); 1 for other layers. The zipper pairs grouped spaces so that each block spans whole groups,
+    the same ones in the same order on both sides."""
+    if layer.group == 1:
+        return 1
+    out_size, in_size = layer.out_units // layer.group, layer.W.shape[1] // layer.group
+    rows = np.unique(np.asarray(units) // out_size)
+    cols = np.unique(np.asarray(source.units) // in_size) if source.units is not None else np.arange(layer.group)
+    if not np.intersect1d(rows, cols).size:
+        return 0
+    if len(units) % out_size or len(rows) * out_size != len(units) or not np.array_equal(rows, cols):
+        raise ValueError(f"internal error: the units of grouped layer '{layer.name}' are not paired in whole groups")
+    return len(rows)
 
 
 def _blocks(plan: SharingPlan, layer: Layer, k: int, groups: list[_Group], rep: int, task: int) -> list[_Block]:
-    """Task ``task``'s weight blocks of layer ``k`` (from each input group to each output group)."""
+    """Task ``task``'s weight blocks of layer ``k`` (from each input group to each output group; a grouped
+    conv's only where they span groups); the first of each output group carries its bias."""
     out = []
     for owners, units in plan.layers[k].groups(task):
         hname = plan.group_name(owners)
-        for i, g in enumerate(groups):
+        for g in groups:
+            spanned = _spanned(layer, units, g)
+            if not spanned:
+                continue
             cols = np.arange(layer.in_features) if g.units is None else unit_features(g.units, rep)
             gname = plan.group_name(g.owners)
             suffix = "" if g.owners == owners else f"_from_{gname}"
-            bias = f"{layer.name}.{hname}.B" if i == 0 else None
-            out.append(_Block(owners, units, cols, g, f"{layer.name}.{hname}.W{suffix}", bias, suffix))
+            bias = f"{layer.name}.{hname}.B" if not out or out[-1].owners != owners else None
+            out.append(_Block(owners, units, cols, g, f"{layer.name}.{hname}.W{suffix}", bias, suffix, spanned))
     return out
 
 
@@ -129,14 +162,11 @@ def _emit_layer(b: _Builder, layer: Layer, k: int, groups: list[_Group], rep: in
     terms: dict[frozenset, list[str]] = {}
     units_of: dict[frozenset, np.ndarray] = {}
     for blk in _blocks(b.plan, layer, k, groups, rep, task):
-        block = Wm[blk.units][:, blk.cols]
-        if layer.kind == CONV:
-            block = block.reshape(len(blk.units), -1, *layer.kernel)
-        w = b.const(blk.weight, block)
+        w = b.const(blk.weight, blk.kernel(layer, Wm))
         bias = b.const(blk.bias, layer.b[blk.units]) if blk.bias else None
         base = f"{layer.name}.{b.plan.group_name(blk.owners)}"
         terms.setdefault(blk.owners, []).append(
-            _layer_node(b, layer, blk.source.tensor, w, bias, base, blk.suffix, task))
+            _layer_node(b, layer, blk.source.tensor, w, bias, base, blk.suffix, task, blk.groups))
         units_of[blk.owners] = blk.units
     out = []
     for owners, ts in terms.items():
@@ -192,7 +222,7 @@ def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[s
             Wm, bias = layer.matrix().copy(), layer.b.copy()
             blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, spaces, groups), t)
             for blk in blocks:
-                Wm[np.ix_(blk.units, blk.cols)] = _value(values, blk.weight).reshape(len(blk.units), -1)
+                Wm[np.ix_(blk.units, blk.cols)] = blk.matrix(layer, _value(values, blk.weight))
                 if blk.bias:
                     bias[blk.units] = _value(values, blk.bias)
             net = net.with_layer(k, layer.with_matrix(Wm, bias))

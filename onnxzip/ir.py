@@ -31,7 +31,14 @@ class TensorSpec:
 
 @dataclass(frozen=True, eq=False)
 class Layer:
-    """A weight layer: Conv (W is [O, C, kh, kw]) or fully connected (W is [O, I]), with bias [O]."""
+    """A weight layer: Conv (W is [O, C, kh, kw]) or fully connected (W is [O, I]), with bias [O].
+
+    A grouped convolution (``group`` > 1, DESIGN.md section 6) keeps W dense over all C input channels,
+    block-diagonal: output unit o reads only the input channels of its group, o // (O / group), and the
+    weights outside that block are exact zeros. Calibration, correction (row by row on its support)
+    and merging (the sparse mask rule) see an ordinary layer with a zero pattern; the emitter writes
+    each block back as a grouped Conv (grouped_kernel).
+    """
 
     name: str
     kind: str
@@ -43,6 +50,7 @@ class Layer:
     dilations: tuple[int, ...] = ()
     inputs: tuple[str, ...] = ()
     output: str = ""
+    group: int = 1
 
     def describe(self) -> str:
         """How messages name the layer: onnxzip's name, with its node's name beside it where that differs."""
@@ -57,6 +65,11 @@ class Layer:
     def in_features(self) -> int:
         """Length of one unit's incoming weight vector, bias excluded."""
         return int(np.prod(self.W.shape[1:]))
+
+    @property
+    def n_params(self) -> int:
+        """Weights and biases as the layer is stored (a grouped conv's blocks only, not its structural zeros)."""
+        return int(self.W.size // self.group + self.b.size)
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -202,7 +215,7 @@ class Network:
     @property
     def params(self) -> int:
         """Weights and biases of the layers and channel ops (after canonicalisation: BatchNorm folded)."""
-        return int(sum(l.W.size + l.b.size for l in self.layers)
+        return int(sum(l.n_params for l in self.layers)
                    + sum(p.size for _, op in self.channel_ops for p in op.params))
 
     def segment_ops(self) -> tuple[tuple[int, ...], ...]:
@@ -238,6 +251,38 @@ def unit_features(units: np.ndarray, rep: int) -> np.ndarray:
     """
     units = np.asarray(units, dtype=np.int64)
     return (units[:, None] * rep + np.arange(rep, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def group_mask(out_units: int, in_units: int, group: int) -> np.ndarray:
+    """[out_units, in_units] True where a grouped layer may have weights: output o reads the input units of
+    its group (contiguous blocks of out_units/group outputs and in_units/group inputs)."""
+    return (np.arange(out_units)[:, None] // (out_units // group)
+            == np.arange(in_units)[None, :] // (in_units // group))
+
+
+def dense_grouped(W: np.ndarray, group: int) -> np.ndarray:
+    """A grouped Conv's kernel [O, C/group, kh, kw] as the dense block-diagonal kernel [O, C, kh, kw]."""
+    O, per = W.shape[:2]
+    dense = np.zeros((O, per * group, *W.shape[2:]), W.dtype)
+    for g in range(group):
+        rows = slice(g * (O // group), (g + 1) * (O // group))
+        dense[rows, g * per:(g + 1) * per] = W[rows]
+    return dense
+
+
+def grouped_kernel(W: np.ndarray, group: int) -> np.ndarray:
+    """The kernel [O, C/group, kh, kw] of a block-diagonal dense kernel [O, C, kh, kw] (dense_grouped's
+    inverse); ValueError when a weight outside the blocks is not zero."""
+    O, C = W.shape[:2]
+    if group == 1:
+        return W
+    if O % group or C % group:
+        raise ValueError(f"internal error: a kernel of {O} outputs and {C} inputs has no {group} groups")
+    if np.any(W[~group_mask(O, C, group)]):
+        raise ValueError(f"internal error: a grouped kernel ({group} groups) has weights outside its groups")
+    per = C // group
+    return np.concatenate([W[g * (O // group):(g + 1) * (O // group), g * per:(g + 1) * per]
+                           for g in range(group)])
 
 
 def is_sparse(Wm: np.ndarray) -> bool:

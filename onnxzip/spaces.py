@@ -12,11 +12,20 @@ order, so the groups of each part are kept (DESIGN.md section 3).
 
 Spaces are named by their first writer (the lowest layer index). In a chain every layer is its
 own space and reads the space of the layer before it.
+
+A grouped convolution (g groups) links the space it reads and the space it writes (DESIGN.md
+section 6): both fall into g contiguous groups of units. The space it reads is paired group by
+group (matched groups, units paired within them, shared in whole groups); the space it writes
+follows: it shares exactly the groups its input shares, under the same group matching, so every
+shared and every own block of the layer is a grouped Conv again. Its output space must be its own
+(no residual join), and every grouped layer on one space must have the same number of groups.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import OnnxZipError
 from .ir import DEPTHWISE, Layer, Network, Op
@@ -36,6 +45,25 @@ class Spaces:
     space: tuple[int, ...]
     reads: tuple[tuple[int, ...], ...]
     ops: tuple[tuple[int, int], ...] = ()
+    # (space, number of groups) of the spaces a grouped conv reads or writes, and (space written, space
+    # read) of each grouped conv: the written space follows the read one's group matching (module doc).
+    grouped: tuple[tuple[int, int], ...] = ()
+    follows: tuple[tuple[int, int], ...] = ()
+
+    def groups(self, s: int) -> int:
+        """The number of groups space s is paired in (1: unit by unit)."""
+        return dict(self.grouped).get(s, 1)
+
+    def whole_groups(self, s: int, count: int, width: int) -> int:
+        """A share of ``count`` of space s's ``width`` units rounded to whole groups (half a group up)."""
+        if self.groups(s) == 1:
+            return count
+        size = width // self.groups(s)
+        return int(np.floor(count / size + 0.5)) * size
+
+    def leader(self, s: int) -> int | None:
+        """The space whose group matching space s follows (it is a grouped conv's output), else None."""
+        return dict(self.follows).get(s)
 
     def writers(self, s: int) -> tuple[int, ...]:
         """The layers that write into space s, in order."""
@@ -123,8 +151,35 @@ def unit_spaces(net: Network) -> Spaces:
         else:
             of_tensor[output] = parts[0]
     space = tuple(_find(parent, w) for w in writes)
-    return Spaces(space, tuple(tuple(_find(parent, s) for s in p) for p in reads),
-                  tuple((i, _find(parent, s)) for i, s in ops))
+    reads = tuple(tuple(_find(parent, s) for s in p) for p in reads)
+    grouped, follows = _grouping(net, space, reads)
+    return Spaces(space, reads, tuple((i, _find(parent, s)) for i, s in ops), grouped, follows)
+
+
+def _grouping(net: Network, space: tuple[int, ...], reads: tuple[tuple[int, ...], ...]
+              ) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """The grouped spaces and the links of the grouped convs (Spaces.grouped, Spaces.follows); refuses a
+    grouped conv on the model input or a Concat, one whose output is joined with another layer's, and two
+    numbers of groups on one space."""
+    groups: dict[int, int] = {}
+    follows = []
+    for k, layer in enumerate(net.layers):
+        if layer.group == 1:
+            continue
+        parts, writers = reads[k], [w for w, s in enumerate(space) if s == space[k]]
+        if len(parts) != 1 or parts[0] == INPUT:
+            what = "a Concat of branches" if len(parts) > 1 else "the model input"
+            raise OnnxZipError(f"{net.path}: grouped convolution {layer.describe()} reads {what}; a grouped "
+                               "convolution is only supported on the output of one layer")
+        if writers != [k]:
+            raise OnnxZipError(f"{net.path}: the output of grouped convolution {layer.describe()} is added to the "
+                               "output of another layer; a grouped convolution whose output is joined is not supported")
+        for s in (parts[0], k):
+            if groups.setdefault(s, layer.group) != layer.group:
+                raise OnnxZipError(f"{net.path}: grouped convolution {layer.describe()} has {layer.group} groups "
+                                   f"where another grouped layer on the same units has {groups[s]}")
+        follows.append((k, parts[0]))
+    return tuple(sorted(groups.items())), tuple(follows)
 
 
 def _channel_op_space(net: Network, op: Op, parts: tuple[int, ...]) -> int:

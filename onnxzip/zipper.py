@@ -32,6 +32,7 @@ from .format import LIVE_PREFIX
 from .hessian import GRAM, MomentAccumulator, damp, layer_rows, output_rows
 from .ir import Network, is_sparse, unit_features
 from .options import MergeOptions
+from .match import Groups
 from .pairing import PairProblem, method
 from .plan import NOT_A_MEMBER, LayerPlan, SharingPlan, unshared_plan
 from .schedule import late_writers, schedule
@@ -247,10 +248,24 @@ class _LayerState:
     note: str = ""  # why a task's correction was skipped, for the plan and the report
     feats: list[np.ndarray] = field(default_factory=list)  # per task, the shared input features, bias last
     H: list[np.ndarray] = field(default_factory=list)  # per task, damped and scaled Hessian over feats
+    # Per task, the units this state covers (None: all): one group of a grouped conv (block).
+    rows: list[np.ndarray] | None = None
 
     def columns(self, t: int) -> np.ndarray:
-        """Task t's incoming weights over the shared inputs, one column per unit."""
-        return self.weights[t][:, self.feats[t]].T
+        """Task t's incoming weights over the shared inputs, one column per unit (of ``rows``)."""
+        W = self.weights[t] if self.rows is None else self.weights[t][self.rows[t]]
+        return W[:, self.feats[t]].T
+
+    def units(self, t: int, local: np.ndarray) -> np.ndarray:
+        """Task t's unit indices of the state's columns ``local``."""
+        return local if self.rows is None else self.rows[t][local]
+
+    def block(self, positions: np.ndarray, rows: list[np.ndarray]) -> "_LayerState":
+        """The state of a grouped conv's group pair: ``rows`` per task, over the shared inputs at ``positions``
+        among the shared features (the group's, bias last), with the Hessians' blocks there. Writes through
+        to this state's weights."""
+        return _LayerState(self.k, self.name, self.members, [], self.weights, [], self.corrected, self.note,
+                           [f[positions] for f in self.feats], [H[np.ix_(positions, positions)] for H in self.H], rows)
 
     def snapshot(self) -> "_LayerState":
         """A copy of the layer as it stands before tying (weights copied, moments dropped), for pairing only."""
@@ -279,6 +294,10 @@ class _ChannelState:
     def term(self) -> ChannelTerm:
         """The pairing term of the first two tasks."""
         return ChannelTerm(self.H[0], self.P[0], self.H[1], self.P[1])
+
+    def block(self, rows: list[np.ndarray]) -> "_ChannelState":
+        """The op's channels ``rows`` per task only (a grouped conv's group pair)."""
+        return replace(self, H=[H[r] for H, r in zip(self.H, rows)], P=[P[r] for P, r in zip(self.P, rows)])
 
 
 def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: bool) -> np.ndarray:
@@ -317,8 +336,8 @@ def _fold(w: _LayerState, units: list[np.ndarray], kind: str | None = None
 def _tie_layer(w: _LayerState, units: list[np.ndarray], tie_metric: str) -> np.ndarray:
     """Write the merged columns of the given shared units into every task's weights; per-unit costs."""
     merged, costs, _ = _fold(w, units, tie_metric)
-    for W, u, f in zip(w.weights, units, w.feats):
-        W[np.ix_(u, f)] = merged.T
+    for t, (W, u, f) in enumerate(zip(w.weights, units, w.feats)):
+        W[np.ix_(w.units(t, u), f)] = merged.T
     return costs
 
 
@@ -505,20 +524,23 @@ class _Pass:
         return tick
 
     def choose_pairs(self, states: list[_LayerState], metrics: list[PairMetric], A: list[np.ndarray],
-                     B: list[np.ndarray], count: int, seed: tuple[int, ...], channels: Sequence[ChannelTerm] = ()
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pairs of columns of A and B by the --cost method (pairing), the pair costs summed over the layers
-        and the space's channel ops."""
+                     B: list[np.ndarray], count: int, seed: tuple[int, ...], channels: Sequence[ChannelTerm] = (),
+                     groups: Groups | None = None, free: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs of columns of A and B by the --cost method (pairing; in whole groups with ``groups``), the
+        pair costs summed over the layers and the space's channel ops. ``free`` False: every column of the
+        smaller side is paired (--max-cost does not apply: a grouped conv's group pair is shared whole)."""
         opts, tasks = self.opts, [self.tasks[t] for t in states[0].members]
 
         def activation_costs() -> np.ndarray:  # chains only (api refuses residual joins), so one layer
             w = states[0]
             layers = (tasks[0].tied.layers[w.k], tasks[1].tied.layers[w.k])
             return correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
-        problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost, seed, activation_costs, channels)
+        problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost if free else None, seed,
+                              activation_costs, channels, groups)
         return method(opts.cost).choose(problem)
 
-    def pair_space(self, states: list[_LayerState], count: int, space: int) -> tuple[list[np.ndarray], np.ndarray]:
+    def pair_space(self, states: list[_LayerState], count: int, space: int, block: list[np.ndarray] | None = None
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
         """Choose the shared units of one unit space from the summed pair costs of all its writers and
         its calibrated channel ops.
 
@@ -530,9 +552,12 @@ class _Pass:
         k, seed, n_tasks = states[0].k, self.opts.seed, len(states[0].members)
         metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in states]
         chans = [c for c in self.channel_ready.get(space, []) if c.members == states[0].members]
+        chans = chans if block is None else [c.block(block) for c in chans]
         terms = [c.term() for c in chans]
+        free = block is None  # a grouped conv's group pair (block) is paired whole, unit by unit
+        groups = self.space_groups(space) if free else None
         rows0, rows1, costs = self.choose_pairs(states, metrics, [w.columns(0) for w in states],
-                                                [w.columns(1) for w in states], count, (seed, k), terms)
+                                                [w.columns(1) for w in states], count, (seed, k), terms, groups, free)
         units = [rows0, rows1]
         if n_tasks == 2:
             return units, costs
@@ -542,11 +567,70 @@ class _Pass:
             metrics = [PairMetric(H_acc, w.H[t], w.name) for (_, H_acc), w in zip(folded, states)]
             terms = [ChannelTerm(H_acc, m, c.H[t], c.P[t]) for (H_acc, m), c in zip(folded_ch, chans)]
             keep, rows_t, more = self.choose_pairs(states, metrics, [m for m, _ in folded],
-                                                   [w.columns(t) for w in states], len(units[0]), (seed, k, t), terms)
+                                                   [w.columns(t) for w in states], len(units[0]), (seed, k, t), terms,
+                                                   groups, free)
             units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
             folded = [_fold_in(w, m[:, keep], H_acc, t, rows_t)[::2] for (m, H_acc), w in zip(folded, states)]
             folded_ch = [term.folded(keep, rows_t) for term in terms]
         return units, costs
+
+    def leader_groups(self, space: int, members: tuple[int, ...]) -> list[list[int]]:
+        """For a grouped conv's output space: per member task, its group of each group its input shares, in
+        shared order (the output's groups follow them, spaces.py)."""
+        leader = self.spaces.leader(space)
+        n_in = self.tasks[members[0]].tied.layers[leader].out_units // self.spaces.groups(space)
+        return [(self.plan_layers[leader].shared_units(m)[::n_in] // n_in).tolist() for m in members]
+
+    def space_groups(self, space: int) -> Groups | None:
+        """The groups the units of a space that grouped convs read are matched in (None: unit by unit, also
+        for a grouped conv's output, which follows its input's groups: pair_groups)."""
+        g = self.spaces.groups(space)
+        if g == 1 or self.spaces.leader(space) is not None:
+            return None
+        return Groups(self.tasks[0].tied.layers[space].out_units // g)
+
+    def group_blocks(self, w: _LayerState, space: int) -> list[_LayerState]:
+        """A grouped conv's state split by group pair (block l: the l-th group its input shares and each
+        member's output group reading it, over that group's shared inputs and the bias): each block is
+        paired and merged as a small dense layer with its own Hessian block."""
+        size = self.tasks[w.members[0]].tied.layers[w.k].out_units // self.spaces.groups(space)
+        firsts = self.leader_groups(space, w.members)
+        per = len(w.feats[0][:-1]) // max(len(firsts[0]), 1)  # shared input features per group
+        out = []
+        for l in range(len(firsts[0])):
+            positions = np.append(np.arange(l * per, (l + 1) * per), len(w.feats[0]) - 1)
+            rows = [np.arange(f[l] * size, (f[l] + 1) * size) for f in firsts]
+            out.append(w.block(positions, rows))
+        return out
+
+    def pair_groups(self, w: _LayerState, space: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """A grouped conv's output units paired group pair by group pair (group_blocks), in shared order."""
+        blocks = self.group_blocks(w, space)
+        found = [self.pair_space([b], len(b.rows[0]), space, block=b.rows) for b in blocks]
+        units = [np.concatenate([b.units(t, u[t]) for b, (u, _) in zip(blocks, found)] or [np.zeros(0, np.int64)])
+                 for t in range(len(w.members))]
+        return units, np.concatenate([c for _, c in found] or [np.zeros(0)])
+
+    def tie_groups(self, w: _LayerState, space: int, units: list[np.ndarray], tie_metric: str) -> np.ndarray:
+        """_tie_layer for a grouped conv, group pair by group pair (group_blocks); per-unit costs in shared order."""
+        costs = []
+        for l, b in enumerate(self.group_blocks(w, space)):
+            size = len(b.rows[0])
+            local = [u[l * size:(l + 1) * size] - r[0] for u, r in zip(units, b.rows)]
+            costs.append(_tie_layer(b, local, tie_metric))
+        return np.concatenate(costs) if costs else np.zeros(0)
+
+    def share_count(self, space: int, members: tuple[int, ...]) -> int:
+        """How many units of ``space`` to share: the option's count, in whole groups where the space has groups;
+        for a grouped conv's output, as many groups as its input shares."""
+        layers = [self.tasks[m].tied.layers[space] for m in members]
+        widths = tuple(layer.out_units for layer in layers)
+        if self.spaces.leader(space) is not None:
+            if layers[0].name in dict(self.opts.share_layers):
+                raise OnnxZipError(f"--share-layer {layers[0].name}: {layers[0].describe()} is a grouped convolution; "
+                                   "it shares the groups of the units it reads, so its share cannot be set")
+            return len(self.leader_groups(space, members)[0]) * widths[0] // self.spaces.groups(space)
+        return self.spaces.whole_groups(space, self.opts.shared_count(layers[0].name, widths), min(widths))
 
     def can_share(self, states: list[_LayerState]) -> bool:
         """False when no layer reads a shared input (a pair could only share its bias)."""
@@ -555,7 +639,7 @@ class _Pass:
     def _units(self, states: list[_LayerState], space: int, given: tuple | None):
         """The shared units per task (the pairing ``given``, or a new one of ``space``) and, when new,
         each unit's summed cost; (None, None) when nothing is shared."""
-        tasks, guides = [self.tasks[t] for t in states[0].members], self.guides.get(space, ())
+        guides = self.guides.get(space, ())
         if given is not None:
             if self.late is not None or len(given):  # the Hessians tie the units and guide a second pass
                 with self.timer("score+match"):
@@ -565,13 +649,15 @@ class _Pass:
             return [np.array([s[t] for s in given], np.int64) for t in states[0].members], None
         if not self.can_share(states):  # the spaces here are the aligned layers': heads are never among them
             return None, None
-        first = tasks[0].tied.layers[space]
-        count = self.opts.shared_count(first.name, tuple(t.tied.layers[space].out_units for t in tasks))
+        count = self.share_count(space, states[0].members)
         if not count:
             return None, None
         with self.timer("score+match"):
             tick = self.with_hessians(states)
-            units = self.pair_space(states + list(guides), count, space)
+            if self.spaces.leader(space) is not None:  # a grouped conv's output: its only writer (spaces.py)
+                units = self.pair_groups(states[0], space)
+            else:
+                units = self.pair_space(states + list(guides), count, space)
             tick()
             return units
 
@@ -594,7 +680,9 @@ class _Pass:
             shared, cost = (), 0.0
             if units is not None and len(units[0]):
                 with self.timer("tie"):
-                    costs = _tie_layer(w, units, method(self.opts.cost).tie_metric)
+                    metric = method(self.opts.cost).tie_metric
+                    costs = (_tie_layer(w, units, metric) if self.spaces.leader(space) is None
+                             else self.tie_groups(w, space, units, metric))
                 shared = self.shared_entries(w.members, units)
                 alone = choice is not None and len(states) == 1 and not guides
                 cost = float((choice if alone else costs).sum())

@@ -139,3 +139,29 @@ def test_channel_ops_that_differ_stop_the_alignment_before_their_space(tmp_path)
     with pytest.raises(OnnxZipError, match=r"b\.onnx: the depthwise convolutions and PRelus after layer 'conv1'.*"
                                            r"\('prelu1'.*\) differ from .*a\.onnx's \(none\)"):
         align([import_network(a), import_network(b)])
+
+
+def test_a_grouped_conv_that_differs_stops_the_alignment_before_the_units_it_reads(tmp_path):
+    """gconv with 2 groups in one model, 4 in the other: the conv before it (whose units it reads in groups)
+    cannot share either; the stem still does, and the merge is exact for each task."""
+    torch = pytest.importorskip("torch")
+
+    class Chain(torch.nn.Module):
+        def __init__(self, groups: int):
+            super().__init__()
+            torch.manual_seed(groups)
+            self.c1, self.c2 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.g, self.fc = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.g(torch.relu(self.c2(torch.relu(self.c1(x))))))
+            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+    paths = [B.export_torch(Chain(g), tmp_path / f"g{g}.onnx", True, 18, SHAPE) for g in (2, 4)]
+    found = align([import_network(p) for p in paths])
+    assert found.depths == (1, 1)
+    assert "has 4 groups over 8 -> 8 channels, but" in found.stop
+    assert "layer 'gconv1' (node" in found.stop and "is a grouped convolution reading the units of 'conv2'" in found.stop
+    result = merge(paths, B.calib_folder(tmp_path / "c", SHAPE, SAMPLES), tmp_path / "m.onnx", MergeOptions())
+    assert [lp.n_shared for lp in result.plan.layers] == [4, 0, 0, 0]
+    assert all(c.max_diff_vs_tied < TOL for c in result.checks)

@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 import builders as B
 from onnxzip.api import merge
+from onnxzip.budget import free_spaces, merged_params
 from onnxzip.canonical import import_network
 from onnxzip.emit import task_model
 from onnxzip.errors import OnnxZipError
@@ -28,7 +29,7 @@ from onnxzip.options import MergeOptions
 from onnxzip.spaces import unit_spaces
 
 torch = pytest.importorskip("torch")
-from torch_blocks import MobileBlocks, SEBlock, permute_bn, randomise  # noqa: E402  (needs torch)
+from torch_blocks import GroupedBlocks, MobileBlocks, SEBlock, permute_bn, randomise  # noqa: E402  (needs torch)
 
 # Affines folded into float32 weights (forward and backward): a few float32 ulps of the outputs.
 FOLD_TOL = 1e-4
@@ -845,20 +846,131 @@ def test_depthwise_blocks_with_three_copies_gated_share_zero_and_half(tmp_path, 
     assert len(kernels) == 8 and {"dw1.shared.W", "dw1.shared.B"} <= set(kernels)  # shared once, 3 tasks' own
 
 
-def test_grouped_convolutions_other_than_depthwise_are_refused_by_name(tmp_path):
-    """1 < groups < channels is refused with the node and its group count (not yet supported)."""
-    W = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "W")
-    W0 = numpy_helper.from_array(np.ones((4, 1, 1, 1), np.float32), "W0")
-    nodes = [helper.make_node("Conv", ["input", "W0"], ["h"], name="stem"),
-             helper.make_node("Conv", ["h", "W"], ["y"], name="grouped", group=2, pads=[1, 1, 1, 1]),
-             helper.make_node("GlobalAveragePool", ["y"], ["p"], name="pool"),
-             helper.make_node("Flatten", ["p"], ["logits"], name="flat")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], [W, W0])
-    path = tmp_path / "grouped.onnx"
+def _grouped(exports, dynamo: bool, opset: int, seed=None):
+    return exports.get(GroupedBlocks.make, "grouped", dynamo, opset, MOBILE_SHAPE, seed=seed)
+
+
+def _conv_groups(path, prefix: str = "") -> dict[str, int]:
+    """Each Conv node's group attribute (1 where it has none), by node name."""
+    return {n.name: next((a.i for a in n.attribute if a.name == "group"), 1)
+            for n in B.all_nodes(onnx.load(str(path)).graph) if n.op_type == "Conv" and n.name.startswith(prefix)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo, opset", EXPORTERS, ids=EXPORTER_IDS)
+def test_grouped_convolutions_recover_a_permuted_copy(tmp_path, exports, dynamo, opset):
+    """Grouped convs (ResNeXt's 3x3, a grouped 1x1 on a residual stream, a depthwise conv with channel
+    multiplier 2) import as layers; the spaces they read are paired in whole groups and the spaces they
+    write follow; a copy permuted in whole groups is recovered exactly and emitted as grouped Convs again."""
+    a, _ = _grouped(exports, dynamo, opset)
+    b, perms = _grouped(exports, dynamo, opset, seed=1)
+    net = _reproduces(a, MOBILE_SHAPE)
+    assert [l.group for l in net.layers] == [1, 1, 4, 1, 2, 1, 6, 1]
+    spaces = unit_spaces(net)
+    assert spaces.grouped == ((0, 2), (1, 4), (2, 4), (4, 2), (5, 6), (6, 6)) and spaces.follows == ((2, 1), (4, 0), (6, 5))
+    result, out = B.merge_copies_back(tmp_path, [a, b], MOBILE_SHAPE, tol=FOLD_TOL)
+    _assert_pairs(result.plan, perms)
+    assert _conv_groups(out, "gconv") == {"gconv1.shared.Conv": 4, "gconv2.shared.Conv": 2, "gconv3.shared.Conv": 6}
+    shapes = {t.name: tuple(t.dims) for t in onnx.load(str(out)).graph.initializer}
+    assert shapes["gconv1.shared.W"] == (8, 2, 3, 3) and shapes["gconv3.shared.W"] == (12, 1, 3, 3)
+
+
+@pytest.mark.slow
+def test_grouped_blocks_with_three_copies_gated_share_zero_and_half(tmp_path, exports):
+    """Three permuted copies gated recover the original; share 0 reproduces each original; at 50% (three
+    different nets, both exporters) emitted == tied, every share whole groups, each grouped conv's shared
+    and own blocks grouped Convs stored once, and the parameters as budget.merged_params predicts."""
+    paths = [_grouped(exports, True, 18, seed=s)[0] for s in (None, 1, 2)]
+    B.merge_copies_back(tmp_path / "three", paths, MOBILE_SHAPE, layout="gated", tol=FOLD_TOL)
+    calib = B.calib_folder(tmp_path / "c", MOBILE_SHAPE, 64)
+    x = np.random.default_rng(3).random((8, *MOBILE_SHAPE), dtype=np.float32)
+    zero = merge(paths[:2], calib, tmp_path / "zero.onnx", MergeOptions(share=0.0))
+    assert all(lp.n_shared == 0 for lp in zero.plan.layers)
+    for t, path in enumerate(paths[:2]):
+        np.testing.assert_allclose(B.task_output(tmp_path / "zero.onnx", x, "multi", t), B.run(path, x)[0],
+                                   rtol=TOL, atol=TOL)
+    others = [B.export_torch(GroupedBlocks(seed=s), tmp_path / f"n{s}.onnx", s == 1, 18 if s == 1 else 17, MOBILE_SHAPE)
+              for s in (1, 2, 3)]
+    half = merge(others, calib, tmp_path / "half.onnx", MergeOptions(share=0.5, layout="gated"))
+    # the stream and the reduce conv's units: whole groups of 4 and 2; each grouped conv's output follows
+    assert [lp.n_shared for lp in half.plan.layers] == [4, 4, 4, 4, 6, 3, 6, 0]
+    assert all(c.max_diff_vs_tied <= TOL for c in half.checks)
+    groups = _conv_groups(tmp_path / "half.onnx", "gconv1.")
+    assert set(groups.values()) == {2}  # 2 shared groups, 2 own per task
+    inits = {t.name: tuple(t.dims) for t in onnx.load(str(tmp_path / "half.onnx")).graph.initializer}
+    assert sorted(n for n in inits if n.startswith("gconv1.") and n.endswith(".W")) == \
+        ["gconv1.shared.W", "gconv1.task_n1.W", "gconv1.task_n2.W", "gconv1.task_n3.W"]
+    assert inits["gconv1.shared.W"] == (4, 2, 3, 3)
+    nets = [import_network(p) for p in others]
+    counts = [lp.n_shared for lp in half.plan.layers]
+    assert half.params_merged == merged_params(nets, [counts[s] for s in free_spaces(nets[0])])
+
+
+def _grouped_graph(tmp_path, name: str, convs: list[tuple[str, str, int, int, int]], tail_from: str,
+                   extra: list | None = None) -> onnx.ModelProto:
+    """A graph of Convs (name, input, out channels, in channels, group; 3x3, padded) on a 1x8x8 input, then
+    the extra nodes, a global pool of ``tail_from`` and a Flatten."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    for conv, x, o, c, g in convs:
+        inits.append(numpy_helper.from_array(rng.standard_normal((o, c // g, 3, 3)).astype(np.float32), f"{conv}.W"))
+        nodes.append(helper.make_node("Conv", [x, f"{conv}.W"], [conv], name=conv, group=g, pads=[1, 1, 1, 1]))
+    nodes += (extra or []) + [helper.make_node("GlobalAveragePool", [tail_from], ["p"], name="pool"),
+                              helper.make_node("Flatten", ["p"], ["logits"], name="flat")]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, None])], inits)
+    path = tmp_path / f"{name}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
-    with pytest.raises(OnnxZipError, match=r"grouped\.onnx: node 'grouped' \(Conv\) is a grouped convolution \(group=2"):
+    return path
+
+
+@pytest.mark.parametrize("convs, extra, tail, why", [
+    ([("stem", "input", 4, 1, 1), ("g", "stem", 6, 4, 2), ("g2", "g", 6, 6, 3)], None, "g2",
+     r"grouped\.onnx: grouped convolution 'gconv2' \(node 'g2'\) has 3 groups where another grouped layer on the "
+     r"same units has 2"),
+    ([("stem", "input", 4, 1, 1), ("g", "stem", 4, 4, 2)], [helper.make_node("Add", ["stem", "g"], ["s"], name="add")],
+     "s", r"the output of grouped convolution 'gconv1' \(node 'g'\) is added to the output of another layer"),
+    ([("stem", "input", 4, 1, 1), ("g", "stem", 6, 4, 4)], None, "g",
+     r"node 'g' \(Conv\) has group=4 with weight \[6, 1, 3, 3\]: its 6 output channels do not split"),
+], ids=["two-group-counts", "joined-output", "uneven-groups"])
+def test_grouped_convolutions_that_cannot_pair_in_groups_are_refused_by_name(tmp_path, convs, extra, tail, why):
+    path = _grouped_graph(tmp_path, "grouped", convs, tail, extra)
+    with pytest.raises(OnnxZipError, match=why):
+        unit_spaces(import_network(path))
+
+
+class _Shuffle(torch.nn.Module):
+    """conv, ReLU, ShuffleNet's channel shuffle (view to groups, transpose, reshape back), grouped conv, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.g, self.fc = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), \
+            torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        n, c, hh, ww = h.shape
+        h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.fc(torch.relu(self.g(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dynamo, opset", ONE_EACH, ids=ONE_EACH_IDS)
+def test_a_channel_shuffle_is_refused_by_name(tmp_path, dynamo, opset):
+    path = _export(_Shuffle(), tmp_path / "shuffle.onnx", dynamo, opset)
+    with pytest.raises(OnnxZipError, match=r"shuffle\.onnx: node '.*' \(Reshape\) splits the 8 channels of a tensor of "
+                                           r"shape \[None, 8, 8, 8\] into \[2, 4\], as a channel shuffle \(ShuffleNet"):
         import_network(path)
+
+
+def test_a_grouped_convs_share_cannot_be_set_on_its_own(tmp_path, exports):
+    """A grouped conv shares the groups of the units it reads: --share-layer on it is refused by name."""
+    a, _ = _grouped(exports, True, 18)
+    b, _ = _grouped(exports, True, 18, seed=1)
+    calib = B.calib_folder(tmp_path / "c", MOBILE_SHAPE, 32)
+    with pytest.raises(OnnxZipError, match=r"--share-layer gconv1: 'gconv1' \(node '.*'\) is a grouped convolution; "
+                                           r"it shares the groups of the units it reads"):
+        merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(share_layers=(("gconv1", 0.5),)))
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def _alike_expansions(net) -> None:

@@ -8,6 +8,7 @@ import builders as B
 from onnxzip.api import merge
 from onnxzip.cost import PairMetric
 from onnxzip.errors import OnnxZipError
+from onnxzip.match import Groups
 from onnxzip.options import COSTS, MergeOptions
 from onnxzip.pairing import PairProblem, method, methods
 
@@ -53,3 +54,24 @@ def test_declared_needs_are_checked_before_any_work(tmp_path):
     with pytest.raises(OnnxZipError, match="--max-cost needs a pair cost to threshold; --cost random"):
         merge(paths[:2], calib, out, MergeOptions(cost="random", max_cost=0.5))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cost", ["hessian", "l2", "random"])
+def test_every_method_pairs_a_grouped_space_in_whole_groups(cost):
+    """With groups (a space a grouped conv reads), each method's pairs are whole groups, one-to-one; the
+    distance methods recover a copy permuted in whole groups."""
+    rng = np.random.default_rng(4)
+    size, d, n = 2, 5, 6
+    order = rng.permutation(n // size)
+    perm = np.concatenate([g * size + rng.permutation(size) for g in order])
+    X = rng.standard_normal((20, d))
+    H = X.T @ X / 20 + 0.1 * np.eye(d)
+    A = rng.standard_normal((d, n))
+    problem = PairProblem([PairMetric(H, H.copy(), "fc1")], [A], [A[:, perm]], 4, "optimal", None, (0, 1),
+                          groups=Groups(size))
+    rows, cols, _ = method(cost).choose(problem)
+    assert len(rows) == 4
+    groups = set(zip((rows // size).tolist(), (cols // size).tolist()))
+    assert len(groups) == 2 and len(dict(groups)) == 2 == len(set(dict(groups).values()))
+    if cost != "random":
+        np.testing.assert_array_equal(perm[cols], rows)

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 from onnxzip.retrain.graph import build_module  # noqa: E402  (needs torch)
 from onnxzip.retrain.train import TrainTask, predict, train  # noqa: E402
 from onnxzip.retrain.writeback import RETRAIN_KEY, WRITEBACK_ATOL, WRITEBACK_RTOL, write_back  # noqa: E402
-from torch_blocks import MobileBlocks, SEBlock  # noqa: E402  (needs torch)
+from torch_blocks import GroupedBlocks, MobileBlocks, SEBlock  # noqa: E402  (needs torch)
 
 CPU = ["CPUExecutionProvider"]
 SE_SHAPE = (1, 8, 8)
@@ -40,10 +40,11 @@ def _cli(*args, env=None):
 
 def _pair(tmp_path, kind="mlp", layout="multi", share=1.0, prune=0.0):
     """Two different tiny models merged at ``share``; returns (merged path, data folder, input shape)."""
-    if kind in ("se", "mobile"):  # SiLU, an SE gate and HardSwish; depthwise convs and PRelu (torch's exporter)
+    if kind in ("se", "mobile", "grouped"):  # SiLU, an SE gate, HardSwish; depthwise convs, PRelu; grouped convs
         for name, seed in (("a", 0), ("b", 1)):
             torch.manual_seed(seed)
-            net = SEBlock("hard") if kind == "se" else MobileBlocks("prelu")
+            net = {"se": lambda: SEBlock("hard"), "mobile": lambda: MobileBlocks("prelu"),
+                   "grouped": lambda: GroupedBlocks(seed)}[kind]()
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(0.1 * torch.randn_like(p))
@@ -84,7 +85,7 @@ def _inits(path):
 
 
 @pytest.mark.parametrize("kind,layout", [("mlp", "multi"), ("mlp", "gated"), ("cnn", "multi"), ("cnn", "gated"),
-                                         ("se", "multi"), ("mobile", "gated")])
+                                         ("se", "multi"), ("mobile", "gated"), ("grouped", "multi")])
 def test_retraining_keeps_every_shared_block_one_tensor(tmp_path, kind, layout):
     merged, data, _ = _pair(tmp_path, kind, layout, share=0.5)
     out = tmp_path / "r.onnx"
@@ -432,6 +433,42 @@ def test_merge_retrains_after_each_zipped_layer(tmp_path):
     last = result.retraining[-1]
     assert all(a > b for a, b in zip(last.fidelity_after, last.fidelity_before))
     # the sharing is kept: every shared block one tensor that both tasks use
+    assert sorted(_uses(tmp_path / "r.onnx", "a") & _uses(tmp_path / "r.onnx", "b")) == \
+        sorted(_uses(tmp_path / "m.onnx", "a") & _uses(tmp_path / "m.onnx", "b"))
+
+
+def test_merge_retrains_a_residual_net_once_each_stream_is_tied(tmp_path):
+    """Inverted residuals: the stem's stream is paired at the stem but written again by the projection;
+    retraining runs only where every paired stream has all its writers tied (before, a round after the
+    stem emitted the partial model with the stream half tied and failed)."""
+    paths = B.mobile_pair(tmp_path / "m")
+    calib = B.calib_folder(tmp_path / "calib", MOBILE_SHAPE, n=64)
+    opts = MergeOptions(share=0.5, retrain=RetrainOptions(iters=5, lr=1e-3, **FAST))
+    result = merge(paths, calib, tmp_path / "r.onnx", opts)
+    names = [lp.name for lp in result.plan.layers]
+    assert [r.after_layer for r in result.retraining] == names[names.index("conv5"):-1]  # proj (conv5) closes the stream
+    assert all(c.max_diff_vs_tied < 1e-4 for c in result.checks)
+
+
+def test_merge_retrains_a_grouped_conv_net_and_keeps_its_groups(tmp_path):
+    """Retraining after each zipped layer of a net of grouped convs: emitted == tied, every grouped conv's
+    blocks still grouped Convs (none densified) and every shared block one tensor."""
+    paths = []
+    for name, seed in (("a", 0), ("b", 1)):
+        paths.append(B.export_torch(GroupedBlocks(seed), tmp_path / f"{name}.onnx", True, 18, MOBILE_SHAPE))
+    calib = B.calib_folder(tmp_path / "calib", MOBILE_SHAPE, n=128)
+    plain = merge(paths, calib, tmp_path / "m.onnx", MergeOptions(share=0.5))
+    opts = MergeOptions(share=0.5, retrain=RetrainOptions(iters=10, lr=1e-3, **FAST))
+    result = merge(paths, calib, tmp_path / "r.onnx", opts)
+    # rounds only where the networks are consistent with the plan so far: the stream's last writer and the
+    # grouped convs reading the stream and the mix conv's units tied
+    assert [r.after_layer for r in result.retraining] == ["gconv2", "gconv3"]
+    assert all(c.max_diff_vs_tied < 1e-4 for c in result.checks)
+    assert result.params_merged == plain.params_merged
+    for path in (tmp_path / "m.onnx", tmp_path / "r.onnx"):
+        groups = {n.name.split(".")[0]: next((a.i for a in n.attribute if a.name == "group"), 1)
+                  for n in onnx.load(str(path)).graph.node if n.op_type == "Conv" and ".task_" in n.name}
+        assert {k: v for k, v in groups.items() if k.startswith("gconv")} == {"gconv1": 2, "gconv2": 1, "gconv3": 3}
     assert sorted(_uses(tmp_path / "r.onnx", "a") & _uses(tmp_path / "r.onnx", "b")) == \
         sorted(_uses(tmp_path / "m.onnx", "a") & _uses(tmp_path / "m.onnx", "b"))
 

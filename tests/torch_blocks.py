@@ -142,3 +142,84 @@ class MobileBlocks(torch.nn.Module):
                     a.weight.copy_(a.weight[perm])
         perms = [p, q] + ([r, q] if se else []) + [p, u, f]
         return net, [x.numpy() for x in perms]
+
+
+def grouped_permutation(rng: np.random.Generator, n: int, groups: int, order: np.ndarray | None = None) -> np.ndarray:
+    """A permutation of n units in ``groups`` contiguous groups that keeps each group whole: new group i
+    is old group order[i] (drawn when None), its units in a drawn order."""
+    size = n // groups
+    order = rng.permutation(groups) if order is None else order
+    return np.concatenate([order[i] * size + rng.permutation(size) for i in range(groups)])
+
+
+def group_order(perm: np.ndarray, groups: int) -> np.ndarray:
+    """The group order of a grouped_permutation (new group i is old group order[i])."""
+    return perm[::len(perm) // groups] // (len(perm) // groups)
+
+
+def _permute_grouped(conv: torch.nn.Conv2d, out_perm: np.ndarray, in_perm: np.ndarray) -> None:
+    """Permute a (grouped) conv's output channels and its input channels, both in whole groups alike."""
+    from onnxzip.ir import dense_grouped, grouped_kernel
+    W = dense_grouped(conv.weight.detach().numpy(), conv.groups)[out_perm][:, in_perm]
+    conv.weight.copy_(torch.from_numpy(grouped_kernel(W, conv.groups)))
+    if conv.bias is not None:
+        conv.bias.copy_(conv.bias[torch.from_numpy(out_perm)])
+
+
+class GroupedBlocks(torch.nn.Module):
+    """Grouped convolutions as ResNeXt, RegNet and depthwise multipliers have them: a stem conv-BN-ReLU;
+    a bottleneck (1x1 reduce-BN-ReLU, grouped 3x3 conv with G1 groups-BN-ReLU, 1x1 expand-BN) added to
+    the stem's stream, ReLU; a grouped 1x1 conv with G2 groups reading that stream-BN-ReLU; a 1x1 conv-BN-
+    ReLU and a stride-2 3x3 depthwise conv with channel multiplier 2 (group = its input channels)-BN-ReLU;
+    global pool and fc."""
+
+    C, W, G1, G2, E, M, CLASSES = 8, 8, 4, 2, 12, 6, 5
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        C, conv, bn = GroupedBlocks, torch.nn.Conv2d, torch.nn.BatchNorm2d
+        self.stem, self.bn0 = conv(1, C.C, 3, padding=1, bias=False), bn(C.C)
+        self.reduce, self.bn1 = conv(C.C, C.W, 1, bias=False), bn(C.W)
+        self.gconv, self.bn2 = conv(C.W, C.W, 3, padding=1, groups=C.G1, bias=False), bn(C.W)
+        self.expand, self.bn3 = conv(C.W, C.C, 1, bias=False), bn(C.C)
+        self.gconv2, self.bn4 = conv(C.C, C.E, 1, groups=C.G2), bn(C.E)
+        self.mix, self.bn5 = conv(C.E, C.M, 1, bias=False), bn(C.M)
+        self.dwm, self.bn6 = conv(C.M, 2 * C.M, 3, stride=2, padding=1, groups=C.M, bias=False), bn(2 * C.M)
+        self.fc = torch.nn.Linear(2 * C.M, C.CLASSES)
+        for i, b in enumerate((self.bn0, self.bn1, self.bn2, self.bn3, self.bn4, self.bn5, self.bn6)):
+            randomise(b, seed * 10 + i)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        s = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(self.bn2(self.gconv(F.relu(self.bn1(self.reduce(s))))))
+        s = F.relu(s + self.bn3(self.expand(h)))
+        h = F.relu(self.bn4(self.gconv2(s)))
+        h = F.relu(self.bn6(self.dwm(F.relu(self.bn5(self.mix(h))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+    @staticmethod
+    def make(seed):
+        """The net, or (seed given) a copy with every unit space permuted consistently, groups kept whole and
+        each grouped conv's output groups in its input's group order; and the permutations per onnxzip layer
+        (stem, reduce, gconv, expand, gconv2, mix, dwm)."""
+        net, C = GroupedBlocks(), GroupedBlocks
+        if seed is None:
+            return net, None
+        rng = np.random.default_rng(seed)
+        s = grouped_permutation(rng, C.C, C.G2)  # the stream: read by gconv2 in G2 groups
+        r = grouped_permutation(rng, C.W, C.G1)
+        g = grouped_permutation(rng, C.W, C.G1, group_order(r, C.G1))
+        e = grouped_permutation(rng, C.E, C.G2, group_order(s, C.G2))
+        m = rng.permutation(C.M)
+        d = grouped_permutation(rng, 2 * C.M, C.M, m)
+        ident = np.arange(1)
+        with torch.no_grad():
+            for conv, b, out, inp in ((net.stem, net.bn0, s, ident), (net.reduce, net.bn1, r, s),
+                                      (net.gconv, net.bn2, g, r), (net.expand, net.bn3, s, g),
+                                      (net.gconv2, net.bn4, e, s), (net.mix, net.bn5, m, e), (net.dwm, net.bn6, d, m)):
+                _permute_grouped(conv, out, inp)
+                permute_bn(b, torch.from_numpy(out))
+            net.fc.weight.copy_(net.fc.weight[:, torch.from_numpy(d)])
+        return net, [s, r, g, s, e, m, d]

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..channels import ChannelTerm
 from ..cost import PairMetric, matched_costs, pair_costs
-from ..match import match
+from ..match import Groups, match, match_groups
 from ..options import COSTS
 
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows of A, columns of B, each pair's cost
@@ -33,6 +33,8 @@ class PairProblem:
     activation_costs: Callable[[], np.ndarray] | None = None
     # The space's channel ops (depthwise convs, PRelus): their pair costs add to the writers'.
     channels: Sequence[ChannelTerm] = ()
+    # The space's groups when a grouped conv reads or writes it (spaces.py): pairs in whole matched groups.
+    groups: Groups | None = None
 
     def summed_costs(self, kind: str) -> np.ndarray:
         """All pair costs under metric ``kind``, summed over the writers (Eq. 12 by GEMMs) and the channel ops."""
@@ -40,8 +42,12 @@ class PairProblem:
                    + [c.pair_costs(kind) for c in self.channels])
 
     def matched(self, D: np.ndarray) -> Pairs:
-        """The matching of cost matrix D (--solver, --max-cost) with each pair's cost."""
-        rows, cols = match(D, self.count, self.solver, self.max_cost)
+        """The matching of cost matrix D (--solver, --max-cost; in whole groups where the space has them)
+        with each pair's cost."""
+        if self.groups is None:
+            rows, cols = match(D, self.count, self.solver, self.max_cost)
+        else:
+            rows, cols = match_groups(D, self.count, self.groups, self.solver, self.max_cost)
         return rows, cols, D[rows, cols]
 
     def costs_of(self, rows: np.ndarray, cols: np.ndarray, kind: str) -> np.ndarray:

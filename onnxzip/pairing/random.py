@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..match import random_pairs
+from ..match import random_group_pairs, random_pairs
 from .base import PairMethod, PairProblem, Pairs, register
 
 
@@ -14,5 +14,9 @@ class Random(PairMethod):
     thresholdable = False
 
     def choose(self, problem: PairProblem) -> Pairs:
-        rows, cols = random_pairs(problem.A[0].shape[1], problem.B[0].shape[1], problem.count, problem.seed)
+        n_a, n_b = problem.A[0].shape[1], problem.B[0].shape[1]
+        if problem.groups is None:
+            rows, cols = random_pairs(n_a, n_b, problem.count, problem.seed)
+        else:
+            rows, cols = random_group_pairs(n_a, n_b, problem.count, problem.groups, problem.seed)
         return rows, cols, problem.costs_of(rows, cols, "hessian")
