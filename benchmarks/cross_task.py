@@ -59,7 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 from onnxzip.canonical import import_network  # noqa: E402
 from onnxzip.options import MergeOptions  # noqa: E402
-from onnxzip.pairing import method as pair_method  # noqa: E402
 from onnxzip.runtime import resolve_device, session  # noqa: E402
 from onnxzip.retrain import RetrainOptions, retrain  # noqa: E402
 from onnxzip.verify import MergedRunner  # noqa: E402
@@ -396,7 +395,7 @@ def summary_rows(arch: str, points: Sequence[Point], methods: Sequence[str]) -> 
     rows = []
     for m in methods:
         mine = [p for p in points if p.method == m]
-        if not mine:  # not run on this arch (runs_on)
+        if not mine:  # not run on this arch
             continue
         best, fail = best_within_bound(mine), None
         fail = first_failing_above(mine, best)
@@ -577,11 +576,6 @@ def report(points: Sequence[Point], archs: Sequence[str], methods: Sequence[str]
     return "\n\n".join(parts)
 
 
-def runs_on(arch: str, method: Method) -> bool:
-    """False where the method's pair choice cannot take the arch (correlation: chain networks only)."""
-    return not pair_method(method.cost).chains_only or import_network(bc.reference(PAIRS[arch][0])[0]).is_chain
-
-
 def run(archs: Sequence[str], methods: Sequence[str], shares: Sequence[float], setup: Setup,
         steps: int, full: bool) -> list[Point]:
     """Every merge of the benchmark."""
@@ -590,9 +584,6 @@ def run(archs: Sequence[str], methods: Sequence[str], shares: Sequence[float], s
     for arch in archs:
         hidden = hidden_layers(arch)
         for key in methods:
-            if not runs_on(arch, METHODS[key]):
-                print(f"  {arch:6} {key:14} skipped: {METHODS[key].cost} needs chain networks", flush=True)
-                continue
             grid = sweep(arch, METHODS[key], shares, hidden, setup, zero, full)
             points += grid + bisect(arch, METHODS[key], grid, hidden, setup, steps)
     return points

@@ -166,7 +166,6 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         _check_retrain_inputs(opts, nets)
         _check_partial_alignment(opts, nets, alignment)
         _check_layer_names(opts, nets[0], alignment.depth)
-        _check_method_on_networks(opts, nets[0])
         _check_classifiers(opts, nets, evals)
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input, classes=nets[tasks.index(t)].classes)
                     for t, d in eval_dirs.items()}
@@ -372,14 +371,6 @@ def _check_layer_names(opts: MergeOptions, net: Network, depth: int) -> None:
             first = names[spaces.space[k]]
             raise OnnxZipError(f"--share-layer {name}: '{name}' adds into the units of '{first}' (a residual "
                                f"stream, paired once for all its layers); set the share on '{first}'")
-
-
-def _check_method_on_networks(opts: MergeOptions, net: Network) -> None:
-    """The --cost method's needs on the networks (its declaration in pairing)."""
-    chosen = method(opts.cost)
-    if chosen.chains_only and not net.is_chain:
-        raise OnnxZipError(f"{net.path}: --cost {chosen.name} compares one layer's units; it does not support "
-                           f"residual joins or Concats of branches (use {_methods_without('chains_only')})")
 
 
 def _check_method_on_tasks(opts: MergeOptions, tasks: Sequence[str], folders: Sequence[Path]) -> None:

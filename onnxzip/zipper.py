@@ -175,8 +175,7 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     run_tied, run_orig, source = _sources(task, k, n_layers, providers, channel_ops)
     channels = {i: ChannelMoments(task.original.steps[i], max_patches) for i in channel_ops}
     layer = task.tied.layers[k]
-    step = task.tied.layer_steps[k]
-    at = task.tied.live(step).index(task.tied.wiring()[step][0][0])  # layer k's input among the live tensors
+    at = _input_at(task.tied, k)
     W0, b0 = layer.matrix(), layer.b
     acc = MomentAccumulator(layer.in_features, layer.out_units, gram=need_gram)
     save_tied, save_orig = task.tied_cache.saver(), task.orig_cache.saver()
@@ -221,15 +220,23 @@ def _apply_masks(w: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return w
 
 
-def _paired_inputs(tasks: list[_Task]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The two tasks' cached layer inputs batch by batch, in lockstep (batch i: the same samples).
+def _paired_inputs(tasks: list[_Task], k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The two tasks' cached inputs of layer k batch by batch, in lockstep (batch i: the same samples).
 
-    Correlation runs on chains only, where the one live tensor is the layer's input."""
+    The caches hold the tensors live at layer k (its input among them: a residual network's streams
+    read later, too)."""
     caches = [t.tied_cache for t in tasks]
     if len(caches[0].files) != len(caches[1].files):
         raise OnnxZipError(f"--cost correlation needs the same calibration samples for every task; got "
                            f"{len(caches[0].files)} batches against {len(caches[1].files)}")
-    return ((a[0], b[0]) for a, b in zip(*caches))
+    at = [_input_at(t.tied, k) for t in tasks]
+    return ((a[at[0]], b[at[1]]) for a, b in zip(*caches))
+
+
+def _input_at(net: Network, k: int) -> int:
+    """Where layer k's input lies among the tensors live at its step."""
+    step = net.layer_steps[k]
+    return net.live(step).index(net.wiring()[step][0][0])
 
 
 @dataclass
@@ -531,10 +538,13 @@ class _Pass:
         smaller side is paired (--max-cost does not apply: a grouped conv's group pair is shared whole)."""
         opts, tasks = self.opts, [self.tasks[t] for t in states[0].members]
 
-        def activation_costs() -> np.ndarray:  # chains only (api refuses residual joins), so one layer
-            w = states[0]
+        def activation_costs() -> np.ndarray:
+            """1 - corr of the pre-activations of the layer calibrated now (the one whose inputs are cached:
+            a stream is compared at the writer where it is paired), of the state's units (a group pair's)."""
+            w = next(w for w in states if w.k == self.current)
             layers = (tasks[0].tied.layers[w.k], tasks[1].tied.layers[w.k])
-            return correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks), opts.max_patches)
+            D = correlation_costs(layers, (w.weights[0], w.weights[1]), _paired_inputs(tasks, w.k), opts.max_patches)
+            return D if w.rows is None else D[np.ix_(w.rows[0], w.rows[1])]
         problem = PairProblem(metrics, A, B, count, opts.solver, opts.max_cost if free else None, seed,
                               activation_costs, channels, groups)
         return method(opts.cost).choose(problem)

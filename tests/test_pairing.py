@@ -75,3 +75,20 @@ def test_every_method_pairs_a_grouped_space_in_whole_groups(cost):
     assert len(groups) == 2 and len(dict(groups)) == 2 == len(set(dict(groups).values()))
     if cost != "random":
         np.testing.assert_array_equal(perm[cols], rows)
+
+
+def test_correlation_pairs_a_residual_net_and_recovers_a_permuted_copy(tmp_path):
+    """Inverted residuals with an SE gate: correlation compares each space at the layer where it is paired
+    (the stem for the residual stream), on the cached inputs of that layer; a permuted copy comes back."""
+    pytest.importorskip("torch")
+    from torch_blocks import MobileBlocks
+    a = B.export_torch(MobileBlocks.make("hardswish", True, None)[0], tmp_path / "a.onnx", True, 18, B.MOBILE_SHAPE)
+    net, perms = MobileBlocks.make("hardswish", True, 1)
+    b = B.export_torch(net, tmp_path / "b.onnx", True, 18, B.MOBILE_SHAPE)
+    calib = B.calib_folder(tmp_path / "c", B.MOBILE_SHAPE, 256)
+    result = merge([a, b], calib, tmp_path / "m.onnx", MergeOptions(cost="correlation"))
+    for lp, perm in zip(result.plan.layers, perms):
+        pairs = np.array(lp.shared)
+        np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
+    x = np.random.default_rng(0).random((16, *B.MOBILE_SHAPE), dtype=np.float32)
+    np.testing.assert_allclose(B.task_output(tmp_path / "m.onnx", x, "multi", 1), B.run(a, x)[0], atol=1e-5)

@@ -63,10 +63,9 @@ class PairMethod(ABC):
     name: ClassVar[str]
     # The metric of the costs reported for the shared units when the space is tied.
     tie_metric: ClassVar[str] = "hessian"
-    # Requirements, checked before any work (api): one calibration source for every task, chain
-    # networks only, at most this many tasks (None: any), and a cost that --max-cost can threshold.
+    # Requirements, checked before any work (api): one calibration source for every task, at most this
+    # many tasks (None: any), and a cost that --max-cost can threshold.
     same_calibration: ClassVar[bool] = False
-    chains_only: ClassVar[bool] = False
     max_tasks: ClassVar[int | None] = None
     thresholdable: ClassVar[bool] = True
 

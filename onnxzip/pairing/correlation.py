@@ -7,11 +7,11 @@ from .base import PairMethod, PairProblem, Pairs, register
 
 @register
 class Correlation(PairMethod):
-    """Compares one layer's units on the same samples: one calibration source, chains, two tasks."""
+    """Compares the units of the layer where a space is paired on the same samples: one calibration source,
+    two tasks."""
 
     name = "correlation"
     same_calibration = True
-    chains_only = True
     max_tasks = 2
 
     def choose(self, problem: PairProblem) -> Pairs:
