@@ -10,7 +10,7 @@ yields the shared trunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -211,13 +211,16 @@ def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[s
     """The tied networks with every layer's blocks read from ``values`` (initializer name -> array).
 
     The inverse of the emitter's weight layout: a merged model's initializers, possibly changed
-    (by retraining), give back each task's own layers, still tied where the plan shares units.
+    (by retraining), give back each task's own layers and channel ops (depthwise convs, PRelus), still
+    tied where the plan shares units.
     """
     out = []
     for t, net in enumerate(nets):
         spaces = unit_spaces(net)
         written: dict[int, list[_Group]] = {INPUT: [_Group(frozenset(range(len(plan.tasks))), "", None)]}
         for k, layer in enumerate(net.layers):
+            for i in net.segment_ops()[k - 1] if k else ():  # the channel ops before layer k, in their spaces
+                net = net.with_step(i, _channel_values(plan, net.steps[i], written[dict(spaces.ops)[i]], values, t))
             groups = _read_groups(net, spaces.reads[k], written)
             Wm, bias = layer.matrix().copy(), layer.b.copy()
             blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, spaces, groups), t)
@@ -276,16 +279,34 @@ def _channel_op_node(b: _Builder, op: Op, g: _Group, task: int) -> str:
     """A channel op (depthwise Conv, PRelu) over one unit group, with that group's parameters: stored
     once per group, so a shared group's (merged, equal in every task) are stored and run once."""
     units = np.arange(op.channels) if g.units is None else g.units
-    base = f"{op.name}.{b.plan.group_name(g.owners)}"
+    base, names = f"{op.name}.{b.plan.group_name(g.owners)}", _channel_names(b.plan, op, g.owners)
     if op.op_type == DEPTHWISE:
-        W = b.group_const(f"{base}.W", op.params[0][units], task)
-        bias = b.group_const(f"{base}.B", op.params[1][units], task)
+        W = b.group_const(names[0], op.params[0][units], task)
+        bias = b.group_const(names[1], op.params[1][units], task)
         a = op.attr_dict()
         attrs = {"group": len(units), "kernel_shape": list(op.params[0].shape[2:]), "strides": list(a["strides"]),
                  "pads": list(a["pads"]), "dilations": list(a["dilations"])}
         return b.node("Conv", [g.tensor, W, bias], attrs, f"{base}.Conv", task)
     slope = op.params[0][units].reshape((-1,) + (1,) * (op.attr_dict()["rank"] - 2))
-    return b.node(op.op_type, [g.tensor, b.group_const(f"{base}.slope", slope, task)], {}, f"{base}.{op.op_type}", task)
+    return b.node(op.op_type, [g.tensor, b.group_const(names[0], slope, task)], {}, f"{base}.{op.op_type}", task)
+
+
+def _channel_names(plan: SharingPlan, op: Op, owners: frozenset) -> tuple[str, ...]:
+    """The initializers of a channel op's parameters over one unit group, in Op.params order (a task whose
+    values differ from the group's gets its name suffixed: _Builder.group_const)."""
+    base = f"{op.name}.{plan.group_name(owners)}"
+    return (f"{base}.W", f"{base}.B") if op.op_type == DEPTHWISE else (f"{base}.slope",)
+
+
+def _channel_values(plan: SharingPlan, op: Op, groups: list[_Group], values: dict[str, np.ndarray], task: int) -> Op:
+    """A channel op with its parameters read from ``values`` per unit group (the inverse of _channel_op_node)."""
+    params = [p.copy() for p in op.params]
+    for g in groups:
+        units = np.arange(op.channels) if g.units is None else g.units
+        for p, name in zip(params, _channel_names(plan, op, g.owners)):
+            own = f"{name}.{plan.tasks[task]}"
+            p[units] = _value(values, own if own in values else name).reshape(p[units].shape)
+    return replace(op, params=tuple(params))
 
 
 def _emit_op(b: _Builder, op: Op, where: str, groups: list[_Group], task: int) -> list[_Group]:

@@ -443,11 +443,16 @@ def test_merge_retrains_a_residual_net_once_each_stream_is_tied(tmp_path):
     stem emitted the partial model with the stream half tied and failed)."""
     paths = B.mobile_pair(tmp_path / "m")
     calib = B.calib_folder(tmp_path / "calib", MOBILE_SHAPE, n=64)
+    merge(paths, calib, tmp_path / "plain.onnx", MergeOptions(share=0.5))
     opts = MergeOptions(share=0.5, retrain=RetrainOptions(iters=5, lr=1e-3, **FAST))
     result = merge(paths, calib, tmp_path / "r.onnx", opts)
     names = [lp.name for lp in result.plan.layers]
     assert [r.after_layer for r in result.retraining] == names[names.index("conv5"):-1]  # proj (conv5) closes the stream
     assert all(c.max_diff_vs_tied < 1e-4 for c in result.checks)
+    # the depthwise kernels were trained too, and what they learnt is kept (written back into the tied nets)
+    plain, trained = _inits(tmp_path / "plain.onnx"), _inits(tmp_path / "r.onnx")
+    for name in ("dw1.shared.W", "dw2.shared.W", "dw1.task_a.W"):
+        assert plain[name].shape == trained[name].shape and not np.array_equal(plain[name], trained[name])
 
 
 def test_merge_retrains_a_grouped_conv_net_and_keeps_its_groups(tmp_path):
