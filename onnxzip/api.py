@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import __version__
+from . import __version__, skeleton
 from .align import Alignment, align
 from .budget import (SearchReport, layer_counts, merged_params, params_saved, search, separate_samples,
                      split_samples)
@@ -18,7 +18,7 @@ from .calib import count_samples, iter_batches, load_labeled
 from .canonical import fold_input_affine, import_network
 from .emit import merged_model
 from .errors import OnnxZipError
-from .format import (KEY_LAYOUT, KEY_PLAN, KEY_SHARING, KEY_SOURCES, KEY_TASKS, KEY_VERSION, MULTI, meta_key,
+from .format import (KEY_LAYOUT, KEY_NETWORKS, KEY_PLAN, KEY_SHARING, KEY_SOURCES, KEY_TASKS, KEY_VERSION, MULTI, meta_key,
                      weight_params)
 from .guard import Output, Read, check_outputs
 from .inputs import expected, feeder, input_words, same_form
@@ -104,7 +104,8 @@ def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) ->
     sharing = "; ".join(f"{l.name}: {l.n_shared}/{'x'.join(map(str, l.units))}" for l in plan.layers)
     return {meta_key(KEY_VERSION): __version__, meta_key(KEY_TASKS): json.dumps(list(plan.tasks)),
             meta_key(KEY_SOURCES): json.dumps(sources), meta_key(KEY_LAYOUT): opts.layout,
-            meta_key(KEY_SHARING): sharing, meta_key(KEY_PLAN): plan.to_json()}
+            meta_key(KEY_SHARING): sharing, meta_key(KEY_PLAN): plan.to_json(),
+            meta_key(KEY_NETWORKS): json.dumps({t: skeleton.to_json(n) for t, n in zip(plan.tasks, nets)})}
 
 
 def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOptions):

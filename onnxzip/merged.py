@@ -17,13 +17,17 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
-from .format import (PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_PLAN, KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS,
-                     KEY_VERSION, LAYOUTS, META_PREFIX, MULTI, TASK_INPUT, TASK_OUT_OF_RANGE, meta_key, weight_params)
+from . import skeleton
+from .emit import task_model, tied_from_weights
+from .format import (PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_NETWORKS, KEY_PLAN, KEY_QUANTIZED,
+                     KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS, KEY_VERSION, LAYOUTS, META_PREFIX, MULTI,
+                     TASK_INPUT, TASK_OUT_OF_RANGE, meta_key, weight_params)
 from .errors import OnnxZipError
 from .guard import Output, check_outputs, model_reads
 from .inputs import to_merged
 from .load import load_model
-from .plan import NOT_A_MEMBER, SharingPlan
+from .plan import NOT_A_MEMBER, SHARED, SharingPlan
+from .runtime import session
 from .save import save_atomically
 from .shapes import infer_edge_shapes
 
@@ -36,6 +40,10 @@ SOURCE_KINDS = {str: "a non-empty string", int: "an integer"}
 # The optional per-task 'input' entry (inputs.ExpectedInput): its text fields besides 'shape'.
 INPUT_TEXT_FIELDS = ("name", "layout", "from_merged")
 EDITED = "the file was not written by this onnxzip or was edited"
+# split checks a task written with its original's structure against the merged model's task on a
+# random batch of this many samples, to this tolerance (float reassociation of the joined blocks).
+SPLIT_CHECK_BATCH = 4
+SPLIT_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -344,12 +352,18 @@ def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str,
     part.ir_version = model.ir_version
     del part.opset_import[:]
     part.opset_import.extend(model.opset_import)
+    _stamp(part, meta, path, task)
+    return part
+
+
+def _stamp(part: onnx.ModelProto, meta: MergedMeta, path: Path, task: str) -> None:
+    """A split task's producer and metadata (its task, the merged file, onnxzip's version), shapes on every
+    edge; checked."""
     part.producer_name, part.producer_version = PRODUCER, __version__
     for key, value in ((KEY_TASK, task), (KEY_SPLIT_FROM, path.name), (KEY_VERSION, meta.raw.get(KEY_VERSION, ""))):
         part.metadata_props.add(key=meta_key(key), value=value)
     infer_edge_shapes(part)
     onnx.checker.check_model(part, full_check=True)
-    return part
 
 
 def load_merged(path: str | Path) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -376,15 +390,72 @@ def task_part(model: onnx.ModelProto, meta: Mapping[str, str], path: str | Path,
     return _task_part(model, parsed, path, task)
 
 
+def _structured(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str) -> onnx.ModelProto | None:
+    """Task ``task`` with the structure of its original (one Conv or Gemm per layer, its blocks joined back,
+    its units in their own order), from the networks the metadata describes and the merged file's
+    initializers; None for a file without them (written before they were kept) or a quantized one."""
+    raw = meta.raw.get(KEY_NETWORKS)
+    if raw is None or KEY_QUANTIZED in meta.raw:
+        return None
+    try:
+        described = _json(meta.raw, KEY_NETWORKS, path)
+        nets = [skeleton.from_json(described[t]) for t in meta.tasks]
+        values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        tied = tied_from_weights(meta.plan, nets, values)[meta.tasks.index(task)]
+        part = task_model(tied)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise _tampered(path, KEY_NETWORKS, f"does not describe the merged model's networks ({_why(exc)})") from None
+    _plain_names(part)
+    return part
+
+
+def _plain_names(model: onnx.ModelProto) -> None:
+    """A one-task model's names without the unit group (conv1.shared.W -> conv1.W), where none collide."""
+    graph = model.graph
+    names = {i.name for i in graph.initializer} | {t for n in graph.node for t in (*n.input, *n.output)}
+    plain = {n: n.replace(f".{SHARED}.", ".").removesuffix(f".{SHARED}") for n in names}
+    if len(set(plain.values())) < len(plain):
+        return
+    for init in graph.initializer:
+        init.name = plain[init.name]
+    for node in graph.node:
+        node.input[:] = [plain.get(n, n) for n in node.input]
+        node.output[:] = [plain.get(n, n) for n in node.output]
+        node.name = node.name.replace(f".{SHARED}.", ".")
+    for info in graph.value_info:
+        info.name = plain.get(info.name, info.name)
+
+
+def _same_outputs(part: onnx.ModelProto, blocks: onnx.ModelProto, path: Path, task: str) -> None:
+    """Refuse a structured split whose outputs differ from the merged model's task part on a random batch
+    (the networks' description does not fit the merged model)."""
+    dims = [d.dim_value for d in part.graph.input[0].type.tensor_type.shape.dim[1:]]
+    if not dims or 0 in dims:
+        return
+    x = np.random.default_rng(0).random((SPLIT_CHECK_BATCH, *dims), dtype=np.float32)
+    got, want = (session(m, ["CPUExecutionProvider"]).run(None, {m.graph.input[0].name: x})[0] for m in (part, blocks))
+    if got.shape != want.shape or not np.allclose(got, want, rtol=SPLIT_TOL, atol=SPLIT_TOL * max(1.0, np.abs(want).max())):
+        raise _tampered(path, KEY_NETWORKS, f"describes a task '{task}' that computes other outputs than the "
+                                            "merged model's")
+
+
 def split(path: str | Path, task: str, output: str | Path) -> Path:
     """Write task ``task`` of a merged model as a standalone model with its original output name and
-    the input its file read (the weight-free adapter to the merged input in front).
+    the input its file read: with its original's structure (one Conv or Gemm per layer) where the file
+    describes its networks, else its blocks as the merged model has them (with the weight-free adapter
+    to the merged input in front). Either way it computes what the merged model computes for the task.
 
     The output is checked first: writable, and neither the merged model nor its external data."""
     path, output = Path(path), Path(output)
     check_outputs([Output(output, "-o")], model_reads(path, "the merged model"))
     model, _ = load_model(path)
-    save_atomically(_task_part(model, read_meta(model, path), path, task, own_input=True), output)
+    meta = read_meta(model, path)
+    blocks = _task_part(model, meta, path, task, own_input=True)
+    part = _structured(model, meta, path, task)
+    if part is not None:
+        _same_outputs(part, blocks, path, task)
+        _stamp(part, meta, path, task)
+    save_atomically(part if part is not None else blocks, output)
     return output
 
 

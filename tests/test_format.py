@@ -31,8 +31,10 @@ def test_a_merge_writes_what_format_names(tmp_path):
     result = merge([a, b], B.calib_folder(tmp_path / "c", (1, 8, 8), 48), out, MergeOptions(layout=F.GATED))
     model = onnx.load(str(out))
     meta = {p.key: p.value for p in model.metadata_props}
-    keys = (F.KEY_VERSION, F.KEY_TASKS, F.KEY_SOURCES, F.KEY_LAYOUT, F.KEY_SHARING, F.KEY_PLAN)
+    keys = (F.KEY_VERSION, F.KEY_TASKS, F.KEY_SOURCES, F.KEY_LAYOUT, F.KEY_SHARING, F.KEY_PLAN, F.KEY_NETWORKS)
     assert sorted(meta) == sorted(F.meta_key(k) for k in keys)
+    networks = json.loads(meta[F.meta_key(F.KEY_NETWORKS)])
+    assert list(networks) == ["a", "b"] and networks["a"]["file"] == "a.onnx" and "/" not in json.dumps(networks["a"]["file"])
     assert json.loads(meta[F.meta_key(F.KEY_TASKS)]) == ["a", "b"] and meta[F.meta_key(F.KEY_LAYOUT)] == F.GATED
     inits = {t.name for t in model.graph.initializer}
     assert {F.task_index_name(0), F.task_index_name(1), F.TASK_PROBE} <= inits

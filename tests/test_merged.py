@@ -17,13 +17,14 @@ import pytest
 import builders as B
 import hostile as H
 from onnxzip.api import merge
-from onnxzip.format import TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_OUT_OF_RANGE
+from onnxzip.format import TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_OUT_OF_RANGE, weight_params
 from onnxzip.errors import OnnxZipError
 from onnxzip.canonical import import_network
 from onnxzip.merged import inspect, load_merged, split, task_part
 from onnxzip.options import MergeOptions
 
 TASKS, SOURCES, PLAN, LAYOUT = "onnxzip.tasks", "onnxzip.sources", "onnxzip.plan", "onnxzip.layout"
+NETWORKS = "onnxzip.networks"
 GATED_TASKS = 3
 INT64 = np.iinfo(np.int64)
 # ONNX Runtime quiet: an out-of-range task index is expected to fail, the test checks how.
@@ -127,6 +128,40 @@ def test_cli_refuses_edited_metadata(pair, tmp_path, layout, key, edit):
     for proc in (case.cli("inspect", bad), case.cli("split", bad, "--task", "a", "-o", out)):
         H.assert_refused(proc, str(bad), f"'{key}'", "was edited", outputs=[out],
                          folders=[tmp_path, out.parent, case.scratch], before=before)
+
+
+def _networks_edit(change: Callable) -> Edit:
+    return _edit(NETWORKS, lambda n: {**n, "a": change(n["a"])})
+
+
+def _first_layer(change: Callable) -> Callable:
+    """An edit of the first layer's step in a network's description."""
+    def edit(net: dict) -> dict:
+        at = next(i for i, st in enumerate(net["steps"]) if "layer" in st)
+        return {**net, "steps": net["steps"][:at] + [change(net["steps"][at])] + net["steps"][at + 1:]}
+    return edit
+
+
+NETWORKS_TAMPERED = [
+    ("not-json", _put(NETWORKS, "{")),
+    ("task-missing", _edit(NETWORKS, lambda n: {"b": n["b"]})),
+    ("step-without-wiring", _networks_edit(_first_layer(lambda st: {k: v for k, v in st.items() if k != "inputs"}))),
+    ("weights-of-another-shape", _networks_edit(_first_layer(lambda st: {**st, "W": [st["W"][0] + 1, *st["W"][1:]]}))),
+    ("steps-not-a-list", _networks_edit(lambda net: {**net, "steps": 3})),
+]
+
+
+@pytest.mark.parametrize("edit", [c[1] for c in NETWORKS_TAMPERED], ids=[c[0] for c in NETWORKS_TAMPERED])
+def test_split_refuses_edited_networks_and_inspect_still_reads(pair, tmp_path, edit):
+    """The networks split rebuilds a task from (format.KEY_NETWORKS), edited: split refuses in one line
+    naming the key and writes nothing; inspect does not need them."""
+    case, merged = pair
+    bad = _write_tampered(merged["gated"], tmp_path / "m.onnx", edit)
+    before = H.digest([bad])
+    out = tmp_path / "out" / "a.onnx"
+    H.assert_refused(case.cli("split", bad, "--task", "a", "-o", out), str(bad), f"'{NETWORKS}'", "was edited",
+                     outputs=[out], folders=[tmp_path, out.parent, case.scratch], before=before)
+    assert case.cli("inspect", bad).returncode == 0
 
 
 def test_cli_still_reads_the_untouched_models(pair, tmp_path):
@@ -237,6 +272,61 @@ def test_split_and_inspect_of_depthwise_blocks(tmp_path):
         np.testing.assert_allclose(_session(part).run(None, {"input": x})[0], want, rtol=1e-6, atol=1e-6)
         assert info.params_per_task[task] == import_network(source).params  # dw kernels, biases, all layers
     assert info.params_total < sum(info.params_per_task.values())
+
+
+def _grouped_pair(folder: Path) -> list[Path]:
+    from torch_blocks import GroupedBlocks
+    folder.mkdir(parents=True, exist_ok=True)
+    return [B.export_torch(GroupedBlocks(s), folder / f"{n}.onnx", True, 18, B.MOBILE_SHAPE) for n, s in (("a", 0), ("b", 1))]
+
+
+def _cnn_pair(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [B.save(B.cnn_model(B.cnn_weights(s)), folder / f"{n}.onnx") for n, s in (("a", 0), ("b", 1))]
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mobile", "grouped"])
+@pytest.mark.parametrize("layout", ["multi", "gated"])
+def test_split_writes_each_task_with_its_original_structure(tmp_path, kind, layout):
+    """Half shared: each split task has one Conv or Gemm per layer (its blocks joined back, no Sum or
+    Concat of groups), as many nodes as its file, the file's input and output names, names without the
+    unit group, all its parameters, and computes what the merged model computes for it."""
+    if kind != "cnn":
+        pytest.importorskip("torch")
+    shape = B.MOBILE_SHAPE if kind != "cnn" else (1, 12, 12)
+    paths = {"cnn": _cnn_pair, "mobile": B.mobile_pair, "grouped": _grouped_pair}[kind](tmp_path / "models")
+    merged = tmp_path / "m.onnx"
+    merge(paths, B.calib_folder(tmp_path / "calib", shape, n=64), merged,
+          MergeOptions(share=0.5, layout=layout, tasks=("a", "b")))
+    x = np.random.default_rng(1).random((4, *shape), dtype=np.float32)
+    for t, (task, source) in enumerate(zip(("a", "b"), paths)):
+        part = onnx.load(str(split(merged, task, tmp_path / f"{task}.onnx")))
+        original, net = onnx.load(str(source)), import_network(source)
+        ops = [n.op_type for n in part.graph.node]
+        assert ops.count("Conv") + ops.count("Gemm") == len(net.layers) + sum(
+            op.op_type == "Conv" for _, op in net.channel_ops)
+        assert "Sum" not in ops and "Concat" not in ops and len(ops) == len(original.graph.node)
+        assert [i.name for i in part.graph.input] == [i.name for i in original.graph.input]
+        assert [o.name for o in part.graph.output] == [o.name for o in original.graph.output]
+        assert not any(".shared" in i.name or ".task_" in i.name for i in part.graph.initializer)
+        assert weight_params(part) == net.params
+        groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in part.graph.node
+                  if n.op_type == "Conv"}
+        assert sorted(groups.values()) == sorted([l.group for l in net.layers if l.kind == "conv"]
+                                                 + [op.channels for _, op in net.channel_ops if op.op_type == "Conv"])
+        feeds = {TASK_INPUT: np.array(t, np.int64)} if layout == "gated" else None
+        want = B.run(merged, x, feeds)[0 if layout == "gated" else t]
+        np.testing.assert_allclose(B.run(tmp_path / f"{task}.onnx", x)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_of_a_file_without_its_networks_keeps_the_blocks(pair, tmp_path):
+    """A merged file written before the networks were kept (format.KEY_NETWORKS) still splits, as blocks."""
+    case, merged = pair
+    old = _write_tampered(merged["multi"], tmp_path / "old.onnx", lambda meta: meta.pop(NETWORKS))
+    part = onnx.load(str(split(old, "a", tmp_path / "a.onnx")))
+    assert any(".shared." in i.name for i in part.graph.initializer)
+    x = np.random.default_rng(2).random((4, *H.SHAPE), dtype=np.float32)
+    np.testing.assert_allclose(B.run(tmp_path / "a.onnx", x)[0], B.run(old, x)[0], rtol=1e-6, atol=1e-6)
 
 
 def _without_last_test(graph: onnx.GraphProto, last: str) -> bool:

@@ -1,0 +1,75 @@
+"""A canonical network without its weights, as plain JSON: the merged file keeps one per task
+(format.KEY_NETWORKS), so that split can write a task with the original's structure (one Conv or
+Gemm per layer, the file's own input and output) from the merged file's initializers.
+
+Only the structure is kept: every step's kind, attributes and wiring, and the shapes of its weights,
+which come back as zeros (emit.tied_from_weights fills them in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .ir import Layer, Network, Op, TensorSpec
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as JSON: tuples as lists, numpy scalars as numbers."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _frozen(value: Any) -> Any:
+    """The attribute value _plain wrote, lists back as tuples."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def _spec(spec: TensorSpec) -> dict:
+    return {"name": spec.name, "shape": list(spec.shape), "dtype": np.dtype(spec.dtype).str}
+
+
+def _step(step: Layer | Op) -> dict:
+    if isinstance(step, Layer):
+        return {"layer": step.name, "kind": step.kind, "W": list(step.W.shape), "source": step.source,
+                "strides": list(step.strides), "pads": list(step.pads), "dilations": list(step.dilations),
+                "inputs": list(step.inputs), "output": step.output, "group": step.group}
+    return {"op": step.op_type, "attrs": [[k, _plain(v)] for k, v in step.attrs], "source": step.source,
+            "inputs": list(step.inputs), "output": step.output, "name": step.name,
+            "params": [list(p.shape) for p in step.params]}
+
+
+def to_json(net: Network) -> dict:
+    """The network's structure as a JSON-ready dict (file name without folders; no weights)."""
+    return {"file": net.path.replace("\\", "/").rsplit("/", 1)[-1], "sha256": net.sha256,
+            "input": _spec(net.input), "output": _spec(net.output), "opset": net.opset,
+            "ir_version": net.ir_version, "rescaled": net.rescaled, "steps": [_step(s) for s in net.steps]}
+
+
+def _tensor(raw: dict) -> TensorSpec:
+    return TensorSpec(str(raw["name"]), tuple(None if d is None else int(d) for d in raw["shape"]),
+                      np.dtype(raw["dtype"]))
+
+
+def _parsed_step(raw: dict) -> Layer | Op:
+    wiring = {"inputs": tuple(str(n) for n in raw["inputs"]), "output": str(raw["output"])}
+    if "layer" in raw:
+        W = np.zeros([int(d) for d in raw["W"]], np.float32)
+        return Layer(str(raw["layer"]), str(raw["kind"]), W, np.zeros(W.shape[0], np.float32), str(raw["source"]),
+                     tuple(int(v) for v in raw["strides"]), tuple(int(v) for v in raw["pads"]),
+                     tuple(int(v) for v in raw["dilations"]), group=int(raw["group"]), **wiring)
+    params = tuple(np.zeros([int(d) for d in shape], np.float32) for shape in raw["params"])
+    return Op(str(raw["op"]), tuple((str(k), _frozen(v)) for k, v in raw["attrs"]), str(raw["source"]),
+              name=str(raw["name"]), params=params, **wiring)
+
+
+def from_json(raw: dict) -> Network:
+    """The network to_json described, every weight zero. Raises KeyError, TypeError or ValueError on a
+    malformed description (the caller names the file)."""
+    return Network(str(raw["file"]), str(raw["sha256"]), _tensor(raw["input"]), _tensor(raw["output"]),
+                   tuple(_parsed_step(s) for s in raw["steps"]), int(raw["opset"]), int(raw["ir_version"]),
+                   rescaled=bool(raw["rescaled"]))
