@@ -329,6 +329,8 @@ def merge(
     _print_search(result)
     _print_result(result)
     _print_retraining(result)
+    if result.quantized is not None:
+        _print_quantized(result.quantized)
 
 
 @app.command()

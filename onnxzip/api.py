@@ -25,6 +25,7 @@ from .inputs import expected, feeder, input_words, same_form
 from .ir import Network
 from .options import PARAMS, MergeOptions, parse_size
 from .pairing import method, methods
+from .quantize import QuantizeOptions, QuantizeResult, quantize
 from .plan import LayerPlan, SharingPlan
 from .runtime import resolve_device
 from .save import save_atomically, write_text_atomically
@@ -70,6 +71,8 @@ class MergeResult:
     inputs: tuple[str, ...] = ()
     # Why the layers after the aligned ones are each task's own (align.Alignment.stop), or ''.
     alignment: str = ""
+    # The int8 copy that --quantize wrote and what it measured (quantize.QuantizeResult), else None.
+    quantized: QuantizeResult | None = None
 
     def to_json(self) -> dict:
         """A JSON-ready dict: the plan and every figure."""
@@ -139,6 +142,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     timer = timer or StageTimer()
     paths, output = [Path(m) for m in models], Path(output)
     outputs = [Output(output, "-o")] + ([Output(Path(report), "--report", model=False)] if report else [])
+    outputs += [Output(quantized_path(output), "--quantize")] if options.quantize else []
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
     folders = per_task(calib, tasks, "--calib")
@@ -168,6 +172,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
         _check_partial_alignment(opts, nets, alignment)
         _check_layer_names(opts, nets[0], alignment.depth)
         _check_classifiers(opts, nets, evals)
+        _check_quantize_inputs(opts, nets, tasks)
         labelled = {tasks.index(t): load_labeled(d, nets[tasks.index(t)].input, classes=nets[tasks.index(t)].classes)
                     for t, d in eval_dirs.items()}
         streams, counts = _streams(folders, nets, opts)
@@ -207,9 +212,35 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                          search_report, input_words(nets, tasks, {t for t, _, _ in opts.input_scale},
                                                     len({f.resolve() for f in folders}) > 1),
                          _alignment_words(alignment, nets, tasks))
+    if opts.quantize:
+        tick = progress("quantize", 1, UNIT_STEPS)
+        with timer("quantize"):
+            try:
+                q = quantize(output, dict(zip(tasks, folders)), quantized_path(output),
+                             QuantizeOptions(mode=opts.quantize, device=opts.device), eval_dirs)
+            except OnnxZipError:  # all or nothing: no merged model without the int8 copy asked for
+                output.unlink(missing_ok=True)
+                raise
+        result = replace(result, quantized=q, seconds=dict(timer.seconds))
+        tick()
     if report is not None:
         _write_report(report_json(result, _sources(tasks, nets, opts), opts, command), Path(report), output)
     return result
+
+
+def quantized_path(output: Path) -> Path:
+    """Where --quantize writes the int8 copy of a merged model: beside it, NAME.int8.onnx."""
+    return output.with_name(f"{output.stem}.int8{output.suffix or '.onnx'}")
+
+
+def _check_quantize_inputs(opts: MergeOptions, nets: Sequence[Network], tasks: Sequence[str]) -> None:
+    """--quantize calibrates on the --calib folders as the merged model reads them: every model must read its
+    input in one form (else onnxzip quantize, with samples in the merged input form)."""
+    if opts.quantize and not same_form(nets):
+        other = next(t for t, n in zip(tasks, nets) if not same_form([nets[0], n]))
+        raise OnnxZipError(f"--quantize calibrates on each task's --calib samples, but task '{other}' reads its input "
+                           f"in another form than the merged model ({Path(nets[0].path).name}'s); merge without it, "
+                           "then run onnxzip quantize with samples in the merged model's input form")
 
 
 def _reads(paths: Sequence[Path], nets: Sequence[Network], data: Mapping[str, Sequence[Path]]) -> list[Read]:

@@ -194,6 +194,10 @@ class MergeOptions:
     # Per task (name, output): the graph output that is the task's, of a model with several (a debug
     # output beside the logits); the others are dropped on import.
     task_outputs: tuple[tuple[str, str], ...] = ()
+    # Also write an int8 copy of the merged model (quantize.py, with the merge's --calib folders).
+    quantize: str | None = cli_field(None, "Also write an int8 copy next to the merged model (NAME.int8.onnx): static "
+                                     "(QDQ, activations calibrated on each task's --calib samples) or dynamic.",
+                                     PANEL_CHECKS, choices=QUANT_MODES)
     stream_pairing: str = cli_field("all", "Residual streams: all (paired from the costs of all their writers; two "
                                     "passes) or early (from the writers before the stream is first read; one pass, "
                                     "faster).", PANEL_PAIRING, choices=STREAM_PAIRINGS)
@@ -222,6 +226,8 @@ class MergeOptions:
              f"--stream-pairing must be one of {', '.join(STREAM_PAIRINGS)}, got '{self.stream_pairing}'"),
             (self.max_patches is None or self.max_patches >= 1,
              f"--max-patches must be at least 1, got {self.max_patches}"),
+            (self.quantize is None or self.quantize in QUANT_MODES,
+             f"--quantize must be one of {', '.join(QUANT_MODES)}, got '{self.quantize}'"),
         ]
         checks += [
             (self.budget is None or self.budget >= 0, f"--budget must be at least 0 points, got {self.budget}"),

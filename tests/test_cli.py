@@ -161,3 +161,18 @@ def test_split_multi_layout_and_inspect_foreign_model(tmp_path):
         np.testing.assert_allclose(y[0], merged[t], rtol=1e-6, atol=1e-6)
     proc = _cli("inspect", a)
     assert proc.returncode == 2 and "not a model written by onnxzip" in proc.stderr
+
+
+def test_merge_quantize_on_the_command_line(tmp_path):
+    """merge --quantize dynamic prints the quantization table and writes NAME.int8.onnx; a mode it does not
+    know is a usage error (exit 2) that writes nothing."""
+    a = B.save(B.cnn_model(B.cnn_weights(0)), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp_path / "b.onnx")
+    calib = B.calib_folder(tmp_path / "c", (1, 12, 12), 48)
+    out = tmp_path / "m.onnx"
+    proc = _cli("merge", a, b, "--calib", calib, "-o", out, "--quantize", "dynamic")
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxzip quantize -> " in proc.stdout and "int8 dynamic" in proc.stdout
+    assert out.is_file() and (tmp_path / "m.int8.onnx").is_file()
+    proc = _cli("merge", a, b, "--calib", calib, "-o", tmp_path / "n.onnx", "--quantize", "int4")
+    assert proc.returncode == 2 and "int4" in proc.stderr and not (tmp_path / "n.onnx").exists()

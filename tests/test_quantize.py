@@ -3,15 +3,18 @@ int8 model computes exactly what the multi int8 one does, every block is stored 
 stays, and the model agrees with the float one."""
 
 import hashlib
+import json
 
 import numpy as np
 import onnx
 import pytest
 
 import builders as B
+from onnxzip.api import merge
 from onnxzip.errors import OnnxZipError
 from onnxzip.format import KEY_QUANTIZED, meta_key
 from onnxzip.merged import inspect
+from onnxzip.options import MergeOptions
 from onnxzip.quantize import QuantizeOptions, quantize
 
 # Top-1 agreement of the int8 with the float model on the tasks' calibration samples.
@@ -62,3 +65,39 @@ def test_quantize_refuses_bad_options_and_overwriting_its_input(merged):
     with pytest.raises(OnnxZipError, match="edited.onnx: not a gated model as onnxzip writes it: its If chain"):
         quantize(tmp / "edited.onnx", calib, tmp / "edited.int8.onnx")
     assert not (tmp / "edited.int8.onnx").exists()
+
+
+def test_merge_quantize_writes_the_int8_copy_beside_the_merged_model(tmp_path):
+    """merge --quantize: the int8 copy at NAME.int8.onnx computes exactly what onnxzip quantize makes of the
+    merged model with the same --calib folders; the result and the report carry its figures."""
+    calib = {"a": B.calib_folder(tmp_path / "ca", (1, 12, 12), n=64, seed=1),
+             "b": B.calib_folder(tmp_path / "cb", (1, 12, 12), n=64, seed=2)}
+    paths = [B.save(B.cnn_model(B.cnn_weights(s)), tmp_path / f"{n}.onnx") for n, s in (("a", 0), ("b", 1))]
+    out = tmp_path / "m.onnx"
+    result = merge(paths, calib, out, MergeOptions(share=0.5, layout="gated", quantize="static"),
+                   report=tmp_path / "r.json")
+    assert result.quantized.output == str(tmp_path / "m.int8.onnx") and result.quantized.layout == "gated"
+    assert all(r.agreement >= MIN_AGREEMENT for r in result.quantized.tasks)
+    again = quantize(out, calib, tmp_path / "again.onnx", QuantizeOptions(mode="static"))
+    x = np.random.default_rng(6).random((8, 1, 12, 12), dtype=np.float32)
+    for t in range(2):
+        assert np.array_equal(B.task_output(tmp_path / "m.int8.onnx", x, "gated", t, exact=True),
+                              B.task_output(tmp_path / "again.onnx", x, "gated", t, exact=True))
+    assert [r.agreement for r in again.tasks] == [r.agreement for r in result.quantized.tasks]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["quantized"]["mode"] == "static" and len(report["quantized"]["tasks"]) == 2
+
+
+def test_merge_quantize_is_refused_before_any_work_when_inputs_differ_in_form(tmp_path):
+    """--quantize calibrates on the --calib folders as the merged model reads them: models reading their
+    input in other forms are refused in one line, and nothing is written."""
+    a = B.save(B.mlp_model(B.mlp_weights([64, 16, 10], 0)), tmp_path / "a.onnx")
+    b = B.save(B.mlp_model(B.mlp_weights([64, 16, 10], 1), in_shape=(64,)), tmp_path / "b.onnx")
+    calib = {"a": B.calib_folder(tmp_path / "ca", (1, 8, 8), 32), "b": B.calib_folder(tmp_path / "cb", (64,), 32)}
+    out = tmp_path / "m.onnx"
+    with pytest.raises(OnnxZipError, match=r"--quantize calibrates on each task's --calib samples, but task 'b' reads "
+                                           r"its input in another form than the merged model \(a\.onnx's\)"):
+        merge([a, b], calib, out, MergeOptions(quantize="dynamic"))
+    assert not out.exists() and not (tmp_path / "m.int8.onnx").exists()
+    with pytest.raises(OnnxZipError, match="--quantize"):
+        MergeOptions(quantize="int4")
