@@ -335,10 +335,19 @@ def merge(
 
 @app.command()
 @_user_errors
-def inspect(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model written by onnxzip merge.")) -> None:
+def inspect(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model written by onnxzip merge."),
+            plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
+                                                help="Also draw the sharing per layer (shared units first, then each "
+                                                "task's own) to this PNG.")) -> None:
     """Show the tasks, per-layer sharing, parameters and bytes of a merged model."""
     from ..merged import input_line, inspect as read_merged
+    if plot is not None:
+        from ..guard import Output, check_outputs, model_reads
+        check_outputs([Output(plot, "--plot", model=False)], model_reads(model, "the merged model"))
     info = read_merged(model)
+    if plot is not None:
+        from ..card import write_picture
+        write_picture(info.plan, plot)
     out.print(f"{info.path}: onnxzip {info.version}, layout {info.layout}, tasks {', '.join(info.plan.tasks)}")
     for task, src in info.sources.items():
         out.print(f"  {task}: from {src['file']} (sha256 {src['sha256'][:16]}..., {src['params']:,} params, "

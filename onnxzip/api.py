@@ -15,6 +15,7 @@ from .align import Alignment, align
 from .budget import (SearchReport, layer_counts, merged_params, params_saved, search, separate_samples,
                      split_samples)
 from .calib import count_samples, iter_batches, load_labeled
+from .card import card_path, picture_path, render, write_picture
 from .canonical import fold_input_affine, import_network
 from .emit import merged_model
 from .errors import OnnxZipError
@@ -143,6 +144,8 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     paths, output = [Path(m) for m in models], Path(output)
     outputs = [Output(output, "-o")] + ([Output(Path(report), "--report", model=False)] if report else [])
     outputs += [Output(quantized_path(output), "--quantize")] if options.quantize else []
+    outputs += [Output(card_path(output), "--card", model=False), Output(picture_path(output), "--card", model=False)] \
+        if options.card else []
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
     folders = per_task(calib, tasks, "--calib")
@@ -223,9 +226,24 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                 raise
         result = replace(result, quantized=q, seconds=dict(timer.seconds))
         tick()
+    document = report_json(result, _sources(tasks, nets, opts), opts, command)
     if report is not None:
-        _write_report(report_json(result, _sources(tasks, nets, opts), opts, command), Path(report), output)
+        _write_report(document, Path(report), output)
+    if opts.card:
+        _write_card(document, plan, output)
     return result
+
+
+def _write_card(document: dict, plan: SharingPlan, output: Path) -> None:
+    """The model card and the sharing picture beside the merged model (card.py), all or nothing: if they cannot
+    be written, neither is the merged model."""
+    try:
+        write_picture(plan, picture_path(output))
+        write_text_atomically(render(document, picture_path(output).name), card_path(output))
+    except OnnxZipError:
+        for path in (output, picture_path(output)):
+            path.unlink(missing_ok=True)
+        raise
 
 
 def quantized_path(output: Path) -> Path:

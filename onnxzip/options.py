@@ -194,6 +194,9 @@ class MergeOptions:
     # Per task (name, output): the graph output that is the task's, of a model with several (a debug
     # output beside the logits); the others are dropped on import.
     task_outputs: tuple[tuple[str, str], ...] = ()
+    # Write the model card and the sharing picture next to the merged model (card.py).
+    card: bool = cli_field(True, "Write a model card (NAME.card.md) and a picture of the sharing per layer "
+                           "(NAME.sharing.png) next to the merged model.", PANEL_CHECKS)
     # Also write an int8 copy of the merged model (quantize.py, with the merge's --calib folders).
     quantize: str | None = cli_field(None, "Also write an int8 copy next to the merged model (NAME.int8.onnx): static "
                                      "(QDQ, activations calibrated on each task's --calib samples) or dynamic.",

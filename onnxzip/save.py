@@ -98,10 +98,15 @@ def save_atomically(model: onnx.ModelProto, output: Path,
 
 def write_text_atomically(text: str, output: Path) -> None:
     """Write ``text`` to ``output`` through a temporary file (all or nothing), with the umask's mode."""
+    write_bytes_atomically(text.encode(), output)
+
+
+def write_bytes_atomically(data: bytes, output: Path) -> None:
+    """Write ``data`` to ``output`` through a temporary file (all or nothing), with the umask's mode."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with temp_beside(output) as tmp:
-            tmp.write_text(text)
+            tmp.write_bytes(data)
             _publish_mode(tmp)
             os.replace(tmp, output)
     except OSError as exc:
