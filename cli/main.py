@@ -412,6 +412,18 @@ def split(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model
     out.print(f"wrote {output}")
 
 
+@app.command()
+@_user_errors
+def layout(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A model written by onnxzip merge."),
+           to: Literal[LAYOUTS] = typer.Option(..., "--to", help="multi (one output per task) or gated (an int64 "
+                                               "'task' input selects one task)."),
+           output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Where to write the model.")) -> None:
+    """Rewrite a merged model in the other layout (the same nodes and blocks, each stored once)."""
+    from ..layout import relayout
+    relayout(model, to, output)
+    out.print(f"wrote {output} (layout {to})")
+
+
 def _print_retrain(result: RetrainResult) -> None:
     table = Table(title=f"onnxzip retrain -> {result.output}")
     for col in ("task", "loss", "train/held-out", "fidelity before", "fidelity after", "acc. teacher",

@@ -109,7 +109,7 @@ def _metadata(plan: SharingPlan, nets: Sequence[Network], opts: MergeOptions) ->
     return {meta_key(KEY_VERSION): __version__, meta_key(KEY_TASKS): json.dumps(list(plan.tasks)),
             meta_key(KEY_SOURCES): json.dumps(sources), meta_key(KEY_LAYOUT): opts.layout,
             meta_key(KEY_SHARING): sharing, meta_key(KEY_PLAN): plan.to_json(),
-            meta_key(KEY_NETWORKS): json.dumps({t: skeleton.to_json(n) for t, n in zip(plan.tasks, nets)})}
+            meta_key(KEY_NETWORKS): skeleton.pack({t: skeleton.to_json(n) for t, n in zip(plan.tasks, nets)})}
 
 
 def _streams(folders: Sequence[Path], nets: Sequence[Network], opts: MergeOptions):
@@ -145,7 +145,7 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
     outputs = [Output(output, "-o")] + ([Output(Path(report), "--report", model=False)] if report else [])
     outputs += [Output(quantized_path(output), "--quantize")] if options.quantize else []
     outputs += [Output(card_path(output), "--card", model=False), Output(picture_path(output), "--card", model=False)] \
-        if options.card else []
+        if options.card and output.name else []
     tasks = task_names(paths, options.tasks)
     opts = replace(options, tasks=tasks)
     folders = per_task(calib, tasks, "--calib")

@@ -28,7 +28,7 @@ KEY_RETRAIN = "retrain"  # JSON list of retraining runs
 KEY_TASK = "task"  # of a model split out of a merged one: its task,
 KEY_SPLIT_FROM = "split_from"  # and the merged file's name
 KEY_QUANTIZED = "quantized"  # of a model onnxzip quantize wrote: how
-KEY_NETWORKS = "networks"  # JSON {task: its canonical network without weights (skeleton.py)}, for split
+KEY_NETWORKS = "networks"  # {task: its canonical network without weights} for split (skeleton.pack: JSON, zlib, base64)
 
 # Layouts: one input and one output per task, or a task input selecting one task's branch.
 MULTI, GATED = "multi", "gated"

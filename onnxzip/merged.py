@@ -398,7 +398,7 @@ def _structured(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str)
     if raw is None or KEY_QUANTIZED in meta.raw:
         return None
     try:
-        described = _json(meta.raw, KEY_NETWORKS, path)
+        described = skeleton.unpack(raw)
         nets = [skeleton.from_json(described[t]) for t in meta.tasks]
         values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         tied = tied_from_weights(meta.plan, nets, values)[meta.tasks.index(task)]

@@ -3,29 +3,41 @@
 Gemm per layer, the file's own input and output) from the merged file's initializers.
 
 Only the structure is kept: every step's kind, attributes and wiring, and the shapes of its weights,
-which come back as zeros (emit.tied_from_weights fills them in).
+which come back as zeros (emit.tied_from_weights fills them in). The metadata value is the JSON of
+{task: network}, zlib-compressed and base64-encoded (pack, unpack): a few hundred bytes, which
+matter for the smallest models.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import json
+import zlib
+from typing import Any, Mapping
 
 import numpy as np
 
 from .ir import Layer, Network, Op, TensorSpec
 
 
+BYTES_KEY = "bytes"  # an attribute value that is a byte string (an ONNX string attribute), as {BYTES_KEY: text}
+
+
 def _plain(value: Any) -> Any:
-    """An attribute value as JSON: tuples as lists, numpy scalars as numbers."""
+    """An attribute value as JSON: tuples as lists, numpy scalars as numbers, bytes as {BYTES_KEY: text}."""
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, bytes):
+        return {BYTES_KEY: value.decode("latin-1")}
     return value
 
 
 def _frozen(value: Any) -> Any:
     """The attribute value _plain wrote, lists back as tuples."""
+    if isinstance(value, dict):
+        return str(value[BYTES_KEY]).encode("latin-1")
     return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
@@ -73,3 +85,20 @@ def from_json(raw: dict) -> Network:
     return Network(str(raw["file"]), str(raw["sha256"]), _tensor(raw["input"]), _tensor(raw["output"]),
                    tuple(_parsed_step(s) for s in raw["steps"]), int(raw["opset"]), int(raw["ir_version"]),
                    rescaled=bool(raw["rescaled"]))
+
+
+def pack(networks: Mapping[str, dict]) -> str:
+    """{task: to_json(network)} as the metadata value: compact JSON, zlib-compressed, base64."""
+    text = json.dumps(dict(networks), separators=(",", ":"))
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+def unpack(value: str) -> dict:
+    """The {task: network description} that pack wrote; ValueError when it is not what pack writes."""
+    try:
+        raw = json.loads(zlib.decompress(base64.b64decode(value.encode("ascii"), validate=True)))
+    except (zlib.error, UnicodeError, ValueError) as exc:
+        raise ValueError(f"not packed network descriptions ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError("not a mapping of tasks to networks")
+    return raw

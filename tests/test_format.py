@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 import builders as B
-from onnxzip import format as F
+from onnxzip import format as F, skeleton
 from onnxzip.api import merge
 from onnxzip.options import MergeOptions
 
@@ -33,7 +33,7 @@ def test_a_merge_writes_what_format_names(tmp_path):
     meta = {p.key: p.value for p in model.metadata_props}
     keys = (F.KEY_VERSION, F.KEY_TASKS, F.KEY_SOURCES, F.KEY_LAYOUT, F.KEY_SHARING, F.KEY_PLAN, F.KEY_NETWORKS)
     assert sorted(meta) == sorted(F.meta_key(k) for k in keys)
-    networks = json.loads(meta[F.meta_key(F.KEY_NETWORKS)])
+    networks = skeleton.unpack(meta[F.meta_key(F.KEY_NETWORKS)])
     assert list(networks) == ["a", "b"] and networks["a"]["file"] == "a.onnx" and "/" not in json.dumps(networks["a"]["file"])
     assert json.loads(meta[F.meta_key(F.KEY_TASKS)]) == ["a", "b"] and meta[F.meta_key(F.KEY_LAYOUT)] == F.GATED
     inits = {t.name for t in model.graph.initializer}

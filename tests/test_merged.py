@@ -3,8 +3,10 @@ and the gated layout's task input is range-checked at run time."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +18,7 @@ import pytest
 
 import builders as B
 import hostile as H
+from onnxzip import skeleton
 from onnxzip.api import merge
 from onnxzip.format import TASK_AS_DIMS, TASK_BAD_SHAPE, TASK_INPUT, TASK_OUT_OF_RANGE, weight_params
 from onnxzip.errors import OnnxZipError
@@ -130,8 +133,13 @@ def test_cli_refuses_edited_metadata(pair, tmp_path, layout, key, edit):
                          folders=[tmp_path, out.parent, case.scratch], before=before)
 
 
+def _packed_edit(change: Callable) -> Edit:
+    """An edit of the packed network descriptions (skeleton.pack) as a {task: network} mapping."""
+    return lambda meta: meta.__setitem__(NETWORKS, skeleton.pack(change(skeleton.unpack(meta[NETWORKS]))))
+
+
 def _networks_edit(change: Callable) -> Edit:
-    return _edit(NETWORKS, lambda n: {**n, "a": change(n["a"])})
+    return _packed_edit(lambda n: {**n, "a": change(n["a"])})
 
 
 def _first_layer(change: Callable) -> Callable:
@@ -143,8 +151,10 @@ def _first_layer(change: Callable) -> Callable:
 
 
 NETWORKS_TAMPERED = [
-    ("not-json", _put(NETWORKS, "{")),
-    ("task-missing", _edit(NETWORKS, lambda n: {"b": n["b"]})),
+    ("not-packed", _put(NETWORKS, "{")),
+    ("not-compressed", _put(NETWORKS, base64.b64encode(b"[1, 2]").decode())),
+    ("not-a-mapping", _put(NETWORKS, base64.b64encode(zlib.compress(b"[1, 2]")).decode())),
+    ("task-missing", _packed_edit(lambda n: {"b": n["b"]})),
     ("step-without-wiring", _networks_edit(_first_layer(lambda st: {k: v for k, v in st.items() if k != "inputs"}))),
     ("weights-of-another-shape", _networks_edit(_first_layer(lambda st: {**st, "W": [st["W"][0] + 1, *st["W"][1:]]}))),
     ("steps-not-a-list", _networks_edit(lambda net: {**net, "steps": 3})),
