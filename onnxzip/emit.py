@@ -214,24 +214,27 @@ def tied_from_weights(plan: SharingPlan, nets: Sequence[Network], values: dict[s
     (by retraining), give back each task's own layers and channel ops (depthwise convs, PRelus), still
     tied where the plan shares units.
     """
-    out = []
-    for t, net in enumerate(nets):
-        spaces = unit_spaces(net)
-        written: dict[int, list[_Group]] = {INPUT: [_Group(frozenset(range(len(plan.tasks))), "", None)]}
-        for k, layer in enumerate(net.layers):
-            for i in net.segment_ops()[k - 1] if k else ():  # the channel ops before layer k, in their spaces
-                net = net.with_step(i, _channel_values(plan, net.steps[i], written[dict(spaces.ops)[i]], values, t))
-            groups = _read_groups(net, spaces.reads[k], written)
-            Wm, bias = layer.matrix().copy(), layer.b.copy()
-            blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, spaces, groups), t)
-            for blk in blocks:
-                Wm[np.ix_(blk.units, blk.cols)] = blk.matrix(layer, _value(values, blk.weight))
-                if blk.bias:
-                    bias[blk.units] = _value(values, blk.bias)
-            net = net.with_layer(k, layer.with_matrix(Wm, bias))
-            written.setdefault(spaces.space[k], [_Group(blk.owners, "", blk.units) for blk in blocks if blk.bias])
-        out.append(net)
-    return out
+    return [tied_task(plan, net, t, values) for t, net in enumerate(nets)]
+
+
+def tied_task(plan: SharingPlan, net: Network, t: int, values: dict[str, np.ndarray]) -> Network:
+    """Task t's network (``net``) with its layers and channel ops read from ``values`` (tied_from_weights)."""
+    spaces, segments = unit_spaces(net), net.segment_ops()
+    space_of_op = dict(spaces.ops)
+    written: dict[int, list[_Group]] = {INPUT: [_Group(frozenset(range(len(plan.tasks))), "", None)]}
+    for k, layer in enumerate(net.layers):
+        for i in segments[k - 1] if k else ():  # the channel ops before layer k, in their spaces
+            net = net.with_step(i, _channel_values(plan, net.steps[i], written[space_of_op[i]], values, t))
+        groups = _read_groups(net, spaces.reads[k], written)
+        Wm, bias = layer.matrix().copy(), layer.b.copy()
+        blocks = _blocks(plan, layer, k, groups, _layer_rep(net, k, spaces, groups), t)
+        for blk in blocks:
+            Wm[np.ix_(blk.units, blk.cols)] = blk.matrix(layer, _value(values, blk.weight))
+            if blk.bias:
+                bias[blk.units] = _value(values, blk.bias)
+        net = net.with_layer(k, layer.with_matrix(Wm, bias))
+        written.setdefault(spaces.space[k], [_Group(blk.owners, "", blk.units) for blk in blocks if blk.bias])
+    return net
 
 
 def _value(values: dict[str, np.ndarray], name: str) -> np.ndarray:

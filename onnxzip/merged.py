@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from . import __version__
 from . import skeleton
-from .emit import task_model, tied_from_weights
+from .emit import task_model, tied_task
 from .format import (PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, KEY_LAYOUT, KEY_NETWORKS, KEY_PLAN, KEY_QUANTIZED,
                      KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS, KEY_VERSION, LAYOUTS, META_PREFIX, MULTI,
                      TASK_INPUT, TASK_OUT_OF_RANGE, meta_key, weight_params)
@@ -398,11 +398,9 @@ def _structured(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str)
     if raw is None or KEY_QUANTIZED in meta.raw:
         return None
     try:
-        described = skeleton.unpack(raw)
-        nets = [skeleton.from_json(described[t]) for t in meta.tasks]
+        net = skeleton.from_json(skeleton.unpack(raw)[task])
         values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        tied = tied_from_weights(meta.plan, nets, values)[meta.tasks.index(task)]
-        part = task_model(tied)
+        part = task_model(tied_task(meta.plan, net, meta.tasks.index(task), values))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise _tampered(path, KEY_NETWORKS, f"does not describe the merged model's networks ({_why(exc)})") from None
     _plain_names(part)
