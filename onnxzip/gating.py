@@ -91,7 +91,7 @@ def gated_nodes(nodes: Sequence[gs.Node], users: Sequence[frozenset], finals: Se
                                                                                frozenset(), out)
 
 
-def _users(graph: gs.Graph) -> list[frozenset]:
+def node_tasks(graph: gs.Graph) -> list[frozenset]:
     """Per node of a multi-layout graph (outputs in task order), the tasks whose output it feeds."""
     producer = {id(o): i for i, n in enumerate(graph.nodes) for o in n.outputs}
     users = [set() for _ in graph.nodes]
@@ -104,6 +104,12 @@ def _users(graph: gs.Graph) -> list[frozenset]:
             users[i].add(t)
             stack.extend(producer[id(x)] for x in graph.nodes[i].inputs if id(x) in producer)
     return [frozenset(u) for u in users]
+
+
+def tensor_tasks(model: onnx.ModelProto) -> dict[str, frozenset]:
+    """Per tensor a node of a multi-layout model writes, the tasks (output indices) whose output it feeds."""
+    graph = gs.import_onnx(model)
+    return {o.name: users for node, users in zip(graph.nodes, node_tasks(graph)) for o in node.outputs}
 
 
 def hoist_initializers(model: onnx.ModelProto) -> None:
@@ -138,7 +144,7 @@ def gate(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     head = shapes[0] if all(s == shapes[0] for s in shapes) else [shapes[0][0] if shapes[0] else None, "classes"]
     out = gs.Variable(GATED_OUTPUT, dtype=np.float32, shape=head)
     finals = list(graph.outputs)
-    nodes = gated_nodes(graph.nodes, _users(graph), finals, names, task, tensors, out, head)
+    nodes = gated_nodes(graph.nodes, node_tasks(graph), finals, names, task, tensors, out, head)
     gated = gs.Graph(nodes=nodes, inputs=list(graph.inputs) + [task], outputs=[out], opset=graph.opset,
                      name=graph.name, import_domains=graph.import_domains)
     return _finish(gated, model)

@@ -8,8 +8,8 @@ failed, dynamic quantized the trunk only. So a gated model is inlined into the m
 (gating.gate), which places the quantized nodes, Q/DQ pairs included, by the tasks they serve.
 
 Static quantization calibrates on each task's own samples (each task's folder, in the merged model's
-input form); the multi form runs every task's nodes on every sample, so a task's own tensors also see
-the other tasks' samples in their ranges. Each task's top-1 agreement with the float merged model is
+input form), task by task: a tensor's activation range joins the ranges of the tasks whose output it
+feeds, so a task's own tensors see its own samples only. Each task's top-1 agreement with the float merged model is
 measured on its calibration samples (and, with ``evals``, the accuracy of both); every shared
 block stays one initializer.
 """
@@ -29,7 +29,7 @@ from . import __version__
 from .calib import iter_batches, load_labeled
 from .errors import OnnxZipError
 from .format import GATED, KEY_QUANTIZED, TASK_INPUT, meta_key
-from .gating import gate, ungate
+from .gating import gate, tensor_tasks, ungate
 from .guard import Output, Read, check_outputs
 from .ir import TensorSpec
 from .load import load_model
@@ -143,11 +143,39 @@ def _gemms_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _task_ranges(src: Path, multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray],
+                 opts: QuantizeOptions, tmp: Path) -> Path:
+    """Activation ranges calibrated per task, written as ONNX Runtime's calibration cache.
+
+    ONNX Runtime calibrates each task's samples apart (MinMax); a tensor's range joins the ranges of the
+    tasks whose output it feeds, so a task's own tensors see only its own samples and the tensors of
+    the common trunk see every task's.
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorData, TensorsData, create_calibrator,
+                                                    save_tensors_data)
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})
+    per_task = []
+    for t, x in enumerate(samples):
+        calibrator = create_calibrator(src, augmented_model_path=str(tmp / f"augmented.{t}.onnx"))
+        calibrator.collect_data(reader(name, [x], opts.batch_size))
+        per_task.append(calibrator.compute_data().data)
+        del calibrator
+    users, every = tensor_tasks(multi), frozenset(range(len(samples)))
+    joined = {}
+    for tensor in per_task[0]:
+        ranges = [per_task[t][tensor] for t in sorted(users.get(tensor) or every)]
+        joined[tensor] = TensorData(lowest=np.minimum.reduce([r.lowest for r in ranges]),
+                                    highest=np.maximum.reduce([r.highest for r in ranges]))
+    cache = tmp / "ranges.json"
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, joined), cache)
+    return cache
+
+
 def _quantized_multi(multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray], opts: QuantizeOptions,
                      tmp: Path) -> onnx.ModelProto:
     """The multi-layout model quantized by ONNX Runtime (static QDQ or dynamic int8)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
-        quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     src, dst = tmp / "multi.onnx", tmp / "multi.int8.onnx"
     if opts.mode == DYNAMIC:
         copy = onnx.ModelProto()
@@ -155,9 +183,9 @@ def _quantized_multi(multi: onnx.ModelProto, name: str, samples: Sequence[np.nda
         multi = _gemms_as_matmuls(copy)
     onnx.save_model(multi, str(src))
     if opts.mode == STATIC:
-        reader = type("Reader", (_Reader, CalibrationDataReader), {})(name, samples, opts.batch_size)
-        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        quantize_static(str(src), str(dst), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibration_cache_path=_task_ranges(src, multi, name, samples, opts, tmp))
     else:
         # every tensor of a merged model is float32; the quantizer needs that for the MatMul it writes for a Gemm
         quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel, weight_type=QuantType.QInt8,

@@ -13,6 +13,7 @@ import builders as B
 from onnxzip.api import merge
 from onnxzip.errors import OnnxZipError
 from onnxzip.format import KEY_QUANTIZED, meta_key
+from onnxzip.gating import tensor_tasks
 from onnxzip.merged import inspect
 from onnxzip.options import MergeOptions
 from onnxzip.quantize import QuantizeOptions, quantize
@@ -101,3 +102,27 @@ def test_merge_quantize_is_refused_before_any_work_when_inputs_differ_in_form(tm
     assert not out.exists() and not (tmp_path / "m.int8.onnx").exists()
     with pytest.raises(OnnxZipError, match="--quantize"):
         MergeOptions(quantize="int4")
+
+
+def _scales(path) -> dict[str, float]:
+    """Per activation tensor a QuantizeLinear reads, its scale."""
+    model = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_static_ranges_are_calibrated_per_task(merged):
+    """A tensor only task a's output needs gets its range from task a's samples alone: changing task b's
+    samples (ten times larger) leaves every such scale as it was and moves task b's own ones."""
+    tmp, out, calib = merged
+    x = np.load(next(calib["b"].glob("*.npz")))["input"]
+    large = B.calib_from_array(tmp / "cb_large", 10 * np.concatenate(
+        [np.load(f)["input"] for f in sorted(calib["b"].glob("*.npz"))]))
+    assert x.max() <= 1
+    plain = _scales(quantize(out["multi"], calib, tmp / "ranges_plain.onnx").output)
+    moved = _scales(quantize(out["multi"], {"a": calib["a"], "b": large}, tmp / "ranges_large.onnx").output)
+    users = tensor_tasks(onnx.load(str(out["multi"])))
+    only = {t: [name for name in plain if users.get(name) == frozenset({t})] for t in (0, 1)}
+    assert only[0] and only[1]
+    assert all(plain[name] == moved[name] for name in only[0])
+    assert all(moved[name] > 2 * plain[name] for name in only[1])
