@@ -16,6 +16,7 @@ from onnxzip.format import KEY_QUANTIZED, meta_key
 from onnxzip.gating import tensor_tasks
 from onnxzip.merged import inspect
 from onnxzip.options import MergeOptions
+from onnxzip import quantize as quantize_module
 from onnxzip.quantize import QuantizeOptions, quantize
 
 # Top-1 agreement of the int8 with the float model on the tasks' calibration samples.
@@ -126,3 +127,22 @@ def test_static_ranges_are_calibrated_per_task(merged):
     assert only[0] and only[1]
     assert all(plain[name] == moved[name] for name in only[0])
     assert all(moved[name] > 2 * plain[name] for name in only[1])
+
+
+def test_quantized_scalars_are_stored_once_under_short_names(merged, monkeypatch):
+    """The quantizer's zero points and scales are one initializer per distinct value and its name suffixes
+    are short, and the model computes exactly what the quantizer's own output computes."""
+    tmp, out, calib = merged
+    compact = quantize(out["gated"], calib, tmp / "compact.onnx").output
+    monkeypatch.setattr(quantize_module, "_compact", lambda q: q)
+    plain = quantize(out["gated"], calib, tmp / "plain.onnx").output
+    model = onnx.load(str(compact))
+    scalars = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if np.prod(t.dims) == 1]
+    assert len({(a.dtype, a.shape, a.tobytes()) for a in scalars}) == len(scalars)
+    names = [n.name for n in B.all_nodes(model.graph)] + [x for n in B.all_nodes(model.graph) for x in n.output]
+    assert not [x for x in names if x.endswith(("_DequantizeLinear", "_QuantizeLinear", "_Output"))]
+    assert (tmp / "compact.onnx").stat().st_size < (tmp / "plain.onnx").stat().st_size
+    x = np.random.default_rng(7).random((16, 1, 12, 12), dtype=np.float32)
+    for t in range(2):
+        assert np.array_equal(B.task_output(compact, x, "gated", t, exact=True),
+                              B.task_output(plain, x, "gated", t, exact=True))
