@@ -20,7 +20,7 @@ from ..errors import OnnxZipError, printable
 from ..format import MULTI
 from ..format import LAYOUTS
 from ..options import (DEFAULT_QUANT_SAMPLES as QUANT_SAMPLES, IMAGE_LAYOUTS, PANEL_CHECKS, PANEL_DATA, PANEL_SHARING,
-                       QUANT_MODES, ImageOptions, MergeOptions)
+                       QUANT_FORMATS, QUANT_MODES, ImageOptions, MergeOptions)
 from ..retrain import RetrainOptions, options as retrain_defaults
 from ..retrain.options import LR_SCHEDULES, OPTIMIZERS
 from ..retrain.backend import require_torch
@@ -369,7 +369,8 @@ def inspect(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A mod
 
 
 def _print_quantized(result: "QuantizeResult") -> None:
-    table = Table(title=f"onnxzip quantize -> {result.output} (int8 {result.mode}, layout {result.layout})")
+    table = Table(title=f"onnxzip quantize -> {result.output} (int8 {result.mode}"
+                  f"{', ' + result.format if result.mode == 'static' else ''}, layout {result.layout})")
     for col in ("task", "samples", "top-1 agreement", "accuracy float", "accuracy int8"):
         table.add_column(col, justify="right")
     for r in result.tasks:
@@ -388,6 +389,10 @@ def quantize(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A mo
                                              "form (repeat TASK=DIR; one folder for all tasks)."),
              mode: Literal[QUANT_MODES] = typer.Option("static", help="static: QDQ int8 with calibrated activations; "
                                                        "dynamic: int8 weights, activations quantized at run time."),
+             format_: Literal[QUANT_FORMATS] = typer.Option("qdq", "--format",
+                                                            help="static: qdq writes Q/DQ pairs around float ops, "
+                                                            "qoperator ONNX Runtime's QLinearConv and kin (slower on x64 CPUs, ONNX "
+                                                            "Runtime says)."),
              samples: int = typer.Option(QUANT_SAMPLES, metavar="N", help="Calibration samples per task."),
              per_channel: bool = typer.Option(False, help="One scale per output channel of each weight."),
              eval_: List[str] = typer.Option([], "--eval", metavar="TASK=DIR",
@@ -395,7 +400,7 @@ def quantize(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A mo
                                              "and after.")) -> None:
     """Quantize a merged model to int8 with ONNX Runtime, task by task, keeping its layout (gated too)."""
     from ..quantize import QuantizeOptions, quantize as run_quantize
-    result = run_quantize(model, _calib(calib), output, QuantizeOptions(mode=mode, samples=samples,
+    result = run_quantize(model, _calib(calib), output, QuantizeOptions(mode=mode, format=format_, samples=samples,
                                                                         per_channel=per_channel),
                           evals=_pairs(eval_, "--eval"))
     _print_quantized(result)

@@ -36,7 +36,7 @@ def relayout(merged: str | Path, layout: str, output: str | Path) -> Path:
     if layout not in LAYOUTS:
         raise OnnxZipError(f"--to must be one of {', '.join(LAYOUTS)}, got '{layout}'")
     check_outputs([Output(output, "-o")], model_reads(merged, "the merged model"))
-    model, _ = load_model(merged)
+    model, _ = load_model(merged, runtime_ops=True)
     meta = read_meta(model, merged)
     if meta.layout != layout:
         try:

@@ -32,6 +32,8 @@ IN_MEMORY_LIMIT_BYTES = 2**31 - 2**26
 # IR version 3 introduced opset imports; older files cannot say which operators they mean.
 MIN_IR_VERSION = 3
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# ONNX Runtime's own operators (QGemm, QLinearAdd, ... as its quantizers write them), opset 1.
+ORT_DOMAIN, ORT_DOMAIN_VERSION = "com.microsoft", 1
 EXTERNAL_KEYS = ("location", "offset", "length", "checksum", "basepath")
 # offset and length of external data: plain decimal digits (no sign, no spaces, no exponent).
 DECIMAL = re.compile(r"[0-9]{1,20}")
@@ -154,12 +156,15 @@ def _known_opsets() -> dict[str, int]:
     return known
 
 
-def _check_versions(model: onnx.ModelProto, path: Path) -> None:
-    """IR version and opset imports the installed onnx knows; nodes only in known domains."""
+def _check_versions(model: onnx.ModelProto, path: Path, runtime_ops: bool = False) -> None:
+    """IR version and opset imports the installed onnx knows; nodes only in known domains (and, with
+    ``runtime_ops``, ONNX Runtime's own)."""
     if not MIN_IR_VERSION <= model.ir_version <= onnx.IR_VERSION:
         raise OnnxZipError(f"{path}: has IR version {model.ir_version}; onnx {onnx.__version__} reads IR versions "
                            f"{MIN_IR_VERSION} to {onnx.IR_VERSION}")
     known, seen = _known_opsets(), set()
+    if runtime_ops:
+        known.setdefault(ORT_DOMAIN, ORT_DOMAIN_VERSION)
     for opset in model.opset_import:
         domain = "" if opset.domain in DEFAULT_DOMAINS else opset.domain
         if domain in seen:
@@ -434,11 +439,12 @@ def _unique_node_names(model: onnx.ModelProto) -> bool:
     return renamed
 
 
-def _import(path: Path, check_runtime: bool) -> Loaded:
+def _import(path: Path, check_runtime: bool, runtime_ops: bool = False) -> Loaded:
     """Validate, read, check, shape-infer and normalise a model file; with ``check_runtime``, also open
-    it in ONNX Runtime (a large model before its weights are read, so one copy is in memory at a time)."""
+    it in ONNX Runtime (a large model before its weights are read, so one copy is in memory at a time);
+    with ``runtime_ops``, ONNX Runtime's own operators are accepted."""
     model = _read_proto(path)
-    _check_versions(model, path)
+    _check_versions(model, path, runtime_ops)
     _check_interface(model.graph, path)
     _check_sparse(model, path)
     refs = _check_tensors(model, path)
@@ -511,7 +517,7 @@ def runtime_source(path: str | Path) -> str | bytes:
         raise OnnxZipError(f"{path}: not enough memory to load it") from None
 
 
-def load(path: str | Path) -> Loaded:
+def load(path: str | Path, runtime_ops: bool = False) -> Loaded:
     """Load, check and shape-infer an ONNX model, with its size on disk and external-data files.
 
     Refused with OnnxZipError naming the file and the tensor or node at fault: a file that is not a
@@ -524,12 +530,13 @@ def load(path: str | Path) -> Loaded:
     """
     path = Path(path)
     try:
-        return _import(path, check_runtime=True)
+        return _import(path, check_runtime=True, runtime_ops=runtime_ops)
     except MemoryError:
         raise OnnxZipError(f"{path}: not enough memory to load it") from None
 
 
-def load_model(path: str | Path) -> tuple[onnx.ModelProto, int]:
-    """The checked, shape-inferred model of load() and its size on disk in bytes."""
-    loaded = load(path)
+def load_model(path: str | Path, runtime_ops: bool = False) -> tuple[onnx.ModelProto, int]:
+    """The checked, shape-inferred model of load() and its size on disk in bytes (``runtime_ops``: a model
+    that may hold ONNX Runtime's own operators, as its quantizers write them)."""
+    loaded = load(path, runtime_ops)
     return loaded.model, loaded.size

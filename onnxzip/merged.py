@@ -374,7 +374,7 @@ def load_merged(path: str | Path) -> tuple[onnx.ModelProto, dict[str, str]]:
     by onnxzip, or its metadata was edited.
     """
     path = Path(path)
-    model, _ = load_model(path)
+    model, _ = load_model(path, runtime_ops=True)
     return model, read_meta(model, path).raw
 
 
@@ -446,7 +446,7 @@ def split(path: str | Path, task: str, output: str | Path) -> Path:
     The output is checked first: writable, and neither the merged model nor its external data."""
     path, output = Path(path), Path(output)
     check_outputs([Output(output, "-o")], model_reads(path, "the merged model"))
-    model, _ = load_model(path)
+    model, _ = load_model(path, runtime_ops=True)
     meta = read_meta(model, path)
     blocks = _task_part(model, meta, path, task, own_input=True)
     part = _structured(model, meta, path, task)
@@ -460,7 +460,7 @@ def split(path: str | Path, task: str, output: str | Path) -> Path:
 def inspect(path: str | Path) -> MergedInfo:
     """Tasks, per-layer sharing, parameters per task and in total, and bytes, of a merged model."""
     path = Path(path)
-    model, size = load_model(path)
+    model, size = load_model(path, runtime_ops=True)
     meta = read_meta(model, path)
     per_task = {task: weight_params(_task_part(model, meta, path, task)) for task in meta.tasks}
     return MergedInfo(str(path), meta.version, meta.layout, meta.plan, meta.sources, per_task,

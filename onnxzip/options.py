@@ -68,6 +68,8 @@ PARAMS, BYTES = "params", "bytes"
 STREAM_PAIRINGS = ("all", "early")
 # onnxzip quantize: ONNX Runtime's static (QDQ, calibrated activations) or dynamic int8; samples per task.
 QUANT_MODES = ("static", "dynamic")
+# How static int8 is written: Q/DQ pairs around float ops, or ONNX Runtime's QLinear* operators.
+QUANT_FORMATS = ("qdq", "qoperator")
 DEFAULT_QUANT_SAMPLES = 256
 
 

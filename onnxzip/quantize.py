@@ -16,7 +16,9 @@ block stays one initializer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ from .guard import Output, Read, check_outputs
 from .ir import TensorSpec
 from .load import load_model
 from .merged import read_meta
-from .options import DEFAULT_QUANT_SAMPLES, QUANT_MODES
+from .options import DEFAULT_QUANT_SAMPLES, QUANT_FORMATS, QUANT_MODES
 from .runtime import resolve_device
 from .save import save_atomically
 from .scratch import scratch_dir
@@ -43,6 +45,7 @@ from .tasks import per_task, some_tasks
 from .verify import MergedRunner
 
 STATIC, DYNAMIC = QUANT_MODES
+QDQ, QOPERATOR = QUANT_FORMATS
 DEFAULT_BATCH_SIZE = 32
 # Initializers of at least this many elements are weights; two with equal bytes are one block stored twice.
 WEIGHT_MIN_ELEMENTS = 64
@@ -51,14 +54,17 @@ WEIGHT_MIN_ELEMENTS = 64
 QUANT_SUFFIXES = (("_DequantizeLinear_Output", ".dq"), ("_QuantizeLinear_Output", ".q"),
                   ("_QuantizeLinear_Input", ".qin"), ("_quantized_scale", ".qscale"),
                   ("_quantized_zero_point", ".qzero"), ("_quantized", ".int8"), ("_zero_point", ".zero"),
-                  ("_scale", ".scale"), ("_DequantizeLinear", ".DQ"), ("_QuantizeLinear", ".Q"))
+                  ("_scale", ".scale"), ("_DequantizeLinear", ".DQ"), ("_QuantizeLinear", ".Q"),
+                  ("_quant", ".int8"))
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How to quantize: static (QDQ, calibrated activations) or dynamic int8; samples per task."""
+    """How to quantize: static (calibrated activations, as QDQ pairs or QLinear operators) or dynamic int8;
+    samples per task."""
 
     mode: str = STATIC
+    format: str = QDQ
     samples: int = DEFAULT_QUANT_SAMPLES
     batch_size: int = DEFAULT_BATCH_SIZE
     per_channel: bool = False
@@ -67,6 +73,11 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
             raise OnnxZipError(f"--mode must be one of {', '.join(QUANT_MODES)}, got '{self.mode}'")
+        if self.format not in QUANT_FORMATS:
+            raise OnnxZipError(f"--format must be one of {', '.join(QUANT_FORMATS)}, got '{self.format}'")
+        if self.mode == DYNAMIC and self.format != QDQ:
+            raise OnnxZipError("--format is for --mode static: dynamic int8 is always written as ONNX Runtime's "
+                               "integer operators")
         for name, value in (("--samples", self.samples), ("--batch-size", self.batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OnnxZipError(f"{name} must be a positive integer, got {value!r}")
@@ -90,6 +101,7 @@ class QuantizeResult:
 
     output: str
     mode: str
+    format: str
     layout: str
     tasks: tuple[TaskQuantized, ...]
     bytes_float: int
@@ -178,25 +190,46 @@ def _task_ranges(src: Path, multi: onnx.ModelProto, name: str, samples: Sequence
     return cache
 
 
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizers log advice on the root logger (pre-processing, which onnxzip's own shape
+    inference covers; QOperator being slower on x64, which --help says): hold it back while they run."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _quantized_multi(multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray], opts: QuantizeOptions,
                      tmp: Path) -> onnx.ModelProto:
     """The multi-layout model quantized by ONNX Runtime (static QDQ or dynamic int8)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     src, dst = tmp / "multi.onnx", tmp / "multi.int8.onnx"
     if opts.mode == DYNAMIC:
         copy = onnx.ModelProto()
         copy.CopyFrom(multi)
         multi = _gemms_as_matmuls(copy)
     onnx.save_model(multi, str(src))
+    with _quiet_quantizer():
+        _run_quantizer(src, dst, multi, name, samples, opts, tmp)
+    return onnx.load_model(str(dst))
+
+
+def _run_quantizer(src: Path, dst: Path, multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray],
+                   opts: QuantizeOptions, tmp: Path) -> None:
+    """ONNX Runtime's static (with per-task ranges) or dynamic quantizer from ``src`` to ``dst``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     if opts.mode == STATIC:
-        quantize_static(str(src), str(dst), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+        form = QuantFormat.QDQ if opts.format == QDQ else QuantFormat.QOperator
+        quantize_static(str(src), str(dst), quant_format=form, per_channel=opts.per_channel,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibration_cache_path=_task_ranges(src, multi, name, samples, opts, tmp))
     else:
         # every tensor of a merged model is float32; the quantizer needs that for the MatMul it writes for a Gemm
         quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel, weight_type=QuantType.QInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return onnx.load_model(str(dst))
 
 
 def _short(name: str) -> str:
@@ -209,7 +242,7 @@ def _short(name: str) -> str:
 def _compact(q: onnx.ModelProto) -> onnx.ModelProto:
     """The quantized model with one initializer per distinct scalar (the quantizer writes a zero point and a
     scale per tensor, mostly equal ones) and its suffixes shortened, in place: the same computation in fewer
-    bytes (the MobileNetV2 pair's static file: 460 to 376 kB). Graph inputs and outputs keep their names."""
+    bytes (the MobileNetV2 pair's static file: 460 to 383 kB). Graph inputs and outputs keep their names."""
     g = q.graph
     first: dict[tuple, str] = {}
     alias: dict[str, str] = {}
@@ -255,11 +288,16 @@ def _stored_twice(model: onnx.ModelProto) -> list[str]:
     return twice
 
 
-def _finish(q: onnx.ModelProto, model: onnx.ModelProto, mode: str) -> onnx.ModelProto:
-    """The quantized model with the merged one's metadata, description and producer, and the mode."""
+def quantized_label(opts: QuantizeOptions) -> str:
+    """How a model was quantized, as its metadata says."""
+    return f"int8 {opts.mode}{', QLinear operators' if opts.format == QOPERATOR else ''} (ONNX Runtime)"
+
+
+def _finish(q: onnx.ModelProto, model: onnx.ModelProto, opts: QuantizeOptions) -> onnx.ModelProto:
+    """The quantized model with the merged one's metadata, description and producer, and how it was made."""
     del q.metadata_props[:]
     q.metadata_props.extend(model.metadata_props)
-    q.metadata_props.add(key=meta_key(KEY_QUANTIZED), value=f"int8 {mode} (ONNX Runtime)")
+    q.metadata_props.add(key=meta_key(KEY_QUANTIZED), value=quantized_label(opts))
     q.doc_string, q.producer_name, q.producer_version = model.doc_string, model.producer_name, __version__
     return infer_edge_shapes(q)
 
@@ -287,8 +325,10 @@ def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], o
     """
     start = time.perf_counter()
     merged, output = Path(merged), Path(output)
-    model, _ = load_model(merged)
+    model, _ = load_model(merged, runtime_ops=True)
     meta = read_meta(model, merged)
+    if KEY_QUANTIZED in meta.raw:
+        raise OnnxZipError(f"{merged}: already quantized ({meta.raw[KEY_QUANTIZED]}); quantize the float merged model")
     folders = per_task(calib, meta.tasks, "--calib")
     eval_dirs = some_tasks(evals, meta.tasks, "--eval")
     check_outputs([Output(output, "-o")], [Read(merged, "merged model")] +
@@ -304,7 +344,7 @@ def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], o
     with scratch_dir() as tmp:
         q = _quantized_multi(multi, spec.name, samples, opts, tmp)
     q = _compact(q)
-    q = _finish(gate(q, meta.tasks) if meta.layout == GATED else q, model, opts.mode)
+    q = _finish(gate(q, meta.tasks) if meta.layout == GATED else q, model, opts)
     twice = _stored_twice(q)
     if twice:
         raise RuntimeError(f"internal error: the quantized model stores a block twice ({twice[0]})")
@@ -314,5 +354,5 @@ def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], o
     tasks = tuple(_measure(before, after, t, name, x,
                            load_labeled(eval_dirs[name], spec) if name in eval_dirs else None,
                            opts.batch_size) for t, (name, x) in enumerate(zip(meta.tasks, samples)))
-    return QuantizeResult(str(output), opts.mode, meta.layout, tasks, merged.stat().st_size,
+    return QuantizeResult(str(output), opts.mode, opts.format, meta.layout, tasks, merged.stat().st_size,
                           sum(f.stat().st_size for f in written), time.perf_counter() - start)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 import onnxzip
 
@@ -109,6 +110,14 @@ def test_quantize_command_prints_each_task_and_keeps_the_layout(tmp_path):
     assert proc.returncode == 0 and "layout gated" in proc.stdout
     bad = _cli("quantize", merged, "--calib", calib, "-o", q, "--mode", "int4")
     assert bad.returncode == 2 and "'int4' is not one of 'static', 'dynamic'" in bad.stderr
+    qop = tmp_path / "m.qop.onnx"
+    proc = _cli("quantize", merged, "--calib", calib, "-o", qop, "--format", "qoperator", "--samples", "32")
+    assert proc.returncode == 0 and "int8 static, qoperator, layout gated" in proc.stdout, proc.stderr
+    assert "WARNING" not in proc.stderr  # ONNX Runtime's quantizer advice is held back
+    assert "QLinearConv" in {n.op_type for n in B.all_nodes(onnx.load(str(qop)).graph)}
+    assert _cli("split", qop, "--task", "a", "-o", tmp_path / "a.int8.onnx").returncode == 0
+    bad = _cli("quantize", merged, "--calib", calib, "-o", qop, "--mode", "dynamic", "--format", "qoperator")
+    assert bad.returncode == 2 and "--format is for --mode static" in bad.stderr
 
 
 def test_readme_main_job_runs_as_written():

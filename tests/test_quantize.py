@@ -17,7 +17,7 @@ from onnxzip.gating import tensor_tasks
 from onnxzip.merged import inspect
 from onnxzip.options import MergeOptions
 from onnxzip import quantize as quantize_module
-from onnxzip.quantize import QuantizeOptions, quantize
+from onnxzip.quantize import QuantizeOptions, quantize, quantized_label
 
 # Top-1 agreement of the int8 with the float model on the tasks' calibration samples.
 MIN_AGREEMENT = 0.9
@@ -31,11 +31,12 @@ def merged(tmp_path_factory):
     return tmp, B.cnn_pair_in_both_layouts(tmp, calib), calib
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_quantized_gated_equals_quantized_multi_and_stores_blocks_once(merged, mode):
+@pytest.mark.parametrize("mode,form", [("static", "qdq"), ("static", "qoperator"), ("dynamic", "qdq")])
+def test_quantized_gated_equals_quantized_multi_and_stores_blocks_once(merged, mode, form):
     tmp, out, calib = merged
-    q = {layout: tmp / f"q_{layout}_{mode}.onnx" for layout in out}
-    results = {layout: quantize(out[layout], calib, q[layout], QuantizeOptions(mode=mode)) for layout in out}
+    q = {layout: tmp / f"q_{layout}_{mode}_{form}.onnx" for layout in out}
+    opts = QuantizeOptions(mode=mode, format=form)
+    results = {layout: quantize(out[layout], calib, q[layout], opts) for layout in out}
     x = np.random.default_rng(5).random((16, 1, 12, 12), dtype=np.float32)
     for t in range(2):
         want = B.task_output(q["multi"], x, "multi", t, exact=True)
@@ -47,7 +48,9 @@ def test_quantized_gated_equals_quantized_multi_and_stores_blocks_once(merged, m
         assert not any(node.attribute and any(a.type == onnx.AttributeProto.GRAPH and a.g.initializer
                                               for a in node.attribute) for node in model.graph.node)
         meta = {p.key: p.value for p in model.metadata_props}
-        assert meta[meta_key(KEY_QUANTIZED)] == f"int8 {mode} (ONNX Runtime)"
+        assert meta[meta_key(KEY_QUANTIZED)] == quantized_label(opts)
+        ops = {n.op_type for n in B.all_nodes(model.graph)}
+        assert ("QLinearConv" in ops) == (form == "qoperator") and ("DequantizeLinear" in ops) == (mode == "static")
         assert inspect(q[layout]).plan.tasks == ("a", "b")  # still a merged model that inspect reads
         assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights)  # every weight is int8
         assert [r.task for r in result.tasks] == ["a", "b"]
@@ -58,8 +61,17 @@ def test_quantize_refuses_bad_options_and_overwriting_its_input(merged):
     tmp, out, calib = merged
     with pytest.raises(OnnxZipError, match="--mode"):
         QuantizeOptions(mode="int4")
+    with pytest.raises(OnnxZipError, match="--format must be one of qdq, qoperator"):
+        QuantizeOptions(format="qlinear")
+    with pytest.raises(OnnxZipError, match="--format is for --mode static"):
+        QuantizeOptions(mode="dynamic", format="qoperator")
     with pytest.raises(OnnxZipError, match="-o"):
         quantize(out["multi"], calib, out["multi"])
+    quantize(out["multi"], calib, tmp / "once.onnx")
+    with pytest.raises(OnnxZipError, match=r"once.onnx: already quantized \(int8 static \(ONNX Runtime\)\); quantize "
+                                           "the float merged model"):
+        quantize(tmp / "once.onnx", calib, tmp / "twice.onnx")
+    assert not (tmp / "twice.onnx").exists()
     edited = onnx.load(str(out["gated"]))  # a task's branch no longer ends in its output Identity
     then = next(a.g for n in edited.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
     next(n for n in then.node if n.name.endswith(".output")).name = "renamed"
