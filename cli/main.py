@@ -400,9 +400,11 @@ def quantize(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A mo
                                              "and after.")) -> None:
     """Quantize a merged model to int8 with ONNX Runtime, task by task, keeping its layout (gated too)."""
     from ..quantize import QuantizeOptions, quantize as run_quantize
-    result = run_quantize(model, _calib(calib), output, QuantizeOptions(mode=mode, format=format_, samples=samples,
-                                                                        per_channel=per_channel),
-                          evals=_pairs(eval_, "--eval"))
+    bars = _Bars()
+    with bars.progress:
+        result = run_quantize(model, _calib(calib), output, QuantizeOptions(mode=mode, format=format_, samples=samples,
+                                                                            per_channel=per_channel),
+                              evals=_pairs(eval_, "--eval"), progress=bars)
     _print_quantized(result)
 
 

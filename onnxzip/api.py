@@ -216,16 +216,14 @@ def merge(models: Sequence[str | Path], calib: str | Path | Mapping[str, str | P
                                                     len({f.resolve() for f in folders}) > 1),
                          _alignment_words(alignment, nets, tasks))
     if opts.quantize:
-        tick = progress("quantize", 1, UNIT_STEPS)
         with timer("quantize"):
             try:
                 q = quantize(output, dict(zip(tasks, folders)), quantized_path(output),
-                             QuantizeOptions(mode=opts.quantize, device=opts.device), eval_dirs)
+                             QuantizeOptions(mode=opts.quantize, device=opts.device), eval_dirs, progress)
             except OnnxZipError:  # all or nothing: no merged model without the int8 copy asked for
                 output.unlink(missing_ok=True)
                 raise
         result = replace(result, quantized=q, seconds=dict(timer.seconds))
-        tick()
     document = report_json(result, _sources(tasks, nets, opts), opts, command)
     if report is not None:
         _write_report(document, Path(report), output)

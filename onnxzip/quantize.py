@@ -43,6 +43,7 @@ from .scratch import scratch_dir
 from .shapes import infer_edge_shapes
 from .tasks import per_task, some_tasks
 from .verify import MergedRunner
+from .zipper import UNIT_STEPS, UNIT_TASKS, ProgressFn, no_progress
 
 STATIC, DYNAMIC = QUANT_MODES
 QDQ, QOPERATOR = QUANT_FORMATS
@@ -162,7 +163,7 @@ def _gemms_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _task_ranges(src: Path, multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray],
-                 opts: QuantizeOptions, tmp: Path) -> Path:
+                 opts: QuantizeOptions, tmp: Path, progress: ProgressFn) -> Path:
     """Activation ranges calibrated per task, written as ONNX Runtime's calibration cache.
 
     ONNX Runtime calibrates each task's samples apart (MinMax); a tensor's range joins the ranges of the
@@ -173,12 +174,13 @@ def _task_ranges(src: Path, multi: onnx.ModelProto, name: str, samples: Sequence
     from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorData, TensorsData, create_calibrator,
                                                     save_tensors_data)
     reader = type("Reader", (_Reader, CalibrationDataReader), {})
-    per_task = []
+    per_task, tick = [], progress("int8 ranges", len(samples), UNIT_TASKS)
     for t, x in enumerate(samples):
         calibrator = create_calibrator(src, augmented_model_path=str(tmp / f"augmented.{t}.onnx"))
         calibrator.collect_data(reader(name, [x], opts.batch_size))
         per_task.append(calibrator.compute_data().data)
         del calibrator
+        tick()
     users, every = tensor_tasks(multi), frozenset(range(len(samples)))
     joined = {}
     for tensor in per_task[0]:
@@ -204,7 +206,7 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 def _quantized_multi(multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray], opts: QuantizeOptions,
-                     tmp: Path) -> onnx.ModelProto:
+                     tmp: Path, progress: ProgressFn) -> onnx.ModelProto:
     """The multi-layout model quantized by ONNX Runtime (static QDQ or dynamic int8)."""
     src, dst = tmp / "multi.onnx", tmp / "multi.int8.onnx"
     if opts.mode == DYNAMIC:
@@ -213,19 +215,21 @@ def _quantized_multi(multi: onnx.ModelProto, name: str, samples: Sequence[np.nda
         multi = _gemms_as_matmuls(copy)
     onnx.save_model(multi, str(src))
     with _quiet_quantizer():
-        _run_quantizer(src, dst, multi, name, samples, opts, tmp)
+        cache = _task_ranges(src, multi, name, samples, opts, tmp, progress) if opts.mode == STATIC else None
+        tick = progress("int8 weights", 1, UNIT_STEPS)
+        _run_quantizer(src, dst, cache, opts)
+        tick()
     return onnx.load_model(str(dst))
 
 
-def _run_quantizer(src: Path, dst: Path, multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray],
-                   opts: QuantizeOptions, tmp: Path) -> None:
-    """ONNX Runtime's static (with per-task ranges) or dynamic quantizer from ``src`` to ``dst``."""
+def _run_quantizer(src: Path, dst: Path, ranges: Path | None, opts: QuantizeOptions) -> None:
+    """ONNX Runtime's static (with the activation ranges of ``ranges``) or dynamic quantizer, ``src`` to ``dst``."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     if opts.mode == STATIC:
         form = QuantFormat.QDQ if opts.format == QDQ else QuantFormat.QOperator
         quantize_static(str(src), str(dst), quant_format=form, per_channel=opts.per_channel,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibration_cache_path=_task_ranges(src, multi, name, samples, opts, tmp))
+                        calibration_cache_path=ranges)
     else:
         # every tensor of a merged model is float32; the quantizer needs that for the MatMul it writes for a Gemm
         quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel, weight_type=QuantType.QInt8,
@@ -316,11 +320,12 @@ def _measure(before: MergedRunner, after: MergedRunner, t: int, task: str, x: np
 
 def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], output: str | Path,
              opts: QuantizeOptions = QuantizeOptions(),
-             evals: Mapping[str, str | Path] | None = None) -> QuantizeResult:
+             evals: Mapping[str, str | Path] | None = None, progress: ProgressFn = no_progress) -> QuantizeResult:
     """Quantize a merged model (either layout) to int8 at ``output``, keeping its layout and metadata.
 
     ``calib`` is one folder for every task or a {task: folder} mapping of samples in the merged model's
-    input form; ``evals`` maps tasks to labelled folders for accuracy before and after. Raises
+    input form; ``evals`` maps tasks to labelled folders for accuracy before and after; ``progress``
+    reports each stage (ranges per task, the quantizer, the check per task). Raises
     OnnxZipError on what a user can cause (then nothing is written).
     """
     start = time.perf_counter()
@@ -342,7 +347,7 @@ def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], o
     except ValueError as exc:
         raise OnnxZipError(f"{merged}: not a gated model as onnxzip writes it: {exc}") from None
     with scratch_dir() as tmp:
-        q = _quantized_multi(multi, spec.name, samples, opts, tmp)
+        q = _quantized_multi(multi, spec.name, samples, opts, tmp, progress)
     q = _compact(q)
     q = _finish(gate(q, meta.tasks) if meta.layout == GATED else q, model, opts)
     twice = _stored_twice(q)
@@ -351,8 +356,10 @@ def quantize(merged: str | Path, calib: str | Path | Mapping[str, str | Path], o
     written = save_atomically(q, output, lambda p: onnx.checker.check_model(str(p), full_check=True))
     providers = resolve_device(opts.device)[0]
     before, after = (MergedRunner(p, meta.tasks, meta.layout, providers) for p in (merged, output))
-    tasks = tuple(_measure(before, after, t, name, x,
-                           load_labeled(eval_dirs[name], spec) if name in eval_dirs else None,
-                           opts.batch_size) for t, (name, x) in enumerate(zip(meta.tasks, samples)))
-    return QuantizeResult(str(output), opts.mode, opts.format, meta.layout, tasks, merged.stat().st_size,
+    tick, tasks = progress("int8 check", len(meta.tasks), UNIT_TASKS), []
+    for t, (name, x) in enumerate(zip(meta.tasks, samples)):
+        tasks.append(_measure(before, after, t, name, x,
+                              load_labeled(eval_dirs[name], spec) if name in eval_dirs else None, opts.batch_size))
+        tick()
+    return QuantizeResult(str(output), opts.mode, opts.format, meta.layout, tuple(tasks), merged.stat().st_size,
                           sum(f.stat().st_size for f in written), time.perf_counter() - start)

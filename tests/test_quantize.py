@@ -158,3 +158,15 @@ def test_quantized_scalars_are_stored_once_under_short_names(merged, monkeypatch
     for t in range(2):
         assert np.array_equal(B.task_output(compact, x, "gated", t, exact=True),
                               B.task_output(plain, x, "gated", t, exact=True))
+
+
+def test_quantize_reports_every_stage(merged):
+    """Progress: the ranges task by task (static), the quantizer, and the check task by task, each completed."""
+    tmp, out, calib = merged
+    seen = {}
+
+    def progress(label, total, unit=""):
+        seen[label] = [total, 0, unit]
+        return lambda: seen[label].__setitem__(1, seen[label][1] + 1)
+    quantize(out["gated"], calib, tmp / "progress.onnx", progress=progress)
+    assert seen == {"int8 ranges": [2, 2, "tasks"], "int8 weights": [1, 1, "steps"], "int8 check": [2, 2, "tasks"]}
