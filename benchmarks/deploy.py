@@ -1,13 +1,13 @@
-"""Deployment: float vs static (QDQ) int8 vs dynamic int8, merged against the originals quantized alike.
+"""Deployment: float vs static int8 (QDQ, QOperator) vs dynamic int8, merged against the originals quantized alike.
 
 Each reference pair (task a on MNIST, task b on Fashion-MNIST) is merged at --share (MTZ defaults,
 --calib-samples training images of each task's own data set) once per layout, then quantized with
-`onnxzip quantize` (static QDQ int8 calibrated on each task's own samples, and dynamic int8). The
-two originals are quantized by the same ONNX Runtime calls (quantize_static QDQ int8 with their own
-samples, quantize_dynamic int8), from the form onnxzip emits them in (BatchNorm folded, shapes on
-every edge: ORT's quantizer refuses the dynamo export of MobileNetV2 itself, its value_info
+`onnxzip quantize` (static int8 calibrated on each task's own samples, as QDQ and as QOperator, and
+dynamic int8). The two originals are quantized by the same ONNX Runtime calls (quantize_static
+int8, QDQ and QOperator, with their own samples; quantize_dynamic int8), from the form onnxzip emits
+them in (BatchNorm folded, shapes on every edge: ORT's quantizer refuses the dynamo export of MobileNetV2 itself, its value_info
 disagreeing with the shapes it infers). Per model: bytes, each task's test error on its data set's 10,000
-test images, and CPU latency at batch 1 (median of --reps calls after warm-up; gated: the task's
+test images, bytes of tensor data, nodes, and CPU latency at batch 1 (median of --reps calls after warm-up; gated: the task's
 branch; multi: both tasks in one call; originals: each alone, and both one after the other).
 
 Targets (issue 19): each task's int8 error within +0.3 points of its quantized original's (same
@@ -45,7 +45,8 @@ NAME = "deploy"
 PAIRS = {"mobilenetv2": ("mobilenetv2_mnist", "mobilenetv2_fashion"), "vgg": ("vgg_a", "vgg_fashion")}
 DATASETS = ("mnist", "fashion-mnist")
 TASKS = ("a", "b")
-MODES = ("static", "dynamic")
+# int8 variants: static QDQ, static as QLinear operators, dynamic; as (QuantizeOptions mode, format).
+MODES = {"static": ("static", "qdq"), "qoperator": ("static", "qoperator"), "dynamic": ("dynamic", "qdq")}
 LAYOUTS = ("multi", "gated")
 OUT = bc.CACHE / NAME
 DEFAULT_SHARE, DEFAULT_CALIB, DEFAULT_QUANT_SAMPLES, DEFAULT_REPS, WARMUP = 0.5, 500, 256, 200, 20
@@ -87,6 +88,7 @@ def _quantize_original(path: Path, calib: np.ndarray, mode: str, out: Path) -> P
     if mode == "dynamic":
         quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
         return out
+    form = QuantFormat.QOperator if MODES[mode][1] == "qoperator" else QuantFormat.QDQ
     name = _input_name(session(str(path), ["CPUExecutionProvider"]))
 
     class Reader(CalibrationDataReader):
@@ -96,9 +98,22 @@ def _quantize_original(path: Path, calib: np.ndarray, mode: str, out: Path) -> P
         def get_next(self):
             batch = next(self.batches, None)
             return None if batch is None else {name: batch}
-    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+    quantize_static(str(path), str(out), Reader(), quant_format=form, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8)
     return out
+
+
+def _tensors_and_nodes(paths: Sequence[Path]) -> tuple[int, int]:
+    """Bytes of the initializers' data and the number of nodes (If branches included) over the files."""
+    data = nodes = 0
+    for path in paths:
+        graphs = [onnx.load(str(path)).graph]
+        while graphs:
+            g = graphs.pop()
+            data += sum(onnx.numpy_helper.to_array(t).nbytes for t in g.initializer)
+            nodes += len(g.node)
+            graphs += [a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return data, nodes
 
 
 def _calib_samples(folder: Path, n: int) -> np.ndarray:
@@ -124,6 +139,7 @@ def originals(pair: str, tests: dict, quant_samples: int, reps: int) -> list[dic
         both = _median_ms(lambda: [s.run(None, f) for s, f in zip(sessions, one)], reps)
         rows.append({"pair": pair, "model": "originals", "layout": "-", "kind": kind,
                      "bytes": sum(f.stat().st_size for f in files),
+                     **dict(zip(("tensor_bytes", "nodes"), _tensors_and_nodes(files))),
                      "errors": [_error(s, *tests[d]) for s, d in zip(sessions, DATASETS)],
                      "ms_tasks": alone, "ms_both": both})
     return rows
@@ -137,9 +153,9 @@ def merged(pair: str, layout: str, tests: dict, args: argparse.Namespace) -> tup
     result = merge(models, calib, out, MergeOptions(share=args.share, layout=layout, tasks=TASKS,
                                                     max_patches=MAX_PATCHES, card=False))
     files = {"float": out}
-    for mode in MODES:
-        files[mode] = Path(quantize(out, calib, OUT / f"{pair}_{layout}.{mode}.onnx",
-                                    QuantizeOptions(mode=mode, samples=args.quant_samples)).output)
+    for kind, (mode, form) in MODES.items():
+        files[kind] = Path(quantize(out, calib, OUT / f"{pair}_{layout}.{kind}.onnx",
+                                    QuantizeOptions(mode=mode, format=form, samples=args.quant_samples)).output)
     rows = []
     for kind, path in files.items():
         sess = session(str(path), ["CPUExecutionProvider"])
@@ -153,6 +169,7 @@ def merged(pair: str, layout: str, tests: dict, args: argparse.Namespace) -> tup
             errs = [_error(sess, *tests[d], output=t) for t, d in enumerate(DATASETS)]
             ms, both = None, _median_ms(lambda: sess.run(None, {name: tests[DATASETS[0]][0][:1]}), args.reps)
         rows.append({"pair": pair, "model": "merged", "layout": layout, "kind": kind, "bytes": path.stat().st_size,
+                     **dict(zip(("tensor_bytes", "nodes"), _tensors_and_nodes([path]))),
                      "errors": errs, "ms_tasks": ms, "ms_both": both})
     figures = {"params_inputs": list(result.params_inputs), "params_merged": result.params_merged,
                "shared_params": bc.shared_param_fraction(result)}
@@ -165,23 +182,34 @@ def _fmt(value, spec: str) -> str:
 
 def table(rows: Sequence[dict]) -> str:
     return bc.markdown_table(
-        ["pair", "model", "layout", "weights", "bytes", "err a %", "err b %", "ms per task (batch 1)", "ms both tasks"],
-        [[r["pair"], r["model"], r["layout"], r["kind"], f"{r['bytes']:,}", f"{r['errors'][0]:.2f}",
+        ["pair", "model", "layout", "weights", "bytes", "tensor bytes", "nodes", "err a %", "err b %",
+         "ms per task (batch 1)", "ms both tasks"],
+        [[r["pair"], r["model"], r["layout"], r["kind"], f"{r['bytes']:,}", f"{r['tensor_bytes']:,}", r["nodes"],
+          f"{r['errors'][0]:.2f}",
           f"{r['errors'][1]:.2f}", " / ".join(f"{m:.2f}" for m in r["ms_tasks"]) if r["ms_tasks"] else "-",
           _fmt(r["ms_both"], ".2f")] for r in rows])
 
 
 def verdicts(rows: Sequence[dict], figures: dict) -> list[list]:
-    """Per pair, layout and mode: the int8 errors against the quantized originals', and bytes against the bound."""
+    """Per pair, layout and mode: the int8 errors against the quantized originals' (and what int8 itself
+    cost each), bytes and tensor bytes against their bounds, and whether the targets are met."""
     out = []
     for r in (r for r in rows if r["model"] == "merged" and r["kind"] in MODES):
-        orig = next(o for o in rows if o["pair"] == r["pair"] and o["model"] == "originals" and o["kind"] == r["kind"])
+        def find(model: str, kind: str, layout: str | None = None) -> dict:
+            return next(o for o in rows if o["pair"] == r["pair"] and o["model"] == model and o["kind"] == kind
+                        and (layout is None or o["layout"] == layout))
+        orig, orig_float, float_ = find("originals", r["kind"]), find("originals", "float"), \
+            find("merged", "float", r["layout"])
         f = figures[r["pair"]]
-        bound = orig["bytes"] * f["params_merged"] / sum(f["params_inputs"])
+        kept = f["params_merged"] / sum(f["params_inputs"])
+        bound, tensor_bound = orig["bytes"] * kept, orig["tensor_bytes"] * kept
         deltas = [m - o for m, o in zip(r["errors"], orig["errors"])]
+        cost = " / ".join(f"{m - mf:+.2f} vs {o - of:+.2f}" for m, mf, o, of in
+                          zip(r["errors"], float_["errors"], orig["errors"], orig_float["errors"]))
         ok = all(d <= ERROR_TARGET for d in deltas) and r["bytes"] <= bound
-        out.append([r["pair"], r["layout"], r["kind"], " / ".join(f"{d:+.2f}" for d in deltas),
-                    f"{r['bytes']:,}", f"{bound:,.0f}", "yes" if ok else "no"])
+        out.append([r["pair"], r["layout"], r["kind"], " / ".join(f"{d:+.2f}" for d in deltas), cost,
+                    f"{r['bytes']:,}", f"{bound:,.0f}", f"{r['tensor_bytes']:,}", f"{tensor_bound:,.0f}",
+                    "yes" if ok else "no"])
     return out
 
 
@@ -213,9 +241,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Shared parameters: " + ", ".join(f"{k} {100 * f['shared_params']:.1f}%" for k, f in figures.items())
             + f". Run time {(time.perf_counter() - start) / 60:.1f} min.\n\n" + table(rows)
             + "\n\n### Targets: int8 error within +0.3 points of the quantized original, bytes within the bound\n\n"
-            "The bound is the two quantized originals' bytes times the fraction of parameters the merge keeps.\n\n"
-            + bc.markdown_table(["pair", "layout", "int8", "error vs quantized original, points a / b", "bytes",
-                                 "bound", "met"], verdicts(rows, figures)))
+            "The bound is the two quantized originals' bytes times the fraction of parameters the merge keeps; "
+            "the tensor bound is the same for the bytes of their initializers' data alone (what is left is the "
+            "graph: nodes, names, shapes, metadata). int8 cost: merged int8 error minus merged float error, "
+            "against the same for the originals.\n\n"
+            + bc.markdown_table(["pair", "layout", "int8", "error vs quantized original, points a / b",
+                                 "int8 cost a / b, merged vs originals", "bytes", "bound", "tensor bytes",
+                                 "tensor bound", "met"], verdicts(rows, figures)))
     print(body)
     bc.write_section(NAME, "python benchmarks/deploy.py " + " ".join(argv or sys.argv[1:]), body)
     bc.write_json(NAME, {"rows": rows, "figures": figures, "args": vars(args)})
