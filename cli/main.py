@@ -20,7 +20,7 @@ from ..errors import OnnxZipError, printable
 from ..format import MULTI
 from ..format import LAYOUTS
 from ..options import (DEFAULT_QUANT_SAMPLES as QUANT_SAMPLES, IMAGE_LAYOUTS, PANEL_CHECKS, PANEL_DATA, PANEL_SHARING,
-                       QUANT_FORMATS, QUANT_MODES, ImageOptions, MergeOptions)
+                       QUANT_FORMATS, QUANT_MODES, QUANT_RANGES, ImageOptions, MergeOptions)
 from ..retrain import RetrainOptions, options as retrain_defaults
 from ..retrain.options import LR_SCHEDULES, OPTIMIZERS
 from ..retrain.backend import require_torch
@@ -393,6 +393,9 @@ def quantize(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A mo
                                                             help="static: qdq writes Q/DQ pairs around float ops, "
                                                             "qoperator ONNX Runtime's QLinearConv and kin (slower on x64 CPUs, ONNX "
                                                             "Runtime says)."),
+             ranges: Literal[QUANT_RANGES] = typer.Option("task", help="static: task calibrates each tensor on the "
+                                                          "samples of the tasks it serves, joint on every task's "
+                                                          "(wider ranges; measured better with qoperator)."),
              samples: int = typer.Option(QUANT_SAMPLES, metavar="N", help="Calibration samples per task."),
              per_channel: bool = typer.Option(False, help="One scale per output channel of each weight."),
              eval_: List[str] = typer.Option([], "--eval", metavar="TASK=DIR",
@@ -402,7 +405,7 @@ def quantize(model: Path = typer.Argument(..., metavar="MERGED.onnx", help="A mo
     from ..quantize import QuantizeOptions, quantize as run_quantize
     bars = _Bars()
     with bars.progress:
-        result = run_quantize(model, _calib(calib), output, QuantizeOptions(mode=mode, format=format_, samples=samples,
+        result = run_quantize(model, _calib(calib), output, QuantizeOptions(mode=mode, format=format_, ranges=ranges, samples=samples,
                                                                             per_channel=per_channel),
                               evals=_pairs(eval_, "--eval"), progress=bars)
     _print_quantized(result)

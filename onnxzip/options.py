@@ -70,6 +70,9 @@ STREAM_PAIRINGS = ("all", "early")
 QUANT_MODES = ("static", "dynamic")
 # How static int8 is written: Q/DQ pairs around float ops, or ONNX Runtime's QLinear* operators.
 QUANT_FORMATS = ("qdq", "qoperator")
+# Static int8 activation ranges: each tensor's from the samples of the tasks whose output it feeds, or from
+# every task's samples.
+QUANT_RANGES = ("task", "joint")
 DEFAULT_QUANT_SAMPLES = 256
 
 

@@ -36,7 +36,7 @@ from .guard import Output, Read, check_outputs
 from .ir import TensorSpec
 from .load import load_model
 from .merged import read_meta
-from .options import DEFAULT_QUANT_SAMPLES, QUANT_FORMATS, QUANT_MODES
+from .options import DEFAULT_QUANT_SAMPLES, QUANT_FORMATS, QUANT_MODES, QUANT_RANGES
 from .runtime import resolve_device
 from .save import save_atomically
 from .scratch import scratch_dir
@@ -47,6 +47,7 @@ from .zipper import UNIT_STEPS, UNIT_TASKS, ProgressFn, no_progress
 
 STATIC, DYNAMIC = QUANT_MODES
 QDQ, QOPERATOR = QUANT_FORMATS
+TASK_RANGES, JOINT_RANGES = QUANT_RANGES
 DEFAULT_BATCH_SIZE = 32
 # Initializers of at least this many elements are weights; two with equal bytes are one block stored twice.
 WEIGHT_MIN_ELEMENTS = 64
@@ -66,6 +67,7 @@ class QuantizeOptions:
 
     mode: str = STATIC
     format: str = QDQ
+    ranges: str = TASK_RANGES
     samples: int = DEFAULT_QUANT_SAMPLES
     batch_size: int = DEFAULT_BATCH_SIZE
     per_channel: bool = False
@@ -76,6 +78,8 @@ class QuantizeOptions:
             raise OnnxZipError(f"--mode must be one of {', '.join(QUANT_MODES)}, got '{self.mode}'")
         if self.format not in QUANT_FORMATS:
             raise OnnxZipError(f"--format must be one of {', '.join(QUANT_FORMATS)}, got '{self.format}'")
+        if self.ranges not in QUANT_RANGES:
+            raise OnnxZipError(f"--ranges must be one of {', '.join(QUANT_RANGES)}, got '{self.ranges}'")
         if self.mode == DYNAMIC and self.format != QDQ:
             raise OnnxZipError("--format is for --mode static: dynamic int8 is always written as ONNX Runtime's "
                                "integer operators")
@@ -166,22 +170,25 @@ def _task_ranges(src: Path, multi: onnx.ModelProto, name: str, samples: Sequence
                  opts: QuantizeOptions, tmp: Path, progress: ProgressFn) -> Path:
     """Activation ranges calibrated per task, written as ONNX Runtime's calibration cache.
 
-    ONNX Runtime calibrates each task's samples apart (MinMax); a tensor's range joins the ranges of the
-    tasks whose output it feeds, so a task's own tensors see only its own samples and the tensors of
-    the common trunk see every task's.
+    ONNX Runtime calibrates each task's samples apart (MinMax); with ``ranges`` task a tensor's range
+    joins the ranges of the tasks whose output it feeds, so a task's own tensors see only its own samples
+    and the tensors of the common trunk see every task's; with joint every tensor's joins all tasks'.
     """
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorData, TensorsData, create_calibrator,
                                                     save_tensors_data)
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     reader = type("Reader", (_Reader, CalibrationDataReader), {})
+    ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))  # what quantize_static calibrates, no more
     per_task, tick = [], progress("int8 ranges", len(samples), UNIT_TASKS)
     for t, x in enumerate(samples):
-        calibrator = create_calibrator(src, augmented_model_path=str(tmp / f"augmented.{t}.onnx"))
+        calibrator = create_calibrator(src, ops, augmented_model_path=str(tmp / f"augmented.{t}.onnx"))
         calibrator.collect_data(reader(name, [x], opts.batch_size))
         per_task.append(calibrator.compute_data().data)
         del calibrator
         tick()
-    users, every = tensor_tasks(multi), frozenset(range(len(samples)))
+    users = tensor_tasks(multi) if opts.ranges == TASK_RANGES else {}
+    every = frozenset(range(len(samples)))
     joined = {}
     for tensor in per_task[0]:
         ranges = [per_task[t][tensor] for t in sorted(users.get(tensor) or every)]

@@ -63,6 +63,8 @@ def test_quantize_refuses_bad_options_and_overwriting_its_input(merged):
         QuantizeOptions(mode="int4")
     with pytest.raises(OnnxZipError, match="--format must be one of qdq, qoperator"):
         QuantizeOptions(format="qlinear")
+    with pytest.raises(OnnxZipError, match="--ranges must be one of task, joint"):
+        QuantizeOptions(ranges="union")
     with pytest.raises(OnnxZipError, match="--format is for --mode static"):
         QuantizeOptions(mode="dynamic", format="qoperator")
     with pytest.raises(OnnxZipError, match="-o"):
@@ -139,6 +141,9 @@ def test_static_ranges_are_calibrated_per_task(merged):
     assert only[0] and only[1]
     assert all(plain[name] == moved[name] for name in only[0])
     assert all(moved[name] > 2 * plain[name] for name in only[1])
+    joint = _scales(quantize(out["multi"], {"a": calib["a"], "b": large}, tmp / "ranges_joint.onnx",
+                             QuantizeOptions(ranges="joint")).output)  # task b's samples reach task a's tensors
+    assert all(joint[name] > 2 * plain[name] for name in only[0] + only[1])
 
 
 def test_quantized_scalars_are_stored_once_under_short_names(merged, monkeypatch):
