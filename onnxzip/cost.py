@@ -22,6 +22,11 @@ from .errors import OnnxZipError
 
 
 
+# M X by products (H_B X, a solve, H_A ..., both orders: 12 d^2 flops per column) costs less than forming
+# the d x d M (4 d^3) and multiplying (2 d^2 per column) while X has fewer than this many columns per row.
+PRODUCTS_MAX_COLUMNS_PER_ROW = 0.4
+
+
 def _factor(H: np.ndarray, where: str):
     """Cholesky factor of H, overwriting H (callers pass a temporary)."""
     try:
@@ -51,6 +56,37 @@ class PairMetric:
         M *= 0.5
         return M
 
+    def by_products(self, columns: int) -> bool:
+        """Whether M times ``columns`` columns is cheaper by products than by forming M (the flop counts above)."""
+        return columns < PRODUCTS_MAX_COLUMNS_PER_ROW * self.HA.shape[0]
+
+    def times(self, kind: str, X: np.ndarray) -> np.ndarray:
+        """M X for the metric ``kind``; by products, M never formed, where that costs fewer flops.
+
+        M X = 1/2 (H_A (H_A+H_B)^-1 H_B + H_B (H_A+H_B)^-1 H_A) X: the symmetric M of interaction().
+        """
+        if kind == "l2":
+            return X
+        if not self.by_products(X.shape[1]):
+            return self.interaction(kind) @ X
+        MX = self.HA @ cho_solve(self.factor, self.HB @ X)
+        MX += self.HB @ cho_solve(self.factor, self.HA @ X)
+        MX *= 0.5
+        return MX
+
+    def pair_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """All pair costs of columns of A and B under metric ``kind`` (pair_costs), M formed only where
+        that is cheaper than the products M A and M B."""
+        if kind == "l2" or not self.by_products(A.shape[1] + B.shape[1]):
+            return pair_costs(self.interaction(kind), A, B)
+        MX = self.times(kind, np.concatenate([A, B], axis=1))
+        return _costs_from_products(A, MX[:, :A.shape[1]], B, MX[:, A.shape[1]:])
+
+    def matched_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """Costs 1/2 (a_i - b_i)^T M (a_i - b_i) of matched columns under metric ``kind``, [k]."""
+        diff = A - B
+        return 0.5 * np.einsum("di,di->i", diff, self.times(kind, diff))
+
     def merged_weights(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """Merged columns w = (H_A + H_B)^-1 (H_A a + H_B b) for matched columns of A and B (Eq. 10/11).
 
@@ -69,10 +105,14 @@ def pair_costs(M: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
     costs float noise against O(1) for any other pair.
     """
     M32, A32, B32 = (np.asarray(v, dtype=np.float32) for v in (M, A, B))
-    MB = M32 @ B32
-    aa = np.einsum("di,di->i", A32, M32 @ A32, dtype=np.float64)
-    bb = np.einsum("dj,dj->j", B32, MB, dtype=np.float64)
-    D = (A32.T @ MB).astype(np.float64)
+    return _costs_from_products(A32, M32 @ A32, B32, M32 @ B32)
+
+
+def _costs_from_products(A: np.ndarray, MA: np.ndarray, B: np.ndarray, MB: np.ndarray) -> np.ndarray:
+    """Pair costs 1/2 a^T M a + 1/2 b^T M b - a^T M b from the products M A and M B (the cross term in float32)."""
+    aa = np.einsum("di,di->i", A, MA, dtype=np.float64)
+    bb = np.einsum("dj,dj->j", B, MB, dtype=np.float64)
+    D = (np.asarray(A, np.float32).T @ np.asarray(MB, np.float32)).astype(np.float64)
     D *= -1.0
     D += 0.5 * aa[:, None]
     D += 0.5 * bb[None, :]

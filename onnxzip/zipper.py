@@ -25,7 +25,7 @@ from .align import align, aligned_spaces, input_reps, slots
 from .channels import ChannelMoments, ChannelTerm, fold as fold_channels, vectors, with_vectors
 from .correct import refit_update, relative_error, with_bias_column
 from .correlate import correlation_costs
-from .cost import PairMetric, matched_costs
+from .cost import PairMetric
 from .emit import task_model
 from .errors import OnnxZipError
 from .format import LIVE_PREFIX
@@ -324,7 +324,7 @@ def _fold_in(w: _LayerState, merged: np.ndarray, H_acc: np.ndarray, t: int, unit
     H_acc + H_t.
     """
     metric, C = PairMetric(H_acc, w.H[t], w.name), w.columns(t)[:, units_t]
-    step = None if kind is None else matched_costs(metric.interaction(kind), merged, C)
+    step = None if kind is None else metric.matched_costs(kind, merged, C)
     return _merge_columns(metric, merged, C, w.sparse), step, H_acc + w.H[t]
 
 

@@ -45,3 +45,17 @@ def test_all_pair_costs_match_the_matched_costs_and_vanish_on_equal_columns():
     others = np.delete(D[:, 2], 3)
     assert D[3, 2] < 1e-5 < others.min()
     np.testing.assert_array_equal(metric.merged_weights(A, A), A)
+
+
+@pytest.mark.parametrize("d,n", [(40, 3), (40, 30)])  # few columns: by products; many: M formed
+def test_pair_costs_by_products_equal_those_of_the_formed_metric(d, n):
+    """The metric's pair and matched costs, whichever way M X is computed, equal those of M formed (Eq. 12)."""
+    rng = np.random.default_rng(3)
+    metric = PairMetric(_spd(rng, d), _spd(rng, d), "fc")
+    A, B = rng.standard_normal((d, n)), rng.standard_normal((d, n))
+    assert metric.by_products(2 * n) == (n == 3)
+    M = metric.interaction("hessian")
+    np.testing.assert_allclose(metric.times("hessian", A), M @ A, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(metric.pair_costs("hessian", A, B), pair_costs(M, A, B), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(metric.matched_costs("hessian", A, B), matched_costs(M, A, B), rtol=1e-9)
+    np.testing.assert_allclose(metric.pair_costs("l2", A, B), pair_costs(np.eye(d), A, B), rtol=1e-6)

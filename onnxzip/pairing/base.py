@@ -9,7 +9,7 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 
 from ..channels import ChannelTerm
-from ..cost import PairMetric, matched_costs, pair_costs
+from ..cost import PairMetric
 from ..match import Groups, match, match_groups
 from ..options import COSTS
 
@@ -38,7 +38,7 @@ class PairProblem:
 
     def summed_costs(self, kind: str) -> np.ndarray:
         """All pair costs under metric ``kind``, summed over the writers (Eq. 12 by GEMMs) and the channel ops."""
-        return sum([pair_costs(m.interaction(kind), a, b) for m, a, b in zip(self.metrics, self.A, self.B)]
+        return sum([m.pair_costs(kind, a, b) for m, a, b in zip(self.metrics, self.A, self.B)]
                    + [c.pair_costs(kind) for c in self.channels])
 
     def matched(self, D: np.ndarray) -> Pairs:
@@ -52,7 +52,7 @@ class PairProblem:
 
     def costs_of(self, rows: np.ndarray, cols: np.ndarray, kind: str) -> np.ndarray:
         """The costs under metric ``kind`` of pairs chosen otherwise, summed over the writers."""
-        return sum([matched_costs(m.interaction(kind), a[:, rows], b[:, cols])
+        return sum([m.matched_costs(kind, a[:, rows], b[:, cols])
                     for m, a, b in zip(self.metrics, self.A, self.B)]
                    + [c.matched_costs(rows, cols, kind) for c in self.channels])
 
