@@ -23,7 +23,6 @@ from .format import (PRODUCER, CONST_PREFIX, GATED, GATED_OUTPUT, KEY_LAYOUT, KE
                      KEY_SOURCES, KEY_SPLIT_FROM, KEY_TASK, KEY_TASKS, KEY_VERSION, LAYOUTS, META_PREFIX, MULTI,
                      TASK_INPUT, TASK_OUT_OF_RANGE, meta_key, weight_params)
 from .errors import OnnxZipError
-from .gating import ungate
 from .guard import Output, check_outputs, model_reads
 from .inputs import to_merged
 from .load import load_model
@@ -253,6 +252,43 @@ def read_meta(model: onnx.ModelProto, path: str | Path) -> MergedMeta:
     return meta
 
 
+def _without_task(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The nodes that do not read the task input, directly or through other nodes (its range check, tests)."""
+    derived, keep = {TASK_INPUT}, []
+    for node in nodes:
+        if derived.intersection(node.input):
+            derived.update(node.output)
+        else:
+            keep.append(node)
+    return keep
+
+
+def _inline_gated(model: onnx.ModelProto, t: int, path: Path) -> str:
+    """Replace the task-selecting If nodes by task t's branch and drop the task input and the nodes
+    that read it, in place; returns t's result tensor."""
+    graph = model.graph
+    chooses = _selectors(graph, path)
+
+    def expand(nodes) -> list[onnx.NodeProto]:
+        out = []
+        for node in nodes:
+            if node.op_type == "If" and node.input[0] in chooses:
+                branches = {a.name: a.g for a in node.attribute}
+                branch = branches["then_branch" if chooses[node.input[0]] == t else "else_branch"]
+                out += expand(branch.node)
+                out.append(onnx.helper.make_node("Identity", [branch.output[0].name], [node.output[0]],
+                                                 name=node.name + ".selected"))
+                continue
+            out.append(node)
+        return out
+
+    nodes = _without_task(expand(graph.node))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.remove(next(i for i in graph.input if i.name == TASK_INPUT))
+    return graph.output[0].name
+
+
 def _rename_output(part: onnx.ModelProto, result: str, name: str, path: Path, task: str) -> None:
     """Give the extracted part's output (tensor ``result``) the task's original output name."""
     graph = part.graph
@@ -301,23 +337,18 @@ def _task_part(model: onnx.ModelProto, meta: MergedMeta, path: Path, task: str,
     with ``own_input`` it reads the input its file read, where the metadata says what that was."""
     if task not in meta.tasks:
         raise OnnxZipError(f"{path}: has no task '{task}'; its tasks are {', '.join(meta.tasks)}")
-    if meta.layout == GATED:
-        try:
-            work = ungate(model, meta.tasks)  # the multi layout: one output per task, named by the task
-        except ValueError as exc:
-            raise OnnxZipError(f"{path}: not a gated model as onnxzip writes it: {exc}") from None
-    else:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-    result = task
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    gated = meta.layout == GATED
+    result = _inline_gated(work, meta.tasks.index(task), path) if gated else task
     x = [i.name for i in work.graph.input if i.name != TASK_INPUT][0]
     part = onnx.utils.Extractor(work).extract_model([x], [result])
     _rename_output(part, result, meta.sources[task]["output"], path, task)
     first = meta.sources[meta.tasks[0]]
     if own_input and "input" in meta.sources[task] and "input" in first:
         _own_input(part, meta.sources[task]["input"], first["input"], x)
-    wanted = GATED_OUTPUT if meta.layout == GATED else result
-    part.graph.output[0].type.CopyFrom(next(o for o in model.graph.output if o.name == wanted).type)
+    wanted = GATED_OUTPUT if gated else result
+    part.graph.output[0].type.CopyFrom(next(o for o in work.graph.output if o.name == wanted).type)
     part.ir_version = model.ir_version
     del part.opset_import[:]
     part.opset_import.extend(model.opset_import)
