@@ -37,11 +37,12 @@ def _factor(H: np.ndarray, where: str):
 
 
 class PairMetric:
-    """The damped Hessians of one layer for two tasks, with H_A + H_B factored once."""
+    """The damped Hessians of one layer for two tasks, with H_A + H_B factored once and M formed at most once."""
 
     def __init__(self, HA: np.ndarray, HB: np.ndarray, where: str):
         self.HA, self.HB, self.where = HA, HB, where
         self.factor = _factor(HA + HB, where)
+        self._M: np.ndarray | None = None
 
     def interaction(self, kind: str) -> np.ndarray:
         """The metric M of the functional difference, Eq. 12: M = (H_A^-1 + H_B^-1)^-1 = H_A (H_A+H_B)^-1 H_B.
@@ -51,13 +52,16 @@ class PairMetric:
         """
         if kind == "l2":
             return np.eye(self.HA.shape[0])
-        M = self.HA @ cho_solve(self.factor, self.HB)
-        M += M.T
-        M *= 0.5
-        return M
+        if self._M is None:
+            M = self.HA @ cho_solve(self.factor, self.HB)
+            M += M.T
+            M *= 0.5
+            self._M = M
+        return self._M
 
     def by_products(self, columns: int) -> bool:
-        """Whether M times ``columns`` columns is cheaper by products than by forming M (the flop counts above)."""
+        """Whether M times ``columns`` columns is cheaper by products than by forming M (the flop counts above;
+        once M is formed it is used)."""
         return columns < PRODUCTS_MAX_COLUMNS_PER_ROW * self.HA.shape[0]
 
     def times(self, kind: str, X: np.ndarray) -> np.ndarray:
@@ -67,7 +71,7 @@ class PairMetric:
         """
         if kind == "l2":
             return X
-        if not self.by_products(X.shape[1]):
+        if self._M is not None or not self.by_products(X.shape[1]):
             return self.interaction(kind) @ X
         MX = self.HA @ cho_solve(self.factor, self.HB @ X)
         MX += self.HB @ cho_solve(self.factor, self.HA @ X)
@@ -77,7 +81,7 @@ class PairMetric:
     def pair_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """All pair costs of columns of A and B under metric ``kind`` (pair_costs), M formed only where
         that is cheaper than the products M A and M B."""
-        if kind == "l2" or not self.by_products(A.shape[1] + B.shape[1]):
+        if kind == "l2" or self._M is not None or not self.by_products(A.shape[1] + B.shape[1]):
             return pair_costs(self.interaction(kind), A, B)
         MX = self.times(kind, np.concatenate([A, B], axis=1))
         return _costs_from_products(A, MX[:, :A.shape[1]], B, MX[:, A.shape[1]:])

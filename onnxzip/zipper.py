@@ -257,6 +257,21 @@ class _LayerState:
     H: list[np.ndarray] = field(default_factory=list)  # per task, damped and scaled Hessian over feats
     # Per task, the units this state covers (None: all): one group of a grouped conv (block).
     rows: list[np.ndarray] | None = None
+    # Per task t >= 1 folded in: (the Hessians it was made of, its PairMetric); shared with snapshots.
+    metric_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def metric(self, t: int) -> PairMetric:
+        """The metric of folding task t into tasks 0..t-1 (H_acc = H_0 + ... + H_{t-1} against H_t), made
+        and factored once for pairing and tying alike."""
+        hit = self.metric_cache.get(t)
+        if hit is not None and len(hit[0]) == t + 1 and all(a is b for a, b in zip(hit[0], self.H)):
+            return hit[1]
+        H_acc = self.H[0]
+        for H in self.H[1:t]:
+            H_acc = H_acc + H
+        metric = PairMetric(H_acc, self.H[t], self.name)
+        self.metric_cache[t] = (tuple(self.H[:t + 1]), metric)
+        return metric
 
     def columns(self, t: int) -> np.ndarray:
         """Task t's incoming weights over the shared inputs, one column per unit (of ``rows``)."""
@@ -277,7 +292,7 @@ class _LayerState:
     def snapshot(self) -> "_LayerState":
         """A copy of the layer as it stands before tying (weights copied, moments dropped), for pairing only."""
         return _LayerState(self.k, self.name, self.members, [], [W.copy() for W in self.weights], [],
-                           self.corrected, self.note, list(self.feats), list(self.H))
+                           self.corrected, self.note, list(self.feats), list(self.H), metric_cache=self.metric_cache)
 
     @cached_property
     def sparse(self) -> bool:
@@ -323,7 +338,7 @@ def _fold_in(w: _LayerState, merged: np.ndarray, H_acc: np.ndarray, t: int, unit
     Returns the merged columns, with ``kind`` each unit's pair cost of this step (None without), and
     H_acc + H_t.
     """
-    metric, C = PairMetric(H_acc, w.H[t], w.name), w.columns(t)[:, units_t]
+    metric, C = w.metric(t), w.columns(t)[:, units_t]  # its H_A is H_acc
     step = None if kind is None else metric.matched_costs(kind, merged, C)
     return _merge_columns(metric, merged, C, w.sparse), step, H_acc + w.H[t]
 
@@ -560,7 +575,7 @@ class _Pass:
         units' indices and each shared unit's summed cost.
         """
         k, seed, n_tasks = states[0].k, self.opts.seed, len(states[0].members)
-        metrics = [PairMetric(w.H[0], w.H[1], w.name) for w in states]
+        metrics = [w.metric(1) for w in states]
         chans = [c for c in self.channel_ready.get(space, []) if c.members == states[0].members]
         chans = chans if block is None else [c.block(block) for c in chans]
         terms = [c.term() for c in chans]
@@ -574,7 +589,7 @@ class _Pass:
         folded = [_fold(w, units)[::2] for w in states]  # per layer: (columns merged so far, H_acc)
         folded_ch = [term.folded(rows0, rows1) for term in terms]  # per channel op: (H_acc, merged)
         for t in range(2, n_tasks):
-            metrics = [PairMetric(H_acc, w.H[t], w.name) for (_, H_acc), w in zip(folded, states)]
+            metrics = [w.metric(t) for w in states]  # over H_acc, the folded tasks' Hessians
             terms = [ChannelTerm(H_acc, m, c.H[t], c.P[t]) for (H_acc, m), c in zip(folded_ch, chans)]
             keep, rows_t, more = self.choose_pairs(states, metrics, [m for m, _ in folded],
                                                    [w.columns(t) for w in states], len(units[0]), (seed, k, t), terms,

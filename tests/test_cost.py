@@ -51,11 +51,15 @@ def test_all_pair_costs_match_the_matched_costs_and_vanish_on_equal_columns():
 def test_pair_costs_by_products_equal_those_of_the_formed_metric(d, n):
     """The metric's pair and matched costs, whichever way M X is computed, equal those of M formed (Eq. 12)."""
     rng = np.random.default_rng(3)
-    metric = PairMetric(_spd(rng, d), _spd(rng, d), "fc")
+    HA, HB = _spd(rng, d), _spd(rng, d)
+    metric = PairMetric(HA, HB, "fc")  # M not formed yet: by products where cheaper
     A, B = rng.standard_normal((d, n)), rng.standard_normal((d, n))
     assert metric.by_products(2 * n) == (n == 3)
-    M = metric.interaction("hessian")
+    M = PairMetric(HA, HB, "fc").interaction("hessian")
     np.testing.assert_allclose(metric.times("hessian", A), M @ A, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(metric.pair_costs("hessian", A, B), pair_costs(M, A, B), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(metric.matched_costs("hessian", A, B), matched_costs(M, A, B), rtol=1e-9)
     np.testing.assert_allclose(metric.pair_costs("l2", A, B), pair_costs(np.eye(d), A, B), rtol=1e-6)
+    formed = metric.interaction("hessian")  # formed once, then used for every product
+    assert metric.interaction("hessian") is formed
+    assert np.array_equal(metric.times("hessian", A), formed @ A)
