@@ -47,7 +47,7 @@ from .zipper import UNIT_STEPS, UNIT_TASKS, ProgressFn, no_progress
 
 STATIC, DYNAMIC = QUANT_MODES
 QDQ, QOPERATOR = QUANT_FORMATS
-TASK_RANGES, JOINT_RANGES = QUANT_RANGES
+TASK_RANGES = QUANT_RANGES[0]
 DEFAULT_BATCH_SIZE = 32
 # Initializers of at least this many elements are weights; two with equal bytes are one block stored twice.
 WEIGHT_MIN_ELEMENTS = 64
@@ -214,7 +214,7 @@ def _quiet_quantizer() -> Iterator[None]:
 
 def _quantized_multi(multi: onnx.ModelProto, name: str, samples: Sequence[np.ndarray], opts: QuantizeOptions,
                      tmp: Path, progress: ProgressFn) -> onnx.ModelProto:
-    """The multi-layout model quantized by ONNX Runtime (static QDQ or dynamic int8)."""
+    """The multi-layout model quantized by ONNX Runtime (static, as QDQ or QLinear operators, or dynamic int8)."""
     src, dst = tmp / "multi.onnx", tmp / "multi.int8.onnx"
     if opts.mode == DYNAMIC:
         copy = onnx.ModelProto()

@@ -330,34 +330,33 @@ def _merge_columns(metric: PairMetric, A: np.ndarray, B: np.ndarray, sparse: boo
     return w.astype(np.float32).astype(np.float64)  # every task gets bit-identical float32 values
 
 
-def _fold_in(w: _LayerState, merged: np.ndarray, H_acc: np.ndarray, t: int, units_t: np.ndarray,
-             kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Task t's columns of ``units_t`` merged into the columns merged so far, whose Hessian is H_acc
-    (Eq. 10/11; the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by exactly that pair cost).
+def _fold_in(w: _LayerState, merged: np.ndarray, t: int, units_t: np.ndarray,
+             kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Task t's columns of ``units_t`` merged into the columns merged so far from tasks 0..t-1, whose
+    Hessian is H_acc, their sum (Eq. 10/11; the N-task cost 1/2 sum_t (w - w_t)^T H_t (w - w_t) grows by
+    exactly that pair cost).
 
-    Returns the merged columns, with ``kind`` each unit's pair cost of this step (None without), and
-    H_acc + H_t.
+    Returns the merged columns and, with ``kind``, each unit's pair cost of this step (None without).
     """
     metric, C = w.metric(t), w.columns(t)[:, units_t]  # its H_A is H_acc
     step = None if kind is None else metric.matched_costs(kind, merged, C)
-    return _merge_columns(metric, merged, C, w.sparse), step, H_acc + w.H[t]
+    return _merge_columns(metric, merged, C, w.sparse), step
 
 
 def _fold(w: _LayerState, units: list[np.ndarray], kind: str | None = None
-          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """The columns of the given units of tasks 0, 1, ... merged one task at a time (_fold_in); with
-    ``kind`` each unit's summed pair cost (None without); and H_acc, the summed Hessians of those tasks.
-    """
-    merged, H_acc, costs = w.columns(0)[:, units[0]], w.H[0], None
+          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The columns of the given units of tasks 0, 1, ... merged one task at a time (_fold_in), and with
+    ``kind`` each unit's summed pair cost (None without)."""
+    merged, costs = w.columns(0)[:, units[0]], None
     for t in range(1, len(units)):
-        merged, step, H_acc = _fold_in(w, merged, H_acc, t, units[t], kind)
+        merged, step = _fold_in(w, merged, t, units[t], kind)
         costs = step if costs is None else costs + step
-    return merged, costs, H_acc
+    return merged, costs
 
 
 def _tie_layer(w: _LayerState, units: list[np.ndarray], tie_metric: str) -> np.ndarray:
     """Write the merged columns of the given shared units into every task's weights; per-unit costs."""
-    merged, costs, _ = _fold(w, units, tie_metric)
+    merged, costs = _fold(w, units, tie_metric)
     for t, (W, u, f) in enumerate(zip(w.weights, units, w.feats)):
         W[np.ix_(w.units(t, u), f)] = merged.T
     return costs
@@ -586,16 +585,16 @@ class _Pass:
         units = [rows0, rows1]
         if n_tasks == 2:
             return units, costs
-        folded = [_fold(w, units)[::2] for w in states]  # per layer: (columns merged so far, H_acc)
+        folded = [_fold(w, units)[0] for w in states]  # per layer: the columns merged so far
         folded_ch = [term.folded(rows0, rows1) for term in terms]  # per channel op: (H_acc, merged)
         for t in range(2, n_tasks):
             metrics = [w.metric(t) for w in states]  # over H_acc, the folded tasks' Hessians
             terms = [ChannelTerm(H_acc, m, c.H[t], c.P[t]) for (H_acc, m), c in zip(folded_ch, chans)]
-            keep, rows_t, more = self.choose_pairs(states, metrics, [m for m, _ in folded],
+            keep, rows_t, more = self.choose_pairs(states, metrics, folded,
                                                    [w.columns(t) for w in states], len(units[0]), (seed, k, t), terms,
                                                    groups, free)
             units, costs = [u[keep] for u in units] + [rows_t], costs[keep] + more
-            folded = [_fold_in(w, m[:, keep], H_acc, t, rows_t)[::2] for (m, H_acc), w in zip(folded, states)]
+            folded = [_fold_in(w, m[:, keep], t, rows_t)[0] for m, w in zip(folded, states)]
             folded_ch = [term.folded(keep, rows_t) for term in terms]
         return units, costs
 
