@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -142,6 +144,18 @@ def rows_bytes(n: int, d1: int, m: int) -> int:
     return 4 * n * (d1 + m) + 8 * n * n + 8 * n * m + SOLVE_COPIES * 8 * m * d1
 
 
+@dataclass(frozen=True)
+class BatchSums:
+    """One batch's moments as sums over its ``count`` rows x (bias 1 last), residual rows r and target rows z:
+    the Gram sum x x^T (None when not wanted), the cross sum r x^T, sum |r|^2 and sum |z|^2."""
+
+    count: int
+    gram: np.ndarray | None
+    cross: np.ndarray | None
+    rr: float
+    zz: float
+
+
 def format_bytes(count: int) -> str:
     """A byte count for people: '3.7 GiB', '12.0 MiB', '512 B'."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -183,6 +197,7 @@ class MomentAccumulator:
         self._chunk_rows = max(1, CHUNK_BYTES // (4 * (n_features + 1 + n_targets)))
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_rows = 0
+        self._gram_n = 0  # rows in the Gram's running mean
         if not gram:
             self._form = MOMENTS
         elif rows or (rows is None and self.d1 > ROWS_MIN_FEATURES):
@@ -216,21 +231,19 @@ class MomentAccumulator:
         """Allocate the Gram (if it fits, with the rows it replaces still held) and fold the kept rows into it."""
         if not self._fits(gram_bytes(self.d1, self.m) + self.held_bytes):
             return
-        self._gram, n = np.zeros((self.d1, self.d1)), 0
+        self._gram, self._gram_n = np.zeros((self.d1, self.d1)), 0
         for X, _ in self._chunks:  # the same chunks, in the same order, as a Gram kept from the start
-            self._fold(X, n)
-            n += X.shape[0]
+            self._fold(X.T @ X, X.shape[0])
         self._form, self._chunks, self._diag = GRAM, [], None
 
-    def _fold(self, X: np.ndarray, n_before: int) -> None:
-        """Fold one chunk's product X^T X into the running mean over n_before rows, in row blocks."""
-        m = X.shape[0]
-        keep, share = n_before / (n_before + m), 1.0 / (n_before + m)
-        P = X.T @ X  # a syrk: exactly symmetric, as correct.py's in-place factorisation requires
+    def _fold(self, P: np.ndarray, m: int) -> None:
+        """Fold the product P = X^T X of m more rows into the Gram's running mean, in row blocks."""
+        keep, share = self._gram_n / (self._gram_n + m), 1.0 / (self._gram_n + m)
         self._gram *= keep
         step = max(1, CHUNK_BYTES // (8 * self.d1))
         for a in range(0, self.d1, step):
             self._gram[a:a + step] += P[a:a + step].astype(np.float64) * share
+        self._gram_n += m
 
     def add(self, rows: np.ndarray, residuals: np.ndarray | None = None, targets: np.ndarray | None = None) -> None:
         """Add a batch of input rows (with the matching residual rows and target rows)."""
@@ -244,6 +257,22 @@ class MomentAccumulator:
             if self._pending_rows >= self._chunk_rows:
                 self._flush()
 
+    def add_sums(self, sums: BatchSums) -> None:
+        """Add a batch given by its sums (shifted.PatchImage.sums) instead of its rows: GRAM or MOMENTS form only."""
+        form = self.form
+        if form not in (GRAM, MOMENTS) or (form == GRAM and sums.gram is None):
+            raise ValueError(f"internal error: a {form}-form accumulator needs the rows themselves")
+        m = sums.count
+        keep, share = self.n / (self.n + m), 1.0 / (self.n + m)
+        if form == GRAM:
+            self._fold(sums.gram, m)
+        if self._cross is not None:
+            self._cross *= keep
+            self._cross += sums.cross * share
+            self._rr = self._rr * keep + sums.rr * share
+        self._zz_sum += sums.zz
+        self.n += m
+
     def _flush(self) -> None:
         if not self._pending:
             return
@@ -254,7 +283,7 @@ class MomentAccumulator:
         if self._cross is not None and self._pending[0][1] is not None:
             Z = np.concatenate([z for _, z in self._pending]).astype(np.float32, copy=False)
         if self._form == GRAM:
-            self._fold(X, self.n)
+            self._fold(X.T @ X, m)  # a syrk: exactly symmetric, as correct.py's factorisation requires
         elif self._form == ROWS:
             self._chunks.append((X, Z))
             self._diag *= keep

@@ -29,8 +29,9 @@ from .cost import PairMetric
 from .emit import task_model
 from .errors import OnnxZipError
 from .format import LIVE_PREFIX
-from .hessian import GRAM, MomentAccumulator, damp, layer_rows, output_rows
-from .ir import Network, is_sparse, unit_features
+from . import shifted
+from .hessian import GRAM, MOMENTS, MomentAccumulator, damp, layer_rows, output_rows, patch_subset
+from .ir import CONV, Layer, Network, is_sparse, unit_features
 from .options import MergeOptions
 from .match import Groups
 from .pairing import PairProblem, method
@@ -176,7 +177,7 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     channels = {i: ChannelMoments(task.original.steps[i], max_patches) for i in channel_ops}
     layer = task.tied.layers[k]
     at = _input_at(task.tied, k)
-    W0, b0 = layer.matrix(), layer.b
+    W0, b0, step, run_layer = layer.matrix(), layer.b, task.tied.layer_steps[k], None
     acc = MomentAccumulator(layer.in_features, layer.out_units, gram=need_gram)
     save_tied, save_orig = task.tied_cache.saver(), task.orig_cache.saver()
     tied_files, orig_files = [], []
@@ -185,9 +186,14 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
         (pre, *op_inputs), live_orig = run_orig(live_tied if orig_in is None else orig_in)
         for moments, x in zip(channels.values(), op_inputs):
             moments.add(x)
-        x_tied = live_tied[at]
-        rows, z = layer_rows(layer, x_tied, max_patches), output_rows(layer, pre, max_patches)
-        acc.add(rows, z - (rows @ W0.T + b0), z)
+        x = live_tied[at]
+        if _by_sums(acc, layer, pre, max_patches):  # the tied layer's output from ONNX Runtime, no im2col
+            run_layer = run_layer or _runner(task.tied, step, step + 1, [("pre", k)], providers)
+            image = shifted.PatchImage(x, layer.kernel, layer.pads)
+            acc.add_sums(image.sums(pre, run_layer(live_tied)[0][0], gram=acc.form == GRAM))
+        else:
+            rows, z = layer_rows(layer, x, max_patches), output_rows(layer, pre, max_patches)
+            acc.add(rows, z - (rows @ W0.T + b0), z)
         tied_files.append(save_tied(live_tied))
         if live_orig:
             orig_files.append(save_orig(live_orig))
@@ -196,6 +202,13 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     task.orig_cache.replace(orig_files)
     task.stale = False
     return acc, channels
+
+
+def _by_sums(acc: MomentAccumulator, layer: Layer, pre: np.ndarray, max_patches: int | None) -> bool:
+    """True when a batch of layer's moments is added by its sums (shifted.PatchImage, no im2col matrix): a
+    stride-1 conv over every output position, into an accumulator that keeps a Gram or only moments."""
+    return (layer.kind == CONV and shifted.applies(layer.kernel, layer.strides, layer.dilations)
+            and patch_subset(pre.shape[2], pre.shape[3], max_patches) is None and acc.form in (GRAM, MOMENTS))
 
 
 def _shared_features(plan_layers: dict[int, LayerPlan], spaces: Spaces, k: int, t: int, task: _Task) -> np.ndarray:
