@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 
 from onnxzip.hessian import GRAM, MOMENTS, MomentAccumulator, conv_patches, with_bias
@@ -10,6 +12,9 @@ from onnxzip.shifted import PatchImage, applies, flops, im2col_flops
 
 # float32 products against a float64 reference: relative to the largest entry.
 REL_TOL = 1e-5
+# Merged weights after corrections (damped solves) from moments that agree to REL_TOL: relative to the
+# tensor's largest entry.
+MERGED_REL_TOL = 1e-3
 
 # (batch, channels, height, width), kernel, pads (top, left, bottom, right)
 CASES = [
@@ -109,3 +114,31 @@ def test_shifted_products_take_about_three_times_fewer_flops_for_3x3():
     """The module's claim, by its own count: a 3x3 conv over 28x28 with 64 channels."""
     ratio = im2col_flops(64, (3, 3), (28, 28)) / flops(64, (3, 3), (28, 28), (1, 1, 1, 1))
     assert 2.5 < ratio < 3.5
+
+
+def test_a_merge_by_sums_equals_the_merge_by_im2col_rows(tmp_path, monkeypatch):
+    """The whole merge of two tiny CNNs (3x3 convs, pads 1 and 0) at half sharing: the same pairs and, to
+    float tolerance, the same merged weights whether the convs' moments come from sums or from rows."""
+    import builders as B
+    from onnxzip import shifted
+    from onnxzip.api import merge
+    from onnxzip.options import MergeOptions
+
+    a = B.save(B.cnn_model(B.cnn_weights(0)), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp_path / "b.onnx")
+    calib = B.calib_folder(tmp_path / "calib", (1, 12, 12), n=128)
+
+    def merged(name):
+        result = merge([a, b], calib, tmp_path / f"{name}.onnx", MergeOptions(share=0.5))
+        weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / f"{name}.onnx").graph.initializer}
+        return [np.array(lp.shared) for lp in result.plan.layers], weights
+
+    pairs, weights = merged("sums")
+    monkeypatch.setattr(shifted, "applies", lambda *args: False)
+    pairs_rows, weights_rows = merged("rows")
+    for p, q in zip(pairs, pairs_rows):
+        np.testing.assert_array_equal(p, q)
+    assert weights.keys() == weights_rows.keys()
+    for name, w in weights.items():  # float32 moments, then damped solves: relative to each tensor's scale
+        scale = max(float(np.abs(weights_rows[name]).max()), 1e-12)
+        assert float(np.abs(w - weights_rows[name]).max()) / scale < MERGED_REL_TOL, name
