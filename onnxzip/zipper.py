@@ -30,7 +30,7 @@ from .emit import task_model
 from .errors import OnnxZipError
 from .format import LIVE_PREFIX
 from . import shifted
-from .hessian import GRAM, MOMENTS, MomentAccumulator, damp, layer_rows, output_rows, patch_subset
+from .hessian import GRAM, MOMENTS, MomentAccumulator, damp, layer_rows, memory_budget, output_rows, patch_subset
 from .ir import CONV, Layer, Network, is_sparse, unit_features
 from .options import MergeOptions
 from .match import Groups
@@ -52,6 +52,9 @@ PROGRESS_MIN_FLOPS = 1e10
 # Floating-point operations per task pair and cube of the shared-input dimension of pairing a layer:
 # the factorisation of H_A + H_B and the solve and product of the metric M (cost.PairMetric).
 PAIR_FLOPS_PER_CUBE = 4
+# Share of the memory a layer's moments may take (hessian.memory_budget, measured when the merge starts) that
+# the caches of live tensors may hold; batches beyond it are kept on disk.
+CACHE_MEMORY_FRACTION = 0.25
 # Called after each zipped layer with the plan so far (later layers unshared) and the tied networks;
 # returns new tied networks (same plan), e.g. retrained ones (MTZ Algorithm 1, line 10).
 LayerHook = Callable[[SharingPlan, list[Network]], list[Network]]
@@ -77,25 +80,46 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - start
 
 
-class _DiskBatches:
-    """Batches of one task's live tensors (a list of arrays each) kept on disk, one batch in memory at a time.
+class _CacheBytes:
+    """The bytes of live tensors that the caches of one merge hold in memory, against the limit they share."""
 
-    One .npy file per array: plain writes and reads, no archive to checksum."""
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
 
-    def __init__(self, root: Path, tag: str):
-        self.root, self.tag, self.files, self.generation = root, tag, [], 0
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes as held and return True if they fit under the limit; else False."""
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
 
-    def replace(self, batches: list[list[Path]]) -> None:
-        for f in (f for batch in self.files for f in batch):
-            f.unlink(missing_ok=True)
+
+class _Batches:
+    """Batches of one task's live tensors (a list of arrays each): held in memory while the merge's caches fit
+    under their shared limit (_CacheBytes), on disk beyond it, one .npy file per array (plain writes and
+    reads, no archive to checksum), read back one batch at a time."""
+
+    def __init__(self, root: Path, tag: str, memory: _CacheBytes):
+        self.root, self.tag, self.memory, self.generation = root, tag, memory, 0
+        self.files: list[list[Path | np.ndarray]] = []
+
+    def replace(self, batches: list[list[Path | np.ndarray]]) -> None:
+        for item in (item for batch in self.files for item in batch):
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+            else:
+                self.memory.held -= item.nbytes
         self.files = batches
 
-    def saver(self) -> Callable[[list[np.ndarray]], list[Path]]:
+    def saver(self) -> Callable[[list[np.ndarray]], list[Path | np.ndarray]]:
         self.generation += 1
         gen, count = self.generation, iter(range(1 << 62))
 
-        def write(arrays: list[np.ndarray]) -> list[Path]:
-            batch, paths = next(count), []
+        def write(arrays: list[np.ndarray]) -> list[Path | np.ndarray]:
+            batch = next(count)
+            if self.memory.take(sum(a.nbytes for a in arrays)):
+                return list(arrays)
+            paths = []
             for i, arr in enumerate(arrays):
                 paths.append(self.root / f"{self.tag}-{gen}-{batch}-{i}.npy")
                 np.save(paths[-1], arr, allow_pickle=False)
@@ -104,7 +128,7 @@ class _DiskBatches:
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         for batch in self.files:
-            yield [np.load(f, allow_pickle=False) for f in batch]
+            yield [np.load(f, allow_pickle=False) if isinstance(f, Path) else f for f in batch]
 
 
 @dataclass
@@ -115,8 +139,8 @@ class _Task:
     tied: Network
     batches: Callable[[], Iterator[np.ndarray]]
     reps: list[int]
-    tied_cache: _DiskBatches
-    orig_cache: _DiskBatches
+    tied_cache: _Batches
+    orig_cache: _Batches
     # True when the tied network changed upstream of the cached live tensors (a layer hook, or a
     # layer tied after later layers were calibrated).
     stale: bool = False
@@ -841,8 +865,9 @@ def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[n
               ) -> tuple[SharingPlan, list[Network], dict[int, list[_LayerState]]]:
     """One pass over the layers; returns the plan, the tied networks and (if ``collect``) each space's late writers."""
     with scratch_dir() as tmp:
-        tasks = [_Task(n, n, b, input_reps(n), _DiskBatches(Path(tmp), f"t{t}"), _DiskBatches(Path(tmp), f"o{t}"))
-                 for t, (n, b) in enumerate(zip(nets, batches))]
+        memory = _CacheBytes(int(CACHE_MEMORY_FRACTION * memory_budget()))
+        tasks = [_Task(n, n, b, input_reps(n), _Batches(Path(tmp), f"t{t}", memory),
+                       _Batches(Path(tmp), f"o{t}", memory)) for t, (n, b) in enumerate(zip(nets, batches))]
         zip_pass = _Pass(tasks, aligned_spaces(nets[0], depths[0]), opts, timer, providers, guides,
                          {} if collect else None, tuple(depths))
         plan = zip_pass.run(n_batches, progress, after_layer, label)
