@@ -1,4 +1,4 @@
-"""Merge speed and memory, by stage, against one ONNX Runtime pass of the same data (issue 2).
+"""Merge speed and memory, by stage, against the algebra's floor and one ONNX Runtime pass (issues 2, 20).
 
 For each reference architecture (LeNet-300-100, LeNet-5, a VGG-style CNN with 512-channel convs
 and a 4096-unit FC layer) two independently initialised models are built in code and fully merged
@@ -10,6 +10,19 @@ Reports, per pair: the merge's wall time and the seconds of each stage; the rati
 wall time to one ONNX Runtime pass of the calibration data through both original models, timed in
 the same process; the peak resident memory above the process's level before the merge, per stage,
 against a budget of the two models + the two largest Hessians + one batch of activations.
+
+The floor. Per stage, the work MTZ's algebra needs for the full merge, at rates measured in the same
+process (float32 and float64 GEMM and float64 Cholesky on 2,048-square problems; ONNX Runtime's own
+pass; SciPy's assignment solver on random matrices of each layer's size):
+- calibrate: each task's tied and original model once over the calibration data (two ORT passes), and
+  per task and layer the Gram (shifted channel products for stride-1 convs, a syrk otherwise, the
+  n x n kernel where the correction takes its dual form) and the cross moments (2 n d O) in float32;
+- score+match: per hidden layer one Cholesky of H_A + H_B (d^3/3), the pair costs by the cheaper of
+  forming M (2 d^3 + 2 d^2 O) and d x O products (6 d^2 O), plus 3 d O^2, and one assignment;
+- tie: per task and layer the correction's Cholesky and solve, per hidden layer the merged weights'
+  products (3 d^2 O);
+- verify: the merged, tied and original models over the check samples at ORT's rate.
+Load and emit have no floor (file input and output). "x floor" is the stage's seconds over its floor.
 Writes benchmarks/RESULTS.md (section "merge_speed") and benchmarks/merge_speed.json.
 """
 
@@ -86,6 +99,90 @@ def build_model(arch: str, seed: int) -> tuple[onnx.ModelProto, list[int]]:
     return model, feats
 
 
+def layer_shapes(arch: str) -> list[dict]:
+    """Each weight layer of the architecture on [N,1,28,28]: kind, input channels or features, outputs,
+    kernel, pad, input and output spatial size."""
+    out, ch, size = [], 1, 28
+    for spec in ARCHS[arch]:
+        if spec[0] == "conv":
+            _, o, k, pad = spec
+            out.append({"kind": "conv", "c": ch, "o": o, "k": k, "pad": pad, "size": size,
+                        "out": size + 2 * pad - k + 1, "d": ch * k * k})
+            ch, size = o, size + 2 * pad - k + 1
+        elif spec[0] == "pool":
+            size //= 2
+        elif spec[0] == "flatten":
+            ch, size = ch * size * size, 1
+        else:
+            out.append({"kind": "fc", "c": ch, "o": spec[1], "d": ch, "size": 1, "out": 1})
+            ch = spec[1]
+    return out
+
+
+def measure_rates() -> dict:
+    """FLOP/s of the kernels the floor counts, measured in this process: float32 and float64 GEMM, float64
+    Cholesky (each the best of three on a 2,048-square problem)."""
+    from scipy.linalg import cho_factor
+    rng, n = np.random.default_rng(0), 2048
+    a32 = rng.standard_normal((n, n)).astype(np.float32)
+    a64 = a32.astype(np.float64)
+    spd = a64 @ a64.T / n + np.eye(n)
+
+    def best(f) -> float:
+        f()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return {"gemm32": 2 * n ** 3 / best(lambda: a32 @ a32), "gemm64": 2 * n ** 3 / best(lambda: a64 @ a64),
+            "chol64": n ** 3 / 3 / best(lambda: cho_factor(spd, lower=True))}
+
+
+def lsap_seconds(units: list[int]) -> float:
+    """Seconds of SciPy's linear_sum_assignment on a random square cost matrix of each size, in this process."""
+    from scipy.optimize import linear_sum_assignment
+    rng, total = np.random.default_rng(1), 0.0
+    for u in units:
+        cost = rng.random((u, u))
+        start = time.perf_counter()
+        linear_sum_assignment(cost)
+        total += time.perf_counter() - start
+    return total
+
+
+def floor_seconds(arch: str, samples: int, verify_samples: int, rates: dict, ort_s: float, lsap_s: float,
+                  max_patches: int | None = None) -> dict:
+    """The merge's floor per stage: the work MTZ's algebra needs for a full merge of two models, at the rates
+    measured in this run (module docstring)."""
+    from onnxzip.hessian import gram_bytes, rows_bytes
+    from onnxzip.shifted import applies, flops as shifted_flops
+    calib = 2 * ort_s  # every task's tied and original model, once each over the calibration data
+    pair = tie = 0.0
+    layers = layer_shapes(arch)
+    for i, L in enumerate(layers):
+        d, O = L["d"] + 1, L["o"]
+        positions = L["out"] ** 2 if max_patches is None else min(L["out"] ** 2, max_patches)
+        n = samples * positions
+        if L["kind"] == "conv" and applies((L["k"], L["k"]), (1, 1), (1, 1), L["c"]) and positions == L["out"] ** 2:
+            gram = 2 * samples * shifted_flops(L["c"], (L["k"], L["k"]), (L["size"],) * 2, (L["pad"],) * 4)
+        else:
+            gram = n * d * (d + 1)  # a syrk
+        dual = rows_bytes(n, d, O) < gram_bytes(d, O) and d > 2048  # the correction's dual (rows) form
+        if dual:
+            gram = 2 * n * n * d  # the n x n kernel instead of the Gram
+        calib += 2 * (gram + 2 * n * d * O) / rates["gemm32"]  # and the cross moments, per task
+        r = n if dual else d  # the dimension of each correction's solve
+        tie += 2 * ((r ** 3 / 3) / rates["chol64"] + 2 * 2 * r * r * O / rates["gemm64"])
+        if i < len(layers) - 1:  # a hidden layer: paired and merged
+            metric = min(2 * d ** 3 + 2 * d * d * O, 6 * d * d * O) + 3 * d * O * O
+            pair += (d ** 3 / 3) / rates["chol64"] + 2 * metric / rates["gemm64"]
+            tie += 2 * 3 * d * d * O / rates["gemm64"]
+    verify = ort_s * 3 * min(verify_samples, samples) / samples  # merged, tied and original, per task
+    return {"calibrate": calib, "score+match": pair + lsap_s, "tie": tie, "verify": verify}
+
+
 def mnist_images(n: int) -> np.ndarray:
     """The first n MNIST training images as float32 [n,1,28,28] in [0,1]."""
     raw = gzip.decompress((DATASETS / "mnist" / "train-images-idx3-ubyte.gz").read_bytes())
@@ -154,6 +251,8 @@ def run_pair(arch: str, samples: int, batch: int, max_patches: int | None, queue
         (tmp / "calib").mkdir()
         np.save(tmp / "calib" / "x.npy", x)
         baseline = ort_pass(paths, x, batch)
+        rates = measure_rates()
+        lsap = lsap_seconds([L["o"] for L in layer_shapes(arch)[:-1]])
         probe = ProbeTimer(StageTimer())
         before = rss()
         probe.thread.start()
@@ -165,7 +264,10 @@ def run_pair(arch: str, samples: int, batch: int, max_patches: int | None, queue
         weights = sum(p.stat().st_size for p in paths)
         act = max(batch * int(np.prod(o.shape[1:])) * 4 for o in _activation_shapes(paths[0], x[:1]))
         hessians = 2 * (max(feats) + 1) ** 2 * 8
+        floor = floor_seconds(arch, samples, opts.verify_samples, rates, baseline, lsap, max_patches)
         queue.put({
+            "floor_s": floor, "floor_total_s": sum(floor.values()), "floor_ratio": wall / sum(floor.values()),
+            "rates_gflops": {k: v / 1e9 for k, v in rates.items()}, "lsap_s": lsap,
             "arch": arch, "max_patches": max_patches, "samples": samples, "batch": batch, "params_in": sum(result.params_inputs),
             "params_merged": result.params_merged, "wall_s": wall, "ort_pass_s": baseline, "ratio": wall / baseline,
             "stages_s": dict(result.seconds), "peak_mib": {k: (v - before) / MIB for k, v in probe.peak.items()},
@@ -188,17 +290,22 @@ def _activation_shapes(path: Path, x1: np.ndarray):
 def table(rows) -> str:
     """The Markdown table of the measured figures."""
     stages = ["load", "calibrate", "score+match", "tie", "emit", "verify"]
-    head = ("| pair | max patches | params in -> merged | samples | merge s | ORT pass s | ratio | "
-            + " | ".join(f"{s} s" for s in stages) + " | peak MiB | budget MiB | within |")
+    head = ("| pair | max patches | params in -> merged | samples | merge s | ORT pass s | x ORT pass | floor s | "
+            "x floor | " + " | ".join(f"{s} s (x floor)" for s in stages) + " | peak MiB | budget MiB | within |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        peak = max(r["peak_mib"].values())
+        peak, floor = max(r["peak_mib"].values()), r.get("floor_s", {})
         lines.append(f"| {r['arch']} | {r['max_patches'] or 'all'} | {r['params_in']:,} -> {r['params_merged']:,} | "
                      f"{r['samples']} | "
                      f"{r['wall_s']:.2f} | {r['ort_pass_s']:.3f} | {r['ratio']:.1f} | "
-                     + " | ".join(f"{r['stages_s'].get(s, 0):.2f}" for s in stages)
+                     f"{r.get('floor_total_s', float('nan')):.2f} | {r.get('floor_ratio', float('nan')):.1f} | "
+                     + " | ".join(_stage_cell(r["stages_s"].get(s, 0.0), floor.get(s)) for s in stages)
                      + f" | {peak:.0f} | {r['budget_mib']:.0f} | {'yes' if peak <= r['budget_mib'] else 'no'} |")
     return "\n".join(lines)
+
+
+def _stage_cell(seconds: float, floor: float | None) -> str:
+    return f"{seconds:.2f}" + (f" ({seconds / floor:.1f})" if floor else "")
 
 
 def _label(row) -> str:

@@ -30,10 +30,13 @@ import numpy as np
 from .hessian import BatchSums
 
 
-def applies(kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...]) -> bool:
+def applies(kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...], channels: int) -> bool:
     """True for the convs whose moments this module computes: 2-D, stride 1, dilation 1, more than one tap
-    (a grouped conv's dense block-diagonal kernel included)."""
-    return len(kernel) == 2 and tuple(strides) == (1, 1) and tuple(dilations) == (1, 1) and kernel[0] * kernel[1] > 1
+    (a grouped conv's dense block-diagonal kernel included), and at least as many input channels as taps:
+    with fewer, the shifted products are too small for their count (measured: LeNet-5's conv2, 20 channels
+    under a 5x5 kernel on 12x12, took 1.7x the time of its im2col moments; 32 channels, half)."""
+    return (len(kernel) == 2 and tuple(strides) == (1, 1) and tuple(dilations) == (1, 1)
+            and 1 < kernel[0] * kernel[1] <= channels)
 
 
 def flops(channels: int, kernel: tuple[int, int], size: tuple[int, int], pads: tuple[int, ...]) -> float:

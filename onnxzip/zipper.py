@@ -231,7 +231,7 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
 def _by_sums(acc: MomentAccumulator, layer: Layer, pre: np.ndarray, max_patches: int | None) -> bool:
     """True when a batch of layer's moments is added by its sums (shifted.PatchImage, no im2col matrix): a
     stride-1 conv over every output position, into an accumulator that keeps a Gram or only moments."""
-    return (layer.kind == CONV and shifted.applies(layer.kernel, layer.strides, layer.dilations)
+    return (layer.kind == CONV and shifted.applies(layer.kernel, layer.strides, layer.dilations, layer.W.shape[1])
             and patch_subset(pre.shape[2], pre.shape[3], max_patches) is None and acc.form in (GRAM, MOMENTS))
 
 

@@ -103,11 +103,12 @@ def test_a_rows_form_accumulator_refuses_sums():
 
 
 def test_which_convs_apply():
-    assert applies((3, 3), (1, 1), (1, 1))
-    assert not applies((3, 3), (2, 2), (1, 1))  # strided: im2col
-    assert not applies((3, 3), (1, 1), (2, 2))  # dilated: im2col
-    assert not applies((1, 1), (1, 1), (1, 1))  # a 1x1 conv's rows are the input itself
-    assert not applies((3,), (1,), (1,))  # 1-D
+    assert applies((3, 3), (1, 1), (1, 1), 16)
+    assert applies((3, 3), (1, 1), (1, 1), 9) and not applies((3, 3), (1, 1), (1, 1), 8)  # fewer channels than taps
+    assert not applies((3, 3), (2, 2), (1, 1), 16)  # strided: im2col
+    assert not applies((3, 3), (1, 1), (2, 2), 16)  # dilated: im2col
+    assert not applies((1, 1), (1, 1), (1, 1), 16)  # a 1x1 conv's rows are the input itself
+    assert not applies((3,), (1,), (1,), 16)  # 1-D
 
 
 def test_shifted_products_take_about_three_times_fewer_flops_for_3x3():
@@ -116,17 +117,32 @@ def test_shifted_products_take_about_three_times_fewer_flops_for_3x3():
     assert 2.5 < ratio < 3.5
 
 
+def _spy_sums(monkeypatch) -> list[int]:
+    """Count the batches whose moments come from PatchImage.sums."""
+    from onnxzip import shifted
+    calls, sums = [], shifted.PatchImage.sums
+    monkeypatch.setattr(shifted.PatchImage, "sums", lambda self, *a, **kw: (calls.append(1), sums(self, *a, **kw))[1])
+    return calls
+
+
+def _wide_cnn(seed: int):
+    """The tiny CNN with 12 channels into conv2 (at least its 9 taps, so its moments come from sums)."""
+    import builders as B
+    return B.cnn_weights(seed, c1=12, c2=10)
+
+
 def test_a_merge_by_sums_equals_the_merge_by_im2col_rows(tmp_path, monkeypatch):
     """The whole merge of two tiny CNNs (3x3 convs, pads 1 and 0) at half sharing: the same pairs and, to
-    float tolerance, the same merged weights whether the convs' moments come from sums or from rows."""
+    float tolerance, the same merged weights whether conv2's moments come from sums or from rows."""
     import builders as B
     from onnxzip import shifted
     from onnxzip.api import merge
     from onnxzip.options import MergeOptions
 
-    a = B.save(B.cnn_model(B.cnn_weights(0)), tmp_path / "a.onnx")
-    b = B.save(B.cnn_model(B.cnn_weights(1)), tmp_path / "b.onnx")
+    a = B.save(B.cnn_model(_wide_cnn(0)), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(_wide_cnn(1)), tmp_path / "b.onnx")
     calib = B.calib_folder(tmp_path / "calib", (1, 12, 12), n=128)
+    calls = _spy_sums(monkeypatch)
 
     def merged(name):
         result = merge([a, b], calib, tmp_path / f"{name}.onnx", MergeOptions(share=0.5))
@@ -134,11 +150,33 @@ def test_a_merge_by_sums_equals_the_merge_by_im2col_rows(tmp_path, monkeypatch):
         return [np.array(lp.shared) for lp in result.plan.layers], weights
 
     pairs, weights = merged("sums")
+    assert calls
     monkeypatch.setattr(shifted, "applies", lambda *args: False)
+    del calls[:]
     pairs_rows, weights_rows = merged("rows")
+    assert not calls
     for p, q in zip(pairs, pairs_rows):
         np.testing.assert_array_equal(p, q)
     assert weights.keys() == weights_rows.keys()
     for name, w in weights.items():  # float32 moments, then damped solves: relative to each tensor's scale
         scale = max(float(np.abs(weights_rows[name]).max()), 1e-12)
         assert float(np.abs(w - weights_rows[name]).max()) / scale < MERGED_REL_TOL, name
+
+
+def test_a_permuted_copy_is_recovered_exactly_by_sums(tmp_path, monkeypatch):
+    import builders as B
+    from onnxzip.api import merge
+    from onnxzip.options import MergeOptions
+
+    layers = _wide_cnn(0)
+    other, perms = B.permute_hidden(layers, 3)
+    a = B.save(B.cnn_model(layers), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(other), tmp_path / "b.onnx")
+    calls = _spy_sums(monkeypatch)
+    result = merge([a, b], B.calib_folder(tmp_path / "calib", (1, 12, 12), n=128), tmp_path / "m.onnx",
+                   MergeOptions())
+    assert calls
+    for lp, perm in zip(result.plan.layers, perms):
+        pairs = np.array(lp.shared)
+        assert len(pairs) == lp.units[0]
+        np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
