@@ -13,7 +13,7 @@ against a budget of the two models + the two largest Hessians + one batch of act
 
 The floor. Per stage, the work MTZ's algebra needs for the full merge, at rates measured in the same
 process (float32 and float64 GEMM and float64 Cholesky on 2,048-square problems; ONNX Runtime's own
-pass; SciPy's assignment solver on random matrices of each layer's size):
+pass; SciPy's assignment solver, timed on the merge's own cost matrices):
 - calibrate: each task's tied and original model once over the calibration data (two ORT passes), and
   per task and layer the Gram (shifted channel products for stride-1 convs, a syrk otherwise, the
   n x n kernel where the correction takes its dual form) and the cross moments (2 n d O) in float32;
@@ -106,7 +106,7 @@ def layer_shapes(arch: str) -> list[dict]:
     for spec in ARCHS[arch]:
         if spec[0] == "conv":
             _, o, k, pad = spec
-            out.append({"kind": "conv", "c": ch, "o": o, "k": k, "pad": pad, "size": size,
+            out.append({"kind": "conv", "c": ch, "o": o, "k": k, "pad": pad, "stride": 1, "size": size,
                         "out": size + 2 * pad - k + 1, "d": ch * k * k})
             ch, size = o, size + 2 * pad - k + 1
         elif spec[0] == "pool":
@@ -140,32 +140,37 @@ def measure_rates() -> dict:
             "chol64": n ** 3 / 3 / best(lambda: cho_factor(spd, lower=True))}
 
 
-def lsap_seconds(units: list[int]) -> float:
-    """Seconds of SciPy's linear_sum_assignment on a random square cost matrix of each size, in this process."""
-    from scipy.optimize import linear_sum_assignment
-    rng, total = np.random.default_rng(1), 0.0
-    for u in units:
-        cost = rng.random((u, u))
+class AssignmentTimer:
+    """Wraps the assignment solver onnxzip.match calls (SciPy's linear_sum_assignment) and sums its seconds
+    in the merge: the matching's floor is the solver's own time on the merge's cost matrices."""
+
+    def __init__(self):
+        import onnxzip.match as match
+        self.match, self.solver, self.seconds = match, match.linear_sum_assignment, 0.0
+        match.linear_sum_assignment = self
+
+    def __call__(self, *args, **kwargs):
         start = time.perf_counter()
-        linear_sum_assignment(cost)
-        total += time.perf_counter() - start
-    return total
+        try:
+            return self.solver(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
-def floor_seconds(arch: str, samples: int, verify_samples: int, rates: dict, ort_s: float, lsap_s: float,
+def floor_seconds(layers: list[dict], samples: int, verify_samples: int, rates: dict, ort_s: float, lsap_s: float,
                   max_patches: int | None = None) -> dict:
-    """The merge's floor per stage: the work MTZ's algebra needs for a full merge of two models, at the rates
-    measured in this run (module docstring)."""
+    """The merge's floor per stage: the work MTZ's algebra needs for a full merge of two models with these
+    weight layers (layer_shapes; the last is the head), at the rates measured in this run (module docstring)."""
     from onnxzip.hessian import gram_bytes, rows_bytes
     from onnxzip.shifted import applies, flops as shifted_flops
     calib = 2 * ort_s  # every task's tied and original model, once each over the calibration data
     pair = tie = 0.0
-    layers = layer_shapes(arch)
     for i, L in enumerate(layers):
         d, O = L["d"] + 1, L["o"]
         positions = L["out"] ** 2 if max_patches is None else min(L["out"] ** 2, max_patches)
         n = samples * positions
-        if L["kind"] == "conv" and applies((L["k"], L["k"]), (1, 1), (1, 1), L["c"]) and positions == L["out"] ** 2:
+        if (L["kind"] == "conv" and applies((L["k"], L["k"]), (L["stride"],) * 2, (1, 1), L["c"])
+                and positions == L["out"] ** 2):
             gram = 2 * samples * shifted_flops(L["c"], (L["k"], L["k"]), (L["size"],) * 2, (L["pad"],) * 4)
         else:
             gram = n * d * (d + 1)  # a syrk
@@ -252,7 +257,7 @@ def run_pair(arch: str, samples: int, batch: int, max_patches: int | None, queue
         np.save(tmp / "calib" / "x.npy", x)
         baseline = ort_pass(paths, x, batch)
         rates = measure_rates()
-        lsap = lsap_seconds([L["o"] for L in layer_shapes(arch)[:-1]])
+        assignments = AssignmentTimer()
         probe = ProbeTimer(StageTimer())
         before = rss()
         probe.thread.start()
@@ -264,7 +269,8 @@ def run_pair(arch: str, samples: int, batch: int, max_patches: int | None, queue
         weights = sum(p.stat().st_size for p in paths)
         act = max(batch * int(np.prod(o.shape[1:])) * 4 for o in _activation_shapes(paths[0], x[:1]))
         hessians = 2 * (max(feats) + 1) ** 2 * 8
-        floor = floor_seconds(arch, samples, opts.verify_samples, rates, baseline, lsap, max_patches)
+        lsap = assignments.seconds
+        floor = floor_seconds(layer_shapes(arch), samples, opts.verify_samples, rates, baseline, lsap, max_patches)
         queue.put({
             "floor_s": floor, "floor_total_s": sum(floor.values()), "floor_ratio": wall / sum(floor.values()),
             "rates_gflops": {k: v / 1e9 for k, v in rates.items()}, "lsap_s": lsap,
@@ -323,9 +329,14 @@ def write_results(rows, command: str) -> None:
                + "\n\nBudget parts (MiB): " + "; ".join(
                    f"{_label(r)}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["budget_parts_mib"].items()) for r in rows)
                + "\n")
+    replace_section("merge_speed", section)
+
+
+def replace_section(name: str, section: str) -> None:
+    """Put ``section`` in place of RESULTS.md's section ``## name`` (appended when there is none)."""
     results = HERE / "RESULTS.md"
     text = results.read_text() if results.exists() else "# Benchmark results\n\n"
-    start = text.find("## merge_speed")
+    start = text.find(f"## {name}\n")
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
