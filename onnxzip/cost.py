@@ -22,6 +22,11 @@ from .errors import OnnxZipError
 
 
 
+# The precision in which M (interaction) is formed: a float32 factorisation and product, about twice as fast
+# as float64 on the cubic step. M only ranks pairs (pair_costs runs in float32 anyway); the merged weights
+# (Eq. 10), the products route and the matched costs keep the float64 factor. Measured to choose the same
+# pairs and give the same test errors as float64: benchmarks/float32.py.
+METRIC_DTYPE = np.float32
 # M X by products (H_B X, a solve, H_A ..., both orders: 12 d^2 flops per column) costs less than forming
 # the d x d M (4 d^3) and multiplying (2 d^2 per column) while X has fewer than this many columns per row.
 PRODUCTS_MAX_COLUMNS_PER_ROW = 0.4
@@ -53,11 +58,23 @@ class PairMetric:
         if kind == "l2":
             return np.eye(self.HA.shape[0])
         if self._M is None:
-            M = self.HA @ cho_solve(self.factor, self.HB)
+            HA, HB, factor = self._metric_operands()
+            M = HA @ cho_solve(factor, HB)
             M += M.T
             M *= 0.5
             self._M = M
         return self._M
+
+    def _metric_operands(self):
+        """H_A, H_B and the factor of their sum in METRIC_DTYPE; the float64 ones where that is float64 or
+        the float32 sum does not factor (rounding can make a nearly singular sum indefinite)."""
+        if METRIC_DTYPE == np.float64:
+            return self.HA, self.HB, self.factor
+        HA, HB = (np.asarray(H, METRIC_DTYPE) for H in (self.HA, self.HB))
+        try:
+            return HA, HB, cho_factor(HA + HB, lower=True, overwrite_a=True, check_finite=True)
+        except (LinAlgError, ValueError):
+            return self.HA, self.HB, self.factor
 
     def by_products(self, columns: int) -> bool:
         """Whether M times ``columns`` columns is cheaper by products than by forming M (the flop counts above;

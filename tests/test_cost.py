@@ -4,10 +4,19 @@ a time (zipper._fold) relies on."""
 import numpy as np
 import pytest
 
+from onnxzip import cost
 from onnxzip.cost import PairMetric, matched_costs, pair_costs
 
 # float64 throughout: the identities hold to rounding of well-conditioned solves.
 RTOL = 1e-9
+# M formed in float32 (cost.METRIC_DTYPE) against float64, on these well-conditioned Hessians.
+FLOAT32_RTOL = 1e-5
+
+
+@pytest.fixture
+def float64_metric(monkeypatch):
+    """M formed in float64, as the identities below need."""
+    monkeypatch.setattr(cost, "METRIC_DTYPE", np.float64)
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -16,7 +25,7 @@ def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n_tasks", [2, 3, 5])
-def test_folding_tasks_in_gives_the_n_task_closed_form_and_its_cost(n_tasks):
+def test_folding_tasks_in_gives_the_n_task_closed_form_and_its_cost(n_tasks, float64_metric):
     """w = (sum H_t)^-1 sum H_t w_t, and the step costs add up to 1/2 sum_t (w - w_t)^T H_t (w - w_t)."""
     rng = np.random.default_rng(n_tasks)
     d, units = 7, 4
@@ -48,7 +57,7 @@ def test_all_pair_costs_match_the_matched_costs_and_vanish_on_equal_columns():
 
 
 @pytest.mark.parametrize("d,n", [(40, 3), (40, 30)])  # few columns: by products; many: M formed
-def test_pair_costs_by_products_equal_those_of_the_formed_metric(d, n):
+def test_pair_costs_by_products_equal_those_of_the_formed_metric(d, n, float64_metric):
     """The metric's pair and matched costs, whichever way M X is computed, equal those of M formed (Eq. 12)."""
     rng = np.random.default_rng(3)
     HA, HB = _spd(rng, d), _spd(rng, d)
@@ -63,3 +72,31 @@ def test_pair_costs_by_products_equal_those_of_the_formed_metric(d, n):
     formed = metric.interaction("hessian")  # formed once, then used for every product
     assert metric.interaction("hessian") is formed
     assert np.array_equal(metric.times("hessian", A), formed @ A)
+
+
+def test_the_metric_formed_in_float32_equals_the_float64_one(monkeypatch):
+    """The default float32 M (cost.METRIC_DTYPE) against float64: the same matrix to float32 rounding, the same
+    pairs, and merged weights that do not depend on it (they keep the float64 factor)."""
+    rng = np.random.default_rng(5)
+    d, n = 50, 12
+    HA, HB = _spd(rng, d), _spd(rng, d)
+    A = rng.standard_normal((d, n))
+    B = A[:, rng.permutation(n)] + 0.05 * rng.standard_normal((d, n))
+    assert cost.METRIC_DTYPE == np.float32
+    m32 = PairMetric(HA, HB, "fc")
+    M32 = m32.interaction("hessian")
+    monkeypatch.setattr(cost, "METRIC_DTYPE", np.float64)
+    m64 = PairMetric(HA, HB, "fc")
+    M64 = m64.interaction("hessian")
+    assert M32.dtype == np.float32 and M64.dtype == np.float64
+    np.testing.assert_allclose(M32, M64, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * np.abs(M64).max())
+    np.testing.assert_array_equal(pair_costs(M32, A, B).argmin(1), pair_costs(M64, A, B).argmin(1))
+    np.testing.assert_array_equal(m32.merged_weights(A, B), m64.merged_weights(A, B))
+
+
+def test_a_float32_sum_that_does_not_factor_falls_back_to_float64():
+    """H_A + H_B positive definite in float64 but not after rounding to float32: M is formed in float64."""
+    H = np.array([[0.5, 0.5 - 5e-10], [0.5 - 5e-10, 0.5]])  # the off-diagonal rounds to 0.5 in float32
+    metric = PairMetric(H, H.copy(), "fc")
+    M = metric.interaction("hessian")
+    assert M.dtype == np.float64 and np.all(np.isfinite(M))
