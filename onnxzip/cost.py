@@ -16,14 +16,14 @@ Ways to choose the pairs (``--cost``); the merged weights are MTZ's (Eq. 10/11) 
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import LinAlgError, cho_factor, cho_solve
+from scipy.linalg import LinAlgError, cho_factor, cho_solve, solve_triangular
 
 from .errors import OnnxZipError
 
 
 
-# The precision in which M (interaction) is formed: a float32 factorisation and product, about twice as fast
-# as float64 on the cubic step. M only ranks pairs (pair_costs runs in float32 anyway); the merged weights
+# The precision in which M (interaction) is formed: a float32 factorisation, solve and syrk, about twice as
+# fast as float64 on the cubic step. M only ranks pairs (pair_costs runs in float32 anyway); the merged weights
 # (Eq. 10), the products route and the matched costs keep the float64 factor. Measured to choose the same
 # pairs and give the same test errors as float64: benchmarks/float32.py.
 METRIC_DTYPE = np.float32
@@ -58,23 +58,26 @@ class PairMetric:
         if kind == "l2":
             return np.eye(self.HA.shape[0])
         if self._M is None:
-            HA, HB, factor = self._metric_operands()
-            M = HA @ cho_solve(factor, HB)
-            M += M.T
-            M *= 0.5
-            self._M = M
+            # M = H_A (H_A+H_B)^-1 H_B = H_s - H_s (H_A+H_B)^-1 H_s for either s, as H_A + H_B - H_s is the
+            # other one: with (H_A+H_B) = L L^T, M = H_s - Y^T Y, Y = L^-1 H_s. One triangular solve and one
+            # syrk (d^3 in all, half of a solve and a product), exactly symmetric. s is the Hessian of the
+            # smaller trace: M lies below both in the Loewner order, so the difference cancels least there.
+            Hs, factor = self._metric_operands()
+            Y = solve_triangular(factor[0], Hs, lower=True, check_finite=False)
+            self._M = Hs - Y.T @ Y
         return self._M
 
     def _metric_operands(self):
-        """H_A, H_B and the factor of their sum in METRIC_DTYPE; the float64 ones where that is float64 or
-        the float32 sum does not factor (rounding can make a nearly singular sum indefinite)."""
+        """H_s (the Hessian of the smaller trace) and the factor of H_A + H_B, in METRIC_DTYPE; float64 where
+        that is float64 or the float32 sum does not factor (rounding can make a nearly singular sum indefinite)."""
+        Hs = self.HA if np.trace(self.HA) <= np.trace(self.HB) else self.HB
         if METRIC_DTYPE == np.float64:
-            return self.HA, self.HB, self.factor
-        HA, HB = (np.asarray(H, METRIC_DTYPE) for H in (self.HA, self.HB))
+            return Hs, self.factor
         try:
-            return HA, HB, cho_factor(HA + HB, lower=True, overwrite_a=True, check_finite=True)
+            return np.asarray(Hs, METRIC_DTYPE), cho_factor(np.asarray(self.HA + self.HB, METRIC_DTYPE), lower=True,
+                                                            overwrite_a=True, check_finite=True)
         except (LinAlgError, ValueError):
-            return self.HA, self.HB, self.factor
+            return Hs, self.factor
 
     def by_products(self, columns: int) -> bool:
         """Whether M times ``columns`` columns is cheaper by products than by forming M (the flop counts above;
