@@ -20,16 +20,15 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve, solve_triangular
 
 from .errors import OnnxZipError
 
-
-
 # The precision in which M (interaction) is formed: a float32 factorisation, solve and syrk, about twice as
 # fast as float64 on the cubic step. M only ranks pairs (pair_costs runs in float32 anyway); the merged weights
-# (Eq. 10), the products route and the matched costs keep the float64 factor. Measured to choose the same
+# (Eq. 10) and the products route (used where M is not formed) keep the float64 factor. Measured to choose the same
 # pairs and give the same test errors as float64: benchmarks/float32.py.
 METRIC_DTYPE = np.float32
-# M X by products (H_B X, a solve, H_A ..., both orders: 12 d^2 flops per column) costs less than forming
-# the d x d M (4 d^3) and multiplying (2 d^2 per column) while X has fewer than this many columns per row.
-PRODUCTS_MAX_COLUMNS_PER_ROW = 0.4
+# M X by products (H_s X, a solve, H_s times that: 3 d^2 multiply-adds per column, float64) costs less than
+# forming M (a float32 Cholesky, triangular solve and syrk: 4/3 d^3 at about twice the float64 rate) and
+# multiplying (d^2 per column, float32) while X has fewer than this many columns per row of M.
+PRODUCTS_MAX_COLUMNS_PER_ROW = 0.25
 
 
 def _factor(H: np.ndarray, where: str):
@@ -67,10 +66,14 @@ class PairMetric:
             self._M = Hs - Y.T @ Y
         return self._M
 
+    def _smaller(self) -> np.ndarray:
+        """H_s: the Hessian of the smaller trace (interaction)."""
+        return self.HA if np.trace(self.HA) <= np.trace(self.HB) else self.HB
+
     def _metric_operands(self):
         """H_s (the Hessian of the smaller trace) and the factor of H_A + H_B, in METRIC_DTYPE; float64 where
         that is float64 or the float32 sum does not factor (rounding can make a nearly singular sum indefinite)."""
-        Hs = self.HA if np.trace(self.HA) <= np.trace(self.HB) else self.HB
+        Hs = self._smaller()
         if METRIC_DTYPE == np.float64:
             return Hs, self.factor
         try:
@@ -87,16 +90,15 @@ class PairMetric:
     def times(self, kind: str, X: np.ndarray) -> np.ndarray:
         """M X for the metric ``kind``; by products, M never formed, where that costs fewer flops.
 
-        M X = 1/2 (H_A (H_A+H_B)^-1 H_B + H_B (H_A+H_B)^-1 H_A) X: the symmetric M of interaction().
+        M X = H_s X - H_s (H_A+H_B)^-1 H_s X, the M of interaction().
         """
         if kind == "l2":
             return X
         if self._M is not None or not self.by_products(X.shape[1]):
             return self.interaction(kind) @ X
-        MX = self.HA @ cho_solve(self.factor, self.HB @ X)
-        MX += self.HB @ cho_solve(self.factor, self.HA @ X)
-        MX *= 0.5
-        return MX
+        Hs = self._smaller()
+        HsX = Hs @ X
+        return HsX - Hs @ cho_solve(self.factor, HsX)
 
     def pair_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """All pair costs of columns of A and B under metric ``kind`` (pair_costs), M formed only where

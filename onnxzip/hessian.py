@@ -320,14 +320,15 @@ class MomentAccumulator:
     def gram_block(self, f: np.ndarray) -> np.ndarray:
         """E[x_f x_f^T] over the features f, as a new array: a layer's Hessian over some of its inputs."""
         self._flush()
+        every = len(f) == self.d1 and np.array_equal(f, np.arange(self.d1))  # a plain copy, not a gather
         if self._form == GRAM:
-            return self._gram[np.ix_(f, f)]
+            return self._gram.copy() if every else self._gram[np.ix_(f, f)]
         out, n = np.zeros((len(f), len(f))), 0
-        for X, _ in self.row_chunks:
-            Xf, m = X[:, f], X.shape[0]
-            out *= n / (n + m)
-            out += (Xf.T @ Xf).astype(np.float64) * (1.0 / (n + m))
-            n += m
+        for X, _ in self.row_chunks:  # float64 sums of float32 chunk products (no float64 copy of each), then the mean
+            Xf = X if every else X[:, f]
+            out += Xf.T @ Xf
+            n += X.shape[0]
+        out /= max(n, 1)
         return out
 
     @property

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxzip.correct import refit_update, relative_error
 from onnxzip.correlate import CrossMoments
+from onnxzip import cost
 from onnxzip.cost import PairMetric, pair_costs
 from onnxzip.hessian import MomentAccumulator, layer_rows, output_rows
 from onnxzip.ir import CONV, Layer
@@ -20,12 +21,17 @@ def _spd(rng, d):
     return X.T @ X / (3 * d) + 0.1 * np.eye(d)
 
 
-def test_interaction_is_harmonic_sum_of_hessians():
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-5)])
+def test_interaction_is_harmonic_sum_of_hessians(dtype, tol, monkeypatch):
+    """M = (H_A^-1 + H_B^-1)^-1, in float64 and in the default float32 (cost.METRIC_DTYPE), exactly symmetric."""
+    monkeypatch.setattr(cost, "METRIC_DTYPE", dtype)
     rng = np.random.default_rng(0)
     HA, HB = _spd(rng, 6), _spd(rng, 6)
     expected = np.linalg.inv(np.linalg.inv(HA) + np.linalg.inv(HB))
     metric = PairMetric(HA, HB, "x")
-    np.testing.assert_allclose(metric.interaction("hessian"), expected, rtol=1e-10, atol=1e-12)
+    M = metric.interaction("hessian")
+    assert M.dtype == dtype and np.array_equal(M, M.T)
+    np.testing.assert_allclose(M, expected, rtol=tol, atol=tol * 1e-2)
     np.testing.assert_array_equal(metric.interaction("l2"), np.eye(6))
 
 
