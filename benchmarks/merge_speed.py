@@ -339,7 +339,7 @@ def replace_section(name: str, section: str) -> None:
     start = text.find(f"## {name}\n")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     results.write_text(text)
