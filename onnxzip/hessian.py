@@ -1,7 +1,9 @@
 """Layer-wise second moments of calibration inputs: H = 1/n sum x x^T (float64 running mean).
 
 For conv layers x is every kernel-sized patch of the input (im2col), pads, strides and dilations
-respected; the bias is the weight of a constant input 1, appended as the last feature.
+respected; the bias is the weight of a constant input 1, appended as the last feature. A batch can
+also arrive as its sums (BatchSums, add_sums): shifted.py computes them for stride-1 convs without
+forming the patches.
 
 Memory follows the work. A layer with more than ROWS_MIN_FEATURES inputs keeps its input rows
 instead of the (d+1) x (d+1) Gram for as long as the rows, with the n x n kernel of the dual
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 from dataclasses import dataclass
 
 import numpy as np
