@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .hessian import CHUNK_BYTES, conv_patches, damping_from_diag, output_size
+from .hessian import CHUNK_BYTES, conv_patches, damping_from_diag, output_size, patch_subset
 from .ir import DEPTHWISE, PRELU, Op
 
 # Pair costs are computed for this many (channel of A, channel of B) pairs at a time.
@@ -47,12 +47,24 @@ def with_vectors(op: Op, P: np.ndarray) -> Op:
 
 
 def _patches(op: Op, x: np.ndarray, max_patches: int | None) -> np.ndarray:
-    """Every kernel-sized patch of every channel of x [B, C, H, W], as [C, n, k*k] (hessian.conv_patches:
-    at most max_patches positions per sample, as a layer's Hessian takes)."""
+    """Every kernel-sized patch of every channel of x [B, C, H, W], as [C, k*k, n] (tap-major: one strided
+    copy per tap, not a gather of every patch; hessian.conv_patches where at most max_patches positions
+    per sample are kept, as a layer's Hessian takes them)."""
     a = op.attr_dict()
-    kernel = kernel_shape(op)
-    patches = conv_patches(x, kernel, a["strides"], a["pads"], a["dilations"], max_patches)
-    return np.ascontiguousarray(np.moveaxis(patches, -3, 0)).reshape(x.shape[1], -1, kernel[0] * kernel[1])
+    (kh, kw), (sh, sw), (dh, dw) = kernel_shape(op), a["strides"], a["dilations"]
+    oh, ow = output_size(x.shape[2:], (kh, kw), a["strides"], a["pads"], a["dilations"])
+    B, C = x.shape[:2]
+    if patch_subset(oh, ow, max_patches) is not None:
+        patches = conv_patches(x, (kh, kw), a["strides"], a["pads"], a["dilations"], max_patches)
+        return np.ascontiguousarray(np.moveaxis(patches, -3, 0)).reshape(C, -1, kh * kw).transpose(0, 2, 1)
+    pt, pl, pb, pr = a["pads"]
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    out = np.empty((C, kh * kw, B, oh, ow), dtype=np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            tap = xp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            out[:, i * kw + j] = tap.transpose(1, 0, 2, 3)
+    return out.reshape(C, kh * kw, -1)
 
 
 class ChannelMoments:
@@ -74,14 +86,14 @@ class ChannelMoments:
             return
         step = max(1, CHUNK_BYTES // self._patch_bytes(x.shape))
         for start in range(0, x.shape[0], step):
-            X = _patches(self.op, np.asarray(x[start:start + step], np.float32), self.max_patches)  # [C, n, k*k]
-            k2 = X.shape[2]
-            self.sums[:, :k2, :k2] += np.matmul(X.transpose(0, 2, 1), X)  # a float32 product per chunk
-            s = X.sum(axis=1, dtype=np.float64)
+            X = _patches(self.op, np.asarray(x[start:start + step], np.float32), self.max_patches)  # [C, k*k, n]
+            k2 = X.shape[1]
+            self.sums[:, :k2, :k2] += np.matmul(X, X.transpose(0, 2, 1))  # a float32 product per chunk
+            s = X.sum(axis=2, dtype=np.float64)
             self.sums[:, :k2, k2] += s
             self.sums[:, k2, :k2] += s
-            self.sums[:, k2, k2] += X.shape[1]
-            self.n += X.shape[1]
+            self.sums[:, k2, k2] += X.shape[2]
+            self.n += X.shape[2]
 
     def _patch_bytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of one sample's float32 patches (at most max_patches positions per channel)."""
