@@ -198,7 +198,6 @@ class MomentAccumulator:
         self._chunk_rows = max(1, CHUNK_BYTES // (4 * (n_features + 1 + n_targets)))
         self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._pending_rows = 0
-        self._gram_n = 0  # rows in the Gram's running mean
         if not gram:
             self._form = MOMENTS
         elif rows or (rows is None and self.d1 > ROWS_MIN_FEATURES):
@@ -232,19 +231,19 @@ class MomentAccumulator:
         """Allocate the Gram (if it fits, with the rows it replaces still held) and fold the kept rows into it."""
         if not self._fits(gram_bytes(self.d1, self.m) + self.held_bytes):
             return
-        self._gram, self._gram_n = np.zeros((self.d1, self.d1)), 0
+        self._gram, n = np.zeros((self.d1, self.d1)), 0
         for X, _ in self._chunks:  # the same chunks, in the same order, as a Gram kept from the start
-            self._fold(X.T @ X, X.shape[0])
+            self._fold(X.T @ X, X.shape[0], n)
+            n += X.shape[0]
         self._form, self._chunks, self._diag = GRAM, [], None
 
-    def _fold(self, P: np.ndarray, m: int) -> None:
-        """Fold the product P = X^T X of m more rows into the Gram's running mean, in row blocks."""
-        keep, share = self._gram_n / (self._gram_n + m), 1.0 / (self._gram_n + m)
+    def _fold(self, P: np.ndarray, m: int, n_before: int) -> None:
+        """Fold the product P = X^T X of m more rows into the Gram's running mean over n_before rows, in row blocks."""
+        keep, share = n_before / (n_before + m), 1.0 / (n_before + m)
         self._gram *= keep
         step = max(1, CHUNK_BYTES // (8 * self.d1))
         for a in range(0, self.d1, step):
             self._gram[a:a + step] += P[a:a + step].astype(np.float64) * share
-        self._gram_n += m
 
     def add(self, rows: np.ndarray, residuals: np.ndarray | None = None, targets: np.ndarray | None = None) -> None:
         """Add a batch of input rows (with the matching residual rows and target rows)."""
@@ -266,7 +265,7 @@ class MomentAccumulator:
         m = sums.count
         keep, share = self.n / (self.n + m), 1.0 / (self.n + m)
         if form == GRAM:
-            self._fold(sums.gram, m)
+            self._fold(sums.gram, m, self.n)
         if self._cross is not None:
             self._cross *= keep
             self._cross += sums.cross * share
@@ -284,7 +283,7 @@ class MomentAccumulator:
         if self._cross is not None and self._pending[0][1] is not None:
             Z = np.concatenate([z for _, z in self._pending]).astype(np.float32, copy=False)
         if self._form == GRAM:
-            self._fold(X.T @ X, m)  # a syrk: exactly symmetric, as correct.py's factorisation requires
+            self._fold(X.T @ X, m, self.n)  # a syrk: exactly symmetric, as correct.py's factorisation requires
         elif self._form == ROWS:
             self._chunks.append((X, Z))
             self._diag *= keep

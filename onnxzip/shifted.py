@@ -40,7 +40,7 @@ def applies(kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[
 
 
 def flops(channels: int, kernel: tuple[int, int], size: tuple[int, int], pads: tuple[int, ...]) -> float:
-    """Multiply-adds per image of shifted_gram's channel products (the big ones; border terms included)."""
+    """Multiply-adds per image of PatchImage.gram's channel products (the big ones; border terms included)."""
     (kh, kw), (h, w) = kernel, size
     wp = w + pads[1] + pads[3]
     rows = sum(max(0, h - di) for di, _ in _shifts(kh, kw))

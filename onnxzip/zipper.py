@@ -50,7 +50,8 @@ UNIT_BATCHES, UNIT_TASKS, UNIT_STEPS, UNIT_MODELS = "batches", "tasks", "steps",
 # stage of their own: a large layer's correction ("correct layer fc1") and pairing ("pair layer fc1").
 PROGRESS_MIN_FLOPS = 1e10
 # Floating-point operations per task pair and cube of the shared-input dimension of pairing a layer:
-# the factorisation of H_A + H_B and the solve and product of the metric M (cost.PairMetric).
+# the factorisations of H_A + H_B (float64, and float32 for M) and M's triangular solve and syrk
+# (cost.PairMetric), rounded up.
 PAIR_FLOPS_PER_CUBE = 4
 # Share of the memory a layer's moments may take (hessian.memory_budget, measured when the merge starts) that
 # the caches of live tensors may hold; batches beyond it are kept on disk.
