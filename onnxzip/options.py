@@ -62,6 +62,8 @@ DEFAULT_CORRECT_DAMPING = 1e-3
 DEFAULT_BATCH_SIZE = 64
 # Calibration samples per task for the final check that the written model equals the tied one.
 DEFAULT_VERIFY_SAMPLES = 512
+# Samples per task of --stream-pairing all's first pass (zipper.zip_networks; benchmarks/guide_samples.py).
+DEFAULT_GUIDE_SAMPLES = 512
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?i?[bB])?\s*$")
 _SIZE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2 ** 10, "MI": 2 ** 20, "GI": 2 ** 30}
 PARAMS, BYTES = "params", "bytes"
@@ -209,6 +211,11 @@ class MergeOptions:
     stream_pairing: str = cli_field("all", "Residual streams: all (paired from the costs of all their writers; two "
                                     "passes) or early (from the writers before the stream is first read; one pass, "
                                     "faster).", PANEL_PAIRING, choices=STREAM_PAIRINGS)
+    # The first of --stream-pairing all's two passes only gathers the later writers' statistics that
+    # guide a stream's pairing; it reads each task's first ``guide_samples`` calibration samples (0: all).
+    guide_samples: int = cli_field(DEFAULT_GUIDE_SAMPLES, "Calibration samples per task of --stream-pairing "
+                                          "all's first pass, which only guides the streams' pairing (0: all).",
+                                          PANEL_PAIRING)
 
     def __post_init__(self) -> None:
         checks = [
@@ -230,6 +237,8 @@ class MergeOptions:
              f"--seed must be a non-negative integer, got {self.seed!r}"),
             (self.retrain is None or (hasattr(self.retrain, "iters") and hasattr(self.retrain, "lr")),
              f"retrain must be a RetrainOptions or None, got {type(self.retrain).__name__}"),
+            (self.guide_samples >= 0,
+             f"--guide-samples must be at least 0 (0: all), got {self.guide_samples}"),
             (self.stream_pairing in STREAM_PAIRINGS,
              f"--stream-pairing must be one of {', '.join(STREAM_PAIRINGS)}, got '{self.stream_pairing}'"),
             (self.max_patches is None or self.max_patches >= 1,

@@ -29,7 +29,7 @@ from .cost import PairMetric
 from .emit import task_model
 from .errors import OnnxZipError
 from .format import LIVE_PREFIX
-from . import shifted
+from . import pointwise, shifted
 from .hessian import GRAM, MOMENTS, MomentAccumulator, damp, layer_rows, memory_budget, output_rows, patch_subset
 from .ir import CONV, Layer, Network, is_sparse, unit_features
 from .options import MergeOptions
@@ -211,8 +211,10 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
         (pre, *op_inputs), live_orig = run_orig(live_tied if orig_in is None else orig_in)
         for moments, x in zip(channels.values(), op_inputs):
             moments.add(x)
-        x = live_tied[at]
-        if _by_sums(acc, layer, pre, max_patches):  # the tied layer's output from ONNX Runtime, no im2col
+        x, route = live_tied[at], _sums_route(acc, layer, pre, max_patches)
+        if route is pointwise:
+            acc.add_sums(pointwise.sums(x, pre, W0, b0, layer.strides, gram=acc.form == GRAM))
+        elif route is shifted:  # the tied layer's output from ONNX Runtime, no im2col
             run_layer = run_layer or _runner(task.tied, step, step + 1, [("pre", k)], providers)
             image = shifted.PatchImage(x, layer.kernel, layer.pads)
             acc.add_sums(image.sums(pre, run_layer(live_tied)[0][0], gram=acc.form == GRAM))
@@ -229,11 +231,18 @@ def _calibrate(task: _Task, k: int, n_layers: int, providers, tick, max_patches:
     return acc, channels
 
 
-def _by_sums(acc: MomentAccumulator, layer: Layer, pre: np.ndarray, max_patches: int | None) -> bool:
-    """True when a batch of layer's moments is added by its sums (shifted.PatchImage, no im2col matrix): a
-    stride-1 conv over every output position, into an accumulator that keeps a Gram or only moments."""
-    return (layer.kind == CONV and shifted.applies(layer.kernel, layer.strides, layer.dilations, layer.W.shape[1])
-            and patch_subset(pre.shape[2], pre.shape[3], max_patches) is None and acc.form in (GRAM, MOMENTS))
+def _sums_route(acc: MomentAccumulator, layer: Layer, pre: np.ndarray, max_patches: int | None):
+    """The module that adds a batch of layer's moments by its sums (no im2col matrix), or None for the rows:
+    a conv over every output position, into an accumulator that keeps a Gram or only moments; pointwise for
+    a 1x1 kernel, shifted for a stride-1 one with more taps (each module's ``applies``)."""
+    if (layer.kind != CONV or patch_subset(pre.shape[2], pre.shape[3], max_patches) is not None
+            or acc.form not in (GRAM, MOMENTS)):
+        return None
+    if pointwise.applies(layer.kernel, layer.pads):
+        return pointwise
+    if shifted.applies(layer.kernel, layer.strides, layer.dilations, layer.W.shape[1]):
+        return shifted
+    return None
 
 
 def _shared_features(plan_layers: dict[int, LayerPlan], spaces: Spaces, k: int, t: int, task: _Task) -> np.ndarray:
@@ -875,6 +884,24 @@ def _zip_pass(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[n
     return plan, [t.tied for t in tasks], zip_pass.late or {}
 
 
+def _first_samples(batches: Sequence[Callable[[], Iterator[np.ndarray]]], n_batches: Sequence[int], limit: int,
+                   batch_size: int) -> tuple[list[Callable[[], Iterator[np.ndarray]]], list[int]]:
+    """Each task's batch source cut to its first ``limit`` samples (0: all), and the batch counts then."""
+    if not limit:
+        return list(batches), list(n_batches)
+
+    def cut(source: Callable[[], Iterator[np.ndarray]]) -> Callable[[], Iterator[np.ndarray]]:
+        def first() -> Iterator[np.ndarray]:
+            left = limit
+            for x in source():
+                if left <= 0:
+                    return
+                yield x[:left]
+                left -= len(x)
+        return first
+    return [cut(b) for b in batches], [min(n, -(-limit // batch_size)) for n in n_batches]
+
+
 def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterator[np.ndarray]]],
                  n_batches: Sequence[int], opts: MergeOptions, providers: list[str],
                  progress: ProgressFn = no_progress, timer: StageTimer | None = None,
@@ -886,7 +913,8 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     Spaces.decided_at names, from the summed pair costs of its states; later states follow
     that pairing. When a space has states after that layer (a stream read before its last
     writer), ``opts.stream_pairing`` "all" runs a first pass to get those states' statistics
-    and pairs the space in a second pass from the costs of all its states; "early" pairs it
+    (on each task's first ``opts.guide_samples`` samples) and pairs the space in a second pass from
+    the costs of all its states; "early" pairs it
     from the states before it is read only (one pass). ``after_layer`` runs after each hidden
     layer that shares units, when no writer is waiting for its space to be paired (see
     LayerHook), in the final pass only. Task t's layers 0..``depths[t]``-1 may share (default: as
@@ -900,7 +928,8 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     guides: dict[int, list[_LayerState]] = {}
     depths = tuple(align(nets).depths if depths is None else depths)
     if opts.stream_pairing == "all" and late_writers(aligned_spaces(nets[0], depths[0])):
-        _, _, guides = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, None, {}, True, depths,
+        first, counts = _first_samples(batches, n_batches, opts.guide_samples, opts.batch_size)
+        _, _, guides = _zip_pass(nets, first, counts, opts, providers, progress, timer, None, {}, True, depths,
                                  "pass 1 of 2: ")
     plan, tied, _ = _zip_pass(nets, batches, n_batches, opts, providers, progress, timer, after_layer, guides,
                               False, depths, "pass 2 of 2: " if guides else "")

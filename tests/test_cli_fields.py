@@ -18,7 +18,8 @@ MERGE_VALUES = {"share": ("--share", "0.25", 0.25), "max_cost": ("--max-cost", "
                 "batch_size": ("--batch-size", "5", 5), "verify_samples": ("--verify-samples", "3", 3),
                 "device": ("--device", "cpu", "cpu"), "seed": ("--seed", "4", 4),
                 "budget": ("--budget", "0.5", 0.5), "target_size": ("--target-size", "800KB", "800KB"),
-                "stream_pairing": ("--stream-pairing", "early", "early"), "quantize": ("--quantize", "static", "static"),
+                "stream_pairing": ("--stream-pairing", "early", "early"),
+                "guide_samples": ("--guide-samples", "0", 0), "quantize": ("--quantize", "static", "static"),
                 "card": ("--no-card", None, False)}
 RETRAIN_VALUES = {"iters": ("--iters", "5", 5), "lr": ("--lr", "0.01", 0.01), "batch_size": ("--batch-size", "8", 8),
                   "alpha": ("--alpha", "0.25", 0.25), "loss": ("--loss", "distill", "distill"),

@@ -211,6 +211,30 @@ def test_a_stream_is_paired_from_all_its_writers(tmp_path):
     assert cost["all"] < 0.01 * cost["early"]
 
 
+def test_the_first_pass_reads_only_the_guide_samples(tmp_path):
+    """--stream-pairing all's first pass reads each task's first --guide-samples samples (whole batches and
+    a cut last one); the second pass reads all of them; a permuted copy still comes back exactly."""
+    paths, perms = _copies(tmp_path, 2)
+    calib = B.calib_folder(tmp_path / "calib", SHAPE, n=256)
+    ticks: dict[str, list[int]] = {}
+
+    def progress(label, total, unit):
+        ticks.setdefault(label.split("layer")[0], []).append(total)
+        return lambda: None
+
+    result = merge(paths, calib, tmp_path / "m.onnx", MergeOptions(guide_samples=100, batch_size=64),
+                   progress=progress)
+    B.assert_copies_recovered(result.plan, NAMES, lambda t, role: perms[t][SPACE_OF[role]])
+    assert set(ticks["pass 1 of 2: "]) == {2 * 2}  # per layer: ceil(100 / 64) batches per task
+    assert set(ticks["pass 2 of 2: "]) == {2 * 4}  # all 256 samples: 4 batches per task
+    seen = []
+    first = Z._first_samples([lambda: iter(np.zeros((64, *SHAPE), np.float32) for _ in range(4))], [4], 100, 64)
+    for x in first[0][0]():
+        seen.append(len(x))
+    assert seen == [64, 36] and first[1] == [2]
+    assert Z._first_samples([list], [4], 0, 64)[1] == [4]  # 0: every sample
+
+
 def _session_outputs(model, feeds):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
