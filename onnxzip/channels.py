@@ -17,9 +17,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from .hessian import CHUNK_BYTES, conv_patches, damping_from_diag, output_size, patch_subset
+from .hessian import conv_patches, damping_from_diag, output_size, patch_subset
 from .ir import DEPTHWISE, PRELU, Op
 
+# Bytes of float32 patches per chunk of a depthwise conv's moments: few enough that the patches copied
+# are still in the cache when their products read them (a chunk is a few samples, or some channels of
+# one sample). At MobileNetV2's shapes, batches of 32: 1.2-3x faster than chunks of whole samples up to
+# 16 MiB (96 channels at 112x112, stride 2: 0.35 s -> 0.12 s; 144 at 56x56: 0.21 s -> 0.14 s).
+PATCH_CHUNK_BYTES = 1 << 22
 # Pair costs are computed for this many (channel of A, channel of B) pairs at a time.
 COST_CHUNK_PAIRS = 1 << 16
 
@@ -84,23 +89,34 @@ class ChannelMoments:
             self.sums[:, 0, 0] += (neg * neg).sum(axis=axes)
             self.n += int(np.prod([neg.shape[i] for i in axes]))
             return
-        step = max(1, CHUNK_BYTES // self._patch_bytes(x.shape))
+        per_sample = self._patch_bytes(x.shape)
+        step = max(1, PATCH_CHUNK_BYTES // per_sample)  # samples per chunk; channels per chunk below
+        block = x.shape[1] if step > 1 else max(1, PATCH_CHUNK_BYTES * x.shape[1] // per_sample)
         for start in range(0, x.shape[0], step):
-            X = _patches(self.op, np.asarray(x[start:start + step], np.float32), self.max_patches)  # [C, k*k, n]
-            k2 = X.shape[1]
-            self.sums[:, :k2, :k2] += np.matmul(X, X.transpose(0, 2, 1))  # a float32 product per chunk
-            s = X.sum(axis=2, dtype=np.float64)
-            self.sums[:, :k2, k2] += s
-            self.sums[:, k2, :k2] += s
-            self.sums[:, k2, k2] += X.shape[2]
-            self.n += X.shape[2]
+            for c in range(0, x.shape[1], block):
+                part = np.asarray(x[start:start + step, c:c + block], np.float32)
+                self._add_patches(c, _patches(self.op, part, self.max_patches))
+            self.n += self._positions(x.shape) * len(x[start:start + step])
+
+    def _add_patches(self, c: int, X: np.ndarray) -> None:
+        """Fold in one chunk's patches X [channels, k*k, n] of the channels from c on."""
+        at, k2 = slice(c, c + X.shape[0]), X.shape[1]
+        self.sums[at, :k2, :k2] += np.matmul(X, X.transpose(0, 2, 1))  # a float32 product per chunk
+        s = X.sum(axis=2, dtype=np.float64)
+        self.sums[at, :k2, k2] += s
+        self.sums[at, k2, :k2] += s
+        self.sums[at, k2, k2] += X.shape[2]
+
+    def _positions(self, shape: tuple[int, ...]) -> int:
+        """Patches per sample and channel (every output position, or at most max_patches of them)."""
+        a = self.op.attr_dict()
+        oh, ow = output_size(shape[2:], kernel_shape(self.op), a["strides"], a["pads"], a["dilations"])
+        return oh * ow if self.max_patches is None else min(oh * ow, self.max_patches)
 
     def _patch_bytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes of one sample's float32 patches (at most max_patches positions per channel)."""
-        a, kernel = self.op.attr_dict(), kernel_shape(self.op)
-        oh, ow = output_size(shape[2:], kernel, a["strides"], a["pads"], a["dilations"])
-        positions = oh * ow if self.max_patches is None else min(oh * ow, self.max_patches)
-        return max(1, shape[1] * positions * kernel[0] * kernel[1] * 4)
+        """Bytes of one sample's float32 patches."""
+        kh, kw = kernel_shape(self.op)
+        return max(1, shape[1] * self._positions(shape) * kh * kw * 4)
 
     def hessians(self, scale: float, rel_damping: float) -> np.ndarray:
         """Per channel scale * E[x x^T] + lambda_c I, lambda_c relative to its mean diagonal (as a layer's)."""

@@ -36,18 +36,28 @@ def test_vectors_round_trip():
     np.testing.assert_array_equal(back.params[1], op.params[1])
 
 
+# PATCH_CHUNK_BYTES in samples' patch bytes: the whole batch in one chunk; 2 samples per chunk; 2 of the 3
+# channels of one sample per chunk (then the last one).
+CHUNKS = {"batch": 8.0, "samples": 2.0, "channels": 2 / 3}
+
+
+@pytest.mark.parametrize("chunk", CHUNKS.values(), ids=CHUNKS.keys())
 @pytest.mark.parametrize("stride, pad", [(1, 1), (2, 1), (1, 0)])
-def test_depthwise_moments_are_each_channels_patch_gram(stride, pad):
+def test_depthwise_moments_are_each_channels_patch_gram(monkeypatch, stride, pad, chunk):
+    import onnxzip.channels as channels
+    x = np.random.default_rng(1).standard_normal((5, 3, 6, 7)).astype(np.float32)
+    positions = len(range(0, 6 + 2 * pad - 2, stride)) * len(range(0, 7 + 2 * pad - 2, stride))
+    monkeypatch.setattr(channels, "PATCH_CHUNK_BYTES", int(chunk * 3 * positions * 9 * 4 + 1))
     op = _dw(3, stride=stride, pad=pad)
-    x = np.random.default_rng(1).standard_normal((2, 3, 6, 7)).astype(np.float32)
     acc = ChannelMoments(op)
     acc.add(x[:1])
     acc.add(x[1:])
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     for c in range(3):
         rows = [np.append(xp[n, c, i:i + 3, j:j + 3].reshape(-1), 1.0)
-                for n in range(2) for i in range(0, xp.shape[2] - 2, stride) for j in range(0, xp.shape[3] - 2, stride)]
+                for n in range(5) for i in range(0, xp.shape[2] - 2, stride) for j in range(0, xp.shape[3] - 2, stride)]
         R = np.array(rows, np.float64)
+        assert acc.n == len(R)
         np.testing.assert_allclose(acc.sums[c] / acc.n, R.T @ R / len(R), rtol=1e-6, atol=1e-6)
 
 
