@@ -33,7 +33,8 @@ from .save import save_atomically, write_text_atomically
 from .spaces import unit_spaces
 from .tasks import check_known, per_task, some_tasks, task_names
 from .verify import MergedRunner, TaskCheck, accuracies, check_task
-from .zipper import UNIT_MODELS, UNIT_STEPS, UNIT_TASKS, ProgressFn, StageTimer, no_progress, zip_networks
+from .progress import UNIT_MODELS, UNIT_STEPS, UNIT_TASKS, ProgressFn, no_progress
+from .zipper import StageTimer, zip_networks
 
 
 @dataclass(frozen=True)

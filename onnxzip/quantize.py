@@ -43,7 +43,7 @@ from .scratch import scratch_dir
 from .shapes import infer_edge_shapes
 from .tasks import per_task, some_tasks
 from .verify import MergedRunner
-from .zipper import UNIT_STEPS, UNIT_TASKS, ProgressFn, no_progress
+from .progress import UNIT_STEPS, UNIT_TASKS, ProgressFn, no_progress
 
 STATIC, DYNAMIC = QUANT_MODES
 QDQ, QOPERATOR = QUANT_FORMATS

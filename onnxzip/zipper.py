@@ -35,17 +35,13 @@ from .ir import CONV, Layer, Network, is_sparse, unit_features
 from .options import MergeOptions
 from .match import Groups
 from .pairing import PairProblem, method
+from .progress import UNIT_BATCHES, UNIT_STEPS, UNIT_TASKS, ProgressFn, no_progress
 from .plan import NOT_A_MEMBER, LayerPlan, SharingPlan, unshared_plan
 from .schedule import late_writers, schedule
 from .scratch import scratch_dir
 from .spaces import INPUT, Spaces, read_offsets
 from .runtime import session
 
-# progress(stage label, total, unit) -> tick: one unit of the stage done. The unit names what is counted
-# ("batches", "tasks"), for the bar beside its count.
-ProgressFn = Callable[[str, int, str], Callable[[], None]]
-# What the stages count.
-UNIT_BATCHES, UNIT_TASKS, UNIT_STEPS, UNIT_MODELS = "batches", "tasks", "steps", "models"
 # Steps of about this many floating-point operations or more (seconds on a small machine) get a progress
 # stage of their own: a large layer's correction ("correct layer fc1") and pairing ("pair layer fc1").
 PROGRESS_MIN_FLOPS = 1e10
@@ -59,11 +55,6 @@ CACHE_MEMORY_FRACTION = 0.25
 # Called after each zipped layer with the plan so far (later layers unshared) and the tied networks;
 # returns new tied networks (same plan), e.g. retrained ones (MTZ Algorithm 1, line 10).
 LayerHook = Callable[[SharingPlan, list[Network]], list[Network]]
-
-
-def no_progress(label: str, total: int, unit: str = "") -> Callable[[], None]:
-    """A progress reporter that reports nothing."""
-    return lambda: None
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ..format import MULTI
 from ..ir import Network
 from ..plan import SharingPlan
 from ..scratch import scratch_dir
-from ..zipper import ProgressFn, no_progress
+from ..progress import ProgressFn, no_progress
 from .api import retrain
 from .options import RetrainOptions
 from .progress import StepFn
