@@ -19,6 +19,7 @@ import numpy as np
 from scipy.linalg import LinAlgError, cho_factor, cho_solve, solve_triangular
 
 from .errors import OnnxZipError
+from .hessian import memory_budget
 
 # The precision in which M (interaction) is formed: a float32 factorisation, solve and syrk, about twice as
 # fast as float64 on the cubic step. M only ranks pairs (pair_costs runs in float32 anyway); the merged weights
@@ -29,12 +30,19 @@ METRIC_DTYPE = np.float32
 # forming M (a float32 Cholesky, triangular solve and syrk: 4/3 d^3 at about twice the float64 rate) and
 # multiplying (d^2 per column, float32) while X has fewer than this many columns per row of M.
 PRODUCTS_MAX_COLUMNS_PER_ROW = 0.25
+# Forming M holds this many d x d METRIC_DTYPE arrays at a time besides the Hessians and their factor (the
+# factor of H_A + H_B in that precision and L^-1 H_s; then L^-1 H_s and M). Where they would not fit in
+# memory the products route is taken whatever the flops (VGG-16's fc6, d = 25,089: 5 GB).
+METRIC_ARRAYS = 2
+# Bytes of each d x block array of the products route (its columns go in blocks this size).
+PRODUCTS_BLOCK_BYTES = 1 << 28
 
 
 def _factor(H: np.ndarray, where: str):
-    """Cholesky factor of H, overwriting H (callers pass a temporary)."""
+    """Cholesky factor of the symmetric H in H's own memory (callers pass a temporary): H.T, the same matrix
+    in Fortran order, is what LAPACK factors in place, where H itself would be copied first."""
     try:
-        return cho_factor(H, lower=True, overwrite_a=True, check_finite=True)
+        return cho_factor(H.T, lower=True, overwrite_a=True, check_finite=True)
     except (LinAlgError, ValueError) as exc:
         raise OnnxZipError(f"layer '{where}': the calibration Hessian is not positive definite ({exc}); "
                            "use more calibration samples or a larger damping") from None
@@ -61,31 +69,38 @@ class PairMetric:
             # other one: with (H_A+H_B) = L L^T, M = H_s - Y^T Y, Y = L^-1 H_s. One triangular solve and one
             # syrk (d^3 in all, half of a solve and a product), exactly symmetric. s is the Hessian of the
             # smaller trace: M lies below both in the Loewner order, so the difference cancels least there.
-            Hs, factor = self._metric_operands()
-            Y = solve_triangular(factor[0], Hs, lower=True, check_finite=False)
-            self._M = Hs - Y.T @ Y
+            Hs = self._smaller()
+            Y = self._solved(Hs)
+            M = Y.T @ Y  # a syrk
+            del Y
+            self._M = np.subtract(Hs, M, out=M, casting="same_kind")
         return self._M
 
     def _smaller(self) -> np.ndarray:
         """H_s: the Hessian of the smaller trace (interaction)."""
         return self.HA if np.trace(self.HA) <= np.trace(self.HB) else self.HB
 
-    def _metric_operands(self):
-        """H_s (the Hessian of the smaller trace) and the factor of H_A + H_B, in METRIC_DTYPE; float64 where
-        that is float64 or the float32 sum does not factor (rounding can make a nearly singular sum indefinite)."""
-        Hs = self._smaller()
-        if METRIC_DTYPE == np.float64:
-            return Hs, self.factor
-        try:
-            return np.asarray(Hs, METRIC_DTYPE), cho_factor(np.asarray(self.HA + self.HB, METRIC_DTYPE), lower=True,
-                                                            overwrite_a=True, check_finite=True)
-        except (LinAlgError, ValueError):
-            return Hs, self.factor
+    def _solved(self, Hs: np.ndarray) -> np.ndarray:
+        """Y = L^-1 H_s in METRIC_DTYPE, by the factor L of H_A + H_B in that precision; in float64 where that
+        is float64 or the float32 sum does not factor (rounding can make a nearly singular sum indefinite).
+        H_s is symmetric, so its transpose (Fortran order) is solved in place: with the float32 factor, two
+        d x d float32 arrays at a time beside the Hessians."""
+        if METRIC_DTYPE != np.float64:
+            try:
+                factor = _factor(np.add(self.HA, self.HB, dtype=METRIC_DTYPE), self.where)
+            except OnnxZipError:
+                factor = None
+            if factor is not None:
+                return solve_triangular(factor[0], np.array(Hs, METRIC_DTYPE).T, lower=True, overwrite_b=True,
+                                        check_finite=False)
+        return solve_triangular(self.factor[0], Hs.T, lower=True, check_finite=False)
 
     def by_products(self, columns: int) -> bool:
-        """Whether M times ``columns`` columns is cheaper by products than by forming M (the flop counts above;
-        once M is formed it is used)."""
-        return columns < PRODUCTS_MAX_COLUMNS_PER_ROW * self.HA.shape[0]
+        """Whether M times ``columns`` columns goes by products: cheaper than forming M (the flop counts above),
+        or forming M would not fit in memory (hessian.memory_budget; once M is formed it is used)."""
+        d = self.HA.shape[0]
+        return (columns < PRODUCTS_MAX_COLUMNS_PER_ROW * d
+                or METRIC_ARRAYS * np.dtype(METRIC_DTYPE).itemsize * d * d > memory_budget())
 
     def times(self, kind: str, X: np.ndarray) -> np.ndarray:
         """M X for the metric ``kind``; by products, M never formed, where that costs fewer flops.
@@ -95,10 +110,14 @@ class PairMetric:
         if kind == "l2":
             return X
         if self._M is not None or not self.by_products(X.shape[1]):
-            return self.interaction(kind) @ X
-        Hs = self._smaller()
-        HsX = Hs @ X
-        return HsX - Hs @ cho_solve(self.factor, HsX)
+            M = self.interaction(kind)
+            return (M @ np.asarray(X, M.dtype)).astype(np.float64, copy=False)  # never a float64 copy of M
+        Hs, out = self._smaller(), np.empty(X.shape)
+        step = max(1, PRODUCTS_BLOCK_BYTES // (8 * X.shape[0]))
+        for a in range(0, X.shape[1], step):  # in column blocks: a few d x step arrays at a time
+            HsX = Hs @ X[:, a:a + step]
+            out[:, a:a + step] = HsX - Hs @ cho_solve(self.factor, HsX, overwrite_b=True)
+        return out
 
     def pair_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """All pair costs of columns of A and B under metric ``kind`` (pair_costs), M formed only where

@@ -100,3 +100,52 @@ def test_a_float32_sum_that_does_not_factor_falls_back_to_float64():
     metric = PairMetric(H, H.copy(), "fc")
     M = metric.interaction("hessian")
     assert M.dtype == np.float64 and np.all(np.isfinite(M))
+
+
+# Slack over the arrays a step must hold (small vectors, LAPACK's own workspace is not traced).
+MEMORY_SLACK = 1.05
+
+
+def _traced_peak(f) -> tuple[object, int]:
+    """f()'s result and the peak of numpy memory allocated while it ran (tracemalloc sees numpy's buffers)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        out = f()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_metric_holds_few_d_by_d_arrays_beside_the_hessians():
+    """H_A + H_B is factored in its own memory (one float64 d x d array), and M is formed with two float32 d x d
+    arrays at a time (M is one of them): VGG-16's fc6 (d = 25,089) needs 5 GB for M, not 15."""
+    rng = np.random.default_rng(3)
+    d = 600
+    HA, HB = _spd(rng, d), _spd(rng, d)
+    metric, peak = _traced_peak(lambda: PairMetric(HA, HB, "fc6"))
+    assert peak <= MEMORY_SLACK * (8 + 1) * d * d  # the float64 sum, and the finite check's boolean array
+    M, peak = _traced_peak(lambda: metric.interaction("hessian"))
+    assert M.dtype == np.float32 and np.array_equal(M, M.T)
+    assert peak <= MEMORY_SLACK * 2 * 4 * d * d
+    np.testing.assert_allclose(M, HA @ np.linalg.solve(HA + HB, HB), rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL)
+
+
+def test_where_m_would_not_fit_the_products_go_in_column_blocks(monkeypatch):
+    """A memory budget below M's arrays takes the products route whatever the flops; its column blocks give
+    the costs M gives, holding a few d x block arrays instead of d x d ones."""
+    rng = np.random.default_rng(4)
+    d, n = 300, 200  # 400 columns: more than PRODUCTS_MAX_COLUMNS_PER_ROW * d, so M would be formed
+    HA, HB = _spd(rng, d), _spd(rng, d)
+    A, B = rng.standard_normal((d, n)), rng.standard_normal((d, n))
+    expected = pair_costs(PairMetric(HA, HB, "fc").interaction("hessian"), A, B)
+    monkeypatch.setattr(cost, "memory_budget", lambda held=0: cost.METRIC_ARRAYS * 4 * d * d - 1)
+    monkeypatch.setattr(cost, "PRODUCTS_BLOCK_BYTES", 8 * d * 50)  # 50 columns per block
+    metric = PairMetric(HA, HB, "fc")
+    assert metric.by_products(2 * n)
+    costs = metric.pair_costs("hessian", A, B)
+    assert metric._M is None
+    np.testing.assert_allclose(costs, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    X = np.concatenate([A, B], axis=1)
+    _, peak = _traced_peak(lambda: metric.times("hessian", X))
+    assert peak <= MEMORY_SLACK * 8 * d * (2 * n + 4 * 50)  # the result and about four blocks, no d x d array
