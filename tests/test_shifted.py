@@ -180,3 +180,19 @@ def test_a_permuted_copy_is_recovered_exactly_by_sums(tmp_path, monkeypatch):
         pairs = np.array(lp.shared)
         assert len(pairs) == lp.units[0]
         np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
+
+
+def test_products_summed_in_pieces_give_the_same_moments(monkeypatch):
+    """Long products go in pieces of SUM_ROWS rows summed in float64: any piece size gives the im2col moments."""
+    from onnxzip import shifted
+    monkeypatch.setattr(shifted, "SUM_ROWS", 7)
+    shape, kernel, pads = CASES[0]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    P = _reference(x, kernel, pads)
+    image = PatchImage(x, kernel, pads)
+    assert _rel(image.gram(), P.T @ P) < REL_TOL
+    R = rng.standard_normal((image.oh * image.Wp * shape[0], 4)).astype(np.float32)
+    R.reshape(image.oh, image.Wp, shape[0], 4)[:, image.ow:] = 0  # zero outside the output, as to_layout writes
+    rows = R.reshape(image.oh, image.Wp, shape[0], 4)[:, :image.ow].transpose(2, 0, 1, 3).reshape(-1, 4)
+    assert _rel(image.cross(R), rows.astype(np.float64).T @ P) < REL_TOL
