@@ -53,7 +53,7 @@ class PairMetric:
 
     def __init__(self, HA: np.ndarray, HB: np.ndarray, where: str):
         self.HA, self.HB, self.where = HA, HB, where
-        self.factor = _factor(HA + HB, where)
+        self.factor = _factor(np.add(HA, HB, dtype=np.float64), where)  # float64 even of float32 Hessians
         self._M: np.ndarray | None = None
 
     def interaction(self, kind: str) -> np.ndarray:
@@ -115,8 +115,8 @@ class PairMetric:
         Hs, out = self._smaller(), np.empty(X.shape)
         step = max(1, PRODUCTS_BLOCK_BYTES // (8 * X.shape[0]))
         for a in range(0, X.shape[1], step):  # in column blocks: a few d x step arrays at a time
-            HsX = Hs @ X[:, a:a + step]
-            out[:, a:a + step] = HsX - Hs @ cho_solve(self.factor, HsX, overwrite_b=True)
+            HsX = _times(Hs, X[:, a:a + step])
+            out[:, a:a + step] = HsX - _times(Hs, cho_solve(self.factor, HsX, overwrite_b=True))
         return out
 
     def pair_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -138,9 +138,14 @@ class PairMetric:
         Computed as w = a + (H_A + H_B)^-1 H_B (b - a): one product with H instead of two, and
         exactly a when a = b.
         """
-        step = cho_solve(self.factor, self.HB @ (B - A), overwrite_b=True)
+        step = cho_solve(self.factor, _times(self.HB, B - A), overwrite_b=True)
         step += A
         return step
+
+
+def _times(H: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """H X in float64, in H's precision (a float32 Hessian is never copied to float64)."""
+    return (H @ np.asarray(X, H.dtype)).astype(np.float64, copy=False)
 
 
 def pair_costs(M: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:

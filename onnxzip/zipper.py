@@ -249,6 +249,12 @@ def _shared_features(plan_layers: dict[int, LayerPlan], spaces: Spaces, k: int, 
     return np.append(feats, layer.in_features)
 
 
+def _hessian_dtype(d: int, n_tasks: int) -> type:
+    """float64 for a layer's pairing Hessians, or float32 where the tasks' float64 d x d Hessians and their
+    factored sum would not fit in memory (hessian.memory_budget; VGG-16's fc6, d = 25,089: 5 GB each)."""
+    return np.float64 if (n_tasks + 1) * 8 * d * d <= memory_budget() else np.float32
+
+
 def _apply_masks(w: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Paper Sec. 3.6: each merged column keeps the zero pattern of the denser of its two sources."""
     denser = np.where((A[:-1] != 0).sum(0) >= (B[:-1] != 0).sum(0), 0, 1)
@@ -558,6 +564,7 @@ class _Pass:
     def hessians(self, w: _LayerState) -> None:
         """Fill in the layer's damped, task-weighted Hessians over its shared input features (shared_inputs)."""
         w.H, scales = [], self.opts.task_scales(len(self.tasks))
+        dtype = _hessian_dtype(max((len(f) for f in w.feats), default=0), len(w.members))
         for scale, acc, f in zip((scales[t] for t in w.members), w.accs, w.feats):
             if not acc.has_moments:
                 raise OnnxZipError(f"layer '{w.name}': pairing its units needs the Hessian over its {len(f)} shared "
@@ -565,7 +572,8 @@ class _Pass:
                                    "share fewer units of the layers it reads, or use a machine with more memory")
             Ht = acc.gram_block(f)
             Ht *= scale
-            w.H.append(damp(Ht, self.opts.damping))
+            w.H.append(damp(Ht, self.opts.damping).astype(dtype, copy=False))
+            del Ht
 
     def shared_inputs(self, w: _LayerState) -> None:
         """Fill in the layer's shared input features per task, bias last."""

@@ -36,3 +36,40 @@ def test_caches_in_memory_and_on_disk_give_the_same_merge(tmp_path, monkeypatch)
     for name, w in weights_memory.items():
         assert np.array_equal(w, weights_disk[name]), name
 
+
+
+def test_hessians_are_float32_only_where_float64_would_not_fit(monkeypatch):
+    """The tasks' float64 d x d Hessians and their factored sum against the memory budget."""
+    d = 1000
+    monkeypatch.setenv("ONNXZIP_MEMORY_LIMIT_BYTES", str(3 * 8 * d * d))
+    assert zipper._hessian_dtype(d, 2) == np.float64
+    assert zipper._hessian_dtype(d + 1, 2) == np.float32
+    assert zipper._hessian_dtype(d, 3) == np.float32
+
+
+def test_float32_hessians_recover_a_permuted_copy_and_merge_as_float64(tmp_path, monkeypatch):
+    """Pairing from float32 Hessians (a layer too wide for float64 ones): the permuted copy comes back exactly,
+    and a half-shared merge of two different nets makes the same pairs with merged weights to float tolerance."""
+    layers = B.cnn_weights(0)
+    other, perms = B.permute_hidden(layers, 3)
+    a = B.save(B.cnn_model(layers), tmp_path / "a.onnx")
+    b = B.save(B.cnn_model(other), tmp_path / "b.onnx")
+    c = B.save(B.cnn_model(B.cnn_weights(1)), tmp_path / "c.onnx")
+    calib = B.calib_folder(tmp_path / "calib", (1, 12, 12), n=96)
+
+    def merged(name, models, share):
+        result = merge(models, calib, tmp_path / f"{name}.onnx", MergeOptions(share=share))
+        model = onnx.load(tmp_path / f"{name}.onnx")
+        return result.plan, {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    plan64, weights64 = merged("f64", [a, c], 0.5)
+    monkeypatch.setattr(zipper, "_hessian_dtype", lambda d, n: np.float32)
+    plan, _ = merged("copy", [a, b], 1.0)
+    for lp, perm in zip(plan.layers, perms):
+        pairs = np.array(lp.shared)
+        np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
+    plan32, weights32 = merged("f32", [a, c], 0.5)
+    assert [lp.shared for lp in plan32.layers] == [lp.shared for lp in plan64.layers]
+    for name, w in weights64.items():
+        scale = max(float(np.abs(w).max()), 1e-12)
+        assert float(np.abs(weights32[name] - w).max()) / scale < 1e-4, name
