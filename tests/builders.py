@@ -569,3 +569,48 @@ def mobile_pair(folder: Path, act: str = "hardswish", se: bool = True) -> list[P
                 p.add_(0.1 * torch.randn_like(p))
         paths.append(export_torch(net, folder / f"{name}.onnx", True, 18, MOBILE_SHAPE))
     return paths
+
+
+def merge_pairs_and_weights(models: list[Path], calib: Path, out: Path, opts) -> tuple[list[np.ndarray], dict]:
+    """One merge through the API: each layer's pairs and the written model's initializers by name."""
+    from onnxzip.api import merge
+    result = merge(models, calib, out, opts)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    return [np.array(lp.shared) for lp in result.plan.layers], weights
+
+
+def assert_same_merge(first: tuple[list[np.ndarray], dict], second: tuple[list[np.ndarray], dict],
+                      rel_tol: float) -> None:
+    """Two merges (merge_pairs_and_weights) with the same pairs and every tensor equal to rel_tol of its scale."""
+    for p, q in zip(first[0], second[0]):
+        np.testing.assert_array_equal(p, q)
+    assert first[1].keys() == second[1].keys()
+    for name, w in first[1].items():
+        scale = max(float(np.abs(second[1][name]).max()), 1e-12)
+        assert float(np.abs(w - second[1][name]).max()) / scale < rel_tol, name
+
+
+def assert_route_merges_as_rows(folder: Path, models: list[Path], calib: Path, module, calls: list, monkeypatch,
+                                rel_tol: float) -> None:
+    """A half-shared merge with a moments route (``module``: pointwise or shifted; ``calls`` counts its batches)
+    equals the merge with its ``applies`` switched off (the rows path): the same pairs, weights to rel_tol."""
+    from onnxzip.options import MergeOptions
+
+    def merged(name):
+        return merge_pairs_and_weights(models, calib, folder / f"{name}.onnx", MergeOptions(share=0.5))
+
+    by_route = merged("route")
+    assert calls
+    monkeypatch.setattr(module, "applies", lambda *args: False)
+    del calls[:]
+    by_rows = merged("rows")
+    assert not calls
+    assert_same_merge(by_route, by_rows, rel_tol)
+
+
+def assert_layers_recovered(plan, perms: list[np.ndarray]) -> None:
+    """Every unit of layer k of a copy permuted by perms[k] is paired with the unit it came from."""
+    for lp, perm in zip(plan.layers, perms):
+        pairs = np.array(lp.shared)
+        assert len(pairs) == lp.units[0]
+        np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])

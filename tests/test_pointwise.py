@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx.numpy_helper
 import pytest
 
 import builders as B
@@ -93,30 +91,11 @@ def test_a_merge_by_pixels_equals_the_merge_by_rows(tmp_path, monkeypatch):
     the same pairs and, to float tolerance, the same merged weights whether the 1x1 convs' moments come from
     pixel matrices or from rows."""
     pytest.importorskip("torch")
-    from onnxzip.api import merge
-    from onnxzip.options import MergeOptions
-
     a, b = B.mobile_pair(tmp_path / "models")
     calib = B.calib_folder(tmp_path / "calib", B.MOBILE_SHAPE, n=128)
     calls = _spy(monkeypatch)
 
-    def merged(name):
-        result = merge([a, b], calib, tmp_path / f"{name}.onnx", MergeOptions(share=0.5))
-        weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / f"{name}.onnx").graph.initializer}
-        return [np.array(lp.shared) for lp in result.plan.layers], weights
-
-    pairs, weights = merged("pixels")
-    assert calls
-    monkeypatch.setattr(pointwise, "applies", lambda *args: False)
-    del calls[:]
-    pairs_rows, weights_rows = merged("rows")
-    assert not calls
-    for p, q in zip(pairs, pairs_rows):
-        np.testing.assert_array_equal(p, q)
-    assert weights.keys() == weights_rows.keys()
-    for name, w in weights.items():
-        scale = max(float(np.abs(weights_rows[name]).max()), 1e-12)
-        assert float(np.abs(w - weights_rows[name]).max()) / scale < MERGED_REL_TOL, name
+    B.assert_route_merges_as_rows(tmp_path, [a, b], calib, pointwise, calls, monkeypatch, MERGED_REL_TOL)
 
 
 def test_a_permuted_copy_is_recovered_exactly_by_pixels(tmp_path, monkeypatch):
@@ -132,7 +111,4 @@ def test_a_permuted_copy_is_recovered_exactly_by_pixels(tmp_path, monkeypatch):
     result = merge([a, b], B.calib_folder(tmp_path / "calib", B.MOBILE_SHAPE, n=128), tmp_path / "m.onnx",
                    MergeOptions())
     assert calls
-    for lp, perm in zip(result.plan.layers, perms):
-        pairs = np.array(lp.shared)
-        assert len(pairs) == lp.units[0]
-        np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
+    B.assert_layers_recovered(result.plan, perms)

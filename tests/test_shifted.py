@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx.numpy_helper
 import pytest
 
-from onnxzip.hessian import GRAM, MOMENTS, MomentAccumulator, conv_patches, with_bias
+from onnxzip.hessian import GRAM, MOMENTS, MomentAccumulator, conv_patches
 from onnxzip.shifted import PatchImage, applies, flops, im2col_flops
 
 # float32 products against a float64 reference: relative to the largest entry.
@@ -136,31 +134,13 @@ def test_a_merge_by_sums_equals_the_merge_by_im2col_rows(tmp_path, monkeypatch):
     float tolerance, the same merged weights whether conv2's moments come from sums or from rows."""
     import builders as B
     from onnxzip import shifted
-    from onnxzip.api import merge
-    from onnxzip.options import MergeOptions
 
     a = B.save(B.cnn_model(_wide_cnn(0)), tmp_path / "a.onnx")
     b = B.save(B.cnn_model(_wide_cnn(1)), tmp_path / "b.onnx")
     calib = B.calib_folder(tmp_path / "calib", (1, 12, 12), n=128)
     calls = _spy_sums(monkeypatch)
 
-    def merged(name):
-        result = merge([a, b], calib, tmp_path / f"{name}.onnx", MergeOptions(share=0.5))
-        weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / f"{name}.onnx").graph.initializer}
-        return [np.array(lp.shared) for lp in result.plan.layers], weights
-
-    pairs, weights = merged("sums")
-    assert calls
-    monkeypatch.setattr(shifted, "applies", lambda *args: False)
-    del calls[:]
-    pairs_rows, weights_rows = merged("rows")
-    assert not calls
-    for p, q in zip(pairs, pairs_rows):
-        np.testing.assert_array_equal(p, q)
-    assert weights.keys() == weights_rows.keys()
-    for name, w in weights.items():  # float32 moments, then damped solves: relative to each tensor's scale
-        scale = max(float(np.abs(weights_rows[name]).max()), 1e-12)
-        assert float(np.abs(w - weights_rows[name]).max()) / scale < MERGED_REL_TOL, name
+    B.assert_route_merges_as_rows(tmp_path, [a, b], calib, shifted, calls, monkeypatch, MERGED_REL_TOL)
 
 
 def test_a_permuted_copy_is_recovered_exactly_by_sums(tmp_path, monkeypatch):
@@ -176,10 +156,7 @@ def test_a_permuted_copy_is_recovered_exactly_by_sums(tmp_path, monkeypatch):
     result = merge([a, b], B.calib_folder(tmp_path / "calib", (1, 12, 12), n=128), tmp_path / "m.onnx",
                    MergeOptions())
     assert calls
-    for lp, perm in zip(result.plan.layers, perms):
-        pairs = np.array(lp.shared)
-        assert len(pairs) == lp.units[0]
-        np.testing.assert_array_equal(perm[pairs[:, 1]], pairs[:, 0])
+    B.assert_layers_recovered(result.plan, perms)
 
 
 def test_products_summed_in_pieces_give_the_same_moments(monkeypatch):
