@@ -96,7 +96,7 @@ class ChannelMoments:
             for c in range(0, x.shape[1], block):
                 part = np.asarray(x[start:start + step, c:c + block], np.float32)
                 self._add_patches(c, _patches(self.op, part, self.max_patches))
-            self.n += self._positions(x.shape) * len(x[start:start + step])
+        self.n += self._positions(x.shape) * x.shape[0]
 
     def _add_patches(self, c: int, X: np.ndarray) -> None:
         """Fold in one chunk's patches X [channels, k*k, n] of the channels from c on."""

@@ -89,8 +89,8 @@ class PairMetric:
             try:
                 factor = _factor(np.add(self.HA, self.HB, dtype=METRIC_DTYPE), self.where)
             except OnnxZipError:
-                factor = None
-            if factor is not None:
+                pass  # the float64 factor below
+            else:
                 return solve_triangular(factor[0], np.array(Hs, METRIC_DTYPE).T, lower=True, overwrite_b=True,
                                         check_finite=False)
         return solve_triangular(self.factor[0], Hs.T, lower=True, check_finite=False)
@@ -110,8 +110,7 @@ class PairMetric:
         if kind == "l2":
             return X
         if self._M is not None or not self.by_products(X.shape[1]):
-            M = self.interaction(kind)
-            return (M @ np.asarray(X, M.dtype)).astype(np.float64, copy=False)  # never a float64 copy of M
+            return _times(self.interaction(kind), X)  # in M's precision: never a float64 copy of M
         Hs, out = self._smaller(), np.empty(X.shape)
         step = max(1, PRODUCTS_BLOCK_BYTES // (8 * X.shape[0]))
         for a in range(0, X.shape[1], step):  # in column blocks: a few d x step arrays at a time
@@ -144,7 +143,7 @@ class PairMetric:
 
 
 def _times(H: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """H X in float64, in H's precision (a float32 Hessian is never copied to float64)."""
+    """H X in float64, in H's precision (a float32 Hessian or M is never copied to float64)."""
     return (H @ np.asarray(X, H.dtype)).astype(np.float64, copy=False)
 
 

@@ -578,7 +578,7 @@ class _Pass:
             Ht = acc.gram_block(f)
             Ht *= scale
             w.H.append(damp(Ht, self.opts.damping).astype(dtype, copy=False))
-            del Ht
+            del Ht  # a float64 block cast to float32 is freed before the next task's is formed
 
     def shared_inputs(self, w: _LayerState) -> None:
         """Fill in the layer's shared input features per task, bias last."""
@@ -917,9 +917,9 @@ def zip_networks(nets: Sequence[Network], batches: Sequence[Callable[[], Iterato
     Spaces.decided_at names, from the summed pair costs of its states; later states follow
     that pairing. When a space has states after that layer (a stream read before its last
     writer), ``opts.stream_pairing`` "all" runs a first pass to get those states' statistics
-    (on each task's first ``opts.guide_samples`` samples) and pairs the space in a second pass from
-    the costs of all its states; "early" pairs it
-    from the states before it is read only (one pass). ``after_layer`` runs after each hidden
+    (on each task's first ``opts.guide_samples`` samples) and pairs the space in a second pass
+    from the costs of all its states; "early" pairs it from the states before it is read only
+    (one pass). ``after_layer`` runs after each hidden
     layer that shares units, when no writer is waiting for its space to be paired (see
     LayerHook), in the final pass only. Task t's layers 0..``depths[t]``-1 may share (default: as
     far as each model's layers align with the first one's, align.Alignment): layer k is shared by
