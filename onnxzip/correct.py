@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
+from . import cholesky
 from .hessian import CHUNK_BYTES, GRAM, ROWS, MomentAccumulator, damping_from_diag
 from .ir import is_sparse
 
@@ -87,7 +88,7 @@ def _primal(G: np.ndarray, cross: np.ndarray, lam: float) -> np.ndarray:
     diag = np.diag(G).copy()
     np.fill_diagonal(G, diag + lam)
     try:
-        factor = cho_factor(G.T, lower=True, overwrite_a=True, check_finite=False)
+        factor = cholesky.factor(G.T, lower=True, check_finite=False)
         return cho_solve(factor, cross.T, check_finite=False).T
     finally:
         _mirror_lower(G)
@@ -135,7 +136,7 @@ def dual_solve(Xs: list[np.ndarray], R: np.ndarray, lam: float) -> np.ndarray:
     n = R.shape[0]
     K = _kernel(Xs, n, lam)
     # K's lower triangle is the upper one of K.T (Fortran order, same memory): factored in place
-    Y = cho_solve(cho_factor(K.T, lower=False, overwrite_a=True, check_finite=False), R, check_finite=False)
+    Y = cho_solve(cholesky.factor(K.T, lower=False, check_finite=False), R, check_finite=False)
     out, at = np.zeros((R.shape[1], Xs[0].shape[1])), 0
     for X in Xs:
         out += Y[at:at + X.shape[0]].T @ X

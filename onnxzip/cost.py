@@ -16,8 +16,9 @@ Ways to choose the pairs (``--cost``); the merged weights are MTZ's (Eq. 10/11) 
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import LinAlgError, cho_factor, cho_solve, solve_triangular
+from scipy.linalg import LinAlgError, cho_solve, solve_triangular
 
+from . import cholesky
 from .errors import OnnxZipError
 from .hessian import memory_budget
 
@@ -42,7 +43,7 @@ def _factor(H: np.ndarray, where: str):
     """Cholesky factor of the symmetric H in H's own memory (callers pass a temporary): H.T, the same matrix
     in Fortran order, is what LAPACK factors in place, where H itself would be copied first."""
     try:
-        return cho_factor(H.T, lower=True, overwrite_a=True, check_finite=True)
+        return cholesky.factor(H.T, lower=True)
     except (LinAlgError, ValueError) as exc:
         raise OnnxZipError(f"layer '{where}': the calibration Hessian is not positive definite ({exc}); "
                            "use more calibration samples or a larger damping") from None
