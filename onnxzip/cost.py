@@ -20,7 +20,7 @@ from scipy.linalg import LinAlgError, cho_solve, solve_triangular
 
 from . import cholesky
 from .errors import OnnxZipError
-from .hessian import memory_budget
+from .hessian import MEMORY_HEADROOM, memory_budget
 
 # The precision in which M (interaction) is formed: a float32 factorisation, solve and syrk, about twice as
 # fast as float64 on the cubic step. M only ranks pairs (pair_costs runs in float32 anyway); the merged weights
@@ -32,8 +32,9 @@ METRIC_DTYPE = np.float32
 # multiplying (d^2 per column, float32) while X has fewer than this many columns per row of M.
 PRODUCTS_MAX_COLUMNS_PER_ROW = 0.25
 # Forming M holds this many d x d METRIC_DTYPE arrays at a time besides the Hessians and their factor (the
-# factor of H_A + H_B in that precision and L^-1 H_s; then L^-1 H_s and M). Where they would not fit in
-# memory the products route is taken whatever the flops (VGG-16's fc6, d = 25,089: 5 GB).
+# factor of H_A + H_B in that precision and L^-1 H_s; then L^-1 H_s and M), and one byte per entry for the
+# factor's finiteness check. Where they would not fit in memory (with hessian.MEMORY_HEADROOM) the products
+# route is taken whatever the flops (VGG-16's fc6, d = 25,089: 5.7 GB).
 METRIC_ARRAYS = 2
 # Bytes of each d x block array of the products route (its columns go in blocks this size).
 PRODUCTS_BLOCK_BYTES = 1 << 28
@@ -101,7 +102,7 @@ class PairMetric:
         or forming M would not fit in memory (hessian.memory_budget; once M is formed it is used)."""
         d = self.HA.shape[0]
         return (columns < PRODUCTS_MAX_COLUMNS_PER_ROW * d
-                or METRIC_ARRAYS * np.dtype(METRIC_DTYPE).itemsize * d * d > memory_budget())
+                or MEMORY_HEADROOM * (METRIC_ARRAYS * np.dtype(METRIC_DTYPE).itemsize + 1) * d * d > memory_budget())
 
     def times(self, kind: str, X: np.ndarray) -> np.ndarray:
         """M X for the metric ``kind``; by products, M never formed, where that costs fewer flops.

@@ -34,6 +34,11 @@ ROWS_MIN_FEATURES = 2048
 MEMORY_LIMIT_ENV = "ONNXZIP_MEMORY_LIMIT_BYTES"
 # Share of the machine's available memory that one layer's moments and correction may plan to take.
 MEMORY_USABLE_FRACTION = 0.9
+# A d x d working set planned against memory_budget (float64 pairing Hessians, M) may take at most
+# 1 / MEMORY_HEADROOM of it: the budget is measured before the allocations that follow the decision (the
+# pairing's weight columns, a factor's finiteness check). VGG-16's fc6 (d = 25,089) was killed at 24 GB
+# forming M against a 90% budget.
+MEMORY_HEADROOM = 2
 # Copies of an [out_units, in_features + 1] float64 matrix (the cross moments, the solve's right-hand
 # side and its result) that a correction holds at once.
 SOLVE_COPIES = 3

@@ -30,7 +30,8 @@ from .emit import task_model
 from .errors import OnnxZipError
 from .format import LIVE_PREFIX
 from . import pointwise, shifted
-from .hessian import GRAM, MOMENTS, MomentAccumulator, damp, layer_rows, memory_budget, output_rows, patch_subset
+from .hessian import (GRAM, MEMORY_HEADROOM, MOMENTS, MomentAccumulator, damp, layer_rows, memory_budget, output_rows,
+                      patch_subset)
 from .ir import CONV, Layer, Network, is_sparse, unit_features
 from .options import MergeOptions
 from .match import Groups
@@ -49,9 +50,6 @@ PROGRESS_MIN_FLOPS = 1e10
 # the factorisations of H_A + H_B (float64, and float32 for M) and M's triangular solve and syrk
 # (cost.PairMetric), rounded up.
 PAIR_FLOPS_PER_CUBE = 4
-# Float64 pairing Hessians (and their factored sum) may take at most 1 / HESSIAN_MEMORY_FACTOR of the memory
-# budget (_hessian_dtype).
-HESSIAN_MEMORY_FACTOR = 2
 # Share of the memory a layer's moments may take (hessian.memory_budget, measured when the merge starts) that
 # the caches of live tensors may hold; batches beyond it are kept on disk.
 CACHE_MEMORY_FRACTION = 0.25
@@ -254,10 +252,10 @@ def _shared_features(plan_layers: dict[int, LayerPlan], spaces: Spaces, k: int, 
 
 def _hessian_dtype(d: int, n_tasks: int) -> type:
     """float64 for a layer's pairing Hessians, or float32 where the tasks' float64 d x d Hessians and their
-    factored sum would not fit in half the memory budget (hessian.memory_budget; the other half is for the
-    Gram block and chunk product each is formed from, and M). VGG-16's fc6, d = 25,089: 5 GB each; with float64
+    factored sum would not fit in 1 / MEMORY_HEADROOM of the memory budget (hessian.memory_budget; the rest is
+    for the Gram block and chunk product each is formed from, and M). VGG-16's fc6, d = 25,089: 5 GB each; with float64
     Hessians its pairing rose to 19 GB resident and was killed."""
-    return np.float64 if HESSIAN_MEMORY_FACTOR * (n_tasks + 1) * 8 * d * d <= memory_budget() else np.float32
+    return np.float64 if MEMORY_HEADROOM * (n_tasks + 1) * 8 * d * d <= memory_budget() else np.float32
 
 
 def _apply_masks(w: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:

@@ -131,6 +131,19 @@ def test_the_metric_holds_few_d_by_d_arrays_beside_the_hessians():
     np.testing.assert_allclose(M, HA @ np.linalg.solve(HA + HB, HB), rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL)
 
 
+def test_m_is_formed_only_within_the_memory_headroom(monkeypatch):
+    """Forming M needs METRIC_ARRAYS float32 d x d arrays and a byte per entry for the finiteness check, with
+    hessian.MEMORY_HEADROOM over it (the budget is measured before the pairing's own allocations)."""
+    rng = np.random.default_rng(5)
+    d = 300
+    metric = PairMetric(_spd(rng, d), _spd(rng, d), "fc")
+    need = cost.MEMORY_HEADROOM * (cost.METRIC_ARRAYS * 4 + 1) * d * d
+    monkeypatch.setattr(cost, "memory_budget", lambda held=0: need)
+    assert not metric.by_products(2 * d)
+    monkeypatch.setattr(cost, "memory_budget", lambda held=0: need - 1)
+    assert metric.by_products(2 * d)
+
+
 def test_where_m_would_not_fit_the_products_go_in_column_blocks(monkeypatch):
     """A memory budget below M's arrays takes the products route whatever the flops; its column blocks give
     the costs M gives, holding a few d x block arrays instead of d x d ones."""

@@ -41,7 +41,7 @@ def test_caches_in_memory_and_on_disk_give_the_same_merge(tmp_path, monkeypatch)
 def test_hessians_are_float32_only_where_float64_would_not_fit(monkeypatch):
     """The tasks' float64 d x d Hessians and their factored sum against a part of the memory budget."""
     d = 1000
-    monkeypatch.setenv("ONNXZIP_MEMORY_LIMIT_BYTES", str(zipper.HESSIAN_MEMORY_FACTOR * 3 * 8 * d * d))
+    monkeypatch.setenv("ONNXZIP_MEMORY_LIMIT_BYTES", str(zipper.MEMORY_HEADROOM * 3 * 8 * d * d))
     assert zipper._hessian_dtype(d, 2) == np.float64
     assert zipper._hessian_dtype(d + 1, 2) == np.float32
     assert zipper._hessian_dtype(d, 3) == np.float32
