@@ -113,35 +113,64 @@ class PairMetric:
             return X
         if self._M is not None or not self.by_products(X.shape[1]):
             return _times(self.interaction(kind), X)  # in M's precision: never a float64 copy of M
-        Hs, out = self._smaller(), np.empty(X.shape)
-        step = max(1, PRODUCTS_BLOCK_BYTES // (8 * X.shape[0]))
-        for a in range(0, X.shape[1], step):  # in column blocks: a few d x step arrays at a time
-            HsX = _times(Hs, X[:, a:a + step])
-            out[:, a:a + step] = HsX - _times(Hs, cho_solve(self.factor, HsX, overwrite_b=True))
+        out = np.empty(X.shape)
+        for cols in _column_blocks(X):
+            out[:, cols] = self._product(X[:, cols])
         return out
+
+    def _product(self, X: np.ndarray) -> np.ndarray:
+        """M X by products (times), for a block of columns."""
+        Hs = self._smaller()
+        HsX = _times(Hs, X)
+        HsX -= _times(Hs, cho_solve(self.factor, HsX))
+        return HsX
 
     def pair_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """All pair costs of columns of A and B under metric ``kind`` (pair_costs), M formed only where
-        that is cheaper than the products M A and M B."""
+        that is cheaper than the products M A and M B. By products, a^T M a and the cross terms a^T M b come
+        block by block of columns: a few d x block arrays at a time, never M A or M B whole."""
         if kind == "l2" or self._M is not None or not self.by_products(A.shape[1] + B.shape[1]):
             return pair_costs(self.interaction(kind), A, B)
-        MX = self.times(kind, np.concatenate([A, B], axis=1))
-        return _costs_from_products(A, MX[:, :A.shape[1]], B, MX[:, A.shape[1]:])
+        aa = np.concatenate([_column_dots(A[:, cols], self._product(A[:, cols])) for cols in _column_blocks(A)])
+        bb, AB = np.empty(B.shape[1]), np.empty((A.shape[1], B.shape[1]))
+        A32 = np.asarray(A, np.float32)
+        for cols in _column_blocks(B):
+            MB = self._product(B[:, cols])
+            bb[cols] = _column_dots(B[:, cols], MB)
+            AB[:, cols] = A32.T @ np.asarray(MB, np.float32)
+        return _costs_from_terms(aa, bb, AB)
 
     def matched_costs(self, kind: str, A: np.ndarray, B: np.ndarray) -> np.ndarray:
-        """Costs 1/2 (a_i - b_i)^T M (a_i - b_i) of matched columns under metric ``kind``, [k]."""
+        """Costs 1/2 (a_i - b_i)^T M (a_i - b_i) of matched columns under metric ``kind``, [k]; by products
+        block by block of columns."""
         diff = A - B
-        return 0.5 * np.einsum("di,di->i", diff, self.times(kind, diff))
+        if kind == "l2" or self._M is not None or not self.by_products(diff.shape[1]):
+            return 0.5 * _column_dots(diff, self.times(kind, diff))
+        return 0.5 * np.concatenate([_column_dots(diff[:, c], self._product(diff[:, c])) for c in _column_blocks(diff)])
 
     def merged_weights(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """Merged columns w = (H_A + H_B)^-1 (H_A a + H_B b) for matched columns of A and B (Eq. 10/11).
 
         Computed as w = a + (H_A + H_B)^-1 H_B (b - a): one product with H instead of two, and
-        exactly a when a = b.
+        exactly a when a = b; block by block of columns.
         """
-        step = cho_solve(self.factor, _times(self.HB, B - A), overwrite_b=True)
-        step += A
-        return step
+        out = np.empty(A.shape)
+        for cols in _column_blocks(out):
+            step = cho_solve(self.factor, _times(self.HB, B[:, cols] - A[:, cols]), overwrite_b=True)
+            step += A[:, cols]
+            out[:, cols] = step
+        return out
+
+
+def _column_blocks(X: np.ndarray) -> list[slice]:
+    """Slices of X's columns, PRODUCTS_BLOCK_BYTES of float64 rows each."""
+    step = max(1, PRODUCTS_BLOCK_BYTES // (8 * max(X.shape[0], 1)))
+    return [slice(a, a + step) for a in range(0, X.shape[1], step)]
+
+
+def _column_dots(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """x_i^T y_i of matching columns, summed in float64."""
+    return np.einsum("di,di->i", X, Y, dtype=np.float64)
 
 
 def _times(H: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -161,9 +190,13 @@ def pair_costs(M: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 def _costs_from_products(A: np.ndarray, MA: np.ndarray, B: np.ndarray, MB: np.ndarray) -> np.ndarray:
     """Pair costs 1/2 a^T M a + 1/2 b^T M b - a^T M b from the products M A and M B (the cross term in float32)."""
-    aa = np.einsum("di,di->i", A, MA, dtype=np.float64)
-    bb = np.einsum("dj,dj->j", B, MB, dtype=np.float64)
-    D = (np.asarray(A, np.float32).T @ np.asarray(MB, np.float32)).astype(np.float64)
+    AB = np.asarray(A, np.float32).T @ np.asarray(MB, np.float32)
+    return _costs_from_terms(_column_dots(A, MA), _column_dots(B, MB), AB)
+
+
+def _costs_from_terms(aa: np.ndarray, bb: np.ndarray, AB: np.ndarray) -> np.ndarray:
+    """Pair costs 1/2 aa_i + 1/2 bb_j - AB_ij, clipped at 0, as a new float64 array."""
+    D = AB.astype(np.float64)
     D *= -1.0
     D += 0.5 * aa[:, None]
     D += 0.5 * bb[None, :]

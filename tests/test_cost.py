@@ -153,7 +153,7 @@ def test_where_m_would_not_fit_the_products_go_in_column_blocks(monkeypatch):
     A, B = rng.standard_normal((d, n)), rng.standard_normal((d, n))
     expected = pair_costs(PairMetric(HA, HB, "fc").interaction("hessian"), A, B)
     monkeypatch.setattr(cost, "memory_budget", lambda held=0: cost.METRIC_ARRAYS * 4 * d * d - 1)
-    monkeypatch.setattr(cost, "PRODUCTS_BLOCK_BYTES", 8 * d * 50)  # 50 columns per block
+    monkeypatch.setattr(cost, "PRODUCTS_BLOCK_BYTES", 8 * d * 25)  # 25 columns per block
     metric = PairMetric(HA, HB, "fc")
     assert metric.by_products(2 * n)
     costs = metric.pair_costs("hessian", A, B)
@@ -161,4 +161,11 @@ def test_where_m_would_not_fit_the_products_go_in_column_blocks(monkeypatch):
     np.testing.assert_allclose(costs, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     X = np.concatenate([A, B], axis=1)
     _, peak = _traced_peak(lambda: metric.times("hessian", X))
-    assert peak <= MEMORY_SLACK * 8 * d * (2 * n + 4 * 50)  # the result and about four blocks, no d x d array
+    assert peak <= MEMORY_SLACK * 8 * d * (2 * n + 4 * 25)  # the result and about four blocks, no d x d array
+    _, peak = _traced_peak(lambda: metric.pair_costs("hessian", A, B))
+    # the costs, their cross terms, a float32 copy of A and a few blocks; [A B] and M [A B] whole would be more
+    assert peak <= MEMORY_SLACK * (3 * 8 * n * n + 4 * d * n + 4 * 8 * d * 25) < 2 * 8 * d * 2 * n
+    M = PairMetric(HA, HB, "fc").interaction("hessian")
+    np.testing.assert_allclose(metric.matched_costs("hessian", A, B), matched_costs(M, A, B), rtol=1e-6)
+    w = np.linalg.solve(HA + HB, HA @ A + HB @ B)  # Eq. 10
+    np.testing.assert_allclose(metric.merged_weights(A, B), w, rtol=1e-8, atol=1e-10 * np.abs(w).max())
